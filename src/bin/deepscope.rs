@@ -1,0 +1,427 @@
+//! The `deepscope` command line: forward passes, generation, model summaries
+//! and the benchmark driver. Used by the tests, the benchmarks and scripts.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use deepscope::model::tokenizer::StreamDecoder;
+use deepscope::model::{
+    parse_device, parse_dtype, AttnImpl, ForwardOptions, GenerateOptions, LoadOptions, Model, Sampling, StopReason,
+};
+use deepscope::stats::{human_bytes, CacheFootprint, ParamCounts};
+use tch::{Kind, Tensor};
+
+#[derive(Parser)]
+#[command(name = "deepscope", version, about = "Look inside DeepSeek-style models (MLA + DeepSeekMoE)")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args)]
+struct ModelArgs {
+    /// Checkpoint directory (config.json + safetensors).
+    #[arg(long)]
+    model: PathBuf,
+    /// cpu, cuda, cuda:N or auto (CUDA when available).
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// Compute dtype: f32, bf16 or f16.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+}
+
+impl ModelArgs {
+    fn load(&self) -> Result<Model> {
+        let opts = LoadOptions {
+            device: parse_device(&self.device)?,
+            kind: parse_dtype(&self.dtype)?,
+        };
+        let model = Model::load(&self.model, opts).with_context(|| format!("loading {}", self.model.display()))?;
+        for note in &model.load_notes {
+            eprintln!("note: {note}");
+        }
+        Ok(model)
+    }
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run one forward pass and write logits and routing to a safetensors file.
+    Forward {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Comma-separated token ids of one sequence; repeat for a batch (equal lengths).
+        #[arg(long = "ids", required = true)]
+        ids: Vec<String>,
+        /// Output file (.safetensors).
+        #[arg(long)]
+        out: PathBuf,
+        /// Attention path: naive or absorbed.
+        #[arg(long, default_value = "absorbed")]
+        attn: String,
+    },
+    /// Generate text after a prompt, streaming tokens as they come.
+    Generate {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Prompt text (needs tokenizer.json in the model directory).
+        #[arg(long, conflicts_with = "ids")]
+        prompt: Option<String>,
+        /// Prompt as comma-separated token ids (for models without a tokenizer).
+        #[arg(long)]
+        ids: Option<String>,
+        /// Number of new tokens.
+        #[arg(short = 'n', long = "max-new-tokens", default_value_t = 32)]
+        n: usize,
+        /// Sample (instead of greedy) with this seed.
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Sampling temperature (implies sampling).
+        #[arg(long)]
+        temperature: Option<f64>,
+        /// Nucleus sampling mass (implies sampling).
+        #[arg(long = "top-p")]
+        top_p: Option<f64>,
+        #[arg(long, default_value = "absorbed")]
+        attn: String,
+    },
+    /// Summarise a model: config, parameter counts, KV-cache bytes per token.
+    Info {
+        /// Checkpoint directory (only config.json is read).
+        #[arg(long)]
+        model: PathBuf,
+        /// Bytes per cached element for the cache figures (2 = bf16).
+        #[arg(long, default_value_t = 2)]
+        cache_bytes_per_elem: usize,
+    },
+    /// Benchmark prefill, decode and load memory; prints one JSON line.
+    Bench {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[arg(long, default_value_t = 0)]
+        threads: i32,
+        #[arg(long, default_value_t = 4)]
+        batch: i64,
+        #[arg(long, default_value_t = 256)]
+        seq: i64,
+        #[arg(long, default_value_t = 64)]
+        new: usize,
+        #[arg(long = "prompt-len", default_value_t = 16)]
+        prompt_len: i64,
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
+        #[arg(long, default_value = "absorbed")]
+        attn: String,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Err(e) = run(cli) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Forward { model, ids, out, attn } => forward(&model, &ids, &out, &attn),
+        Command::Generate {
+            model,
+            prompt,
+            ids,
+            n,
+            seed,
+            temperature,
+            top_p,
+            attn,
+        } => {
+            let sampling = if seed.is_some() || temperature.is_some() || top_p.is_some() {
+                Sampling::TopP {
+                    temperature: temperature.unwrap_or(1.0),
+                    top_p: top_p.unwrap_or(1.0),
+                    seed: seed.unwrap_or(0),
+                }
+            } else {
+                Sampling::Greedy
+            };
+            generate(&model, prompt.as_deref(), ids.as_deref(), n, sampling, &attn)
+        }
+        Command::Info {
+            model,
+            cache_bytes_per_elem,
+        } => info(&model, cache_bytes_per_elem),
+        Command::Bench {
+            model,
+            threads,
+            batch,
+            seq,
+            new,
+            prompt_len,
+            repeats,
+            attn,
+        } => bench(&model, threads, batch, seq, new, prompt_len, repeats, &attn),
+    }
+}
+
+/// `"1,5,9"` -> `[1, 5, 9]`, naming the offending item on error.
+fn parse_ids(s: &str) -> Result<Vec<i64>> {
+    let ids = s
+        .split(',')
+        .map(|x| x.trim())
+        .filter(|x| !x.is_empty())
+        .map(|x| x.parse::<i64>().with_context(|| format!("`{x}` in --ids `{s}` is not a token id")))
+        .collect::<Result<Vec<_>>>()?;
+    if ids.is_empty() {
+        bail!("--ids `{s}` holds no token ids");
+    }
+    Ok(ids)
+}
+
+fn forward(args: &ModelArgs, ids: &[String], out: &PathBuf, attn: &str) -> Result<()> {
+    let attn: AttnImpl = attn.parse()?;
+    let seqs = ids.iter().map(|s| parse_ids(s)).collect::<Result<Vec<_>>>()?;
+    let t = seqs[0].len();
+    if let Some((i, s)) = seqs.iter().enumerate().find(|(_, s)| s.len() != t) {
+        bail!(
+            "sequences must have equal lengths: sequence 0 has {t} ids, sequence {i} has {}",
+            s.len()
+        );
+    }
+    let model = args.load()?;
+    let flat: Vec<i64> = seqs.concat();
+    let input = Tensor::from_slice(&flat).view([seqs.len() as i64, t as i64]);
+    let fwd = model.forward_with(
+        &input,
+        None,
+        ForwardOptions {
+            attn,
+            ..Default::default()
+        },
+    )?;
+    let mut tensors: Vec<(String, Tensor)> = vec![("logits".into(), fwd.logits.to_kind(Kind::Float).to_device(tch::Device::Cpu))];
+    for (layer, r) in fwd.routing.iter().enumerate() {
+        if let Some(r) = r {
+            // ascending expert ids per token, weights in the same order
+            let (sorted, order) = r.topk_indices.sort(-1, false);
+            let weights = r.topk_weights.gather(1, &order, false);
+            tensors.push((format!("layers.{layer}.topk_indices"), sorted.to_device(tch::Device::Cpu)));
+            tensors.push((format!("layers.{layer}.topk_weights"), weights.to_device(tch::Device::Cpu)));
+        }
+    }
+    Tensor::write_safetensors(&tensors, out).with_context(|| format!("writing {}", out.display()))?;
+    Ok(())
+}
+
+fn generate(
+    args: &ModelArgs,
+    prompt: Option<&str>,
+    ids: Option<&str>,
+    n: usize,
+    sampling: Sampling,
+    attn: &str,
+) -> Result<()> {
+    let attn: AttnImpl = attn.parse()?;
+    let model = args.load()?;
+    let prompt_ids = match (prompt, ids) {
+        (Some(text), _) => model.encode(text)?,
+        (None, Some(ids)) => parse_ids(ids)?,
+        (None, None) => bail!("give a --prompt (text) or --ids (token ids)"),
+    };
+    let mut opts = GenerateOptions::greedy(&model, n);
+    opts.sampling = sampling;
+    opts.attn = attn;
+    let stdout = std::io::stdout();
+    let tokenizer = model.tokenizer.as_ref();
+    if let Some(text) = prompt {
+        print!("{text}");
+    }
+    let mut stream = StreamDecoder::new();
+    let mut failure = None;
+    let start = Instant::now();
+    let g = model.generate(&prompt_ids, &opts, |tok| {
+        let mut out = stdout.lock();
+        let piece = match tokenizer {
+            Some(t) => match stream.push(t, tok) {
+                Ok(p) => p,
+                Err(e) => {
+                    failure = Some(e);
+                    return false;
+                }
+            },
+            None => Some(format!("{tok} ")),
+        };
+        if let Some(p) = piece {
+            let _ = write!(out, "{p}");
+            let _ = out.flush();
+        }
+        true
+    })?;
+    if let Some(e) = failure {
+        return Err(e.into());
+    }
+    let secs = start.elapsed().as_secs_f64();
+    println!();
+    let why = match g.stop {
+        StopReason::MaxNewTokens => "max new tokens".to_string(),
+        StopReason::StopToken(t) => format!("stop token {t}"),
+        StopReason::Cancelled => "cancelled".to_string(),
+    };
+    eprintln!(
+        "[{} prompt + {} new tokens in {:.2} s ({:.1} tok/s), stopped by {why}; compressed KV cache {} for {} positions]",
+        g.prompt.len(),
+        g.tokens.len(),
+        secs,
+        g.tokens.len() as f64 / secs.max(1e-9),
+        human_bytes(g.cache_bytes as u64),
+        g.cache_len
+    );
+    Ok(())
+}
+
+fn info(dir: &PathBuf, bytes_per_elem: usize) -> Result<()> {
+    let cfg = deepscope::model::Config::from_dir(dir)?;
+    let p = ParamCounts::of(&cfg);
+    let c = CacheFootprint::of(&cfg, bytes_per_elem);
+    let moe = cfg.moe_layers();
+    println!("model        {} ({:?} family)", dir.display(), cfg.family);
+    println!(
+        "layers       {} ({} dense, {} MoE), hidden {}, vocab {}",
+        cfg.num_hidden_layers,
+        cfg.num_hidden_layers - moe.len(),
+        moe.len(),
+        cfg.hidden_size,
+        cfg.vocab_size
+    );
+    println!(
+        "attention    MLA, {} heads, q_lora_rank {}, kv_lora_rank {}, qk_nope {}, qk_rope {}, v {}, rope {:?}{}",
+        cfg.num_attention_heads,
+        cfg.q_lora_rank.map_or("none".into(), |r| r.to_string()),
+        cfg.kv_lora_rank,
+        cfg.qk_nope_head_dim,
+        cfg.qk_rope_head_dim,
+        cfg.v_head_dim,
+        cfg.rope_scaling,
+        if cfg.rope_interleave { ", interleaved" } else { "" }
+    );
+    println!(
+        "moe          {} routed + {} shared experts, top-{}, {} groups / top {}, router {:?} {:?}, norm_topk_prob {}, scale {}",
+        cfg.n_routed_experts,
+        cfg.n_shared_experts,
+        cfg.num_experts_per_tok,
+        cfg.n_group,
+        cfg.topk_group,
+        cfg.scoring_func,
+        cfg.topk_method,
+        cfg.norm_topk_prob,
+        cfg.routed_scaling_factor
+    );
+    println!(
+        "parameters   total {} ({}), active per token {} ({})",
+        p.total,
+        deepscope::stats::human_count(p.total),
+        p.active_per_token,
+        deepscope::stats::human_count(p.active_per_token)
+    );
+    let (a, n, m) = c.bytes_per_token();
+    println!("kv cache     per token, all {} layers, {} bytes/element:", cfg.num_hidden_layers, bytes_per_elem);
+    println!("  mla absorbed  {:>12} B  ({} elements/layer)", a, c.absorbed_elems);
+    println!("  naive         {:>12} B  ({} elements/layer, {:.1}x)", n, c.naive_elems, c.naive_ratio());
+    println!("  plain mha     {:>12} B  ({} elements/layer, {:.1}x)", m, c.mha_elems, c.mha_ratio());
+    Ok(())
+}
+
+/// Resident set size now and at its peak, from /proc/self/status (bytes).
+fn rss() -> (u64, u64) {
+    let text = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |key: &str| {
+        text.lines()
+            .find(|l| l.starts_with(key))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
+            .map_or(0, |kb| kb * 1024)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(|a, b| a.total_cmp(b));
+    xs[xs.len() / 2]
+}
+
+#[allow(clippy::too_many_arguments)]
+fn bench(
+    args: &ModelArgs,
+    threads: i32,
+    batch: i64,
+    seq: i64,
+    new: usize,
+    prompt_len: i64,
+    repeats: usize,
+    attn: &str,
+) -> Result<()> {
+    let attn: AttnImpl = attn.parse()?;
+    if threads > 0 {
+        tch::set_num_threads(threads);
+    }
+    // touch libtorch first so its own start-up memory is not counted as load
+    let _ = Tensor::ones([4], (Kind::Float, tch::Device::Cpu)).sum(Kind::Float).double_value(&[]);
+    let (before, _) = rss();
+    let model = args.load()?;
+    let (_, peak) = rss();
+    let weight_bytes = model.weight_bytes();
+    let _guard = tch::no_grad_guard();
+    let vocab = model.config.vocab_size as i64;
+    tch::manual_seed(0);
+    let ids = Tensor::randint(vocab, [batch, seq], (Kind::Int64, tch::Device::Cpu));
+    let fwd = ForwardOptions {
+        attn,
+        ..Default::default()
+    };
+    let time = |f: &mut dyn FnMut() -> Result<()>| -> Result<f64> {
+        let s = Instant::now();
+        f()?;
+        Ok(s.elapsed().as_secs_f64())
+    };
+    let mut prefill = || -> Result<()> {
+        let out = model.forward_with(&ids, None, fwd)?;
+        let _ = out.logits.double_value(&[0, 0, 0]);
+        Ok(())
+    };
+    time(&mut prefill)?; // warm-up
+    let prefill_s = median((0..repeats).map(|_| time(&mut prefill)).collect::<Result<Vec<_>>>()?);
+
+    let prompt = ids.narrow(0, 0, 1).narrow(1, 0, prompt_len);
+    let mut decode_times = Vec::new();
+    for rep in 0..=repeats {
+        let mut cache = model.new_cache();
+        let out = model.forward_with(&prompt, Some(&mut cache), fwd)?;
+        let mut next = out.logits.select(1, -1).argmax(-1, true); // [1, 1]
+        let start = Instant::now();
+        for _ in 0..new {
+            let out = model.forward_with(&next, Some(&mut cache), fwd)?;
+            next = out.logits.select(1, -1).argmax(-1, true);
+        }
+        let _ = next.int64_value(&[0, 0]);
+        if rep > 0 {
+            decode_times.push(start.elapsed().as_secs_f64());
+        }
+    }
+    let decode_s = median(decode_times);
+    println!(
+        "{}",
+        serde_json::json!({
+            "load_rss_delta_bytes": peak.saturating_sub(before),
+            "weight_bytes": weight_bytes,
+            "prefill_tokens_per_s": (batch * seq) as f64 / prefill_s,
+            "decode_tokens_per_s": new as f64 / decode_s,
+            "attn": format!("{attn:?}").to_lowercase(),
+            "threads": tch::get_num_threads(),
+        })
+    );
+    Ok(())
+}

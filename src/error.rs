@@ -1,0 +1,105 @@
+//! The one error type of the library. Every variant names what is at fault:
+//! the file, the tensor, the config field or the token.
+
+use std::path::PathBuf;
+
+/// Result alias used throughout the library.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("{path}: invalid JSON: {source}")]
+    Json {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+
+    #[error("{path}: config field `{field}`: {message}")]
+    Config {
+        path: PathBuf,
+        field: String,
+        message: String,
+    },
+
+    #[error("{file}: not a readable safetensors file: {message}")]
+    BadCheckpointFile { file: PathBuf, message: String },
+
+    #[error("no weights in {dir}: expected model.safetensors or model.safetensors.index.json")]
+    NoWeights { dir: PathBuf },
+
+    #[error("tensor `{name}` is missing from the checkpoint in {dir}")]
+    MissingTensor { name: String, dir: PathBuf },
+
+    #[error("tensor `{name}` in {file} has shape {found:?}, expected {expected:?}")]
+    ShapeMismatch {
+        name: String,
+        file: PathBuf,
+        expected: Vec<i64>,
+        found: Vec<i64>,
+    },
+
+    #[error("tensor `{name}` in {file} has dtype {dtype}, which DeepScope cannot load as a weight")]
+    UnsupportedDtype {
+        name: String,
+        file: PathBuf,
+        dtype: String,
+    },
+
+    #[error("checkpoint in {dir} has {count} unexpected tensor(s), e.g. {examples}")]
+    UnexpectedTensors {
+        dir: PathBuf,
+        count: usize,
+        examples: String,
+    },
+
+    #[error("{file}: {message}")]
+    Tokenizer { file: PathBuf, message: String },
+
+    #[error("invalid input: {0}")]
+    Input(String),
+
+    #[error("token id {id} at position {position} is out of range: the vocabulary has {vocab_size} tokens")]
+    TokenOutOfRange {
+        id: i64,
+        position: usize,
+        vocab_size: usize,
+    },
+
+    #[error("device `{0}` is not available (CUDA devices seen: {1})")]
+    Device(String, usize),
+
+    #[error("interrupted")]
+    Interrupted,
+
+    #[error("libtorch: {0}")]
+    Torch(#[from] tch::TchError),
+}
+
+impl Error {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    pub(crate) fn config(
+        path: impl Into<PathBuf>,
+        field: impl Into<String>,
+        message: impl Into<String>,
+    ) -> Self {
+        Error::Config {
+            path: path.into(),
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}

@@ -1,0 +1,296 @@
+//! Reading weights from safetensors checkpoints: one `model.safetensors` or
+//! shards listed in `model.safetensors.index.json`.
+//!
+//! Files are memory-mapped. Each tensor is copied once, from the mapping into a
+//! libtorch tensor of the requested dtype, and the mapped pages it came from are
+//! released straight away, so peak memory stays near the size of the weights.
+//! FP8 (`float8_e4m3fn`) weights with a `weight_scale_inv` companion are
+//! dequantized block by block on load.
+
+use std::cell::RefCell;
+use std::collections::{BTreeSet, HashMap};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use memmap2::{Mmap, UncheckedAdvice};
+use safetensors::tensor::{Dtype, SafeTensors, TensorInfo};
+use tch::{Device, Kind, Tensor};
+
+use crate::error::{Error, Result};
+
+/// One memory-mapped safetensors file and its header.
+struct ShardFile {
+    path: PathBuf,
+    mmap: Mmap,
+    /// Byte offset of the data section (8 + header length).
+    data_start: usize,
+    tensors: HashMap<String, TensorInfo>,
+}
+
+impl ShardFile {
+    fn open(path: &Path) -> Result<ShardFile> {
+        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        // SAFETY: the file is mapped read-only and private; DeepScope never
+        // writes to checkpoint files while a model is loading.
+        let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        let (header_len, metadata) =
+            SafeTensors::read_metadata(&mmap).map_err(|e| Error::BadCheckpointFile {
+                file: path.to_path_buf(),
+                message: e.to_string(),
+            })?;
+        let tensors = metadata
+            .tensors()
+            .into_iter()
+            .map(|(name, info)| (name, info.clone()))
+            .collect();
+        Ok(ShardFile {
+            path: path.to_path_buf(),
+            mmap,
+            data_start: 8 + header_len,
+            tensors,
+        })
+    }
+}
+
+/// The weights of a checkpoint directory, read tensor by tensor.
+pub struct Checkpoint {
+    dir: PathBuf,
+    files: Vec<ShardFile>,
+    /// Tensor name -> index into `files`.
+    location: HashMap<String, usize>,
+    /// Names already read, to report the unexpected rest.
+    used: RefCell<BTreeSet<String>>,
+    /// FP8 block size when the checkpoint is block-quantized.
+    fp8_block: Option<[usize; 2]>,
+}
+
+impl Checkpoint {
+    /// Opens `dir/model.safetensors`, or every shard named by
+    /// `dir/model.safetensors.index.json`.
+    pub fn open(dir: impl AsRef<Path>, fp8_block: Option<[usize; 2]>) -> Result<Checkpoint> {
+        let dir = dir.as_ref().to_path_buf();
+        let index = dir.join("model.safetensors.index.json");
+        let single = dir.join("model.safetensors");
+        let paths: Vec<PathBuf> = if index.exists() {
+            shard_paths(&index)?
+        } else if single.exists() {
+            vec![single]
+        } else {
+            return Err(Error::NoWeights { dir });
+        };
+        let mut files = Vec::with_capacity(paths.len());
+        let mut location = HashMap::new();
+        for (i, p) in paths.iter().enumerate() {
+            let f = ShardFile::open(p)?;
+            for name in f.tensors.keys() {
+                location.insert(name.clone(), i);
+            }
+            files.push(f);
+        }
+        Ok(Checkpoint {
+            dir,
+            files,
+            location,
+            used: RefCell::new(BTreeSet::new()),
+            fp8_block,
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.location.contains_key(name)
+    }
+
+    /// Every tensor name in the checkpoint.
+    pub fn names(&self) -> impl Iterator<Item = &String> {
+        self.location.keys()
+    }
+
+    /// Reads tensor `name`, checks it has shape `shape`, converts it to `kind`
+    /// on `device`. FP8 weights are dequantized with their `weight_scale_inv`.
+    pub fn tensor(&self, name: &str, shape: &[i64], kind: Kind, device: Device) -> Result<Tensor> {
+        let (file, info) = self.info(name)?;
+        let found: Vec<i64> = info.shape.iter().map(|&d| d as i64).collect();
+        if found != shape {
+            return Err(Error::ShapeMismatch {
+                name: name.to_string(),
+                file: file.path.clone(),
+                expected: shape.to_vec(),
+                found,
+            });
+        }
+        let stored = self.read_raw(name, file, info)?;
+        let t = if info.dtype == Dtype::F8_E4M3 {
+            let scale_name = format!("{}_scale_inv", name);
+            self.dequantize_fp8(name, &stored, &scale_name, shape)?
+        } else {
+            stored
+        };
+        Ok(t.f_to_kind(kind)?.f_to_device(device)?)
+    }
+
+    /// Like [`Checkpoint::tensor`], but `Ok(None)` when the name is absent.
+    pub fn optional(&self, name: &str, shape: &[i64], kind: Kind, device: Device) -> Result<Option<Tensor>> {
+        if self.contains(name) {
+            self.tensor(name, shape, kind, device).map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+
+    fn info(&self, name: &str) -> Result<(&ShardFile, &TensorInfo)> {
+        let missing = || Error::MissingTensor {
+            name: name.to_string(),
+            dir: self.dir.clone(),
+        };
+        let file = &self.files[*self.location.get(name).ok_or_else(missing)?];
+        let info = file.tensors.get(name).ok_or_else(missing)?;
+        Ok((file, info))
+    }
+
+    /// Copies the stored bytes into a new CPU tensor of the stored dtype, then
+    /// releases the mapped pages.
+    fn read_raw(&self, name: &str, file: &ShardFile, info: &TensorInfo) -> Result<Tensor> {
+        let kind = kind_of(info.dtype).ok_or_else(|| Error::UnsupportedDtype {
+            name: name.to_string(),
+            file: file.path.clone(),
+            dtype: format!("{:?}", info.dtype),
+        })?;
+        let (begin, end) = info.data_offsets;
+        let start = file.data_start + begin;
+        let bytes = &file.mmap[start..file.data_start + end];
+        let shape: Vec<i64> = info.shape.iter().map(|&d| d as i64).collect();
+        let t = Tensor::f_from_data_size(bytes, &shape, kind)?;
+        // SAFETY: the mapping is private and read-only: dropping its pages only
+        // means a later read faults them in again from the file.
+        unsafe {
+            let _ = file
+                .mmap
+                .unchecked_advise_range(UncheckedAdvice::DontNeed, start, end - begin);
+        }
+        self.used.borrow_mut().insert(name.to_string());
+        Ok(t)
+    }
+
+    /// `w = fp8 * scale_inv`, one scale per `block` rows x cols.
+    fn dequantize_fp8(&self, name: &str, fp8: &Tensor, scale_name: &str, shape: &[i64]) -> Result<Tensor> {
+        let [br, bc] = self.fp8_block.unwrap_or([128, 128]);
+        let (rows, cols) = match shape {
+            [r, c] => (*r, *c),
+            _ => {
+                let (file, info) = self.info(name)?;
+                return Err(Error::UnsupportedDtype {
+                    name: name.to_string(),
+                    file: file.path.clone(),
+                    dtype: format!("{:?} with {} dimensions (FP8 weights must be 2-D)", info.dtype, info.shape.len()),
+                });
+            }
+        };
+        let scale_shape = [ceil_div(rows, br as i64), ceil_div(cols, bc as i64)];
+        let scale = self
+            .tensor(scale_name, &scale_shape, Kind::Float, Device::Cpu)
+            .map_err(|e| match e {
+                Error::MissingTensor { dir, .. } => Error::MissingTensor {
+                    name: format!("{scale_name} (the block scales of FP8 weight `{name}`)"),
+                    dir,
+                },
+                other => other,
+            })?;
+        Ok(dequantize_blocks(fp8, &scale, [br, bc])?)
+    }
+
+    /// Names that were never read. Tensors of layers `>= num_layers`
+    /// (multi-token-prediction modules) are returned apart, to be skipped.
+    pub fn unread(&self, num_layers: usize) -> (Vec<String>, Vec<String>) {
+        let used = self.used.borrow();
+        let mut unexpected = Vec::new();
+        let mut extra_layers = Vec::new();
+        let mut names: Vec<&String> = self.location.keys().collect();
+        names.sort();
+        for name in names {
+            if used.contains(name.as_str()) {
+                continue;
+            }
+            if layer_index(name).is_some_and(|l| l >= num_layers) {
+                extra_layers.push(name.clone());
+            } else if name.ends_with("rotary_emb.inv_freq") {
+                // Older checkpoints saved the RoPE buffer; it is recomputed.
+            } else {
+                unexpected.push(name.clone());
+            }
+        }
+        (unexpected, extra_layers)
+    }
+}
+
+/// Dequantizes block-scaled FP8: `fp8` is [rows, cols], `scale` is
+/// [ceil(rows/br), ceil(cols/bc)]; returns f32 [rows, cols].
+pub fn dequantize_blocks(fp8: &Tensor, scale: &Tensor, block: [usize; 2]) -> Result<Tensor> {
+    let (rows, cols) = (fp8.size()[0], fp8.size()[1]);
+    let w = fp8.f_to_kind(Kind::Float)?;
+    let s = scale
+        .f_to_kind(Kind::Float)?
+        .f_repeat_interleave_self_int(block[0] as i64, Some(0), None::<i64>)?
+        .f_repeat_interleave_self_int(block[1] as i64, Some(1), None::<i64>)?
+        .f_narrow(0, 0, rows)?
+        .f_narrow(1, 0, cols)?;
+    Ok(w.f_mul(&s)?)
+}
+
+fn ceil_div(a: i64, b: i64) -> i64 {
+    (a + b - 1) / b
+}
+
+/// `model.layers.N.` -> N.
+fn layer_index(name: &str) -> Option<usize> {
+    let rest = name.strip_prefix("model.layers.")?;
+    rest.split('.').next()?.parse().ok()
+}
+
+fn kind_of(d: Dtype) -> Option<Kind> {
+    Some(match d {
+        Dtype::F32 => Kind::Float,
+        Dtype::F16 => Kind::Half,
+        Dtype::BF16 => Kind::BFloat16,
+        Dtype::F64 => Kind::Double,
+        Dtype::F8_E4M3 => Kind::Float8e4m3fn,
+        Dtype::I64 => Kind::Int64,
+        Dtype::I32 => Kind::Int,
+        Dtype::U8 => Kind::Uint8,
+        Dtype::I8 => Kind::Int8,
+        Dtype::BOOL => Kind::Bool,
+        _ => return None,
+    })
+}
+
+/// The shard files named in an index's `weight_map`, in first-seen order.
+fn shard_paths(index: &Path) -> Result<Vec<PathBuf>> {
+    let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
+    let json: serde_json::Value = serde_json::from_str(&text).map_err(|source| Error::Json {
+        path: index.to_path_buf(),
+        source,
+    })?;
+    let map = json
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| Error::BadCheckpointFile {
+            file: index.to_path_buf(),
+            message: "no `weight_map` object".into(),
+        })?;
+    let dir = index.parent().unwrap_or(Path::new("."));
+    let mut seen = BTreeSet::new();
+    let mut out = Vec::new();
+    for (tensor, file) in map {
+        let file = file.as_str().ok_or_else(|| Error::BadCheckpointFile {
+            file: index.to_path_buf(),
+            message: format!("weight_map entry for `{tensor}` is not a file name"),
+        })?;
+        if seen.insert(file.to_string()) {
+            out.push(dir.join(file));
+        }
+    }
+    Ok(out)
+}

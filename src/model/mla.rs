@@ -1,0 +1,287 @@
+//! Multi-head latent attention (MLA), DeepSeek-V2 paper section 2.1.
+//!
+//! ```text
+//! q             = q_b(norm(q_a(x)))  or  q_proj(x)      per head [nope | rope]
+//! [c_kv | k_pe] = kv_a_proj_with_mqa(x);  c_kv = kv_a_layernorm(c_kv)
+//! [k_nope | v]  = kv_b_proj(c_kv) per head;  k_pe is one head shared by all
+//! score         = (q_nope . k_nope + q_pe . k_pe) * softmax_scale, causal
+//! out           = o_proj(concat_h(softmax(score) @ v))
+//! ```
+//! Two mathematically equal paths:
+//! - **naive**: expand every cached `c_kv` into per-head `k_nope` and `v`
+//!   (what `transformers` computes);
+//! - **absorbed**: fold `W_UK` into the query (`q_lat = q_nope W_UK`) and `W_UV`
+//!   into the output, so attention runs on `c_kv` itself (DeepSeek's own
+//!   inference code, `attn_impl = "absorb"`).
+//!
+//! Both read the same compressed cache: only `c_kv` and `k_pe` are stored.
+//! Reference: `transformers/models/deepseek_v3/modeling_deepseek_v3.py`.
+
+use tch::{Kind, Tensor};
+
+use super::config::Config;
+use super::loader::Checkpoint;
+use super::nn::{Linear, Placement, RmsNorm};
+use super::rope::{Rope, RopeAngles};
+use crate::error::{Error, Result};
+
+/// Which of the two equal attention computations to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AttnImpl {
+    /// Per-head keys and values expanded from `c_kv` (as `transformers`).
+    Naive,
+    /// `W_UK` / `W_UV` absorbed; attention over the latent `c_kv`.
+    #[default]
+    Absorbed,
+}
+
+impl std::str::FromStr for AttnImpl {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "naive" => Ok(AttnImpl::Naive),
+            "absorbed" | "absorb" => Ok(AttnImpl::Absorbed),
+            other => Err(Error::Input(format!(
+                "attention path `{other}` is unknown (expected `naive` or `absorbed`)"
+            ))),
+        }
+    }
+}
+
+/// How queries are projected.
+#[derive(Debug)]
+pub enum QProj {
+    /// `q_proj` [H*(nope+rope), D] (`q_lora_rank: null`, e.g. V2-Lite).
+    Full(Linear),
+    /// `q_b_proj(q_a_layernorm(q_a_proj(x)))`.
+    LowRank { a: Linear, norm: RmsNorm, b: Linear },
+}
+
+/// What one layer keeps per token: the normalised latent and the rotated
+/// shared key. `[B, S, kv_lora]` and `[B, S, rope]`.
+#[derive(Debug)]
+pub struct LatentCache {
+    pub c_kv: Tensor,
+    pub k_pe: Tensor,
+}
+
+impl LatentCache {
+    /// Cached positions.
+    pub fn len(&self) -> i64 {
+        self.c_kv.size()[1]
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Bytes held by the two tensors.
+    pub fn bytes(&self) -> usize {
+        let b = |t: &Tensor| t.numel() * t.kind().elt_size_in_bytes();
+        b(&self.c_kv) + b(&self.k_pe)
+    }
+}
+
+/// Intermediate values of one attention call, for inspection.
+#[derive(Debug)]
+pub struct AttnInternals {
+    /// Softmax probabilities [B, H, T, S] (f32).
+    pub probs: Tensor,
+}
+
+#[derive(Debug)]
+pub struct Mla {
+    pub q: QProj,
+    /// [kv_lora + rope, D]
+    pub kv_a_proj_with_mqa: Linear,
+    pub kv_a_layernorm: RmsNorm,
+    /// [H*(nope+v), kv_lora]
+    pub kv_b_proj: Linear,
+    /// [D, H*v]
+    pub o_proj: Linear,
+    /// `W_UK` per head [H, nope, kv_lora], a view of `kv_b_proj`.
+    pub w_uk: Tensor,
+    /// `W_UV` per head [H, v, kv_lora], a view of `kv_b_proj`.
+    pub w_uv: Tensor,
+    pub num_heads: i64,
+    pub nope: i64,
+    pub rope: i64,
+    pub v: i64,
+    pub kv_lora: i64,
+    pub softmax_scale: f64,
+}
+
+impl Mla {
+    pub fn load(ck: &Checkpoint, prefix: &str, cfg: &Config, p: Placement) -> Result<Mla> {
+        let h = cfg.num_attention_heads;
+        let d = cfg.hidden_size;
+        let qk = cfg.qk_head_dim();
+        let bias = cfg.attention_bias;
+        let q = match cfg.q_lora_rank {
+            None => QProj::Full(Linear::load(ck, &format!("{prefix}.q_proj"), h * qk, d, false, p)?),
+            Some(r) => QProj::LowRank {
+                a: Linear::load(ck, &format!("{prefix}.q_a_proj"), r, d, bias, p)?,
+                norm: RmsNorm::load(ck, &format!("{prefix}.q_a_layernorm"), r, cfg.rms_norm_eps, p)?,
+                b: Linear::load(ck, &format!("{prefix}.q_b_proj"), h * qk, r, false, p)?,
+            },
+        };
+        let kv_a_proj_with_mqa = Linear::load(
+            ck,
+            &format!("{prefix}.kv_a_proj_with_mqa"),
+            cfg.kv_lora_rank + cfg.qk_rope_head_dim,
+            d,
+            bias,
+            p,
+        )?;
+        let kv_a_layernorm = RmsNorm::load(
+            ck,
+            &format!("{prefix}.kv_a_layernorm"),
+            cfg.kv_lora_rank,
+            cfg.rms_norm_eps,
+            p,
+        )?;
+        let kv_b_proj = Linear::load(
+            ck,
+            &format!("{prefix}.kv_b_proj"),
+            h * (cfg.qk_nope_head_dim + cfg.v_head_dim),
+            cfg.kv_lora_rank,
+            false,
+            p,
+        )?;
+        let o_proj = Linear::load(ck, &format!("{prefix}.o_proj"), d, h * cfg.v_head_dim, bias, p)?;
+        let (h, nope, v, kv_lora) = (
+            h as i64,
+            cfg.qk_nope_head_dim as i64,
+            cfg.v_head_dim as i64,
+            cfg.kv_lora_rank as i64,
+        );
+        // kv_b_proj rows are grouped per head: [k_nope (nope rows) | v (v rows)].
+        let per_head = kv_b_proj.weight.f_view([h, nope + v, kv_lora])?;
+        let w_uk = per_head.f_narrow(1, 0, nope)?.f_contiguous()?; // [H, nope, kv_lora]
+        let w_uv = per_head.f_narrow(1, nope, v)?.f_contiguous()?; // [H, v, kv_lora]
+        Ok(Mla {
+            q,
+            kv_a_proj_with_mqa,
+            kv_a_layernorm,
+            kv_b_proj,
+            o_proj,
+            w_uk,
+            w_uv,
+            num_heads: h,
+            nope,
+            rope: cfg.qk_rope_head_dim as i64,
+            v,
+            kv_lora,
+            softmax_scale: cfg.softmax_scale(),
+        })
+    }
+
+    /// Queries split into `(q_nope [B,H,T,nope], q_pe [B,H,T,rope])`, `q_pe` rotated.
+    pub fn queries(&self, x: &Tensor, rope: &Rope, angles: &RopeAngles) -> Result<(Tensor, Tensor)> {
+        let (b, t) = (x.size()[0], x.size()[1]);
+        let q = match &self.q {
+            QProj::Full(l) => l.forward(x)?,
+            QProj::LowRank { a, norm, b } => b.forward(&norm.forward(&a.forward(x)?)?)?,
+        };
+        let q = q
+            .f_view([b, t, self.num_heads, self.nope + self.rope])?
+            .f_transpose(1, 2)?; // [B, H, T, nope+rope]
+        let q_nope = q.f_narrow(-1, 0, self.nope)?;
+        let q_pe = rope.apply(&q.f_narrow(-1, self.nope, self.rope)?, angles)?;
+        Ok((q_nope, q_pe))
+    }
+
+    /// The new tokens' latents: `(c_kv [B,T,kv_lora], k_pe [B,T,rope])`, normed and rotated.
+    pub fn latents(&self, x: &Tensor, rope: &Rope, angles: &RopeAngles) -> Result<(Tensor, Tensor)> {
+        let ckv = self.kv_a_proj_with_mqa.forward(x)?; // [B, T, kv_lora + rope]
+        let c_kv = self.kv_a_layernorm.forward(&ckv.f_narrow(-1, 0, self.kv_lora)?)?;
+        let k_pe = rope.apply(&ckv.f_narrow(-1, self.kv_lora, self.rope)?, angles)?;
+        Ok((c_kv, k_pe))
+    }
+
+    /// Attention for `x` [B, T, D] whose first token sits at position
+    /// `cache.len()` (0 without a cache). Appends the new latents to `cache`.
+    /// Returns the output [B, T, D] and, if `want_probs`, the probabilities.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        angles: &RopeAngles,
+        cache: Option<&mut LatentCache>,
+        attn: AttnImpl,
+        want_probs: bool,
+    ) -> Result<(Tensor, Option<AttnInternals>)> {
+        let (b, t) = (x.size()[0], x.size()[1]);
+        let (q_nope, q_pe) = self.queries(x, rope, angles)?;
+        let (new_ckv, new_kpe) = self.latents(x, rope, angles)?;
+        let past = cache.as_ref().map_or(0, |c| c.len());
+        let (c_kv, k_pe) = match cache {
+            Some(c) if !c.is_empty() => {
+                c.c_kv = Tensor::f_cat(&[&c.c_kv, &new_ckv], 1)?;
+                c.k_pe = Tensor::f_cat(&[&c.k_pe, &new_kpe], 1)?;
+                (c.c_kv.shallow_clone(), c.k_pe.shallow_clone())
+            }
+            Some(c) => {
+                c.c_kv = new_ckv.shallow_clone();
+                c.k_pe = new_kpe.shallow_clone();
+                (new_ckv, new_kpe)
+            }
+            None => (new_ckv, new_kpe),
+        };
+        let s = past + t;
+        let k_pe_h = k_pe.f_unsqueeze(1)?; // [B, 1, S, rope], shared by all heads
+        let c_kv_h = c_kv.f_unsqueeze(1)?; // [B, 1, S, kv_lora]
+
+        // position part of the score, identical in both paths
+        let pos_score = q_pe.f_matmul(&k_pe_h.f_transpose(-1, -2)?)?; // [B, H, T, S]
+        let (content_score, values_of) = match attn {
+            AttnImpl::Naive => {
+                let kv = self
+                    .kv_b_proj
+                    .forward(&c_kv)?
+                    .f_view([b, s, self.num_heads, self.nope + self.v])?
+                    .f_transpose(1, 2)?; // [B, H, S, nope+v]
+                let k_nope = kv.f_narrow(-1, 0, self.nope)?;
+                let v = kv.f_narrow(-1, self.nope, self.v)?; // [B, H, S, v]
+                (q_nope.f_matmul(&k_nope.f_transpose(-1, -2)?)?, Values::Expanded(v))
+            }
+            AttnImpl::Absorbed => {
+                let q_lat = q_nope.f_matmul(&self.w_uk.f_unsqueeze(0)?)?; // [B, H, T, kv_lora]
+                (
+                    q_lat.f_matmul(&c_kv_h.f_transpose(-1, -2)?)?,
+                    Values::Latent,
+                )
+            }
+        };
+        let scores = content_score
+            .f_add(&pos_score)?
+            .f_mul_scalar(self.softmax_scale)?
+            .f_to_kind(Kind::Float)?;
+        let scores = if t > 1 {
+            // query i (absolute past+i) sees keys j <= past+i
+            let mask = Tensor::f_ones([t, s], (Kind::Bool, x.device()))?.f_triu(past + 1)?;
+            scores.f_masked_fill(&mask, f64::NEG_INFINITY)?
+        } else {
+            scores
+        };
+        let probs = scores.f_softmax(-1, Kind::Float)?;
+        let p = probs.f_to_kind(x.kind())?;
+        let heads = match values_of {
+            Values::Expanded(v) => p.f_matmul(&v)?, // [B, H, T, v]
+            Values::Latent => {
+                let o_lat = p.f_matmul(&c_kv_h)?; // [B, H, T, kv_lora]
+                o_lat.f_matmul(&self.w_uv.f_transpose(-1, -2)?.f_unsqueeze(0)?)? // [B, H, T, v]
+            }
+        };
+        let out = heads
+            .f_transpose(1, 2)?
+            .f_reshape([b, t, self.num_heads * self.v])?;
+        let out = self.o_proj.forward(&out)?;
+        Ok((out, want_probs.then_some(AttnInternals { probs })))
+    }
+}
+
+enum Values {
+    Expanded(Tensor),
+    Latent,
+}

@@ -1,0 +1,289 @@
+//! DeepSeekMoE (arXiv:2401.06066): shared experts that see every token plus
+//! fine-grained routed experts, `num_experts_per_tok` per token.
+//!
+//! Routers (the checkpoint's `mlp.gate`):
+//! - V3 `noaux_tc`: `s = sigmoid(x W^T)`; choice on `s + e_score_correction_bias`;
+//!   groups ranked by the sum of their two best biased scores; top-k inside the
+//!   `topk_group` best groups; weights are the *unbiased* `s`.
+//! - V2 `greedy` / `group_limited_greedy`: `s = softmax(x W^T)`; groups ranked
+//!   by their best expert.
+//!
+//! then optional `norm_topk_prob` and `routed_scaling_factor`. Logits and
+//! scores are computed in f32, as `transformers` does. Reference:
+//! `DeepseekV3TopkRouter` / `DeepseekV2TopkRouter` in `transformers`.
+
+use tch::{Device, Kind, Tensor};
+
+use super::config::{Config, ScoringFunc, TopkMethod};
+use super::loader::Checkpoint;
+use super::nn::{Linear, Placement};
+use crate::error::Result;
+
+/// A SwiGLU feed-forward block `down(silu(gate(x)) * up(x))`. Gate and up are
+/// stacked into one [2I, D] matrix so one matmul computes both.
+#[derive(Debug)]
+pub struct Mlp {
+    /// `[gate_proj; up_proj]` [2I, D]
+    pub gate_up: Linear,
+    pub down_proj: Linear,
+    pub intermediate: i64,
+}
+
+impl Mlp {
+    pub fn load(ck: &Checkpoint, prefix: &str, hidden: usize, inter: usize, bias: bool, p: Placement) -> Result<Mlp> {
+        let gate = Linear::load(ck, &format!("{prefix}.gate_proj"), inter, hidden, bias, p)?;
+        let up = Linear::load(ck, &format!("{prefix}.up_proj"), inter, hidden, bias, p)?;
+        let down_proj = Linear::load(ck, &format!("{prefix}.down_proj"), hidden, inter, bias, p)?;
+        let gate_up = Linear {
+            weight: Tensor::f_cat(&[&gate.weight, &up.weight], 0)?,
+            bias: match (gate.bias, up.bias) {
+                (Some(g), Some(u)) => Some(Tensor::f_cat(&[g, u], 0)?),
+                _ => None,
+            },
+        };
+        Ok(Mlp {
+            gate_up,
+            down_proj,
+            intermediate: inter as i64,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let gu = self.gate_up.forward(x)?;
+        let gate = gu.f_narrow(-1, 0, self.intermediate)?;
+        let up = gu.f_narrow(-1, self.intermediate, self.intermediate)?;
+        self.down_proj.forward(&gate.f_silu()?.f_mul(&up)?)
+    }
+
+    /// `gate_proj.weight` [I, D], a view into the stacked matrix.
+    pub fn gate_proj_weight(&self) -> Result<Tensor> {
+        Ok(self.gate_up.weight.f_narrow(0, 0, self.intermediate)?)
+    }
+
+    /// `up_proj.weight` [I, D], a view into the stacked matrix.
+    pub fn up_proj_weight(&self) -> Result<Tensor> {
+        Ok(self.gate_up.weight.f_narrow(0, self.intermediate, self.intermediate)?)
+    }
+}
+
+/// The router's settings, separate from its weights so a variant can be tried
+/// on the same weights.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RouterSettings {
+    pub scoring: ScoringFunc,
+    pub method: TopkMethod,
+    pub top_k: i64,
+    pub n_group: i64,
+    pub topk_group: i64,
+    pub norm_topk_prob: bool,
+    pub routed_scaling_factor: f64,
+}
+
+impl RouterSettings {
+    pub fn from_config(cfg: &Config) -> RouterSettings {
+        RouterSettings {
+            scoring: cfg.scoring_func,
+            method: cfg.topk_method,
+            top_k: cfg.num_experts_per_tok as i64,
+            n_group: cfg.n_group as i64,
+            topk_group: cfg.topk_group as i64,
+            norm_topk_prob: cfg.norm_topk_prob,
+            routed_scaling_factor: cfg.routed_scaling_factor,
+        }
+    }
+}
+
+/// `mlp.gate`: a linear scorer [E, D] plus, for V3, `e_score_correction_bias`.
+#[derive(Debug)]
+pub struct Router {
+    /// [E, D], kept in f32: routing is computed in f32.
+    pub weight: Tensor,
+    /// [E] f32; steers the choice only, never the weights.
+    pub e_score_correction_bias: Option<Tensor>,
+    pub settings: RouterSettings,
+}
+
+/// Everything the router decided for a batch of N tokens.
+#[derive(Debug)]
+pub struct RouterOutput {
+    /// `x W^T` [N, E] f32.
+    pub logits: Tensor,
+    /// sigmoid or softmax of the logits [N, E] f32.
+    pub scores: Tensor,
+    /// Chosen experts [N, k] i64, in the order `topk` returned them.
+    pub topk_indices: Tensor,
+    /// Their weights [N, k] f32 (after normalisation and scaling).
+    pub topk_weights: Tensor,
+}
+
+impl Router {
+    pub fn load(ck: &Checkpoint, prefix: &str, cfg: &Config, device: Device) -> Result<Router> {
+        let e = cfg.n_routed_experts as i64;
+        let weight = ck.tensor(
+            &format!("{prefix}.weight"),
+            &[e, cfg.hidden_size as i64],
+            Kind::Float,
+            device,
+        )?;
+        let bias_name = format!("{prefix}.e_score_correction_bias");
+        let e_score_correction_bias = match cfg.topk_method {
+            TopkMethod::NoauxTc => Some(ck.tensor(&bias_name, &[e], Kind::Float, device)?),
+            _ => None,
+        };
+        Ok(Router {
+            weight,
+            e_score_correction_bias,
+            settings: RouterSettings::from_config(cfg),
+        })
+    }
+
+    pub fn num_experts(&self) -> i64 {
+        self.weight.size()[0]
+    }
+
+    /// Routes `x` [N, D].
+    pub fn route(&self, x: &Tensor) -> Result<RouterOutput> {
+        let logits = x.f_to_kind(Kind::Float)?.f_linear(&self.weight, None::<Tensor>)?; // [N, E]
+        let st = &self.settings;
+        let scores = match st.scoring {
+            ScoringFunc::Sigmoid => logits.f_sigmoid()?,
+            ScoringFunc::Softmax => logits.f_softmax(-1, Kind::Float)?,
+        };
+        let choice = match &self.e_score_correction_bias {
+            Some(b) => scores.f_add(b)?,
+            None => scores.shallow_clone(),
+        };
+        let choice = self.mask_groups(&choice)?;
+        let (_, topk_indices) = choice.f_topk(st.top_k, -1, true, true)?; // [N, k]
+        let mut w = scores.f_gather(1, &topk_indices, false)?;
+        if st.norm_topk_prob {
+            w = w.f_div(&w.f_sum_dim_intlist(-1, true, Kind::Float)?.f_add_scalar(1e-20)?)?;
+        }
+        let topk_weights = w.f_mul_scalar(st.routed_scaling_factor)?;
+        Ok(RouterOutput {
+            logits,
+            scores,
+            topk_indices,
+            topk_weights,
+        })
+    }
+
+    /// Ranks groups and hides the experts of all but the `topk_group` best
+    /// (`-inf`, so they can never be chosen). Greedy routing passes through.
+    pub fn mask_groups(&self, choice: &Tensor) -> Result<Tensor> {
+        let st = &self.settings;
+        if st.method == TopkMethod::Greedy || st.n_group <= 1 {
+            return Ok(choice.shallow_clone());
+        }
+        let n = choice.size()[0];
+        let per = self.num_experts() / st.n_group;
+        let grouped = choice.f_view([n, st.n_group, per])?;
+        let group_scores = match st.method {
+            // sum of the two best experts of each group  [N, G]
+            TopkMethod::NoauxTc => grouped.f_topk(2, -1, true, true)?.0.f_sum_dim_intlist(-1, false, Kind::Float)?,
+            // the best expert of each group  [N, G]
+            _ => grouped.f_amax(-1, false)?,
+        };
+        let (_, group_idx) = group_scores.f_topk(st.topk_group, -1, true, true)?;
+        let keep = Tensor::f_zeros([n, st.n_group], (Kind::Bool, choice.device()))?
+            .f_scatter_value(1, &group_idx, 1)?
+            .f_unsqueeze(-1)?
+            .f_expand([n, st.n_group, per], false)?
+            .f_reshape([n, st.n_group * per])?;
+        Ok(choice.f_masked_fill(&keep.f_logical_not()?, f64::NEG_INFINITY)?)
+    }
+}
+
+/// Routed experts + shared experts.
+#[derive(Debug)]
+pub struct Moe {
+    pub gate: Router,
+    pub experts: Vec<Mlp>,
+    pub shared_experts: Option<Mlp>,
+}
+
+/// The MoE output with what the router did.
+#[derive(Debug)]
+pub struct MoeOutput {
+    /// [B, T, D]
+    pub output: Tensor,
+    pub routing: RouterOutput,
+}
+
+impl Moe {
+    pub fn load(ck: &Checkpoint, prefix: &str, cfg: &Config, p: Placement) -> Result<Moe> {
+        let gate = Router::load(ck, &format!("{prefix}.gate"), cfg, p.device)?;
+        let experts = (0..cfg.n_routed_experts)
+            .map(|e| {
+                Mlp::load(
+                    ck,
+                    &format!("{prefix}.experts.{e}"),
+                    cfg.hidden_size,
+                    cfg.moe_intermediate_size,
+                    cfg.mlp_bias,
+                    p,
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let shared_experts = if cfg.n_shared_experts > 0 {
+            Some(Mlp::load(
+                ck,
+                &format!("{prefix}.shared_experts"),
+                cfg.hidden_size,
+                cfg.moe_intermediate_size * cfg.n_shared_experts,
+                cfg.mlp_bias,
+                p,
+            )?)
+        } else {
+            None
+        };
+        Ok(Moe {
+            gate,
+            experts,
+            shared_experts,
+        })
+    }
+
+    /// `x` [B, T, D] -> sum_k w_k expert_k(x) + shared(x).
+    pub fn forward(&self, x: &Tensor) -> Result<MoeOutput> {
+        let shape = x.size();
+        let d = *shape.last().unwrap_or(&0);
+        let flat = x.f_reshape([-1, d])?; // [N, D]
+        let routing = self.gate.route(&flat)?;
+        let mut out = self.dispatch(&flat, &routing.topk_indices, &routing.topk_weights)?;
+        if let Some(shared) = &self.shared_experts {
+            out = out.f_add(&shared.forward(&flat)?)?;
+        }
+        Ok(MoeOutput {
+            output: out.f_view(shape.as_slice())?,
+            routing,
+        })
+    }
+
+    /// Runs each expert once on all the tokens routed to it: token slots are
+    /// sorted by expert, each expert processes one contiguous slice, and the
+    /// weighted results are scattered back with `index_add`.
+    pub fn dispatch(&self, x: &Tensor, indices: &Tensor, weights: &Tensor) -> Result<Tensor> {
+        let (n, k) = (indices.size()[0], indices.size()[1]);
+        let e = self.experts.len() as i64;
+        let flat_idx = indices.f_reshape([n * k])?;
+        let order = flat_idx.f_argsort_stable(true, 0, false)?; // slots grouped by expert
+        let token_of = order.f_floor_divide_scalar(k)?; // [N*k] token of each slot
+        let slot_w = weights.f_reshape([n * k])?.f_index_select(0, &order)?; // [N*k]
+        let counts = Vec::<i64>::try_from(flat_idx.f_bincount(None::<Tensor>, e)?.f_to_device(Device::Cpu)?)?;
+        let xs = x.f_index_select(0, &token_of)?; // [N*k, D]
+        let mut parts = Vec::with_capacity(self.experts.len());
+        let mut offset = 0;
+        for (expert, &c) in self.experts.iter().zip(&counts) {
+            if c == 0 {
+                continue;
+            }
+            let seg = xs.f_narrow(0, offset, c)?;
+            let w = slot_w.f_narrow(0, offset, c)?.f_unsqueeze(1)?;
+            parts.push(expert.forward(&seg)?.f_mul(&w)?.f_to_kind(x.kind())?);
+            offset += c;
+        }
+        let ys = Tensor::f_cat(&parts, 0)?; // [N*k, D]
+        Ok(x.f_zeros_like()?.f_index_add(0, &token_of, &ys)?)
+    }
+}

@@ -1,0 +1,429 @@
+#!/usr/bin/env python3
+"""Benchmark DeepScope's model core against Hugging Face transformers (CPU, eager).
+
+Usage:
+  python tests/bench_transformers.py --deepscope target/release/deepscope \\
+      --out docs/benchmarks.md [--threads N]
+  python tests/bench_transformers.py --hf-only [--threads N]
+
+Steps
+  1. Build a seeded random DeepSeek-V3-architecture model (float32) in transformers
+     and save it to target/bench/model (per-expert tensor names on disk).
+  2. Measure transformers (attn_implementation="eager"), each measurement in a
+     fresh subprocess of this script (`--worker load|prefill|decode`):
+       load    : RSS delta of from_pretrained, and the bytes of the state dict;
+       prefill : full forward of 4 x 256 random ids, use_cache=False;
+       decode  : 1 x 16 prompt, then 64 single-token steps with a DynamicCache.
+  3. Run `<deepscope> bench ...`, which prints one line of JSON.
+  4. Replace the "Model core" section of docs/benchmarks.md (between the
+     bench:model-core markers), keeping everything else in the file.
+With --hf-only, steps 3 and 4 are skipped and the transformers figures are printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+
+BATCH, SEQ = 4, 256  # prefill shape
+PROMPT_LEN, NEW_TOKENS = 16, 64  # decode shape
+REPEATS = 3  # timed runs after one warm-up; the median is reported
+SEED = 1234
+
+MARK_START = "<!-- bench:model-core:start -->"
+MARK_END = "<!-- bench:model-core:end -->"
+
+MODEL_CONFIG = dict(
+    vocab_size=4096,
+    hidden_size=256,
+    num_hidden_layers=4,
+    first_k_dense_replace=1,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    q_lora_rank=96,
+    kv_lora_rank=64,
+    qk_nope_head_dim=32,
+    qk_rope_head_dim=16,
+    v_head_dim=32,
+    n_routed_experts=16,
+    n_shared_experts=1,
+    num_experts_per_tok=4,
+    n_group=4,
+    topk_group=2,
+    intermediate_size=1024,
+    moe_intermediate_size=256,
+    max_position_embeddings=512,
+    tie_word_embeddings=False,
+)
+
+DECODE_METHOD = (
+    "manual loop: prefill the 16-token prompt with a DynamicCache (untimed), then time 64 steps "
+    "that each feed one greedy (argmax) token with past_key_values; tokens/s = 64 / loop time. "
+    "This is transformers' best case (no generate() bookkeeping), so it is the fairer baseline; "
+    "the generate()-based figure is listed for reference."
+)
+
+
+# ----------------------------------------------------------------------------
+# Helpers
+# ----------------------------------------------------------------------------
+
+def proc_status_bytes(field: str) -> int:
+    """A memory field (VmRSS, VmHWM, ...) of /proc/self/status, in bytes."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux: write 5 to clear_refs)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def median_time(fn, repeats: int = REPEATS) -> tuple[float, list[float]]:
+    """One warm-up call, then the median wall time of `repeats` calls."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), times
+
+
+def fmt_mib(n: float) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+# ----------------------------------------------------------------------------
+# Step 1: build the benchmark model
+# ----------------------------------------------------------------------------
+
+def build_model(model_dir: str) -> None:
+    import torch
+    from safetensors import safe_open
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    torch.manual_seed(SEED)
+    config = DeepseekV3Config(**MODEL_CONFIG)
+    model = DeepseekV3ForCausalLM(config).eval()  # HF's own seeded init (normal, std 0.02)
+    with torch.no_grad():  # a non-zero router bias, as in real V3 checkpoints
+        gen = torch.Generator().manual_seed(SEED)
+        for layer in model.model.layers:
+            if hasattr(layer.mlp, "gate"):
+                bias = layer.mlp.gate.e_score_correction_bias
+                bias.copy_(torch.randn(bias.shape, generator=gen) * 0.01)
+    os.makedirs(model_dir, exist_ok=True)
+    for f in os.listdir(model_dir):  # idempotent: no stale shards
+        if f.startswith("model") and (f.endswith(".safetensors") or f.endswith(".json")):
+            os.remove(os.path.join(model_dir, f))
+    model.save_pretrained(model_dir, safe_serialization=True)
+
+    # The Rust loader expects per-expert names; transformers 5.x writes them
+    # (it fuses experts only in memory).  Fail loudly if that ever changes.
+    with safe_open(os.path.join(model_dir, "model.safetensors"), "pt") as f:
+        names = set(f.keys())
+    want = "model.layers.1.mlp.experts.0.gate_proj.weight"
+    if want not in names or any(n.endswith("experts.gate_up_proj") for n in names):
+        raise RuntimeError(f"{model_dir}: unexpected expert layout on disk")
+
+
+# ----------------------------------------------------------------------------
+# Step 2: transformers measurements (run in fresh subprocesses)
+# ----------------------------------------------------------------------------
+
+def worker(kind: str, model_dir: str, threads: int) -> dict:
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM
+    # Import the model's code now so that the load measurement covers weights,
+    # not Python modules that from_pretrained would otherwise import lazily.
+    import transformers.models.deepseek_v3.modeling_deepseek_v3  # noqa: F401
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    torch.set_num_threads(threads)
+    _ = (torch.ones(8) + 1).sum().item()  # one tiny op: initialise the torch runtime
+
+    def load():
+        return AutoModelForCausalLM.from_pretrained(
+            model_dir, attn_implementation="eager", dtype=torch.float32
+        ).eval()
+
+    if kind == "load":
+        rss_before = proc_status_bytes("VmRSS")
+        hwm_reset = reset_peak_rss()
+        t0 = time.perf_counter()
+        model = load()
+        load_s = time.perf_counter() - t0
+        hwm_after = proc_status_bytes("VmHWM")
+        weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+        return {
+            "load_rss_delta_bytes": hwm_after - rss_before,
+            "weight_bytes": weight_bytes,
+            "rss_before_bytes": rss_before,
+            "hwm_after_bytes": hwm_after,
+            "hwm_reset": hwm_reset,
+            "load_s": load_s,
+        }
+
+    model = load()
+    vocab = model.config.vocab_size
+    gen = torch.Generator().manual_seed(SEED)
+
+    if kind == "prefill":
+        ids = torch.randint(0, vocab, (BATCH, SEQ), generator=gen)
+
+        def run():
+            with torch.inference_mode():
+                model(input_ids=ids, use_cache=False)
+
+        t, times = median_time(run)
+        return {"prefill_tokens_per_s": BATCH * SEQ / t, "prefill_s": t, "prefill_runs_s": times}
+
+    if kind == "decode":
+        from transformers import DynamicCache
+
+        prompt = torch.randint(0, vocab, (1, PROMPT_LEN), generator=gen)
+        loop_times = []
+
+        # (1) Manual loop: the prompt forward is untimed; each timed step feeds one token.
+        def manual():
+            with torch.inference_mode():
+                cache = DynamicCache(config=model.config)
+                out = model(input_ids=prompt, past_key_values=cache, use_cache=True)
+                tok = out.logits[:, -1:].argmax(-1)
+                t0 = time.perf_counter()
+                for _ in range(NEW_TOKENS):
+                    out = model(input_ids=tok, past_key_values=out.past_key_values, use_cache=True)
+                    tok = out.logits[:, -1:].argmax(-1)
+                loop_times.append(time.perf_counter() - t0)
+
+        manual()  # warm-up
+        loop_times.clear()
+        for _ in range(REPEATS):
+            manual()
+        loop_s = statistics.median(loop_times)
+
+        # (2) generate(): time minus a prompt-only forward (reference figure).
+        mask = torch.ones_like(prompt)
+
+        def generate():
+            with torch.inference_mode():
+                model.generate(
+                    input_ids=prompt, attention_mask=mask, max_new_tokens=NEW_TOKENS,
+                    min_new_tokens=NEW_TOKENS, do_sample=False,
+                    pad_token_id=model.config.eos_token_id,
+                )
+
+        def prompt_forward():
+            with torch.inference_mode():
+                model(input_ids=prompt, use_cache=True)
+
+        gen_s, _ = median_time(generate)
+        prompt_s, _ = median_time(prompt_forward)
+        return {
+            "decode_tokens_per_s": NEW_TOKENS / loop_s,
+            "decode_loop_s": loop_s,
+            "decode_loop_runs_s": loop_times,
+            "generate_s": gen_s,
+            "prompt_forward_s": prompt_s,
+            "generate_decode_tokens_per_s": NEW_TOKENS / max(gen_s - prompt_s, 1e-9),
+        }
+
+    raise ValueError(kind)
+
+
+def run_worker(kind: str, model_dir: str, threads: int) -> dict:
+    """Run one measurement in a fresh interpreter and return its JSON result."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", kind,
+           "--model-dir", model_dir, "--threads", str(threads)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr)
+        raise RuntimeError(f"transformers {kind} worker failed (exit {proc.returncode})")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def measure_transformers(model_dir: str, threads: int) -> dict:
+    result = {}
+    for kind in ("load", "prefill", "decode"):
+        print(f"[bench] transformers {kind} ...", file=sys.stderr, flush=True)
+        result.update(run_worker(kind, model_dir, threads))
+    return result
+
+
+# ----------------------------------------------------------------------------
+# Step 3: DeepScope
+# ----------------------------------------------------------------------------
+
+def deepscope_cmd(binary: str, model_dir: str, threads: int) -> list[str]:
+    return [binary, "bench", "--model", model_dir, "--threads", str(threads),
+            "--batch", str(BATCH), "--seq", str(SEQ), "--new", str(NEW_TOKENS),
+            "--prompt-len", str(PROMPT_LEN)]
+
+
+def measure_deepscope(cmd: list[str]) -> dict:
+    print(f"[bench] {shlex.join(cmd)} ...", file=sys.stderr, flush=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr)
+        raise RuntimeError(f"deepscope bench failed (exit {proc.returncode})")
+    lines = [l for l in proc.stdout.splitlines() if l.strip()]
+    if not lines:
+        raise RuntimeError("deepscope bench printed nothing on stdout")
+    result = json.loads(lines[-1])
+    needed = ("load_rss_delta_bytes", "weight_bytes", "prefill_tokens_per_s", "decode_tokens_per_s")
+    missing = [k for k in needed if k not in result]
+    if missing:
+        raise RuntimeError(f"deepscope bench JSON lacks {missing}: {lines[-1]}")
+    return result
+
+
+# ----------------------------------------------------------------------------
+# Step 4: docs/benchmarks.md
+# ----------------------------------------------------------------------------
+
+def render_section(hf: dict, ds: dict, threads: int, command: str, ds_command: str) -> str:
+    import torch
+    import transformers
+
+    prefill_ratio = ds["prefill_tokens_per_s"] / hf["prefill_tokens_per_s"]
+    decode_ratio = ds["decode_tokens_per_s"] / hf["decode_tokens_per_s"]
+    hf_rss_per_w = hf["load_rss_delta_bytes"] / hf["weight_bytes"]
+    ds_rss_per_w = ds["load_rss_delta_bytes"] / ds["weight_bytes"]
+
+    def met(ok: bool) -> str:
+        return "yes" if ok else "**no**"
+
+    rows = [
+        ("metric", "transformers", "DeepScope", "ratio (DeepScope / transformers)", "target", "met"),
+        ("---", "---:", "---:", "---:", "---", "---"),
+        (f"prefill tokens/s ({BATCH} x {SEQ})", f"{hf['prefill_tokens_per_s']:.1f}",
+         f"{ds['prefill_tokens_per_s']:.1f}", f"{prefill_ratio:.2f}x", ">= 1.5x", met(prefill_ratio >= 1.5)),
+        (f"decode tokens/s (1 x {PROMPT_LEN} prompt, {NEW_TOKENS} new)", f"{hf['decode_tokens_per_s']:.1f}",
+         f"{ds['decode_tokens_per_s']:.1f}", f"{decode_ratio:.2f}x", ">= 5x", met(decode_ratio >= 5.0)),
+        ("weight bytes", fmt_mib(hf["weight_bytes"]), fmt_mib(ds["weight_bytes"]),
+         f"{ds['weight_bytes'] / hf['weight_bytes']:.2f}x", "", ""),
+        ("load RSS delta", fmt_mib(hf["load_rss_delta_bytes"]), fmt_mib(ds["load_rss_delta_bytes"]),
+         f"{ds['load_rss_delta_bytes'] / hf['load_rss_delta_bytes']:.2f}x", "", ""),
+        ("load RSS delta / weight bytes", f"{hf_rss_per_w:.2f}x", f"{ds_rss_per_w:.2f}x", "",
+         "DeepScope <= 1.2x", met(ds_rss_per_w <= 1.2)),
+    ]
+    table = "\n".join("| " + " | ".join(r) + " |" for r in rows)
+    cfg = ", ".join(f"{k}={v}" for k, v in MODEL_CONFIG.items())
+    attn = ds.get("attn", "unreported")
+    return f"""{MARK_START}
+## Model core: DeepScope vs transformers (CPU)
+
+_Generated by `tests/bench_transformers.py`; do not edit by hand (re-run `make bench`)._
+
+- Date: {dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+- Machine: {os.cpu_count()} CPUs (nproc), {cpu_model()}; Python {platform.python_version()},
+  torch {torch.__version__}, transformers {transformers.__version__}
+- Threads: {threads} (transformers: `torch.set_num_threads({threads})`; DeepScope: `--threads {threads}`)
+- Command: `{command}`
+- DeepScope command: `{ds_command}` (attention: {attn})
+- Model: random DeepSeek-V3 architecture, float32, {fmt_mib(hf['weight_bytes'])} of weights ({cfg})
+- transformers: `attn_implementation="eager"`, each measurement in a fresh process; one warm-up
+  then the median of {REPEATS} runs. Prefill is a full forward with `use_cache=False`.
+  Decode: {DECODE_METHOD} (generate(): {hf['generate_decode_tokens_per_s']:.1f} tokens/s.)
+- Load RSS delta = peak RSS (VmHWM) after `from_pretrained` minus VmRSS before it, measured
+  after importing torch, transformers and the model code and running one tiny op.
+
+{table}
+{MARK_END}
+"""
+
+
+def write_section(path: str, section: str) -> None:
+    """Replace the marked section of `path`, or append it; other content is kept."""
+    text = ""
+    if os.path.exists(path):
+        with open(path) as f:
+            text = f.read()
+    if MARK_START in text and MARK_END in text:
+        head, rest = text.split(MARK_START, 1)
+        _, tail = rest.split(MARK_END, 1)
+        text = head + section.rstrip("\n") + tail
+    elif text:
+        text = text.rstrip("\n") + "\n\n" + section
+    else:
+        text = "# Benchmarks\n\n" + section
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        f.write(text)
+
+
+# ----------------------------------------------------------------------------
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--deepscope", default="target/release/deepscope", help="DeepScope binary")
+    ap.add_argument("--out", default="docs/benchmarks.md", help="markdown file to update")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--model-dir", default="target/bench/model")
+    ap.add_argument("--hf-only", action="store_true", help="measure transformers only and print")
+    ap.add_argument("--worker", choices=("load", "prefill", "decode"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.model_dir, args.threads)))
+        return 0
+
+    print(f"[bench] building {args.model_dir} ...", file=sys.stderr, flush=True)
+    build_model(args.model_dir)
+    hf = measure_transformers(args.model_dir, args.threads)
+
+    if args.hf_only:
+        print(json.dumps({k: v for k, v in hf.items() if not k.endswith("_runs_s")}, indent=2))
+        print(
+            f"transformers ({args.threads} threads): prefill {hf['prefill_tokens_per_s']:.1f} tok/s, "
+            f"decode {hf['decode_tokens_per_s']:.1f} tok/s (generate(): "
+            f"{hf['generate_decode_tokens_per_s']:.1f}), load RSS delta {fmt_mib(hf['load_rss_delta_bytes'])} "
+            f"for {fmt_mib(hf['weight_bytes'])} of weights "
+            f"({hf['load_rss_delta_bytes'] / hf['weight_bytes']:.2f}x)"
+        )
+        return 0
+
+    ds_cmd = deepscope_cmd(args.deepscope, args.model_dir, args.threads)
+    ds = measure_deepscope(ds_cmd)
+    command = shlex.join(["python", "tests/bench_transformers.py", "--deepscope", args.deepscope,
+                          "--out", args.out, "--threads", str(args.threads)]
+                         + (["--model-dir", args.model_dir] if args.model_dir != "target/bench/model" else []))
+    section = render_section(hf, ds, args.threads, command, shlex.join(ds_cmd))
+    write_section(args.out, section)
+    print(section)
+    print(f"[bench] wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
