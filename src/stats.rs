@@ -10,7 +10,10 @@ use crate::model::config::{Config, TopkMethod};
 pub struct ParamCounts {
     /// Everything the checkpoint holds for the main stack (MTP layers excluded).
     pub total: u64,
-    /// What one token uses: all but the routed experts it is not sent to.
+    /// What one token computes with: all but the routed experts it is not
+    /// sent to and the input embedding table (a row lookup, not a matmul; when
+    /// tied to the LM head it counts once, as the head). This is the
+    /// convention behind DeepSeek's published "activated" figures (V3: 37B).
     pub active_per_token: u64,
     pub embedding: u64,
     pub lm_head: u64,
@@ -67,7 +70,7 @@ impl ParamCounts {
         let idle = n_moe * (e - u(cfg.num_experts_per_tok).min(e)) * expert;
         ParamCounts {
             total,
-            active_per_token: total - idle,
+            active_per_token: total - idle - if cfg.tie_word_embeddings { 0 } else { embedding },
             embedding,
             lm_head,
             attention,

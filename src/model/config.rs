@@ -171,9 +171,9 @@ impl Config {
     /// Parses config JSON text; `path` is only used in error messages.
     pub fn from_json_str(text: &str, path: impl AsRef<Path>) -> Result<Config> {
         let path = path.as_ref();
-        let raw: RawConfig = serde_json::from_str(text).map_err(|source| Error::Json {
+        let raw: RawConfig = serde_json::from_str(text).map_err(|cause| Error::Json {
             path: path.to_path_buf(),
-            source,
+            cause,
         })?;
         raw.validate(path)
     }

@@ -96,6 +96,26 @@ impl Checkpoint {
         })
     }
 
+    /// Opens one safetensors file on its own (not a model directory).
+    pub fn open_file(path: impl AsRef<Path>) -> Result<Checkpoint> {
+        let path = path.as_ref();
+        let f = ShardFile::open(path)?;
+        let location = f.tensors.keys().map(|n| (n.clone(), 0)).collect();
+        Ok(Checkpoint {
+            dir: path.parent().unwrap_or(Path::new(".")).to_path_buf(),
+            files: vec![f],
+            location,
+            used: RefCell::new(BTreeSet::new()),
+            fp8_block: None,
+        })
+    }
+
+    /// Tensor `name` exactly as stored (dtype and shape), on the CPU.
+    pub fn raw(&self, name: &str) -> Result<Tensor> {
+        let (file, info) = self.info(name)?;
+        self.read_raw(name, file, info)
+    }
+
     pub fn dir(&self) -> &Path {
         &self.dir
     }
@@ -269,9 +289,9 @@ fn kind_of(d: Dtype) -> Option<Kind> {
 /// The shard files named in an index's `weight_map`, in first-seen order.
 fn shard_paths(index: &Path) -> Result<Vec<PathBuf>> {
     let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
-    let json: serde_json::Value = serde_json::from_str(&text).map_err(|source| Error::Json {
+    let json: serde_json::Value = serde_json::from_str(&text).map_err(|cause| Error::Json {
         path: index.to_path_buf(),
-        source,
+        cause,
     })?;
     let map = json
         .get("weight_map")

@@ -68,7 +68,11 @@ pub struct LatentCache {
 impl LatentCache {
     /// Cached positions.
     pub fn len(&self) -> i64 {
-        self.c_kv.size()[1]
+        // an empty cache holds 1-D placeholders
+        match self.c_kv.size().as_slice() {
+            [_, s, _] => *s,
+            _ => 0,
+        }
     }
 
     pub fn is_empty(&self) -> bool {

@@ -1,0 +1,64 @@
+# DeepScope: every target sets itself up from a fresh clone.
+#   make lab     the main job: build and run the demo (see README)
+#   make test    everything CI checks
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+VENV      := .venv
+PY        := $(CURDIR)/$(VENV)/bin/python
+STAMP     := $(VENV)/.deps-stamp
+FIXTURES  := target/fixtures
+BIN       := target/release/deepscope
+DEMO      := target/demo-model
+
+# torch-sys finds libtorch through the venv's PyPI torch: `python` on PATH
+# with VIRTUAL_ENV set. Everything cargo runs below sees these.
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+export VIRTUAL_ENV := $(CURDIR)/$(VENV)
+export LIBTORCH_USE_PYTORCH := 1
+
+.PHONY: help setup build test test-rust fixtures bench lab demo clean
+
+help:
+	@echo "make lab    build DeepScope and run the demo (main job)"
+	@echo "make test   set up, build, generate reference fixtures, run all tests"
+	@echo "make bench  benchmark against transformers (writes docs/benchmarks.md)"
+	@echo "make setup  create .venv with torch==2.13.0 and the Python dev deps"
+	@echo "make build  release build of the library and the deepscope CLI"
+
+# --- setup: the venv is created once and refreshed when requirements change
+setup: $(STAMP)
+$(STAMP): requirements-dev.txt
+	@command -v cargo >/dev/null || { echo "cargo not found: install Rust (rustup) first"; exit 1; }
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	@touch $@
+
+build: setup
+	cargo build --release
+
+# --- reference fixtures: tiny random checkpoints + transformers outputs
+fixtures: $(FIXTURES)/manifest.json
+$(FIXTURES)/manifest.json: tests/gen_fixtures.py $(STAMP)
+	$(PY) tests/gen_fixtures.py $(FIXTURES)
+
+test: build fixtures
+	DEEPSCOPE_FIXTURES=$(CURDIR)/$(FIXTURES) cargo test --release --no-fail-fast
+
+bench: build
+	$(PY) tests/bench_transformers.py --deepscope $(BIN) --out docs/benchmarks.md
+
+# --- the main job. Until the Jupyter kernel and the trained default model
+# land, this is the CLI demo on a randomly initialised DeepSeek-V3-shaped model.
+$(DEMO)/config.json: tests/make_demo_model.py $(STAMP)
+	$(PY) tests/make_demo_model.py $(DEMO)
+
+demo: build $(DEMO)/config.json
+	$(BIN) info --model $(DEMO)
+	$(BIN) generate --model $(DEMO) --ids 1,2,3,4 -n 16 --device auto
+
+lab: demo
+
+clean:
+	cargo clean
+	rm -rf $(VENV)

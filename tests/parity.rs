@@ -1,0 +1,102 @@
+//! Numerical parity with `transformers` on every generated case: logits,
+//! routing decisions, both attention paths.
+
+mod common;
+
+use common::*;
+use deepscope::model::{AttnImpl, ForwardOptions};
+use tch::{Kind, Tensor};
+
+const LOGIT_TOL: f64 = 1e-4;
+
+fn run(case: &Case, attn: AttnImpl) -> (deepscope::model::ForwardOutput, std::collections::HashMap<String, Tensor>) {
+    let model = load_cpu(&case.dir);
+    let r = reference(case);
+    let out = model
+        .forward_with(&r["input_ids"], None, ForwardOptions { attn, ..Default::default() })
+        .expect("forward");
+    (out, r)
+}
+
+#[test]
+fn logits_match_transformers_on_every_case_and_both_attention_paths() {
+    for case in cases() {
+        for attn in [AttnImpl::Naive, AttnImpl::Absorbed] {
+            let (out, r) = run(&case, attn);
+            let d = max_abs_diff(&out.logits, &r["logits"]);
+            assert!(d <= LOGIT_TOL, "{} {attn:?}: logits differ by {d:e}", case.name);
+        }
+    }
+}
+
+#[test]
+fn routing_top_k_sets_and_weights_match_transformers() {
+    for case in cases() {
+        let (out, r) = run(&case, AttnImpl::Absorbed);
+        assert!(!case.moe_layers.is_empty(), "{} has no MoE layer", case.name);
+        for &l in &case.moe_layers {
+            let routing = out.routing[l].as_ref().unwrap_or_else(|| panic!("{}: layer {l} has no routing", case.name));
+            let (sorted, order) = routing.topk_indices.sort(-1, false);
+            let weights = routing.topk_weights.gather(1, &order, false);
+            let want = &r[&format!("layers.{l}.topk_indices")];
+            assert!(sorted.equal(want), "{} layer {l}: different experts chosen", case.name);
+            let d = max_abs_diff(&weights, &r[&format!("layers.{l}.topk_weights")]);
+            assert!(d <= 1e-4, "{} layer {l}: routing weights differ by {d:e}", case.name);
+            let d = max_abs_diff(&routing.logits, &r[&format!("layers.{l}.router_logits")]);
+            assert!(d <= 1e-4, "{} layer {l}: router logits differ by {d:e}", case.name);
+        }
+    }
+}
+
+#[test]
+fn naive_and_absorbed_attention_agree() {
+    for case in cases() {
+        let (naive, _) = run(&case, AttnImpl::Naive);
+        let (absorbed, _) = run(&case, AttnImpl::Absorbed);
+        let d = max_abs_diff(&naive.logits, &absorbed.logits);
+        assert!(d <= 1e-5, "{}: naive vs absorbed differ by {d:e}", case.name);
+    }
+}
+
+#[test]
+fn cached_decoding_equals_a_full_forward() {
+    for case in cases() {
+        let model = load_cpu(&case.dir);
+        let ids = reference(&case)["input_ids"].shallow_clone();
+        let t = ids.size()[1];
+        let full = model.forward(&ids).expect("full").logits;
+        for attn in [AttnImpl::Naive, AttnImpl::Absorbed] {
+            let opts = ForwardOptions { attn, ..Default::default() };
+            // a prefill chunk, then one token at a time
+            let split = t / 2;
+            let mut cache = model.new_cache();
+            let mut parts = vec![model
+                .forward_with(&ids.narrow(1, 0, split), Some(&mut cache), opts)
+                .expect("prefill")
+                .logits];
+            for i in split..t {
+                parts.push(model.forward_with(&ids.narrow(1, i, 1), Some(&mut cache), opts).expect("step").logits);
+            }
+            assert_eq!(cache.len(), t);
+            let stepped = Tensor::cat(&parts, 1);
+            let d = max_abs_diff(&stepped, &full);
+            assert!(d <= 1e-4, "{} {attn:?}: cached decode differs from full forward by {d:e}", case.name);
+        }
+    }
+}
+
+#[test]
+fn bf16_compute_stays_close_to_f32() {
+    let case = case("v3_base");
+    let r = reference(&case);
+    let model = deepscope::model::Model::load(
+        &case.dir,
+        deepscope::model::LoadOptions { device: tch::Device::Cpu, kind: Kind::BFloat16 },
+    )
+    .expect("load bf16");
+    let out = model.forward(&r["input_ids"]).expect("forward");
+    assert_eq!(out.logits.kind(), Kind::BFloat16);
+    let d = max_abs_diff(&out.logits, &r["logits"]);
+    let scale = r["logits"].abs().max().double_value(&[]);
+    assert!(d <= 0.05 * scale.max(1.0), "bf16 logits off by {d} (scale {scale})");
+}
