@@ -100,7 +100,9 @@ pub struct CacheFootprint {
     /// Elements per token per layer that absorbed MLA caches: `kv_lora + rope`.
     pub absorbed_elems: u64,
     /// Per-head keys and values expanded from the latent:
-    /// `H*(nope+rope) + H*v` (what `transformers` would cache).
+    /// `H*(nope+rope) + H*v`: what an implementation that caches expanded
+    /// per-head keys and values holds (transformers 5.23 caches the latent
+    /// and re-expands it at every step instead).
     pub naive_elems: u64,
     /// Plain multi-head attention with the same heads and head dim
     /// `qk_nope_head_dim`: `2*H*nope`.

@@ -309,6 +309,8 @@ def check_routing(model, captured) -> tuple[float, float]:
             keep = torch.zeros_like(group_scores, dtype=torch.bool)
             keep.scatter_(1, group_scores.topk(cfg.topk_group, dim=-1).indices, True)
             keep = keep.repeat_interleave(n_exp // cfg.n_group, dim=1)
+            # (HF's V2 router fills excluded experts with 0.0 rather than -inf; softmax
+            # scores are > 0, so the choice is the same while allowed > k.)
             masked = choice.masked_fill(~keep, -math.inf)
             allowed = int(keep[0].sum())
         else:

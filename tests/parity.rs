@@ -100,3 +100,28 @@ fn bf16_compute_stays_close_to_f32() {
     let scale = r["logits"].abs().max().double_value(&[]);
     assert!(d <= 0.05 * scale.max(1.0), "bf16 logits off by {d} (scale {scale})");
 }
+
+#[test]
+fn explicit_attention_probabilities_give_the_same_logits_and_are_causal() {
+    for name in ["v3_base", "v2_group_limited"] {
+        let case = case(name);
+        let model = load_cpu(&case.dir);
+        let ids = reference(&case)["input_ids"].shallow_clone();
+        let t = ids.size()[1];
+        for attn in [AttnImpl::Naive, AttnImpl::Absorbed] {
+            let fused = model.forward_with(&ids, None, ForwardOptions { attn, attention_probs: false }).unwrap();
+            let explicit = model.forward_with(&ids, None, ForwardOptions { attn, attention_probs: true }).unwrap();
+            let d = max_abs_diff(&fused.logits, &explicit.logits);
+            assert!(d <= 1e-4, "{name} {attn:?}: {d:e}");
+            for a in explicit.attention.iter() {
+                let p = &a.as_ref().expect("probs requested").probs; // [B, H, T, S]
+                assert_eq!(p.size()[2..], [t, t]);
+                let row_sums = p.sum_dim_intlist(-1, false, Kind::Float);
+                assert!(max_abs_diff(&row_sums, &row_sums.ones_like()) <= 1e-5);
+                let future = p.triu(1).abs().max().double_value(&[]);
+                assert_eq!(future, 0.0, "{name}: attention to future positions");
+            }
+            assert!(fused.attention.iter().all(|a| a.is_none()));
+        }
+    }
+}

@@ -35,11 +35,18 @@ struct ModelArgs {
 }
 
 impl ModelArgs {
-    fn load(&self) -> Result<Model> {
-        let opts = LoadOptions {
+    fn options(&self) -> Result<LoadOptions> {
+        Ok(LoadOptions {
             device: parse_device(&self.device)?,
             kind: parse_dtype(&self.dtype)?,
-        };
+        })
+    }
+
+    fn load(&self) -> Result<Model> {
+        self.load_with(self.options()?)
+    }
+
+    fn load_with(&self, opts: LoadOptions) -> Result<Model> {
         let model = Model::load(&self.model, opts).with_context(|| format!("loading {}", self.model.display()))?;
         for note in &model.load_notes {
             eprintln!("note: {note}");
@@ -368,10 +375,15 @@ fn bench(
     if threads > 0 {
         tch::set_num_threads(threads);
     }
-    // touch libtorch first so its own start-up memory is not counted as load
-    let _ = Tensor::ones([4], (Kind::Float, tch::Device::Cpu)).sum(Kind::Float).double_value(&[]);
+    // resolve the device (which may initialise CUDA) and touch libtorch first,
+    // so their own start-up memory is not counted as load
+    let opts = args.options()?;
+    // (a 1M-element op also starts the intra-op thread pool)
+    let _ = Tensor::ones([1 << 20], (Kind::Float, opts.device)).sum(Kind::Float).double_value(&[]);
     let (before, _) = rss();
-    let model = args.load()?;
+    // reset the peak (VmHWM) to the current RSS, so the peak below is the load's
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+    let model = args.load_with(opts)?;
     let (_, peak) = rss();
     let weight_bytes = model.weight_bytes();
     let _guard = tch::no_grad_guard();

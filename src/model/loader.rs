@@ -18,6 +18,9 @@ use tch::{Device, Kind, Tensor};
 
 use crate::error::{Error, Result};
 
+/// Margin released around each tensor read (covers the kernel's fault-around).
+const FAULT_AROUND: usize = 1 << 20;
+
 /// One memory-mapped safetensors file and its header.
 struct ShardFile {
     path: PathBuf,
@@ -110,11 +113,6 @@ impl Checkpoint {
         })
     }
 
-    /// Tensor `name` exactly as stored (dtype and shape), on the CPU.
-    pub fn raw(&self, name: &str) -> Result<Tensor> {
-        let (file, info) = self.info(name)?;
-        self.read_raw(name, file, info)
-    }
 
     pub fn dir(&self) -> &Path {
         &self.dir
@@ -132,6 +130,19 @@ impl Checkpoint {
     /// Reads tensor `name`, checks it has shape `shape`, converts it to `kind`
     /// on `device`. FP8 weights are dequantized with their `weight_scale_inv`.
     pub fn tensor(&self, name: &str, shape: &[i64], kind: Kind, device: Device) -> Result<Tensor> {
+        self.with_checked(name, shape, |stored| Ok(stored.f_to_device_(device, kind, false, true)?))
+    }
+
+    /// Reads tensor `name` (shape `shape`) straight into `dst`, a view of a
+    /// larger tensor, converting dtype and device on the way.
+    pub fn tensor_into(&self, name: &str, shape: &[i64], dst: &mut Tensor) -> Result<()> {
+        self.with_checked(name, shape, |stored| Ok(dst.f_copy_(stored)?))
+    }
+
+    /// Checks the shape, then calls `f` with the stored values (FP8 already
+    /// dequantized to f32). The tensor `f` sees may borrow the mapped file, so
+    /// `f` must copy what it keeps.
+    fn with_checked<R>(&self, name: &str, shape: &[i64], f: impl FnOnce(&Tensor) -> Result<R>) -> Result<R> {
         let (file, info) = self.info(name)?;
         let found: Vec<i64> = info.shape.iter().map(|&d| d as i64).collect();
         if found != shape {
@@ -142,14 +153,18 @@ impl Checkpoint {
                 found,
             });
         }
-        let stored = self.read_raw(name, file, info)?;
-        let t = if info.dtype == Dtype::F8_E4M3 {
+        if info.dtype == Dtype::F8_E4M3 {
             let scale_name = format!("{}_scale_inv", name);
-            self.dequantize_fp8(name, &stored, &scale_name, shape)?
-        } else {
-            stored
-        };
-        Ok(t.f_to_kind(kind)?.f_to_device(device)?)
+            let fp8 = self.with_view(name, file, info, |v| Ok(v.f_to_device_(Device::Cpu, v.kind(), false, true)?))?;
+            return f(&self.dequantize_fp8(name, &fp8, &scale_name, shape)?);
+        }
+        self.with_view(name, file, info, f)
+    }
+
+    /// Tensor `name` exactly as stored (dtype and shape), on the CPU.
+    pub fn raw(&self, name: &str) -> Result<Tensor> {
+        let (file, info) = self.info(name)?;
+        self.with_view(name, file, info, |v| Ok(v.f_to_device_(Device::Cpu, v.kind(), false, true)?))
     }
 
     /// Like [`Checkpoint::tensor`], but `Ok(None)` when the name is absent.
@@ -171,9 +186,10 @@ impl Checkpoint {
         Ok((file, info))
     }
 
-    /// Copies the stored bytes into a new CPU tensor of the stored dtype, then
-    /// releases the mapped pages.
-    fn read_raw(&self, name: &str, file: &ShardFile, info: &TensorInfo) -> Result<Tensor> {
+    /// Calls `f` with a CPU tensor over the stored bytes (borrowing the
+    /// mapping when it is aligned for the dtype, else a copy), then releases
+    /// the mapped pages.
+    fn with_view<R>(&self, name: &str, file: &ShardFile, info: &TensorInfo, f: impl FnOnce(&Tensor) -> Result<R>) -> Result<R> {
         let kind = kind_of(info.dtype).ok_or_else(|| Error::UnsupportedDtype {
             name: name.to_string(),
             file: file.path.clone(),
@@ -183,16 +199,34 @@ impl Checkpoint {
         let start = file.data_start + begin;
         let bytes = &file.mmap[start..file.data_start + end];
         let shape: Vec<i64> = info.shape.iter().map(|&d| d as i64).collect();
-        let t = Tensor::f_from_data_size(bytes, &shape, kind)?;
+        let elt = kind.elt_size_in_bytes();
+        let result = if (bytes.as_ptr() as usize) % elt == 0 {
+            let mut strides = vec![1i64; shape.len()];
+            for i in (0..shape.len().saturating_sub(1)).rev() {
+                strides[i] = strides[i + 1] * shape[i + 1];
+            }
+            // SAFETY: `bytes` holds exactly numel * elt bytes (checked by
+            // safetensors' header validation), is aligned for `kind`, and
+            // outlives `view`, which is dropped before this function returns;
+            // `f` copies what it keeps.
+            let view = unsafe { Tensor::f_from_blob(bytes.as_ptr(), &shape, &strides, kind, Device::Cpu)? };
+            f(&view)
+        } else {
+            f(&Tensor::f_from_data_size(bytes, &shape, kind)?)
+        };
+        // Release the pages just read. The kernel maps file pages in windows
+        // ("fault-around") that reach into the neighbouring tensors, so release
+        // a margin around the range too; pages still needed later are simply
+        // read again from the page cache.
+        let lo = start.saturating_sub(FAULT_AROUND);
+        let hi = (file.data_start + end + FAULT_AROUND).min(file.mmap.len());
         // SAFETY: the mapping is private and read-only: dropping its pages only
         // means a later read faults them in again from the file.
         unsafe {
-            let _ = file
-                .mmap
-                .unchecked_advise_range(UncheckedAdvice::DontNeed, start, end - begin);
+            let _ = file.mmap.unchecked_advise_range(UncheckedAdvice::DontNeed, lo, hi - lo);
         }
         self.used.borrow_mut().insert(name.to_string());
-        Ok(t)
+        result
     }
 
     /// `w = fp8 * scale_inv`, one scale per `block` rows x cols.

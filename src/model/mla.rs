@@ -232,21 +232,110 @@ impl Mla {
             }
             None => (new_ckv, new_kpe),
         };
-        let s = past + t;
         let k_pe_h = k_pe.f_unsqueeze(1)?; // [B, 1, S, rope], shared by all heads
         let c_kv_h = c_kv.f_unsqueeze(1)?; // [B, 1, S, kv_lora]
+        if want_probs {
+            let (heads, probs) = self.explicit_attention(&q_nope, &q_pe, &c_kv, &c_kv_h, &k_pe_h, past, attn)?;
+            self.finish(heads, b, t, Some(AttnInternals { probs }))
+        } else {
+            let heads = self.fused_attention(&q_nope, &q_pe, &c_kv, &c_kv_h, &k_pe_h, past, attn)?;
+            self.finish(heads, b, t, None)
+        }
+    }
 
+    /// Concatenates heads and applies `o_proj`: [B, H, T, v] -> [B, T, D].
+    fn finish(&self, heads: Tensor, b: i64, t: i64, internals: Option<AttnInternals>) -> Result<(Tensor, Option<AttnInternals>)> {
+        let out = heads
+            .f_transpose(1, 2)?
+            .f_reshape([b, t, self.num_heads * self.v])?;
+        Ok((self.o_proj.forward(&out)?, internals))
+    }
+
+    /// Per-head keys [B, H, S, nope] and values [B, H, S, v] expanded from the latent.
+    fn expand_kv(&self, c_kv: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (b, s) = (c_kv.size()[0], c_kv.size()[1]);
+        let kv = self
+            .kv_b_proj
+            .forward(c_kv)?
+            .f_view([b, s, self.num_heads, self.nope + self.v])?
+            .f_transpose(1, 2)?; // [B, H, S, nope+v]
+        Ok((kv.f_narrow(-1, 0, self.nope)?, kv.f_narrow(-1, self.nope, self.v)?))
+    }
+
+    /// Attention through libtorch's fused `scaled_dot_product_attention`; the
+    /// probabilities are never materialised.
+    #[allow(clippy::too_many_arguments)]
+    fn fused_attention(
+        &self,
+        q_nope: &Tensor,
+        q_pe: &Tensor,
+        c_kv: &Tensor,
+        c_kv_h: &Tensor,
+        k_pe_h: &Tensor,
+        past: i64,
+        attn: AttnImpl,
+    ) -> Result<Tensor> {
+        let t = q_nope.size()[2];
+        let s = past + t;
+        let (q, k, v, gqa) = match attn {
+            AttnImpl::Naive => {
+                let (k_nope, v) = self.expand_kv(c_kv)?;
+                let sz = k_nope.size();
+                let k_pe = k_pe_h.f_expand([sz[0], sz[1], sz[2], self.rope], false)?;
+                (
+                    Tensor::f_cat(&[q_nope, q_pe], -1)?,
+                    Tensor::f_cat(&[&k_nope, &k_pe], -1)?,
+                    v,
+                    false,
+                )
+            }
+            AttnImpl::Absorbed => {
+                // one shared "head" of keys [c_kv | k_pe] and values c_kv
+                let q_lat = q_nope.f_matmul(&self.w_uk.f_unsqueeze(0)?)?; // [B, H, T, kv_lora]
+                (
+                    Tensor::f_cat(&[&q_lat, q_pe], -1)?,
+                    Tensor::f_cat(&[c_kv_h, k_pe_h], -1)?,
+                    c_kv_h.shallow_clone(),
+                    true,
+                )
+            }
+        };
+        let (mask, causal) = if t == 1 {
+            (None, false)
+        } else if past == 0 {
+            (None, true)
+        } else {
+            // true = may attend: query i (absolute past+i) sees keys j <= past+i
+            let m = Tensor::f_ones([t, s], (tch::Kind::Bool, q.device()))?.f_tril(past)?;
+            (Some(m), false)
+        };
+        let o = Tensor::f_scaled_dot_product_attention(&q, &k, &v, mask.as_ref(), 0.0, causal, self.softmax_scale, gqa)?;
+        match attn {
+            AttnImpl::Naive => Ok(o),
+            // o_lat [B, H, T, kv_lora] -> per-head output through W_UV
+            AttnImpl::Absorbed => Ok(o.f_matmul(&self.w_uv.f_transpose(-1, -2)?.f_unsqueeze(0)?)?),
+        }
+    }
+
+    /// Attention with the probabilities computed explicitly (for inspection).
+    #[allow(clippy::too_many_arguments)]
+    fn explicit_attention(
+        &self,
+        q_nope: &Tensor,
+        q_pe: &Tensor,
+        c_kv: &Tensor,
+        c_kv_h: &Tensor,
+        k_pe_h: &Tensor,
+        past: i64,
+        attn: AttnImpl,
+    ) -> Result<(Tensor, Tensor)> {
+        let t = q_nope.size()[2];
+        let s = past + t;
         // position part of the score, identical in both paths
         let pos_score = q_pe.f_matmul(&k_pe_h.f_transpose(-1, -2)?)?; // [B, H, T, S]
         let (content_score, values_of) = match attn {
             AttnImpl::Naive => {
-                let kv = self
-                    .kv_b_proj
-                    .forward(&c_kv)?
-                    .f_view([b, s, self.num_heads, self.nope + self.v])?
-                    .f_transpose(1, 2)?; // [B, H, S, nope+v]
-                let k_nope = kv.f_narrow(-1, 0, self.nope)?;
-                let v = kv.f_narrow(-1, self.nope, self.v)?; // [B, H, S, v]
+                let (k_nope, v) = self.expand_kv(c_kv)?;
                 (q_nope.f_matmul(&k_nope.f_transpose(-1, -2)?)?, Values::Expanded(v))
             }
             AttnImpl::Absorbed => {
@@ -263,25 +352,21 @@ impl Mla {
             .f_to_kind(Kind::Float)?;
         let scores = if t > 1 {
             // query i (absolute past+i) sees keys j <= past+i
-            let mask = Tensor::f_ones([t, s], (Kind::Bool, x.device()))?.f_triu(past + 1)?;
+            let mask = Tensor::f_ones([t, s], (Kind::Bool, q_nope.device()))?.f_triu(past + 1)?;
             scores.f_masked_fill(&mask, f64::NEG_INFINITY)?
         } else {
             scores
         };
         let probs = scores.f_softmax(-1, Kind::Float)?;
-        let p = probs.f_to_kind(x.kind())?;
+        let p = probs.f_to_kind(q_nope.kind())?;
         let heads = match values_of {
             Values::Expanded(v) => p.f_matmul(&v)?, // [B, H, T, v]
             Values::Latent => {
-                let o_lat = p.f_matmul(&c_kv_h)?; // [B, H, T, kv_lora]
+                let o_lat = p.f_matmul(c_kv_h)?; // [B, H, T, kv_lora]
                 o_lat.f_matmul(&self.w_uv.f_transpose(-1, -2)?.f_unsqueeze(0)?)? // [B, H, T, v]
             }
         };
-        let out = heads
-            .f_transpose(1, 2)?
-            .f_reshape([b, t, self.num_heads * self.v])?;
-        let out = self.o_proj.forward(&out)?;
-        Ok((out, want_probs.then_some(AttnInternals { probs })))
+        Ok((heads, probs))
     }
 }
 

@@ -31,16 +31,22 @@ pub struct Mlp {
 
 impl Mlp {
     pub fn load(ck: &Checkpoint, prefix: &str, hidden: usize, inter: usize, bias: bool, p: Placement) -> Result<Mlp> {
-        let gate = Linear::load(ck, &format!("{prefix}.gate_proj"), inter, hidden, bias, p)?;
-        let up = Linear::load(ck, &format!("{prefix}.up_proj"), inter, hidden, bias, p)?;
-        let down_proj = Linear::load(ck, &format!("{prefix}.down_proj"), hidden, inter, bias, p)?;
-        let gate_up = Linear {
-            weight: Tensor::f_cat(&[&gate.weight, &up.weight], 0)?,
-            bias: match (gate.bias, up.bias) {
-                (Some(g), Some(u)) => Some(Tensor::f_cat(&[g, u], 0)?),
-                _ => None,
-            },
+        let (i, d) = (inter as i64, hidden as i64);
+        // read gate and up straight into their stacked matrix: no second copy
+        let weight = Tensor::f_empty([2 * i, d], (p.kind, p.device))?;
+        ck.tensor_into(&format!("{prefix}.gate_proj.weight"), &[i, d], &mut weight.f_narrow(0, 0, i)?)?;
+        ck.tensor_into(&format!("{prefix}.up_proj.weight"), &[i, d], &mut weight.f_narrow(0, i, i)?)?;
+        let has_bias = bias;
+        let bias = if has_bias {
+            let b = Tensor::f_empty([2 * i], (p.kind, p.device))?;
+            ck.tensor_into(&format!("{prefix}.gate_proj.bias"), &[i], &mut b.f_narrow(0, 0, i)?)?;
+            ck.tensor_into(&format!("{prefix}.up_proj.bias"), &[i], &mut b.f_narrow(0, i, i)?)?;
+            Some(b)
+        } else {
+            None
         };
+        let gate_up = Linear { weight, bias };
+        let down_proj = Linear::load(ck, &format!("{prefix}.down_proj"), hidden, inter, has_bias, p)?;
         Ok(Mlp {
             gate_up,
             down_proj,
