@@ -17,7 +17,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export VIRTUAL_ENV := $(CURDIR)/$(VENV)
 export LIBTORCH_USE_PYTORCH := 1
 
-.PHONY: help setup build test test-rust fixtures bench lab demo clean
+.PHONY: help setup build test fixtures corpus bench lab demo train-tiny clean
 
 help:
 	@echo "make lab    build DeepScope and run the demo (main job)"
@@ -42,7 +42,17 @@ fixtures: $(FIXTURES)/manifest.json
 $(FIXTURES)/manifest.json: tests/gen_fixtures.py $(STAMP)
 	$(PY) tests/gen_fixtures.py $(FIXTURES)
 
-test: build fixtures
+# --- the training corpus: public-domain texts from Debian packages
+CORPUS_PKGS := bible-kjv fortunes jargon-text
+corpus:
+	@missing=$$(for p in $(CORPUS_PKGS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing the corpus packages: $$missing"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+test: build fixtures corpus
 	DEEPSCOPE_FIXTURES=$(CURDIR)/$(FIXTURES) cargo test --release --no-fail-fast
 
 bench: build
@@ -58,6 +68,14 @@ demo: build $(DEMO)/config.json
 	$(BIN) generate --model $(DEMO) --ids 1,2,3,4 -n 16 --device auto
 
 lab: demo
+
+# --- the shipped default model (about an hour on 2 CPU cores; see its README)
+train-tiny: build corpus
+	$(BIN) train --out target/train-tiny --steps 3000 --device cpu --threads 2
+	rm -rf models/deepscope-tiny && mkdir -p models
+	cp -r target/train-tiny/model models/deepscope-tiny
+	cp target/train-tiny/train_log.csv target/train-tiny/eval_log.csv models/deepscope-tiny/
+	$(PY) tests/model_card.py models/deepscope-tiny
 
 clean:
 	cargo clean

@@ -4,10 +4,12 @@
 //! - [`model`]: the DeepSeek-V2/V3 family, loading Hugging Face checkpoints,
 //!   with numerical parity to `transformers`.
 //! - [`stats`]: parameter counts and KV-cache arithmetic of a config.
+//! - [`train`]: training DeepSeek-V3-shaped models (the shipped default model).
 
 pub mod error;
 pub mod model;
 pub mod stats;
+pub mod train;
 
 pub use error::{Error, Result};
 

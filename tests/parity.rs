@@ -109,8 +109,8 @@ fn explicit_attention_probabilities_give_the_same_logits_and_are_causal() {
         let ids = reference(&case)["input_ids"].shallow_clone();
         let t = ids.size()[1];
         for attn in [AttnImpl::Naive, AttnImpl::Absorbed] {
-            let fused = model.forward_with(&ids, None, ForwardOptions { attn, attention_probs: false }).unwrap();
-            let explicit = model.forward_with(&ids, None, ForwardOptions { attn, attention_probs: true }).unwrap();
+            let fused = model.forward_with(&ids, None, ForwardOptions { attn, attention_probs: false, ..Default::default() }).unwrap();
+            let explicit = model.forward_with(&ids, None, ForwardOptions { attn, attention_probs: true, ..Default::default() }).unwrap();
             let d = max_abs_diff(&fused.logits, &explicit.logits);
             assert!(d <= 1e-4, "{name} {attn:?}: {d:e}");
             for a in explicit.attention.iter() {

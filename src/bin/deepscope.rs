@@ -105,6 +105,42 @@ enum Command {
         #[arg(long, default_value_t = 2)]
         cache_bytes_per_elem: usize,
     },
+    /// Train a DeepSeek-V3-shaped model on the Debian corpus (bible-kjv,
+    /// fortunes, jargon-text); writes OUT/model in the Hugging Face layout.
+    Train {
+        /// Run directory (tokenizer, checkpoint/, logs, model/).
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 3000)]
+        steps: u64,
+        #[arg(long, default_value_t = 16)]
+        batch_size: usize,
+        #[arg(long, default_value_t = 256)]
+        seq_len: usize,
+        #[arg(long, default_value_t = 3e-3)]
+        lr: f64,
+        #[arg(long, default_value_t = 100)]
+        warmup: u64,
+        /// gamma of the aux-loss-free bias update (0 = no balancing).
+        #[arg(long, default_value_t = 1e-3)]
+        bias_update_rate: f64,
+        #[arg(long, default_value_t = 4096)]
+        vocab_size: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long, default_value_t = 500)]
+        eval_every: u64,
+        #[arg(long, default_value_t = 250)]
+        checkpoint_every: u64,
+        #[arg(long, default_value_t = 0)]
+        threads: i32,
+        /// cpu, cuda, cuda:N or auto.
+        #[arg(long, default_value = "auto")]
+        device: String,
+        /// Continue from OUT/checkpoint if it exists.
+        #[arg(long)]
+        resume: bool,
+    },
     /// Benchmark prefill, decode and load memory; prints one JSON line.
     Bench {
         #[command(flatten)]
@@ -162,6 +198,52 @@ fn run(cli: Cli) -> Result<()> {
             model,
             cache_bytes_per_elem,
         } => info(&model, cache_bytes_per_elem),
+        Command::Train {
+            out,
+            steps,
+            batch_size,
+            seq_len,
+            lr,
+            warmup,
+            bias_update_rate,
+            vocab_size,
+            seed,
+            eval_every,
+            checkpoint_every,
+            threads,
+            device,
+            resume,
+        } => {
+            if threads > 0 {
+                tch::set_num_threads(threads);
+            }
+            let settings = deepscope::train::trainer::TrainSettings {
+                steps,
+                batch_size,
+                seq_len,
+                lr,
+                min_lr: lr / 10.0,
+                warmup_steps: warmup,
+                bias_update_rate,
+                seed,
+                checkpoint_every,
+                ..Default::default()
+            };
+            let job = deepscope::train::TrainJob {
+                out,
+                settings,
+                vocab_size,
+                init_std: 0.02,
+                eval_every,
+                eval_docs_per_domain: 8,
+                device: parse_device(&device)?,
+                resume,
+                sources: Default::default(),
+                command: std::iter::once("deepscope".to_string()).chain(std::env::args().skip(1)).collect::<Vec<_>>().join(" "),
+            };
+            deepscope::train::run(&job)?;
+            Ok(())
+        }
         Command::Bench {
             model,
             threads,

@@ -161,8 +161,10 @@ impl Mla {
         );
         // kv_b_proj rows are grouped per head: [k_nope (nope rows) | v (v rows)].
         let per_head = kv_b_proj.weight.f_view([h, nope + v, kv_lora])?;
-        let w_uk = per_head.f_narrow(1, 0, nope)?.f_contiguous()?; // [H, nope, kv_lora]
-        let w_uv = per_head.f_narrow(1, nope, v)?.f_contiguous()?; // [H, v, kv_lora]
+        // views, not copies: they share storage with kv_b_proj, so an edit of
+        // the weight (training, interventions) reaches both paths
+        let w_uk = per_head.f_narrow(1, 0, nope)?; // [H, nope, kv_lora]
+        let w_uv = per_head.f_narrow(1, nope, v)?; // [H, v, kv_lora]
         Ok(Mla {
             q,
             kv_a_proj_with_mqa,

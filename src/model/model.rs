@@ -96,6 +96,8 @@ pub struct ForwardOptions {
     pub attn: AttnImpl,
     /// Keep attention probabilities of every layer.
     pub attention_probs: bool,
+    /// Record the autograd graph (training); off by default.
+    pub grad: bool,
 }
 
 /// Logits plus what each layer recorded.
@@ -243,7 +245,7 @@ impl Model {
     /// sequence and their latents are appended to it.
     pub fn forward_with(&self, ids: &Tensor, mut cache: Option<&mut KvCache>, opts: ForwardOptions) -> Result<ForwardOutput> {
         self.check_ids(ids)?;
-        let _guard = tch::no_grad_guard();
+        let _guard = (!opts.grad).then(tch::no_grad_guard);
         let ids = ids.f_to_kind(Kind::Int64)?.f_to_device(self.device)?;
         let t = ids.size()[1];
         let past = cache.as_ref().map_or(0, |c| c.len());

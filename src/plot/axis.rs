@@ -1,0 +1,563 @@
+//! Scales, ticks and the furniture around a plot area: axes with their
+//! labels, the title block, the colour bar and the legend. Shared by every
+//! chart so that they all look alike.
+
+use super::svg::{Anchor, Dash, Svg, TextStyle};
+use super::theme::{self, text_width, truncate_to_width, Colormap, Rgb};
+
+/// Length of tick marks, px.
+const TICK_LEN: f64 = 4.0;
+/// Space between a tick and its label, px.
+const TICK_GAP: f64 = 3.0;
+/// Space between tick labels and the axis title, px.
+const TITLE_GAP: f64 = 8.0;
+/// Longest a categorical label may be before it is cut with "…", px.
+const MAX_LABEL_PX: f64 = 150.0;
+
+/// The rectangle data are drawn in.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Area {
+    pub x: f64,
+    pub y: f64,
+    pub w: f64,
+    pub h: f64,
+}
+
+impl Area {
+    pub fn right(&self) -> f64 {
+        self.x + self.w
+    }
+    pub fn bottom(&self) -> f64 {
+        self.y + self.h
+    }
+}
+
+/// One tick: where and what it says.
+#[derive(Clone, Debug)]
+pub(crate) struct Tick {
+    pub value: f64,
+    pub label: String,
+}
+
+/// A numeric scale from data to the unit interval.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Scale {
+    Linear { lo: f64, hi: f64 },
+    /// Bounds are positive; maps log10 linearly.
+    Log { lo: f64, hi: f64 },
+}
+
+impl Scale {
+    /// A linear scale over [lo, hi]; a zero-width range is widened so that
+    /// constant data still have somewhere to sit.
+    pub fn linear(lo: f64, hi: f64) -> Scale {
+        let (lo, hi) = widen(lo, hi);
+        Scale::Linear { lo, hi }
+    }
+
+    /// A log scale over [lo, hi], both positive.
+    pub fn log(lo: f64, hi: f64) -> Scale {
+        let lo = lo.max(f64::MIN_POSITIVE);
+        let hi = if hi > lo { hi } else { lo * 10.0 };
+        Scale::Log { lo, hi }
+    }
+
+    /// A linear scale whose ends are extended to multiples of a nice step
+    /// (for count and value axes).
+    pub fn linear_nice(lo: f64, hi: f64, target: usize) -> Scale {
+        let (lo, hi) = widen(lo, hi);
+        let step = nice_step((hi - lo) / target.max(1) as f64);
+        Scale::Linear {
+            lo: (lo / step - 1e-9).floor() * step,
+            hi: (hi / step + 1e-9).ceil() * step,
+        }
+    }
+
+    /// Where `v` falls, 0 at `lo` and 1 at `hi` (outside for values beyond);
+    /// `None` when it cannot be placed (NaN, infinite, non-positive on log).
+    pub fn frac(&self, v: f64) -> Option<f64> {
+        if !v.is_finite() {
+            return None;
+        }
+        match *self {
+            Scale::Linear { lo, hi } => Some((v - lo) / (hi - lo)),
+            Scale::Log { lo, hi } => {
+                (v > 0.0).then(|| (v.log10() - lo.log10()) / (hi.log10() - lo.log10()))
+            }
+        }
+    }
+
+    pub fn bounds(&self) -> (f64, f64) {
+        match *self {
+            Scale::Linear { lo, hi } | Scale::Log { lo, hi } => (lo, hi),
+        }
+    }
+
+    /// About `target` ticks inside the range, at round values.
+    pub fn ticks(&self, target: usize) -> Vec<Tick> {
+        match *self {
+            Scale::Linear { lo, hi } => linear_ticks(lo, hi, target),
+            Scale::Log { lo, hi } => log_ticks(lo, hi),
+        }
+    }
+}
+
+fn widen(lo: f64, hi: f64) -> (f64, f64) {
+    if !(lo.is_finite() && hi.is_finite()) {
+        return (0.0, 1.0);
+    }
+    if hi > lo {
+        return (lo, hi);
+    }
+    let pad = if lo == 0.0 { 1.0 } else { lo.abs() * 0.1 };
+    (lo - pad, hi + pad)
+}
+
+/// 1, 2, 2.5 or 5 times a power of ten, the smallest not below `raw`.
+pub(crate) fn nice_step(raw: f64) -> f64 {
+    if !(raw.is_finite() && raw > 0.0) {
+        return 1.0;
+    }
+    let p = 10f64.powf(raw.log10().floor());
+    let m = raw / p;
+    let nice = if m <= 1.0 {
+        1.0
+    } else if m <= 2.0 {
+        2.0
+    } else if m <= 2.5 {
+        2.5
+    } else if m <= 5.0 {
+        5.0
+    } else {
+        10.0
+    };
+    nice * p
+}
+
+fn linear_ticks(lo: f64, hi: f64, target: usize) -> Vec<Tick> {
+    let step = nice_step((hi - lo) / target.max(1) as f64);
+    let first = (lo / step - 1e-9).ceil() as i64;
+    let last = (hi / step + 1e-9).floor() as i64;
+    (first..=last)
+        .map(|k| {
+            let value = k as f64 * step;
+            Tick {
+                value,
+                label: theme::format_tick(value, step),
+            }
+        })
+        .collect()
+}
+
+fn log_ticks(lo: f64, hi: f64) -> Vec<Tick> {
+    let (a, b) = (lo.log10(), hi.log10());
+    let first = (a - 1e-9).ceil() as i32;
+    let last = (b + 1e-9).floor() as i32;
+    let decades = (last - first + 1).max(0);
+    let mut values: Vec<f64> = Vec::new();
+    if decades >= 2 {
+        // Every k-th power so that no more than about 8 ticks remain.
+        let every = ((decades as f64) / 8.0).ceil().max(1.0) as i32;
+        let mut e = first;
+        while e <= last {
+            values.push(10f64.powi(e));
+            e += every;
+        }
+    } else {
+        // Less than two decades: 1, 2, 5 in each one the range touches.
+        for e in (a.floor() as i32)..=(b.ceil() as i32) {
+            for m in [1.0, 2.0, 5.0] {
+                let v = m * 10f64.powi(e);
+                if v >= lo * (1.0 - 1e-9) && v <= hi * (1.0 + 1e-9) {
+                    values.push(v);
+                }
+            }
+        }
+    }
+    values
+        .into_iter()
+        .map(|v| Tick {
+            value: v,
+            label: log_label(v),
+        })
+        .collect()
+}
+
+fn log_label(v: f64) -> String {
+    if (1e-3..1e5).contains(&v) {
+        theme::format_value(v)
+    } else {
+        let e = v.log10().floor() as i32;
+        let m = v / 10f64.powi(e);
+        if (m - 1.0).abs() < 1e-9 {
+            format!("1e{e}")
+        } else {
+            format!("{}e{e}", m.round())
+        }
+    }
+}
+
+/// How a row of categorical labels is shown: every `step`-th label, at
+/// `rotate` degrees, needing `extent` px perpendicular to the axis.
+pub(crate) struct BandLabels {
+    pub labels: Vec<String>,
+    pub step: usize,
+    pub rotate: f64,
+    pub extent: f64,
+}
+
+/// Lays out categorical labels under an x axis whose bands are `band` px.
+pub(crate) fn layout_x_band(labels: &[String], band: f64) -> BandLabels {
+    let size = theme::TICK_SIZE;
+    let shown: Vec<String> = labels
+        .iter()
+        .map(|l| truncate_to_width(l, size, MAX_LABEL_PX))
+        .collect();
+    let max_w = shown.iter().map(|l| text_width(l, size)).fold(0.0, f64::max);
+    let band = band.max(1e-6);
+    let line = size * 1.25;
+    let step_horizontal = ((max_w + 6.0) / band).ceil().max(1.0) as usize;
+    let (step, rotate, extent) = if step_horizontal == 1 {
+        (1, 0.0, size * 1.2)
+    } else {
+        // Rotated labels are spaced by band * sin(angle) across their length.
+        let step_45 = (line / (band * std::f64::consts::FRAC_1_SQRT_2)).ceil().max(1.0) as usize;
+        if step_45 == 1 && max_w <= 90.0 {
+            (1, -45.0, max_w * std::f64::consts::FRAC_1_SQRT_2 + size)
+        } else {
+            ((line / band).ceil().max(1.0) as usize, -90.0, max_w + 2.0)
+        }
+    };
+    BandLabels {
+        labels: shown,
+        step,
+        rotate,
+        extent,
+    }
+}
+
+/// Lays out categorical labels beside a y axis whose bands are `band` px.
+pub(crate) fn layout_y_band(labels: &[String], band: f64) -> BandLabels {
+    let size = theme::TICK_SIZE;
+    let shown: Vec<String> = labels
+        .iter()
+        .map(|l| truncate_to_width(l, size, MAX_LABEL_PX))
+        .collect();
+    let max_w = shown.iter().map(|l| text_width(l, size)).fold(0.0, f64::max);
+    let step = ((size * 1.15) / band.max(1e-6)).ceil().max(1.0) as usize;
+    BandLabels {
+        labels: shown,
+        step,
+        rotate: 0.0,
+        extent: max_w,
+    }
+}
+
+/// Width taken by the labels of a numeric y axis.
+pub(crate) fn numeric_labels_width(ticks: &[Tick]) -> f64 {
+    ticks
+        .iter()
+        .map(|t| text_width(&t.label, theme::TICK_SIZE))
+        .fold(0.0, f64::max)
+}
+
+/// Space needed left of the plot area for y tick labels `extent` px wide
+/// and an optional axis title.
+pub(crate) fn left_margin(extent: f64, title: Option<&str>) -> f64 {
+    TICK_LEN + TICK_GAP + extent + title.map_or(0.0, |_| TITLE_GAP + theme::AXIS_TITLE_SIZE)
+}
+
+/// Space needed below the plot area for x tick labels `extent` px tall and
+/// an optional axis title.
+pub(crate) fn bottom_margin(extent: f64, title: Option<&str>) -> f64 {
+    TICK_LEN + TICK_GAP + extent + title.map_or(0.0, |_| TITLE_GAP + theme::AXIS_TITLE_SIZE)
+}
+
+/// Height of the title block (title and subtitle lines), 0 when neither.
+pub(crate) fn title_height(title: Option<&str>, subtitle: Option<&str>) -> f64 {
+    let mut h = 0.0;
+    if title.is_some() {
+        h += theme::TITLE_SIZE * 1.4;
+    }
+    if subtitle.is_some() {
+        h += theme::SUBTITLE_SIZE * 1.45;
+    }
+    if h > 0.0 {
+        h + 6.0
+    } else {
+        0.0
+    }
+}
+
+/// Width the title block needs.
+pub(crate) fn title_width(title: Option<&str>, subtitle: Option<&str>) -> f64 {
+    let t = title.map_or(0.0, |t| text_width(t, theme::TITLE_SIZE));
+    let s = subtitle.map_or(0.0, |s| text_width(s, theme::SUBTITLE_SIZE));
+    t.max(s)
+}
+
+/// Draws the title and subtitle at the top left.
+pub(crate) fn draw_title(svg: &mut Svg, title: Option<&str>, subtitle: Option<&str>) {
+    let mut y = theme::PAD;
+    if let Some(t) = title {
+        svg.text(
+            theme::PAD,
+            y + theme::TITLE_SIZE * 0.6,
+            t,
+            TextStyle::new(theme::TITLE_SIZE).color(Rgb(0x11, 0x11, 0x11)),
+        );
+        y += theme::TITLE_SIZE * 1.4;
+    }
+    if let Some(s) = subtitle {
+        svg.text(
+            theme::PAD,
+            y + theme::SUBTITLE_SIZE * 0.6,
+            s,
+            TextStyle::new(theme::SUBTITLE_SIZE).color(theme::MUTED_TEXT),
+        );
+    }
+}
+
+/// Draws a numeric y axis on the left of `area`: line, ticks, labels, light
+/// horizontal grid lines when `grid`, and the rotated title.
+pub(crate) fn draw_y_numeric(
+    svg: &mut Svg,
+    area: Area,
+    scale: &Scale,
+    ticks: &[Tick],
+    title: Option<&str>,
+    grid: bool,
+) {
+    let style = TextStyle::new(theme::TICK_SIZE).anchor(Anchor::End);
+    for t in ticks {
+        let Some(f) = scale.frac(t.value) else { continue };
+        let y = area.bottom() - f * area.h;
+        if grid && f > 1e-6 {
+            svg.line(area.x, y, area.right(), y, theme::GRID, 1.0, Dash::Solid);
+        }
+        svg.line(area.x - TICK_LEN, y, area.x, y, theme::AXIS, 1.0, Dash::Solid);
+        svg.text(area.x - TICK_LEN - TICK_GAP, y, &t.label, style);
+    }
+    svg.line(area.x, area.y, area.x, area.bottom(), theme::AXIS, 1.0, Dash::Solid);
+    if let Some(title) = title {
+        let extent = numeric_labels_width(ticks);
+        draw_y_title(svg, area, extent, title);
+    }
+}
+
+/// Draws a numeric x axis under `area`, with light vertical grid lines when
+/// `grid`.
+pub(crate) fn draw_x_numeric(
+    svg: &mut Svg,
+    area: Area,
+    scale: &Scale,
+    ticks: &[Tick],
+    title: Option<&str>,
+    grid: bool,
+) {
+    let style = TextStyle::new(theme::TICK_SIZE).anchor(Anchor::Middle);
+    let y0 = area.bottom();
+    for t in ticks {
+        let Some(f) = scale.frac(t.value) else { continue };
+        let x = area.x + f * area.w;
+        if grid && f > 1e-6 && f < 1.0 - 1e-6 {
+            svg.line(x, area.y, x, y0, theme::GRID, 1.0, Dash::Solid);
+        }
+        svg.line(x, y0, x, y0 + TICK_LEN, theme::AXIS, 1.0, Dash::Solid);
+        svg.text(x, y0 + TICK_LEN + TICK_GAP + theme::TICK_SIZE * 0.6, &t.label, style);
+    }
+    svg.line(area.x, y0, area.right(), y0, theme::AXIS, 1.0, Dash::Solid);
+    if let Some(title) = title {
+        draw_x_title(svg, area, theme::TICK_SIZE * 1.2, title);
+    }
+}
+
+/// Draws categorical labels under `area`, one band per label.
+pub(crate) fn draw_x_band(svg: &mut Svg, area: Area, layout: &BandLabels, title: Option<&str>) {
+    let n = layout.labels.len();
+    let band = area.w / n.max(1) as f64;
+    let y0 = area.bottom();
+    let base = TextStyle::new(theme::TICK_SIZE).rotate(layout.rotate);
+    let style = if layout.rotate == 0.0 {
+        base.anchor(Anchor::Middle)
+    } else {
+        base.anchor(Anchor::End)
+    };
+    for (i, label) in layout.labels.iter().enumerate().step_by(layout.step) {
+        let x = area.x + (i as f64 + 0.5) * band;
+        svg.line(x, y0, x, y0 + TICK_LEN, theme::AXIS, 1.0, Dash::Solid);
+        let y = if layout.rotate == 0.0 {
+            y0 + TICK_LEN + TICK_GAP + theme::TICK_SIZE * 0.6
+        } else {
+            y0 + TICK_LEN + TICK_GAP
+        };
+        svg.text(x, y, label, style);
+    }
+    svg.line(area.x, y0, area.right(), y0, theme::AXIS, 1.0, Dash::Solid);
+    if let Some(title) = title {
+        draw_x_title(svg, area, layout.extent, title);
+    }
+}
+
+/// Draws categorical labels left of `area`, one band per label, top down.
+pub(crate) fn draw_y_band(svg: &mut Svg, area: Area, layout: &BandLabels, title: Option<&str>) {
+    let n = layout.labels.len();
+    let band = area.h / n.max(1) as f64;
+    let style = TextStyle::new(theme::TICK_SIZE).anchor(Anchor::End);
+    for (i, label) in layout.labels.iter().enumerate().step_by(layout.step) {
+        let y = area.y + (i as f64 + 0.5) * band;
+        svg.line(area.x - TICK_LEN, y, area.x, y, theme::AXIS, 1.0, Dash::Solid);
+        svg.text(area.x - TICK_LEN - TICK_GAP, y, label, style);
+    }
+    if let Some(title) = title {
+        draw_y_title(svg, area, layout.extent, title);
+    }
+}
+
+fn draw_x_title(svg: &mut Svg, area: Area, label_extent: f64, title: &str) {
+    let y = area.bottom() + TICK_LEN + TICK_GAP + label_extent + TITLE_GAP + theme::AXIS_TITLE_SIZE * 0.5;
+    svg.text(
+        area.x + area.w / 2.0,
+        y,
+        title,
+        TextStyle::new(theme::AXIS_TITLE_SIZE).anchor(Anchor::Middle),
+    );
+}
+
+fn draw_y_title(svg: &mut Svg, area: Area, label_extent: f64, title: &str) {
+    let x = area.x - TICK_LEN - TICK_GAP - label_extent - TITLE_GAP - theme::AXIS_TITLE_SIZE * 0.5;
+    svg.text(
+        x,
+        area.y + area.h / 2.0,
+        title,
+        TextStyle::new(theme::AXIS_TITLE_SIZE)
+            .anchor(Anchor::Middle)
+            .rotate(-90.0),
+    );
+}
+
+/// A vertical colour bar for `cmap` over [lo, hi].
+pub(crate) struct ColorBar<'a> {
+    pub cmap: Colormap,
+    pub lo: f64,
+    pub hi: f64,
+    pub label: Option<&'a str>,
+}
+
+const BAR_GAP: f64 = 18.0;
+const BAR_WIDTH: f64 = 12.0;
+const BAR_STEPS: usize = 64;
+
+impl ColorBar<'_> {
+    fn ticks(&self) -> Vec<Tick> {
+        Scale::linear(self.lo, self.hi).ticks(5)
+    }
+
+    /// Width it takes right of the plot area.
+    pub fn width(&self) -> f64 {
+        BAR_GAP
+            + BAR_WIDTH
+            + TICK_LEN
+            + TICK_GAP
+            + numeric_labels_width(&self.ticks())
+            + self.label.map_or(0.0, |_| TITLE_GAP + theme::AXIS_TITLE_SIZE)
+    }
+
+    /// Draws it beside `area`, as tall as the area (at most 320 px).
+    pub fn draw(&self, svg: &mut Svg, area: Area) {
+        let x = area.right() + BAR_GAP;
+        let h = area.h.clamp(60.0, 320.0);
+        let y = area.y;
+        let step_h = h / BAR_STEPS as f64;
+        for i in 0..BAR_STEPS {
+            // Top is the high end; overlap by half a pixel to avoid seams.
+            let t = 1.0 - (i as f64 + 0.5) / BAR_STEPS as f64;
+            svg.rect(x, y + i as f64 * step_h, BAR_WIDTH, step_h + 0.5, self.cmap.at(t), None);
+        }
+        svg.rect_outline(x, y, BAR_WIDTH, h, theme::AXIS, 0.6);
+        let scale = Scale::linear(self.lo, self.hi);
+        let ticks = self.ticks();
+        let style = TextStyle::new(theme::TICK_SIZE);
+        for t in &ticks {
+            let Some(f) = scale.frac(t.value) else { continue };
+            let ty = y + h - f * h;
+            svg.line(x + BAR_WIDTH, ty, x + BAR_WIDTH + TICK_LEN, ty, theme::AXIS, 1.0, Dash::Solid);
+            svg.text(x + BAR_WIDTH + TICK_LEN + TICK_GAP, ty, &t.label, style);
+        }
+        if let Some(label) = self.label {
+            let lx = x + BAR_WIDTH + TICK_LEN + TICK_GAP + numeric_labels_width(&ticks) + TITLE_GAP
+                + theme::AXIS_TITLE_SIZE * 0.5;
+            svg.text(
+                lx,
+                y + h / 2.0,
+                label,
+                TextStyle::new(theme::AXIS_TITLE_SIZE)
+                    .anchor(Anchor::Middle)
+                    .rotate(-90.0),
+            );
+        }
+    }
+}
+
+/// How a legend entry's swatch looks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Swatch {
+    Block,
+    Line,
+    DashedLine,
+}
+
+/// One legend entry.
+pub(crate) struct LegendEntry {
+    pub name: String,
+    pub color: Rgb,
+    pub swatch: Swatch,
+}
+
+const LEGEND_GAP: f64 = 16.0;
+const LEGEND_ROW: f64 = 18.0;
+const SWATCH: f64 = 14.0;
+
+/// Width a legend needs right of the plot area.
+pub(crate) fn legend_width(entries: &[LegendEntry]) -> f64 {
+    if entries.is_empty() {
+        return 0.0;
+    }
+    let names = entries
+        .iter()
+        .map(|e| text_width(&truncate_to_width(&e.name, theme::TICK_SIZE, MAX_LABEL_PX), theme::TICK_SIZE))
+        .fold(0.0, f64::max);
+    LEGEND_GAP + SWATCH + 6.0 + names
+}
+
+/// Height a legend needs.
+pub(crate) fn legend_height(entries: &[LegendEntry]) -> f64 {
+    entries.len() as f64 * LEGEND_ROW
+}
+
+/// Draws the legend right of `area`, top aligned.
+pub(crate) fn draw_legend(svg: &mut Svg, area: Area, entries: &[LegendEntry]) {
+    let x = area.right() + LEGEND_GAP;
+    for (i, e) in entries.iter().enumerate() {
+        let cy = area.y + (i as f64 + 0.5) * LEGEND_ROW;
+        match e.swatch {
+            Swatch::Block => svg.rect(x, cy - 5.0, SWATCH, 10.0, e.color, None),
+            Swatch::Line => svg.line(x, cy, x + SWATCH, cy, e.color, 2.0, Dash::Solid),
+            Swatch::DashedLine => svg.line(x, cy, x + SWATCH, cy, e.color, 1.5, Dash::Dashed),
+        }
+        let name = truncate_to_width(&e.name, theme::TICK_SIZE, MAX_LABEL_PX);
+        svg.text(x + SWATCH + 6.0, cy, &name, TextStyle::new(theme::TICK_SIZE));
+    }
+}
+
+/// Finite minimum and maximum of `values`, `None` when there is no finite
+/// value.
+pub(crate) fn finite_range<'a>(values: impl IntoIterator<Item = &'a f64>) -> Option<(f64, f64)> {
+    values
+        .into_iter()
+        .filter(|v| v.is_finite())
+        .fold(None, |acc, &v| match acc {
+            None => Some((v, v)),
+            Some((lo, hi)) => Some((lo.min(v), hi.max(v))),
+        })
+}

@@ -1,0 +1,126 @@
+//! Training: the tokenizer round-trips every domain, a few steps lower the
+//! loss and move the router bias as the aux-loss-free rule says, and
+//! checkpoints round-trip. Needs the Debian corpus packages (`make test`
+//! installs them).
+
+use std::path::PathBuf;
+
+use deepscope::model::{Config, ForwardOptions, LoadOptions, Model, Tokenizer};
+use deepscope::train::checkpoint::{init_checkpoint, save_model};
+use deepscope::train::corpus::{Corpus, CorpusSources, Domain};
+use deepscope::train::trainer::{TrainSettings, Trainer};
+use tch::{Device, Kind, Tensor};
+
+fn tmp(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("deepscope-train-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn small_config(vocab: usize) -> Config {
+    let text = serde_json::json!({
+        "model_type": "deepseek_v3", "vocab_size": vocab, "hidden_size": 32, "intermediate_size": 64,
+        "moe_intermediate_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2, "q_lora_rank": 16,
+        "kv_lora_rank": 16, "qk_nope_head_dim": 8, "qk_rope_head_dim": 4, "v_head_dim": 8,
+        "n_routed_experts": 8, "n_shared_experts": 1, "num_experts_per_tok": 2, "n_group": 2, "topk_group": 1,
+        "first_k_dense_replace": 1, "bos_token_id": 0, "eos_token_id": 1
+    });
+    Config::from_json_str(&text.to_string(), "test").unwrap()
+}
+
+fn load(dir: &std::path::Path) -> Model {
+    Model::load(dir, LoadOptions { device: Device::Cpu, kind: Kind::Float }).unwrap()
+}
+
+#[test]
+fn tokenizer_round_trips_text_of_all_three_domains() {
+    let corpus = Corpus::load(&CorpusSources::default()).expect("corpus: install bible-kjv fortunes jargon-text");
+    let dir = tmp("tok");
+    let path = dir.join("tokenizer.json");
+    // a quick tokenizer on a slice of each domain
+    let texts: Vec<&str> = Domain::ALL
+        .iter()
+        .flat_map(|d| corpus.train().filter(move |x| x.domain == *d).take(200).map(|x| x.text.as_str()))
+        .collect();
+    deepscope::train::bpe::train_bpe(texts.into_iter(), 600, &path).unwrap();
+    let tok = Tokenizer::from_file(&path).unwrap();
+    for d in Domain::ALL {
+        let docs: Vec<_> = corpus.heldout().filter(|x| x.domain == d).take(20).collect();
+        assert!(!docs.is_empty(), "no held-out {d:?}");
+        for doc in docs {
+            let ids = tok.encode(&doc.text).unwrap();
+            assert_eq!(ids[0], 0, "encoding starts with <|bos|>");
+            assert_eq!(tok.decode(&ids).unwrap(), doc.text, "{d:?} round trip");
+        }
+    }
+}
+
+#[test]
+fn corpus_split_holds_out_revelation_and_a_tenth_of_the_rest() {
+    let corpus = Corpus::load(&CorpusSources::default()).unwrap();
+    let held_bible: Vec<_> = corpus.heldout().filter(|d| d.domain == Domain::Bible).collect();
+    assert_eq!(held_bible.len(), 22, "Revelation has 22 chapters");
+    assert!(held_bible[0].text.starts_with("The Revelation of Jesus Christ"));
+    assert!(corpus.train().all(|d| !d.text.contains("The Revelation of Jesus Christ, which God gave unto him")));
+    for d in [Domain::Fortunes, Domain::Jargon] {
+        let (held, all) = (corpus.heldout().filter(|x| x.domain == d).count(), corpus.docs.iter().filter(|x| x.domain == d).count());
+        let frac = held as f64 / all as f64;
+        assert!((frac - 0.1).abs() < 0.01, "{d:?}: {held}/{all} held out");
+    }
+}
+
+#[test]
+fn a_few_steps_lower_the_loss_and_move_the_bias_by_the_rule() {
+    let dir = tmp("steps");
+    let cfg = small_config(64);
+    init_checkpoint(&cfg, &dir, 0.02, 7).unwrap();
+    let model = load(&dir);
+    let settings = TrainSettings { steps: 30, lr: 1e-2, warmup_steps: 1, bias_update_rate: 0.01, ..Default::default() };
+    let mut trainer = Trainer::new(&model, settings).unwrap();
+    tch::manual_seed(3);
+    let x = Tensor::randint(64, [4, 16], (Kind::Int64, Device::Cpu));
+    let y = x.roll([-1], [1]);
+
+    // the bias update the rule predicts for the first step, from its routing
+    let moe_layer = model.config.moe_layers()[0];
+    let before = model.forward_with(&x, None, ForwardOptions::default()).unwrap();
+    let load = before.routing[moe_layer].as_ref().unwrap().topk_indices.flatten(0, -1).bincount(None::<Tensor>, 8).to_kind(Kind::Float);
+    let expected = (load.mean(Kind::Float) - &load).sign() * 0.01;
+    let bias = model.layers[moe_layer].moe().unwrap().gate.e_score_correction_bias.as_ref().unwrap().shallow_clone();
+    let bias0 = bias.copy();
+
+    let first = trainer.step(&x, &y).unwrap();
+    let moved = &bias - &bias0;
+    assert!(moved.allclose(&expected, 1e-6, 1e-7, false), "bias moved {moved:?}, rule says {expected:?}");
+    let mut last = first.loss;
+    for _ in 0..20 {
+        last = trainer.step(&x, &y).unwrap().loss;
+    }
+    assert!(last < first.loss * 0.8, "loss {} -> {last}", first.loss);
+}
+
+#[test]
+fn saved_checkpoints_reload_to_the_same_logits_and_optimizer_state() {
+    let dir = tmp("ckpt");
+    let cfg = small_config(64);
+    init_checkpoint(&cfg, &dir.join("a"), 0.02, 1).unwrap();
+    let model = load(&dir.join("a"));
+    let mut trainer = Trainer::new(&model, TrainSettings { steps: 5, warmup_steps: 1, ..Default::default() }).unwrap();
+    let x = Tensor::randint(64, [2, 8], (Kind::Int64, Device::Cpu));
+    trainer.step(&x, &x.roll([-1], [1])).unwrap();
+    trainer.save(&dir.join("b")).unwrap();
+    save_model(&model, &dir.join("c"), Kind::BFloat16).unwrap();
+
+    let reloaded = load(&dir.join("b"));
+    let want = model.forward(&x).unwrap().logits;
+    assert!(reloaded.forward(&x).unwrap().logits.allclose(&want, 1e-6, 1e-6, false));
+    let mut again = Trainer::new(&reloaded, TrainSettings::default()).unwrap();
+    again.restore(&dir.join("b")).unwrap();
+    assert_eq!(again.step, 1);
+
+    // bf16 shipping keeps the router bias in f32 and stays close
+    let shipped = load(&dir.join("c"));
+    let d = (shipped.forward(&x).unwrap().logits - &want).abs().max().double_value(&[]);
+    assert!(d < 0.05, "bf16 copy differs by {d}");
+}
