@@ -54,6 +54,7 @@ corpus:
 
 test: build fixtures corpus
 	DEEPSCOPE_FIXTURES=$(CURDIR)/$(FIXTURES) cargo test --release --no-fail-fast
+	$(PY) -m pytest -q tests/python
 
 bench: build
 	$(PY) tests/bench_transformers.py --deepscope $(BIN) --out docs/benchmarks.md
@@ -71,10 +72,11 @@ lab: demo
 
 # --- the shipped default model (about an hour on 2 CPU cores; see its README)
 train-tiny: build corpus
-	$(BIN) train --out target/train-tiny --steps 3000 --device cpu --threads 2
+	mkdir -p target/train-tiny
+	set -o pipefail; $(BIN) train --out target/train-tiny --steps 3000 --device cpu --threads 2 2>&1 | tee target/train-tiny/train_output.txt
 	rm -rf models/deepscope-tiny && mkdir -p models
 	cp -r target/train-tiny/model models/deepscope-tiny
-	cp target/train-tiny/train_log.csv target/train-tiny/eval_log.csv models/deepscope-tiny/
+	cp target/train-tiny/train_log.csv target/train-tiny/eval_log.csv target/train-tiny/train_output.txt models/deepscope-tiny/
 	$(PY) tests/model_card.py models/deepscope-tiny
 
 clean:

@@ -122,7 +122,7 @@ enum Command {
         #[arg(long, default_value_t = 100)]
         warmup: u64,
         /// gamma of the aux-loss-free bias update (0 = no balancing).
-        #[arg(long, default_value_t = 1e-3)]
+        #[arg(long, default_value_t = 1e-2)]
         bias_update_rate: f64,
         #[arg(long, default_value_t = 4096)]
         vocab_size: usize,

@@ -33,6 +33,14 @@ impl Default for LoadOptions {
     }
 }
 
+/// Where [`Model::load_default`] looks: `$DEEPSCOPE_MODEL`, else
+/// `models/deepscope-tiny` in the DeepScope source tree.
+pub fn default_model_dir() -> PathBuf {
+    std::env::var_os("DEEPSCOPE_MODEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("models").join("deepscope-tiny"))
+}
+
 /// Parses `cpu`, `cuda`, `cuda:N` or `auto`.
 pub fn parse_device(s: &str) -> Result<Device> {
     let count = tch::Cuda::device_count().max(0) as usize;
@@ -193,6 +201,18 @@ impl Model {
             dir: dir.to_path_buf(),
             load_notes,
         })
+    }
+
+    /// Loads the shipped default model (`models/deepscope-tiny`, or the
+    /// directory named by `$DEEPSCOPE_MODEL`) on the CPU in f32.
+    pub fn load_default() -> Result<Model> {
+        Model::load(
+            default_model_dir(),
+            LoadOptions {
+                device: Device::Cpu,
+                kind: Kind::Float,
+            },
+        )
     }
 
     /// An empty cache for this model.

@@ -201,6 +201,8 @@ fn log_label(v: f64) -> String {
 /// `rotate` degrees, needing `extent` px perpendicular to the axis.
 pub(crate) struct BandLabels {
     pub labels: Vec<String>,
+    /// Width of the widest label, px.
+    pub max_w: f64,
     pub step: usize,
     pub rotate: f64,
     pub extent: f64,
@@ -230,9 +232,34 @@ pub(crate) fn layout_x_band(labels: &[String], band: f64) -> BandLabels {
     };
     BandLabels {
         labels: shown,
+        max_w,
         step,
         rotate,
         extent,
+    }
+}
+
+impl BandLabels {
+    /// How far the first label reaches left of the plot area (rotated or
+    /// wide labels under an x axis), px.
+    pub fn left_overhang(&self, band: f64) -> f64 {
+        if self.rotate == -45.0 {
+            self.max_w * std::f64::consts::FRAC_1_SQRT_2 - band / 2.0
+        } else if self.rotate == 0.0 {
+            self.labels.first().map_or(0.0, |l| text_width(l, theme::TICK_SIZE) / 2.0 - band / 2.0)
+        } else {
+            0.0
+        }
+        .max(0.0)
+    }
+
+    /// How far the last label reaches right of the plot area, px.
+    pub fn right_overhang(&self, band: f64) -> f64 {
+        if self.rotate == 0.0 {
+            self.labels.last().map_or(0.0, |l| text_width(l, theme::TICK_SIZE) / 2.0 - band / 2.0).max(0.0)
+        } else {
+            0.0
+        }
     }
 }
 
@@ -247,6 +274,7 @@ pub(crate) fn layout_y_band(labels: &[String], band: f64) -> BandLabels {
     let step = ((size * 1.15) / band.max(1e-6)).ceil().max(1.0) as usize;
     BandLabels {
         labels: shown,
+        max_w,
         step,
         rotate: 0.0,
         extent: max_w,
@@ -414,7 +442,7 @@ pub(crate) fn draw_y_band(svg: &mut Svg, area: Area, layout: &BandLabels, title:
     }
 }
 
-fn draw_x_title(svg: &mut Svg, area: Area, label_extent: f64, title: &str) {
+pub(crate) fn draw_x_title(svg: &mut Svg, area: Area, label_extent: f64, title: &str) {
     let y = area.bottom() + TICK_LEN + TICK_GAP + label_extent + TITLE_GAP + theme::AXIS_TITLE_SIZE * 0.5;
     svg.text(
         area.x + area.w / 2.0,
@@ -424,7 +452,7 @@ fn draw_x_title(svg: &mut Svg, area: Area, label_extent: f64, title: &str) {
     );
 }
 
-fn draw_y_title(svg: &mut Svg, area: Area, label_extent: f64, title: &str) {
+pub(crate) fn draw_y_title(svg: &mut Svg, area: Area, label_extent: f64, title: &str) {
     let x = area.x - TICK_LEN - TICK_GAP - label_extent - TITLE_GAP - theme::AXIS_TITLE_SIZE * 0.5;
     svg.text(
         x,

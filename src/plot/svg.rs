@@ -242,6 +242,12 @@ impl Svg {
         let _ = writeln!(self.buf, " xml:space=\"preserve\">{}</text>", escape(text));
     }
 
+    /// Opens a group with fixed presentation attributes (written by us,
+    /// never from user data), e.g. `shape-rendering="crispEdges"`.
+    pub fn group(&mut self, attrs: &'static str) {
+        let _ = writeln!(self.buf, "<g {attrs}>");
+    }
+
     /// Opens a group carrying a tooltip for everything inside it.
     pub fn group_with_tooltip(&mut self, tooltip: &str) {
         let _ = writeln!(self.buf, "<g><title>{}</title>", escape(tooltip));

@@ -48,7 +48,7 @@ impl Default for TrainSettings {
             beta1: 0.9,
             beta2: 0.95,
             grad_clip: 1.0,
-            bias_update_rate: 1e-3,
+            bias_update_rate: 1e-2,
             seed: 0,
             log_every: 10,
             checkpoint_every: 250,
