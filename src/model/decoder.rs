@@ -6,7 +6,8 @@ use tch::Tensor;
 
 use super::config::Config;
 use super::loader::Checkpoint;
-use super::mla::{AttnImpl, AttnInternals, LatentCache, Mla};
+use super::hooks::{HookPoint, Hooks};
+use super::mla::{AttnImpl, LatentCache, Mla};
 use super::moe::{Mlp, Moe, RouterOutput};
 use super::nn::{Placement, RmsNorm};
 use super::rope::{Rope, RopeAngles};
@@ -34,7 +35,6 @@ pub struct LayerOutput {
     /// Residual stream after the layer [B, T, D].
     pub hidden: Tensor,
     pub routing: Option<RouterOutput>,
-    pub attention: Option<AttnInternals>,
 }
 
 impl DecoderLayer {
@@ -75,6 +75,7 @@ impl DecoderLayer {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &self,
         h: &Tensor,
@@ -82,25 +83,27 @@ impl DecoderLayer {
         angles: &RopeAngles,
         cache: Option<&mut LatentCache>,
         attn: AttnImpl,
-        want_probs: bool,
+        hooks: &mut dyn Hooks,
     ) -> Result<LayerOutput> {
-        let normed = self.input_layernorm.forward(h)?;
-        let (a, attention) = self
-            .self_attn
-            .forward(&normed, rope, angles, cache, attn, want_probs)?;
-        let h = h.f_add(&a)?;
-        let normed = self.post_attention_layernorm.forward(&h)?;
+        use HookPoint::*;
+        let l = self.index;
+        let h = hooks.visit(ResidPre(l), h.shallow_clone())?;
+        let normed = hooks.visit(AttnIn(l), self.input_layernorm.forward(&h)?)?;
+        let a = self.self_attn.forward(&normed, rope, angles, cache, attn, hooks, l)?;
+        let a = hooks.visit(AttnOut(l), a)?;
+        let h = hooks.visit(ResidMid(l), h.f_add(&a)?)?;
+        let normed = hooks.visit(MlpIn(l), self.post_attention_layernorm.forward(&h)?)?;
         let (f, routing) = match &self.mlp {
             FeedForward::Dense(m) => (m.forward(&normed)?, None),
             FeedForward::Moe(m) => {
-                let o = m.forward(&normed)?;
+                let o = m.forward_hooked(&normed, hooks, l)?;
                 (o.output, Some(o.routing))
             }
         };
+        let f = hooks.visit(MlpOut(l), f)?;
         Ok(LayerOutput {
-            hidden: h.f_add(&f)?,
+            hidden: hooks.visit(ResidPost(l), h.f_add(&f)?)?,
             routing,
-            attention,
         })
     }
 }

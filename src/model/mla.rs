@@ -20,6 +20,7 @@
 use tch::{Kind, Tensor};
 
 use super::config::Config;
+use super::hooks::{HookPoint, Hooks};
 use super::loader::Checkpoint;
 use super::nn::{Linear, Placement, RmsNorm};
 use super::rope::{Rope, RopeAngles};
@@ -84,13 +85,6 @@ impl LatentCache {
         let b = |t: &Tensor| t.numel() * t.kind().elt_size_in_bytes();
         b(&self.c_kv) + b(&self.k_pe)
     }
-}
-
-/// Intermediate values of one attention call, for inspection.
-#[derive(Debug)]
-pub struct AttnInternals {
-    /// Softmax probabilities [B, H, T, S] (f32).
-    pub probs: Tensor,
 }
 
 #[derive(Debug)]
@@ -183,31 +177,36 @@ impl Mla {
     }
 
     /// Queries split into `(q_nope [B,H,T,nope], q_pe [B,H,T,rope])`, `q_pe` rotated.
-    pub fn queries(&self, x: &Tensor, rope: &Rope, angles: &RopeAngles) -> Result<(Tensor, Tensor)> {
+    pub fn queries(&self, x: &Tensor, rope: &Rope, angles: &RopeAngles, hooks: &mut dyn Hooks, layer: usize) -> Result<(Tensor, Tensor)> {
         let (b, t) = (x.size()[0], x.size()[1]);
         let q = match &self.q {
             QProj::Full(l) => l.forward(x)?,
-            QProj::LowRank { a, norm, b } => b.forward(&norm.forward(&a.forward(x)?)?)?,
+            QProj::LowRank { a, norm, b } => {
+                let latent = hooks.visit(HookPoint::QLatent(layer), norm.forward(&a.forward(x)?)?)?;
+                b.forward(&latent)?
+            }
         };
         let q = q
             .f_view([b, t, self.num_heads, self.nope + self.rope])?
             .f_transpose(1, 2)?; // [B, H, T, nope+rope]
         let q_nope = q.f_narrow(-1, 0, self.nope)?;
-        let q_pe = rope.apply(&q.f_narrow(-1, self.nope, self.rope)?, angles)?;
+        let q_pe = hooks.visit(HookPoint::QPe(layer), rope.apply(&q.f_narrow(-1, self.nope, self.rope)?, angles)?)?;
         Ok((q_nope, q_pe))
     }
 
     /// The new tokens' latents: `(c_kv [B,T,kv_lora], k_pe [B,T,rope])`, normed and rotated.
-    pub fn latents(&self, x: &Tensor, rope: &Rope, angles: &RopeAngles) -> Result<(Tensor, Tensor)> {
+    pub fn latents(&self, x: &Tensor, rope: &Rope, angles: &RopeAngles, hooks: &mut dyn Hooks, layer: usize) -> Result<(Tensor, Tensor)> {
         let ckv = self.kv_a_proj_with_mqa.forward(x)?; // [B, T, kv_lora + rope]
-        let c_kv = self.kv_a_layernorm.forward(&ckv.f_narrow(-1, 0, self.kv_lora)?)?;
-        let k_pe = rope.apply(&ckv.f_narrow(-1, self.kv_lora, self.rope)?, angles)?;
+        let c_kv = hooks.visit(HookPoint::CKv(layer), self.kv_a_layernorm.forward(&ckv.f_narrow(-1, 0, self.kv_lora)?)?)?;
+        let k_pe = hooks.visit(HookPoint::KPe(layer), rope.apply(&ckv.f_narrow(-1, self.kv_lora, self.rope)?, angles)?)?;
         Ok((c_kv, k_pe))
     }
 
     /// Attention for `x` [B, T, D] whose first token sits at position
     /// `cache.len()` (0 without a cache). Appends the new latents to `cache`.
-    /// Returns the output [B, T, D] and, if `want_probs`, the probabilities.
+    /// Returns the output [B, T, D]. The attention pattern is computed
+    /// explicitly (and passed to `hooks`) only when `hooks` wants it.
+    #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &self,
         x: &Tensor,
@@ -215,11 +214,12 @@ impl Mla {
         angles: &RopeAngles,
         cache: Option<&mut LatentCache>,
         attn: AttnImpl,
-        want_probs: bool,
-    ) -> Result<(Tensor, Option<AttnInternals>)> {
+        hooks: &mut dyn Hooks,
+        layer: usize,
+    ) -> Result<Tensor> {
         let (b, t) = (x.size()[0], x.size()[1]);
-        let (q_nope, q_pe) = self.queries(x, rope, angles)?;
-        let (new_ckv, new_kpe) = self.latents(x, rope, angles)?;
+        let (q_nope, q_pe) = self.queries(x, rope, angles, hooks, layer)?;
+        let (new_ckv, new_kpe) = self.latents(x, rope, angles, hooks, layer)?;
         let past = cache.as_ref().map_or(0, |c| c.len());
         let (c_kv, k_pe) = match cache {
             Some(c) if !c.is_empty() => {
@@ -236,21 +236,14 @@ impl Mla {
         };
         let k_pe_h = k_pe.f_unsqueeze(1)?; // [B, 1, S, rope], shared by all heads
         let c_kv_h = c_kv.f_unsqueeze(1)?; // [B, 1, S, kv_lora]
-        if want_probs {
-            let (heads, probs) = self.explicit_attention(&q_nope, &q_pe, &c_kv, &c_kv_h, &k_pe_h, past, attn)?;
-            self.finish(heads, b, t, Some(AttnInternals { probs }))
+        let heads = if hooks.wants(HookPoint::Pattern(layer)) {
+            self.explicit_attention(&q_nope, &q_pe, &c_kv, &c_kv_h, &k_pe_h, past, attn, hooks, layer)?
         } else {
-            let heads = self.fused_attention(&q_nope, &q_pe, &c_kv, &c_kv_h, &k_pe_h, past, attn)?;
-            self.finish(heads, b, t, None)
-        }
-    }
-
-    /// Concatenates heads and applies `o_proj`: [B, H, T, v] -> [B, T, D].
-    fn finish(&self, heads: Tensor, b: i64, t: i64, internals: Option<AttnInternals>) -> Result<(Tensor, Option<AttnInternals>)> {
-        let out = heads
-            .f_transpose(1, 2)?
-            .f_reshape([b, t, self.num_heads * self.v])?;
-        Ok((self.o_proj.forward(&out)?, internals))
+            self.fused_attention(&q_nope, &q_pe, &c_kv, &c_kv_h, &k_pe_h, past, attn)?
+        };
+        // [B, H, T, v] -> [B, T, H, v] -> concat heads -> o_proj
+        let heads = hooks.visit(HookPoint::HeadOut(layer), heads.f_transpose(1, 2)?)?;
+        self.o_proj.forward(&heads.f_reshape([b, t, self.num_heads * self.v])?)
     }
 
     /// Per-head keys [B, H, S, nope] and values [B, H, S, v] expanded from the latent.
@@ -319,7 +312,8 @@ impl Mla {
         }
     }
 
-    /// Attention with the probabilities computed explicitly (for inspection).
+    /// Attention with the probabilities computed explicitly and passed
+    /// through `hooks` (which may replace them) before they weight the values.
     #[allow(clippy::too_many_arguments)]
     fn explicit_attention(
         &self,
@@ -330,7 +324,9 @@ impl Mla {
         k_pe_h: &Tensor,
         past: i64,
         attn: AttnImpl,
-    ) -> Result<(Tensor, Tensor)> {
+        hooks: &mut dyn Hooks,
+        layer: usize,
+    ) -> Result<Tensor> {
         let t = q_nope.size()[2];
         let s = past + t;
         // position part of the score, identical in both paths
@@ -359,7 +355,7 @@ impl Mla {
         } else {
             scores
         };
-        let probs = scores.f_softmax(-1, Kind::Float)?;
+        let probs = hooks.visit(HookPoint::Pattern(layer), scores.f_softmax(-1, Kind::Float)?)?;
         let p = probs.f_to_kind(q_nope.kind())?;
         let heads = match values_of {
             Values::Expanded(v) => p.f_matmul(&v)?, // [B, H, T, v]
@@ -368,7 +364,7 @@ impl Mla {
                 o_lat.f_matmul(&self.w_uv.f_transpose(-1, -2)?.f_unsqueeze(0)?)? // [B, H, T, v]
             }
         };
-        Ok((heads, probs))
+        Ok(heads)
     }
 }
 

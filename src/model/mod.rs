@@ -3,6 +3,7 @@
 pub mod config;
 pub mod decoder;
 pub mod generate;
+pub mod hooks;
 pub mod loader;
 pub mod mla;
 #[allow(clippy::module_inception)]
@@ -16,5 +17,6 @@ pub use config::{Config, Family, RopeScaling, ScoringFunc, TopkMethod};
 pub use generate::{GenerateOptions, Generation, Sampling, StopReason};
 pub use mla::AttnImpl;
 pub use model::{parse_device, parse_dtype, ForwardOptions, ForwardOutput, KvCache, LoadOptions, Model};
-pub use moe::RouterOutput;
+pub use hooks::{HookPoint, Hooks, NoHooks};
+pub use moe::{BiasEdit, CustomRouter, RouterEdits, RouterInput, RouterOutput, RouterSettings};
 pub use tokenizer::Tokenizer;

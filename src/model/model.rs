@@ -7,7 +7,8 @@ use tch::{Device, Kind, Tensor};
 use super::config::Config;
 use super::decoder::{DecoderLayer, FeedForward};
 use super::loader::Checkpoint;
-use super::mla::{AttnImpl, AttnInternals, LatentCache};
+use super::hooks::{HookPoint, Hooks, NoHooks};
+use super::mla::{AttnImpl, LatentCache};
 use super::moe::RouterOutput;
 use super::nn::{Placement, RmsNorm};
 use super::rope::Rope;
@@ -102,8 +103,6 @@ impl KvCache {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ForwardOptions {
     pub attn: AttnImpl,
-    /// Keep attention probabilities of every layer.
-    pub attention_probs: bool,
     /// Record the autograd graph (training); off by default.
     pub grad: bool,
 }
@@ -115,8 +114,6 @@ pub struct ForwardOutput {
     pub logits: Tensor,
     /// Per layer: the router's decisions (MoE layers only).
     pub routing: Vec<Option<RouterOutput>>,
-    /// Per layer: attention internals, when asked for.
-    pub attention: Vec<Option<AttnInternals>>,
 }
 
 #[derive(Debug)]
@@ -263,7 +260,18 @@ impl Model {
 
     /// Forward over `ids` [B, T]. With a cache, the ids continue the cached
     /// sequence and their latents are appended to it.
-    pub fn forward_with(&self, ids: &Tensor, mut cache: Option<&mut KvCache>, opts: ForwardOptions) -> Result<ForwardOutput> {
+    pub fn forward_with(&self, ids: &Tensor, cache: Option<&mut KvCache>, opts: ForwardOptions) -> Result<ForwardOutput> {
+        self.forward_hooked(ids, cache, opts, &mut NoHooks)
+    }
+
+    /// Forward with `hooks` observing or editing every [`HookPoint`].
+    pub fn forward_hooked(
+        &self,
+        ids: &Tensor,
+        mut cache: Option<&mut KvCache>,
+        opts: ForwardOptions,
+        hooks: &mut dyn Hooks,
+    ) -> Result<ForwardOutput> {
         self.check_ids(ids)?;
         let _guard = (!opts.grad).then(tch::no_grad_guard);
         let ids = ids.f_to_kind(Kind::Int64)?.f_to_device(self.device)?;
@@ -287,23 +295,17 @@ impl Model {
             }
         }
         let angles = self.rope.angles(past, t, self.kind)?;
-        let mut h = Tensor::f_embedding(&self.embed_tokens, &ids, -1, false, false)?;
+        let mut h = hooks.visit(HookPoint::Embed, Tensor::f_embedding(&self.embed_tokens, &ids, -1, false, false)?)?;
         let mut routing = Vec::with_capacity(self.layers.len());
-        let mut attention = Vec::with_capacity(self.layers.len());
         for (i, layer) in self.layers.iter().enumerate() {
             let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            let out = layer.forward(&h, &self.rope, &angles, layer_cache, opts.attn, opts.attention_probs)?;
+            let out = layer.forward(&h, &self.rope, &angles, layer_cache, opts.attn, hooks)?;
             h = out.hidden;
             routing.push(out.routing);
-            attention.push(out.attention);
         }
-        let h = self.norm.forward(&h)?;
-        let logits = h.f_linear(&self.lm_head, None::<Tensor>)?;
-        Ok(ForwardOutput {
-            logits,
-            routing,
-            attention,
-        })
+        let h = hooks.visit(HookPoint::FinalNorm, self.norm.forward(&h)?)?;
+        let logits = hooks.visit(HookPoint::Logits, h.f_linear(&self.lm_head, None::<Tensor>)?)?;
+        Ok(ForwardOutput { logits, routing })
     }
 
     /// Bytes of the weights as loaded (tied matrices counted once).

@@ -16,8 +16,9 @@ use tch::{Device, Kind, Tensor};
 
 use super::config::{Config, ScoringFunc, TopkMethod};
 use super::loader::Checkpoint;
+use super::hooks::{HookPoint, Hooks, NoHooks};
 use super::nn::{Linear, Placement};
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 /// A SwiGLU feed-forward block `down(silu(gate(x)) * up(x))`. Gate and up are
 /// stacked into one [2I, D] matrix so one matmul computes both.
@@ -116,10 +117,102 @@ pub struct RouterOutput {
     pub logits: Tensor,
     /// sigmoid or softmax of the logits [N, E] f32.
     pub scores: Tensor,
-    /// Chosen experts [N, k] i64, in the order `topk` returned them.
+    /// The scores the choice was made on: `scores + bias`, banned experts at
+    /// `-inf`, forced ones at `+inf` [N, E] f32 (before group masking).
+    pub choice: Tensor,
+    /// The bias that was added (`e_score_correction_bias` or its edit) [E].
+    pub bias: Option<Tensor>,
+    /// Per-group scores [N, G] (group-limited routing only).
+    pub group_scores: Option<Tensor>,
+    /// The groups kept [N, topk_group] (group-limited routing only).
+    pub chosen_groups: Option<Tensor>,
+    /// Chosen experts [N, k] i64, best first.
     pub topk_indices: Tensor,
     /// Their weights [N, k] f32 (after normalisation and scaling).
     pub topk_weights: Tensor,
+}
+
+/// What happens to `e_score_correction_bias` in an edited router.
+#[derive(Debug, Default)]
+pub enum BiasEdit {
+    #[default]
+    Keep,
+    /// Route as if the bias were zero.
+    Zero,
+    /// Use this bias [E] instead.
+    Replace(Tensor),
+}
+
+impl Clone for BiasEdit {
+    fn clone(&self) -> Self {
+        match self {
+            BiasEdit::Keep => BiasEdit::Keep,
+            BiasEdit::Zero => BiasEdit::Zero,
+            BiasEdit::Replace(t) => BiasEdit::Replace(t.shallow_clone()),
+        }
+    }
+}
+
+/// Inputs a custom router sees.
+pub struct RouterInput<'a> {
+    /// Router input [N, D] (the MoE block's normalised input).
+    pub x: &'a Tensor,
+    /// `x W^T` [N, E] f32, from the checkpoint's gate.
+    pub logits: &'a Tensor,
+    /// The configured scores of those logits [N, E] f32.
+    pub scores: &'a Tensor,
+    pub settings: &'a RouterSettings,
+    pub layer: usize,
+}
+
+/// A user-written router: returns `(indices [N, k] i64, weights [N, k])`.
+/// Any `Fn(&RouterInput) -> Result<(Tensor, Tensor)>` is one.
+pub trait CustomRouter: Send + Sync {
+    fn route(&self, input: &RouterInput) -> Result<(Tensor, Tensor)>;
+}
+
+impl<F> CustomRouter for F
+where
+    F: Fn(&RouterInput) -> Result<(Tensor, Tensor)> + Send + Sync,
+{
+    fn route(&self, input: &RouterInput) -> Result<(Tensor, Tensor)> {
+        self(input)
+    }
+}
+
+/// Changes to one layer's router, applied for one forward pass.
+#[derive(Clone, Default)]
+pub struct RouterEdits {
+    /// Replacement settings (top-k, groups, scoring, normalisation, scale).
+    pub settings: Option<RouterSettings>,
+    pub bias: BiasEdit,
+    /// Experts that may never be chosen.
+    pub banned: Vec<i64>,
+    /// Experts chosen for every token.
+    pub forced: Vec<i64>,
+    /// Replaces the whole selection.
+    pub custom: Option<std::sync::Arc<dyn CustomRouter>>,
+}
+
+impl std::fmt::Debug for RouterEdits {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RouterEdits")
+            .field("settings", &self.settings)
+            .field("bias", &self.bias)
+            .field("banned", &self.banned)
+            .field("forced", &self.forced)
+            .field("custom", &self.custom.as_ref().map(|_| "<router>"))
+            .finish()
+    }
+}
+
+/// The result of choosing experts from scores.
+#[derive(Debug)]
+pub struct Selection {
+    pub choice: Tensor,
+    pub group_scores: Option<Tensor>,
+    pub chosen_groups: Option<Tensor>,
+    pub indices: Tensor,
 }
 
 impl Router {
@@ -147,21 +240,52 @@ impl Router {
         self.weight.size()[0]
     }
 
-    /// Routes `x` [N, D].
+    /// Routes `x` [N, D] as the checkpoint says.
     pub fn route(&self, x: &Tensor) -> Result<RouterOutput> {
+        self.route_with(x, None, 0)
+    }
+
+    /// Routes `x` [N, D] with `edits` applied (layer is for messages).
+    pub fn route_with(&self, x: &Tensor, edits: Option<&RouterEdits>, layer: usize) -> Result<RouterOutput> {
+        let st = edits.and_then(|e| e.settings.as_ref()).unwrap_or(&self.settings);
+        let e = self.num_experts();
         let logits = x.f_to_kind(Kind::Float)?.f_linear(&self.weight, None::<Tensor>)?; // [N, E]
-        let st = &self.settings;
-        let scores = match st.scoring {
-            ScoringFunc::Sigmoid => logits.f_sigmoid()?,
-            ScoringFunc::Softmax => logits.f_softmax(-1, Kind::Float)?,
+        let scores = score(&logits, st.scoring)?;
+        if let Some(custom) = edits.and_then(|e| e.custom.as_ref()) {
+            let (idx, w) = custom.route(&RouterInput { x, logits: &logits, scores: &scores, settings: st, layer })?;
+            let n = logits.size()[0];
+            let (is, ws) = (idx.size(), w.size());
+            if is.len() != 2 || is[0] != n || is != ws {
+                return Err(Error::Input(format!(
+                    "layer {layer}: a custom router must return indices and weights of shape [{n}, k], got {is:?} and {ws:?}"
+                )));
+            }
+            let idx = idx.f_to_kind(Kind::Int64)?;
+            check_expert_ids(&idx, e, layer)?;
+            return Ok(RouterOutput {
+                choice: scores.shallow_clone(),
+                logits,
+                scores,
+                bias: None,
+                group_scores: None,
+                chosen_groups: None,
+                topk_indices: idx,
+                topk_weights: w.f_to_kind(Kind::Float)?,
+            });
+        }
+        let bias = match edits.map(|e| &e.bias) {
+            None | Some(BiasEdit::Keep) => self.e_score_correction_bias.as_ref().map(|b| b.shallow_clone()),
+            Some(BiasEdit::Zero) => None,
+            Some(BiasEdit::Replace(b)) => {
+                if b.size() != [e] {
+                    return Err(Error::Input(format!("layer {layer}: a router bias must have shape [{e}], got {:?}", b.size())));
+                }
+                Some(b.f_to_kind(Kind::Float)?.f_to_device(logits.device())?)
+            }
         };
-        let choice = match &self.e_score_correction_bias {
-            Some(b) => scores.f_add(b)?,
-            None => scores.shallow_clone(),
-        };
-        let choice = self.mask_groups(&choice)?;
-        let (_, topk_indices) = choice.f_topk(st.top_k, -1, true, true)?; // [N, k]
-        let mut w = scores.f_gather(1, &topk_indices, false)?;
+        let (banned, forced) = edits.map_or((&[][..], &[][..]), |e| (&e.banned[..], &e.forced[..]));
+        let sel = self.select(&scores, bias.as_ref(), st, banned, forced, layer)?;
+        let mut w = scores.f_gather(1, &sel.indices, false)?;
         if st.norm_topk_prob {
             w = w.f_div(&w.f_sum_dim_intlist(-1, true, Kind::Float)?.f_add_scalar(1e-20)?)?;
         }
@@ -169,24 +293,93 @@ impl Router {
         Ok(RouterOutput {
             logits,
             scores,
-            topk_indices,
+            choice: sel.choice,
+            bias,
+            group_scores: sel.group_scores,
+            chosen_groups: sel.chosen_groups,
+            topk_indices: sel.indices,
             topk_weights,
+        })
+    }
+
+    /// Chooses experts from `scores` [N, E]: adds `bias`, bans and forces,
+    /// masks groups, takes the top-k (best first).
+    pub fn select(
+        &self,
+        scores: &Tensor,
+        bias: Option<&Tensor>,
+        st: &RouterSettings,
+        banned: &[i64],
+        forced: &[i64],
+        layer: usize,
+    ) -> Result<Selection> {
+        let e = self.num_experts();
+        for &x in banned.iter().chain(forced) {
+            if x < 0 || x >= e {
+                return Err(Error::Input(format!("layer {layer}: expert {x} does not exist (the layer has {e} experts)")));
+            }
+        }
+        if forced.len() as i64 > st.top_k {
+            return Err(Error::Input(format!(
+                "layer {layer}: {} experts forced but only {} are chosen per token",
+                forced.len(),
+                st.top_k
+            )));
+        }
+        if let Some(x) = forced.iter().find(|x| banned.contains(x)) {
+            return Err(Error::Input(format!("layer {layer}: expert {x} is both banned and forced")));
+        }
+        if st.top_k < 1 || st.top_k > e {
+            return Err(Error::Input(format!("layer {layer}: top-k must be in 1..={e}, got {}", st.top_k)));
+        }
+        let mut choice = match bias {
+            Some(b) => scores.f_add(b)?,
+            None => scores.shallow_clone(),
+        };
+        let device = scores.device();
+        if !banned.is_empty() {
+            choice = choice.f_index_fill(1, &Tensor::f_from_slice(banned)?.f_to_device(device)?, f64::NEG_INFINITY)?;
+        }
+        if !forced.is_empty() {
+            choice = choice.f_index_fill(1, &Tensor::f_from_slice(forced)?.f_to_device(device)?, f64::INFINITY)?;
+        }
+        let (masked, group_scores, chosen_groups) = self.mask_groups(&choice, st, layer)?;
+        let (best, indices) = masked.f_topk(st.top_k, -1, true, true)?; // [N, k]
+        if best.f_isneginf()?.f_any()?.f_int64_value(&[])? != 0 {
+            return Err(Error::Input(format!(
+                "layer {layer}: after banning {} expert(s) and group masking, fewer than {} experts are left to choose",
+                banned.len(),
+                st.top_k
+            )));
+        }
+        Ok(Selection {
+            choice,
+            group_scores,
+            chosen_groups,
+            indices,
         })
     }
 
     /// Ranks groups and hides the experts of all but the `topk_group` best
     /// (`-inf`, so they can never be chosen). Greedy routing passes through.
-    pub fn mask_groups(&self, choice: &Tensor) -> Result<Tensor> {
-        let st = &self.settings;
+    /// Returns (masked scores, group scores, chosen groups).
+    pub fn mask_groups(&self, choice: &Tensor, st: &RouterSettings, layer: usize) -> Result<(Tensor, Option<Tensor>, Option<Tensor>)> {
         if st.method == TopkMethod::Greedy || st.n_group <= 1 {
-            return Ok(choice.shallow_clone());
+            return Ok((choice.shallow_clone(), None, None));
+        }
+        let e = self.num_experts();
+        if st.n_group > e || e % st.n_group != 0 || st.topk_group < 1 || st.topk_group > st.n_group {
+            return Err(Error::Input(format!(
+                "layer {layer}: {e} experts cannot form {} groups with {} kept",
+                st.n_group, st.topk_group
+            )));
         }
         let n = choice.size()[0];
-        let per = self.num_experts() / st.n_group;
+        let per = e / st.n_group;
         let grouped = choice.f_view([n, st.n_group, per])?;
         let group_scores = match st.method {
             // sum of the two best experts of each group  [N, G]
-            TopkMethod::NoauxTc => grouped.f_topk(2, -1, true, true)?.0.f_sum_dim_intlist(-1, false, Kind::Float)?,
+            TopkMethod::NoauxTc => grouped.f_topk(2.min(per), -1, true, true)?.0.f_sum_dim_intlist(-1, false, Kind::Float)?,
             // the best expert of each group  [N, G]
             _ => grouped.f_amax(-1, false)?,
         };
@@ -196,8 +389,31 @@ impl Router {
             .f_unsqueeze(-1)?
             .f_expand([n, st.n_group, per], false)?
             .f_reshape([n, st.n_group * per])?;
-        Ok(choice.f_masked_fill(&keep.f_logical_not()?, f64::NEG_INFINITY)?)
+        let masked = choice.f_masked_fill(&keep.f_logical_not()?, f64::NEG_INFINITY)?;
+        Ok((masked, Some(group_scores), Some(group_idx)))
     }
+}
+
+/// sigmoid or softmax of router logits.
+pub fn score(logits: &Tensor, scoring: ScoringFunc) -> Result<Tensor> {
+    Ok(match scoring {
+        ScoringFunc::Sigmoid => logits.f_sigmoid()?,
+        ScoringFunc::Softmax => logits.f_softmax(-1, Kind::Float)?,
+    })
+}
+
+fn check_expert_ids(idx: &Tensor, e: i64, layer: usize) -> Result<()> {
+    if idx.numel() == 0 {
+        return Ok(());
+    }
+    let (lo, hi) = (idx.f_min()?.f_int64_value(&[])?, idx.f_max()?.f_int64_value(&[])?);
+    if lo < 0 || hi >= e {
+        return Err(Error::Input(format!(
+            "layer {layer}: expert index {} out of range (the layer has {e} experts)",
+            if lo < 0 { lo } else { hi }
+        )));
+    }
+    Ok(())
 }
 
 /// Routed experts + shared experts.
@@ -252,13 +468,36 @@ impl Moe {
 
     /// `x` [B, T, D] -> sum_k w_k expert_k(x) + shared(x).
     pub fn forward(&self, x: &Tensor) -> Result<MoeOutput> {
+        self.forward_hooked(x, &mut NoHooks, 0)
+    }
+
+    /// The forward pass with hooks (layer `layer`): router edits, reads and
+    /// replacements of the routing, per-expert and shared outputs.
+    pub fn forward_hooked(&self, x: &Tensor, hooks: &mut dyn Hooks, layer: usize) -> Result<MoeOutput> {
         let shape = x.size();
         let d = *shape.last().unwrap_or(&0);
         let flat = x.f_reshape([-1, d])?; // [N, D]
-        let routing = self.gate.route(&flat)?;
+        let mut routing = self.gate.route_with(&flat, hooks.router_edits(layer), layer)?;
+        routing.logits = hooks.visit(HookPoint::RouterLogits(layer), routing.logits)?;
+        routing.scores = hooks.visit(HookPoint::RouterScores(layer), routing.scores)?;
+        if let Some(g) = routing.chosen_groups.take() {
+            routing.chosen_groups = Some(hooks.visit(HookPoint::ChosenGroups(layer), g)?);
+        }
+        routing.topk_indices = hooks.visit(HookPoint::TopkIndices(layer), routing.topk_indices)?;
+        routing.topk_weights = hooks.visit(HookPoint::TopkWeights(layer), routing.topk_weights)?;
+        check_expert_ids(&routing.topk_indices, self.experts.len() as i64, layer)?;
         let mut out = self.dispatch(&flat, &routing.topk_indices, &routing.topk_weights)?;
+        for (e, expert) in self.experts.iter().enumerate() {
+            if hooks.wants(HookPoint::ExpertOut(layer, e)) {
+                // tokens routed to e, unweighted, zeros elsewhere  [N, D]
+                let rows = routing.topk_indices.f_eq(e as i64)?.f_any_dim(1, false)?.f_nonzero()?.f_squeeze_dim(1)?;
+                let y = flat.f_zeros_like()?.f_index_copy(0, &rows, &expert.forward(&flat.f_index_select(0, &rows)?)?)?;
+                // read-only: the expert outputs already went into `out`
+                let _ = hooks.visit(HookPoint::ExpertOut(layer, e), y)?;
+            }
+        }
         if let Some(shared) = &self.shared_experts {
-            out = out.f_add(&shared.forward(&flat)?)?;
+            out = out.f_add(&hooks.visit(HookPoint::SharedOut(layer), shared.forward(&flat)?)?)?;
         }
         Ok(MoeOutput {
             output: out.f_view(shape.as_slice())?,

@@ -532,7 +532,6 @@ impl ColorBar<'_> {
 pub(crate) enum Swatch {
     Block,
     Line,
-    DashedLine,
 }
 
 /// One legend entry.
@@ -571,7 +570,6 @@ pub(crate) fn draw_legend(svg: &mut Svg, area: Area, entries: &[LegendEntry]) {
         match e.swatch {
             Swatch::Block => svg.rect(x, cy - 5.0, SWATCH, 10.0, e.color, None),
             Swatch::Line => svg.line(x, cy, x + SWATCH, cy, e.color, 2.0, Dash::Solid),
-            Swatch::DashedLine => svg.line(x, cy, x + SWATCH, cy, e.color, 1.5, Dash::Dashed),
         }
         let name = truncate_to_width(&e.name, theme::TICK_SIZE, MAX_LABEL_PX);
         svg.text(x + SWATCH + 6.0, cy, &name, TextStyle::new(theme::TICK_SIZE));

@@ -258,11 +258,6 @@ impl Svg {
         self.buf.push_str("</g>\n");
     }
 
-    /// Appends a comment (for readers of the file).
-    pub fn comment(&mut self, text: &str) {
-        let _ = writeln!(self.buf, "<!-- {} -->", text.replace("--", "- -"));
-    }
-
     fn close_with_tooltip(&mut self, element: &str, tooltip: Option<&str>) {
         match tooltip {
             Some(t) => {

@@ -235,7 +235,8 @@ pub(crate) fn text_width(text: &str, size: f64) -> f64 {
     units / 2048.0 * size
 }
 
-fn is_wide(cp: u32) -> bool {
+/// Whether a code point is East Asian wide (two columns, about an em).
+pub(crate) fn is_wide(cp: u32) -> bool {
     matches!(cp,
         0x1100..=0x115f | 0x2e80..=0xa4cf | 0xac00..=0xd7a3 | 0xf900..=0xfaff
         | 0xfe30..=0xfe4f | 0xff00..=0xff60 | 0xffe0..=0xffe6 | 0x1f300..=0x1faff
