@@ -3,10 +3,13 @@
 //!
 //! - [`model`]: the DeepSeek-V2/V3 family, loading Hugging Face checkpoints,
 //!   with numerical parity to `transformers`.
+//! - [`inspect`]: traces of a forward pass, routing views and statistics,
+//!   interventions and comparisons.
 //! - [`stats`]: parameter counts and KV-cache arithmetic of a config.
 //! - [`train`]: training DeepSeek-V3-shaped models (the shipped default model).
 
 pub mod error;
+pub mod inspect;
 pub mod model;
 pub mod stats;
 pub mod train;
@@ -16,8 +19,10 @@ pub use error::{Error, Result};
 /// The names a notebook or script usually needs.
 pub mod prelude {
     pub use crate::error::{Error, Result};
+    pub use crate::inspect::{compare, Capture, CorpusRun, Intervention, Interventions, Layers, RoutingStats, Trace};
     pub use crate::model::{
-        AttnImpl, Config, ForwardOptions, GenerateOptions, LoadOptions, Model, Sampling,
+        AttnImpl, Config, CustomRouter, ForwardOptions, GenerateOptions, HookPoint, LoadOptions, Model, RouterInput,
+        Sampling, ScoringFunc,
     };
     pub use crate::stats::{CacheFootprint, ParamCounts};
     pub use tch::{Device, Kind, Tensor};

@@ -38,3 +38,26 @@ fn held_out_revelation_loss_matches_the_model_card() {
     assert!((bpb - reported).abs() < 1e-3, "measured {bpb}, card says {reported}");
     assert!(card.contains(&format!("{reported:.3} bits per byte")), "README.md does not state {reported:.3}");
 }
+
+#[test]
+fn corpus_routing_runs_can_be_interrupted_and_resumed() {
+    use deepscope::inspect::{CorpusRun, RoutingStats};
+    let m = Model::load_default().unwrap();
+    let docs = ["In the beginning God created the heaven and the earth.", "A fool and his money are soon parted.",
+        "hacker: a person who enjoys exploring the details of programmable systems.", "And God said, Let there be light."];
+    let mut whole = RoutingStats::default();
+    m.routing_stats(&docs, &mut whole, CorpusRun::default()).unwrap();
+    assert_eq!(whole.docs_done, 4);
+
+    let mut partial = RoutingStats::default();
+    let seen = std::cell::Cell::new(0);
+    let cancel = || { seen.set(seen.get() + 1); seen.get() > 2 };
+    let err = m.routing_stats(&docs, &mut partial, CorpusRun { cancel: Some(&cancel), ..Default::default() }).unwrap_err();
+    assert!(matches!(err, deepscope::Error::Interrupted));
+    assert_eq!(partial.docs_done, 2);
+    let mut progress = vec![];
+    let mut record = |p: deepscope::inspect::Progress| progress.push(p.docs_done);
+    m.routing_stats(&docs, &mut partial, CorpusRun { progress: Some(&mut record), ..Default::default() }).unwrap();
+    assert_eq!(progress, vec![3, 4]);
+    assert_eq!(partial, whole);
+}

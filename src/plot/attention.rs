@@ -79,7 +79,9 @@ impl AttentionGrid {
         n_queries: usize,
         n_keys: usize,
     ) -> Result<AttentionGrid> {
-        let expected = n_heads.checked_mul(n_queries).and_then(|v| v.checked_mul(n_keys));
+        let expected = n_heads
+            .checked_mul(n_queries)
+            .and_then(|v| v.checked_mul(n_keys));
         if expected != Some(data.len()) {
             return Err(PlotError::length(
                 "data",
@@ -111,7 +113,7 @@ impl AttentionGrid {
         self
     }
 
-    /// Panels per row (default: up to 8, rows balanced).
+    /// Panels per row (default: 4 up to 8 heads, then 8).
     pub fn columns(mut self, columns: usize) -> Self {
         self.columns = Some(columns);
         self
@@ -168,36 +170,53 @@ impl AttentionGrid {
                 return Err(PlotError::length(name, nq, q, "the queries of heads[0]"));
             }
             if k != nk {
-                return Err(PlotError::length(format!("{name}[0]"), nk, k, "the keys of heads[0]"));
+                return Err(PlotError::length(
+                    format!("{name}[0]"),
+                    nk,
+                    k,
+                    "the keys of heads[0]",
+                ));
             }
         }
         let key_labels = labels_or_index(&self.tokens, nk, "tokens", "key positions")?;
         if nq > nk {
-            return Err(PlotError::invalid("heads", format!("{nq} queries but only {nk} keys")));
+            return Err(PlotError::invalid(
+                "heads",
+                format!("{nq} queries but only {nk} keys"),
+            ));
         }
         let query_labels: Vec<String> = key_labels[nk - nq..].to_vec();
         let captions = match &self.head_labels {
-            Some(l) if l.len() != n_heads => return Err(PlotError::length("head_labels", n_heads, l.len(), "heads")),
+            Some(l) if l.len() != n_heads => {
+                return Err(PlotError::length("head_labels", n_heads, l.len(), "heads"))
+            }
             Some(l) => l.clone(),
             None => (0..n_heads).map(|h| format!("head {h}")).collect(),
         };
         let columns = match self.columns {
             Some(0) => return Err(PlotError::invalid("columns", "must be at least 1")),
             Some(c) => c.min(n_heads),
-            None => {
-                let rows = n_heads.div_ceil(MAX_COLUMNS);
-                n_heads.div_ceil(rows)
-            }
+            // 4 columns up to 8 heads (2 rows), then 8 (16 heads in 2 rows).
+            None if n_heads <= 4 => n_heads,
+            None if n_heads <= 8 => 4,
+            None => MAX_COLUMNS,
         };
         let rows = n_heads.div_ceil(columns);
         let cell = match self.cell_size {
             Some(c) if !(c.is_finite() && c > 0.0) => {
-                return Err(PlotError::invalid("cell_size", format!("must be positive, got {c}")))
+                return Err(PlotError::invalid(
+                    "cell_size",
+                    format!("must be positive, got {c}"),
+                ))
             }
             Some(c) => c,
             None => (160.0 / nk.max(nq) as f64).clamp(1.0, 10.0),
         };
-        let (lo, hi) = color_range(self.heads.iter().flatten().flatten(), self.colormap, self.range)?;
+        let (lo, hi) = color_range(
+            self.heads.iter().flatten().flatten(),
+            self.colormap,
+            self.range,
+        )?;
 
         let (pw, ph) = (cell * nk as f64, cell * nq as f64);
         let x_layout = axis::layout_x_band(&key_labels, cell);
@@ -208,7 +227,13 @@ impl AttentionGrid {
             hi,
             label: Some("attention"),
         };
-        let missing = self.heads.iter().flatten().flatten().filter(|v| !v.is_finite()).count();
+        let missing = self
+            .heads
+            .iter()
+            .flatten()
+            .flatten()
+            .filter(|v| !v.is_finite())
+            .count();
         let subtitle = match (self.note.clone(), missing) {
             (n, 0) => n,
             (None, m) => Some(format!("grey: {m} NaN or infinite values")),
@@ -216,10 +241,17 @@ impl AttentionGrid {
         };
         let title = self.title.as_deref();
         let top = theme::PAD + axis::title_height(title, subtitle.as_deref());
-        let left = theme::PAD + axis::left_margin(y_layout.extent, Some("query")).max(x_layout.left_overhang(cell));
-        // Rows after the first, and all but the last, need room for the
-        // key labels of panels that have no panel below them.
-        let row_gap = GAP + if rows > 1 { x_layout.extent + 8.0 } else { 0.0 };
+        let left = theme::PAD
+            + axis::left_margin(y_layout.extent, Some("query")).max(x_layout.left_overhang(cell));
+        // When the last row is not full, the panels above its gaps carry
+        // key labels too, and need room for them.
+        let ragged = !n_heads.is_multiple_of(columns);
+        let row_gap = GAP
+            + if rows > 1 && ragged {
+                x_layout.extent + 8.0
+            } else {
+                0.0
+            };
         let grid = Area {
             x: left,
             y: top,
@@ -229,9 +261,10 @@ impl AttentionGrid {
         let width = (grid.right() + bar.width() + theme::PAD)
             .max(2.0 * theme::PAD + axis::title_width(title, subtitle.as_deref()))
             .ceil();
-        let height = (grid.bottom() + axis::bottom_margin(x_layout.extent, Some("key")) + theme::PAD)
-            .max(top + 60.0 + theme::PAD)
-            .ceil();
+        let height =
+            (grid.bottom() + axis::bottom_margin(x_layout.extent, Some("key")) + theme::PAD)
+                .max(top + 60.0 + theme::PAD)
+                .ceil();
 
         let description = describe(
             "attention grid",
@@ -241,7 +274,9 @@ impl AttentionGrid {
         );
         let mut svg = Svg::new(width, height, &description);
         axis::draw_title(&mut svg, title, subtitle.as_deref());
-        let tooltips = self.tooltips.unwrap_or(n_heads * nq * nk <= AUTO_TOOLTIP_CELLS);
+        let tooltips = self
+            .tooltips
+            .unwrap_or(n_heads * nq * nk <= AUTO_TOOLTIP_CELLS);
         for (h, head) in self.heads.iter().enumerate() {
             let (r, c) = (h / columns, h % columns);
             let area = Area {
@@ -264,7 +299,15 @@ impl AttentionGrid {
                 col_labels: Some(&key_labels),
                 prefix: Some(&captions[h]),
             };
-            draw_cells(&mut svg, area, head, self.colormap, (lo, hi), tooltips.then_some(&names), false);
+            draw_cells(
+                &mut svg,
+                area,
+                head,
+                self.colormap,
+                (lo, hi),
+                tooltips.then_some(&names),
+                false,
+            );
             svg.rect_outline(area.x, area.y, area.w, area.h, theme::AXIS, 0.6);
             if c == 0 {
                 axis::draw_y_band(&mut svg, area, &y_layout, None);
@@ -280,7 +323,20 @@ impl AttentionGrid {
         };
         axis::draw_x_title(&mut svg, last_row, x_layout.extent, "key");
         axis::draw_y_title(&mut svg, grid, y_layout.extent, "query");
-        bar.draw(&mut svg, Area { y: grid.y + CAPTION, h: grid.h - CAPTION, ..grid });
-        Ok(Figure::from_svg(svg.finish(), width, height, description, self.title.clone()))
+        bar.draw(
+            &mut svg,
+            Area {
+                y: grid.y + CAPTION,
+                h: grid.h - CAPTION,
+                ..grid
+            },
+        );
+        Ok(Figure::from_svg(
+            svg.finish(),
+            width,
+            height,
+            description,
+            self.title.clone(),
+        ))
     }
 }

@@ -2,7 +2,7 @@
 //! labels, the title block, the colour bar and the legend. Shared by every
 //! chart so that they all look alike.
 
-use super::svg::{Anchor, Dash, Svg, TextStyle};
+use super::svg::{Anchor, Stroke, Svg, TextStyle};
 use super::theme::{self, text_width, truncate_to_width, Colormap, Rgb};
 
 /// Length of tick marks, px.
@@ -42,9 +42,15 @@ pub(crate) struct Tick {
 /// A numeric scale from data to the unit interval.
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum Scale {
-    Linear { lo: f64, hi: f64 },
+    Linear {
+        lo: f64,
+        hi: f64,
+    },
     /// Bounds are positive; maps log10 linearly.
-    Log { lo: f64, hi: f64 },
+    Log {
+        lo: f64,
+        hi: f64,
+    },
 }
 
 impl Scale {
@@ -67,9 +73,11 @@ impl Scale {
     pub fn linear_nice(lo: f64, hi: f64, target: usize) -> Scale {
         let (lo, hi) = widen(lo, hi);
         let step = nice_step((hi - lo) / target.max(1) as f64);
+        // The tolerance keeps a bound that is already a multiple of the
+        // step (such as 0) where it is.
         Scale::Linear {
-            lo: (lo / step - 1e-9).floor() * step,
-            hi: (hi / step + 1e-9).ceil() * step,
+            lo: (lo / step + 1e-9).floor() * step,
+            hi: (hi / step - 1e-9).ceil() * step,
         }
     }
 
@@ -215,7 +223,10 @@ pub(crate) fn layout_x_band(labels: &[String], band: f64) -> BandLabels {
         .iter()
         .map(|l| truncate_to_width(l, size, MAX_LABEL_PX))
         .collect();
-    let max_w = shown.iter().map(|l| text_width(l, size)).fold(0.0, f64::max);
+    let max_w = shown
+        .iter()
+        .map(|l| text_width(l, size))
+        .fold(0.0, f64::max);
     let band = band.max(1e-6);
     let line = size * 1.25;
     let step_horizontal = ((max_w + 6.0) / band).ceil().max(1.0) as usize;
@@ -223,11 +234,20 @@ pub(crate) fn layout_x_band(labels: &[String], band: f64) -> BandLabels {
         (1, 0.0, size * 1.2)
     } else {
         // Rotated labels are spaced by band * sin(angle) across their length.
-        let step_45 = (line / (band * std::f64::consts::FRAC_1_SQRT_2)).ceil().max(1.0) as usize;
+        let step_45 = (line / (band * std::f64::consts::FRAC_1_SQRT_2))
+            .ceil()
+            .max(1.0) as usize;
         if step_45 == 1 && max_w <= 90.0 {
             (1, -45.0, max_w * std::f64::consts::FRAC_1_SQRT_2 + size)
         } else {
-            ((line / band).ceil().max(1.0) as usize, -90.0, max_w + 2.0)
+            let step = (line / band).ceil().max(1.0) as usize;
+            // Only every step-th label is drawn: measure those.
+            let shown_w = shown
+                .iter()
+                .step_by(step)
+                .map(|l| text_width(l, size))
+                .fold(0.0, f64::max);
+            (step, -90.0, shown_w + 2.0)
         }
     };
     BandLabels {
@@ -246,7 +266,9 @@ impl BandLabels {
         if self.rotate == -45.0 {
             self.max_w * std::f64::consts::FRAC_1_SQRT_2 - band / 2.0
         } else if self.rotate == 0.0 {
-            self.labels.first().map_or(0.0, |l| text_width(l, theme::TICK_SIZE) / 2.0 - band / 2.0)
+            self.labels
+                .first()
+                .map_or(0.0, |l| text_width(l, theme::TICK_SIZE) / 2.0 - band / 2.0)
         } else {
             0.0
         }
@@ -256,7 +278,10 @@ impl BandLabels {
     /// How far the last label reaches right of the plot area, px.
     pub fn right_overhang(&self, band: f64) -> f64 {
         if self.rotate == 0.0 {
-            self.labels.last().map_or(0.0, |l| text_width(l, theme::TICK_SIZE) / 2.0 - band / 2.0).max(0.0)
+            self.labels
+                .last()
+                .map_or(0.0, |l| text_width(l, theme::TICK_SIZE) / 2.0 - band / 2.0)
+                .max(0.0)
         } else {
             0.0
         }
@@ -270,8 +295,12 @@ pub(crate) fn layout_y_band(labels: &[String], band: f64) -> BandLabels {
         .iter()
         .map(|l| truncate_to_width(l, size, MAX_LABEL_PX))
         .collect();
-    let max_w = shown.iter().map(|l| text_width(l, size)).fold(0.0, f64::max);
     let step = ((size * 1.15) / band.max(1e-6)).ceil().max(1.0) as usize;
+    let max_w = shown
+        .iter()
+        .step_by(step)
+        .map(|l| text_width(l, size))
+        .fold(0.0, f64::max);
     BandLabels {
         labels: shown,
         max_w,
@@ -358,15 +387,29 @@ pub(crate) fn draw_y_numeric(
 ) {
     let style = TextStyle::new(theme::TICK_SIZE).anchor(Anchor::End);
     for t in ticks {
-        let Some(f) = scale.frac(t.value) else { continue };
+        let Some(f) = scale.frac(t.value) else {
+            continue;
+        };
         let y = area.bottom() - f * area.h;
         if grid && f > 1e-6 {
-            svg.line(area.x, y, area.right(), y, theme::GRID, 1.0, Dash::Solid);
+            svg.line(area.x, y, area.right(), y, Stroke::solid(theme::GRID, 1.0));
         }
-        svg.line(area.x - TICK_LEN, y, area.x, y, theme::AXIS, 1.0, Dash::Solid);
+        svg.line(
+            area.x - TICK_LEN,
+            y,
+            area.x,
+            y,
+            Stroke::solid(theme::AXIS, 1.0),
+        );
         svg.text(area.x - TICK_LEN - TICK_GAP, y, &t.label, style);
     }
-    svg.line(area.x, area.y, area.x, area.bottom(), theme::AXIS, 1.0, Dash::Solid);
+    svg.line(
+        area.x,
+        area.y,
+        area.x,
+        area.bottom(),
+        Stroke::solid(theme::AXIS, 1.0),
+    );
     if let Some(title) = title {
         let extent = numeric_labels_width(ticks);
         draw_y_title(svg, area, extent, title);
@@ -386,15 +429,28 @@ pub(crate) fn draw_x_numeric(
     let style = TextStyle::new(theme::TICK_SIZE).anchor(Anchor::Middle);
     let y0 = area.bottom();
     for t in ticks {
-        let Some(f) = scale.frac(t.value) else { continue };
+        let Some(f) = scale.frac(t.value) else {
+            continue;
+        };
         let x = area.x + f * area.w;
         if grid && f > 1e-6 && f < 1.0 - 1e-6 {
-            svg.line(x, area.y, x, y0, theme::GRID, 1.0, Dash::Solid);
+            svg.line(x, area.y, x, y0, Stroke::solid(theme::GRID, 1.0));
         }
-        svg.line(x, y0, x, y0 + TICK_LEN, theme::AXIS, 1.0, Dash::Solid);
-        svg.text(x, y0 + TICK_LEN + TICK_GAP + theme::TICK_SIZE * 0.6, &t.label, style);
+        svg.line(x, y0, x, y0 + TICK_LEN, Stroke::solid(theme::AXIS, 1.0));
+        svg.text(
+            x,
+            y0 + TICK_LEN + TICK_GAP + theme::TICK_SIZE * 0.6,
+            &t.label,
+            style,
+        );
     }
-    svg.line(area.x, y0, area.right(), y0, theme::AXIS, 1.0, Dash::Solid);
+    svg.line(
+        area.x,
+        y0,
+        area.right(),
+        y0,
+        Stroke::solid(theme::AXIS, 1.0),
+    );
     if let Some(title) = title {
         draw_x_title(svg, area, theme::TICK_SIZE * 1.2, title);
     }
@@ -413,7 +469,7 @@ pub(crate) fn draw_x_band(svg: &mut Svg, area: Area, layout: &BandLabels, title:
     };
     for (i, label) in layout.labels.iter().enumerate().step_by(layout.step) {
         let x = area.x + (i as f64 + 0.5) * band;
-        svg.line(x, y0, x, y0 + TICK_LEN, theme::AXIS, 1.0, Dash::Solid);
+        svg.line(x, y0, x, y0 + TICK_LEN, Stroke::solid(theme::AXIS, 1.0));
         let y = if layout.rotate == 0.0 {
             y0 + TICK_LEN + TICK_GAP + theme::TICK_SIZE * 0.6
         } else {
@@ -421,7 +477,13 @@ pub(crate) fn draw_x_band(svg: &mut Svg, area: Area, layout: &BandLabels, title:
         };
         svg.text(x, y, label, style);
     }
-    svg.line(area.x, y0, area.right(), y0, theme::AXIS, 1.0, Dash::Solid);
+    svg.line(
+        area.x,
+        y0,
+        area.right(),
+        y0,
+        Stroke::solid(theme::AXIS, 1.0),
+    );
     if let Some(title) = title {
         draw_x_title(svg, area, layout.extent, title);
     }
@@ -434,7 +496,13 @@ pub(crate) fn draw_y_band(svg: &mut Svg, area: Area, layout: &BandLabels, title:
     let style = TextStyle::new(theme::TICK_SIZE).anchor(Anchor::End);
     for (i, label) in layout.labels.iter().enumerate().step_by(layout.step) {
         let y = area.y + (i as f64 + 0.5) * band;
-        svg.line(area.x - TICK_LEN, y, area.x, y, theme::AXIS, 1.0, Dash::Solid);
+        svg.line(
+            area.x - TICK_LEN,
+            y,
+            area.x,
+            y,
+            Stroke::solid(theme::AXIS, 1.0),
+        );
         svg.text(area.x - TICK_LEN - TICK_GAP, y, label, style);
     }
     if let Some(title) = title {
@@ -443,7 +511,12 @@ pub(crate) fn draw_y_band(svg: &mut Svg, area: Area, layout: &BandLabels, title:
 }
 
 pub(crate) fn draw_x_title(svg: &mut Svg, area: Area, label_extent: f64, title: &str) {
-    let y = area.bottom() + TICK_LEN + TICK_GAP + label_extent + TITLE_GAP + theme::AXIS_TITLE_SIZE * 0.5;
+    let y = area.bottom()
+        + TICK_LEN
+        + TICK_GAP
+        + label_extent
+        + TITLE_GAP
+        + theme::AXIS_TITLE_SIZE * 0.5;
     svg.text(
         area.x + area.w / 2.0,
         y,
@@ -488,7 +561,9 @@ impl ColorBar<'_> {
             + TICK_LEN
             + TICK_GAP
             + numeric_labels_width(&self.ticks())
-            + self.label.map_or(0.0, |_| TITLE_GAP + theme::AXIS_TITLE_SIZE)
+            + self
+                .label
+                .map_or(0.0, |_| TITLE_GAP + theme::AXIS_TITLE_SIZE)
     }
 
     /// Draws it beside `area`, as tall as the area (at most 320 px).
@@ -500,20 +575,40 @@ impl ColorBar<'_> {
         for i in 0..BAR_STEPS {
             // Top is the high end; overlap by half a pixel to avoid seams.
             let t = 1.0 - (i as f64 + 0.5) / BAR_STEPS as f64;
-            svg.rect(x, y + i as f64 * step_h, BAR_WIDTH, step_h + 0.5, self.cmap.at(t), None);
+            svg.rect(
+                x,
+                y + i as f64 * step_h,
+                BAR_WIDTH,
+                step_h + 0.5,
+                self.cmap.at(t),
+                None,
+            );
         }
         svg.rect_outline(x, y, BAR_WIDTH, h, theme::AXIS, 0.6);
         let scale = Scale::linear(self.lo, self.hi);
         let ticks = self.ticks();
         let style = TextStyle::new(theme::TICK_SIZE);
         for t in &ticks {
-            let Some(f) = scale.frac(t.value) else { continue };
+            let Some(f) = scale.frac(t.value) else {
+                continue;
+            };
             let ty = y + h - f * h;
-            svg.line(x + BAR_WIDTH, ty, x + BAR_WIDTH + TICK_LEN, ty, theme::AXIS, 1.0, Dash::Solid);
+            svg.line(
+                x + BAR_WIDTH,
+                ty,
+                x + BAR_WIDTH + TICK_LEN,
+                ty,
+                Stroke::solid(theme::AXIS, 1.0),
+            );
             svg.text(x + BAR_WIDTH + TICK_LEN + TICK_GAP, ty, &t.label, style);
         }
         if let Some(label) = self.label {
-            let lx = x + BAR_WIDTH + TICK_LEN + TICK_GAP + numeric_labels_width(&ticks) + TITLE_GAP
+            let lx = x
+                + BAR_WIDTH
+                + TICK_LEN
+                + TICK_GAP
+                + numeric_labels_width(&ticks)
+                + TITLE_GAP
                 + theme::AXIS_TITLE_SIZE * 0.5;
             svg.text(
                 lx,
@@ -532,6 +627,7 @@ impl ColorBar<'_> {
 pub(crate) enum Swatch {
     Block,
     Line,
+    DashedLine,
 }
 
 /// One legend entry.
@@ -552,7 +648,12 @@ pub(crate) fn legend_width(entries: &[LegendEntry]) -> f64 {
     }
     let names = entries
         .iter()
-        .map(|e| text_width(&truncate_to_width(&e.name, theme::TICK_SIZE, MAX_LABEL_PX), theme::TICK_SIZE))
+        .map(|e| {
+            text_width(
+                &truncate_to_width(&e.name, theme::TICK_SIZE, MAX_LABEL_PX),
+                theme::TICK_SIZE,
+            )
+        })
         .fold(0.0, f64::max);
     LEGEND_GAP + SWATCH + 6.0 + names
 }
@@ -569,10 +670,16 @@ pub(crate) fn draw_legend(svg: &mut Svg, area: Area, entries: &[LegendEntry]) {
         let cy = area.y + (i as f64 + 0.5) * LEGEND_ROW;
         match e.swatch {
             Swatch::Block => svg.rect(x, cy - 5.0, SWATCH, 10.0, e.color, None),
-            Swatch::Line => svg.line(x, cy, x + SWATCH, cy, e.color, 2.0, Dash::Solid),
+            Swatch::Line => svg.line(x, cy, x + SWATCH, cy, Stroke::solid(e.color, 2.0)),
+            Swatch::DashedLine => svg.line(x, cy, x + SWATCH, cy, Stroke::dashed(e.color, 1.5)),
         }
         let name = truncate_to_width(&e.name, theme::TICK_SIZE, MAX_LABEL_PX);
-        svg.text(x + SWATCH + 6.0, cy, &name, TextStyle::new(theme::TICK_SIZE));
+        svg.text(
+            x + SWATCH + 6.0,
+            cy,
+            &name,
+            TextStyle::new(theme::TICK_SIZE),
+        );
     }
 }
 

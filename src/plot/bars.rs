@@ -4,7 +4,7 @@
 
 use super::axis::{self, Area, LegendEntry, Scale, Swatch};
 use super::figure::{describe, Figure};
-use super::svg::{Anchor, Dash, Svg, TextStyle};
+use super::svg::{Anchor, Stroke, Svg, TextStyle};
 use super::theme::{self, format_value};
 use super::{collect_labels, PlotError, Result};
 
@@ -133,12 +133,20 @@ impl BarChart {
         }
         for (name, values) in &self.series {
             if values.len() != n {
-                return Err(PlotError::length(format!("series `{name}`"), n, values.len(), "categories"));
+                return Err(PlotError::length(
+                    format!("series `{name}`"),
+                    n,
+                    values.len(),
+                    "categories",
+                ));
             }
         }
         if let Some((w, h)) = self.size {
             if !(w.is_finite() && h.is_finite() && w > 0.0 && h > 0.0) {
-                return Err(PlotError::invalid("size", format!("must be positive, got {w} x {h}")));
+                return Err(PlotError::invalid(
+                    "size",
+                    format!("must be positive, got {w} x {h}"),
+                ));
             }
         }
         let stacked = self.mode == BarMode::Stacked && self.series.len() > 1;
@@ -176,19 +184,29 @@ impl BarChart {
         let pw = pw.max(120.0);
         let band = pw / n as f64;
         let x_layout = axis::layout_x_band(&self.categories, band);
-        let legend: Vec<LegendEntry> = if self.series.len() > 1 {
-            self.series
-                .iter()
-                .enumerate()
-                .map(|(k, (name, _))| LegendEntry {
+        let mut legend: Vec<LegendEntry> = Vec::new();
+        if self.series.len() > 1 {
+            for (k, (name, _)) in self.series.iter().enumerate() {
+                legend.push(LegendEntry {
                     name: name.clone(),
                     color: theme::categorical(k),
                     swatch: Swatch::Block,
-                })
-                .collect()
-        } else {
-            Vec::new()
-        };
+                });
+            }
+        }
+        // Several means would crowd each other as line labels: list them in
+        // the legend instead.
+        if means.len() > 1 {
+            for (k, m) in means.iter().enumerate() {
+                if let Some(m) = m {
+                    legend.push(LegendEntry {
+                        name: format!("mean, {}: {}", self.series[k].0, format_value(*m)),
+                        color: theme::categorical(k),
+                        swatch: Swatch::DashedLine,
+                    });
+                }
+            }
+        }
         let missing = self
             .series
             .iter()
@@ -201,12 +219,19 @@ impl BarChart {
         let left = theme::PAD
             + axis::left_margin(axis::numeric_labels_width(&ticks), self.y_title.as_deref())
                 .max(x_layout.left_overhang(band));
-        let area = Area { x: left, y: top, w: pw, h: ph };
+        let area = Area {
+            x: left,
+            y: top,
+            w: pw,
+            h: ph,
+        };
         let right = axis::legend_width(&legend).max(x_layout.right_overhang(band)) + theme::PAD;
         let width = (area.right() + right)
             .max(2.0 * theme::PAD + axis::title_width(title, subtitle.as_deref()))
             .ceil();
-        let height = (area.bottom() + axis::bottom_margin(x_layout.extent, self.x_title.as_deref()) + theme::PAD)
+        let height = (area.bottom()
+            + axis::bottom_margin(x_layout.extent, self.x_title.as_deref())
+            + theme::PAD)
             .max(top + axis::legend_height(&legend) + theme::PAD)
             .ceil();
 
@@ -223,29 +248,62 @@ impl BarChart {
         let description = describe(kind, Some(shape), title, None);
         let mut svg = Svg::new(width, height, &description);
         axis::draw_title(&mut svg, title, subtitle.as_deref());
-        axis::draw_y_numeric(&mut svg, area, &scale, &ticks, self.y_title.as_deref(), true);
+        axis::draw_y_numeric(
+            &mut svg,
+            area,
+            &scale,
+            &ticks,
+            self.y_title.as_deref(),
+            true,
+        );
         let y_of = |v: f64| area.bottom() - scale.frac(v).unwrap_or(0.0) * area.h;
         self.draw_bars(&mut svg, area, band, stacked, &y_of);
         if lo < 0.0 {
-            svg.line(area.x, y_of(0.0), area.right(), y_of(0.0), theme::AXIS, 1.0, Dash::Solid);
+            svg.line(
+                area.x,
+                y_of(0.0),
+                area.right(),
+                y_of(0.0),
+                Stroke::solid(theme::AXIS, 1.0),
+            );
         }
         for (k, mean) in means.iter().enumerate() {
             if let Some(m) = mean {
-                let color = if means.len() > 1 { theme::categorical(k) } else { theme::REFERENCE };
-                let label = if means.len() > 1 {
-                    format!("mean of {}: {}", self.series[k].0, format_value(*m))
+                if means.len() > 1 {
+                    let label = format!("mean, {}: {}", self.series[k].0, format_value(*m));
+                    reference(
+                        &mut svg,
+                        area,
+                        y_of(*m),
+                        theme::categorical(k),
+                        &label,
+                        false,
+                    );
                 } else {
-                    format!("mean: {}", format_value(*m))
-                };
-                reference(&mut svg, area, y_of(*m), color, &label);
+                    let label = format!("mean: {}", format_value(*m));
+                    reference(&mut svg, area, y_of(*m), theme::REFERENCE, &label, true);
+                }
             }
         }
         for (v, label) in self.references.iter().filter(|(v, _)| v.is_finite()) {
-            reference(&mut svg, area, y_of(*v), theme::AXIS, &format!("{label}: {}", format_value(*v)));
+            reference(
+                &mut svg,
+                area,
+                y_of(*v),
+                theme::AXIS,
+                &format!("{label}: {}", format_value(*v)),
+                true,
+            );
         }
         axis::draw_x_band(&mut svg, area, &x_layout, self.x_title.as_deref());
         axis::draw_legend(&mut svg, area, &legend);
-        Ok(Figure::from_svg(svg.finish(), width, height, description, self.title.clone()))
+        Ok(Figure::from_svg(
+            svg.finish(),
+            width,
+            height,
+            description,
+            self.title.clone(),
+        ))
     }
 
     fn means(&self, stacked: bool) -> Vec<Option<f64>> {
@@ -253,11 +311,19 @@ impl BarChart {
             return Vec::new();
         }
         let mean = |vals: &mut dyn Iterator<Item = f64>| {
-            let (s, c) = vals.filter(|v| v.is_finite()).fold((0.0, 0usize), |(s, c), v| (s + v, c + 1));
+            let (s, c) = vals
+                .filter(|v| v.is_finite())
+                .fold((0.0, 0usize), |(s, c), v| (s + v, c + 1));
             (c > 0).then(|| s / c as f64)
         };
         if stacked {
-            let totals = (0..self.categories.len()).map(|c| self.series.iter().map(|(_, v)| v[c]).filter(|v| v.is_finite()).sum());
+            let totals = (0..self.categories.len()).map(|c| {
+                self.series
+                    .iter()
+                    .map(|(_, v)| v[c])
+                    .filter(|v| v.is_finite())
+                    .sum()
+            });
             vec![mean(&mut totals.into_iter())]
         } else {
             self.series
@@ -273,10 +339,23 @@ impl BarChart {
             .iter()
             .map(|(_, v)| v[c])
             .filter(|v| v.is_finite())
-            .fold((0.0, 0.0), |(neg, pos), v| if v < 0.0 { (neg + v, pos) } else { (neg, pos + v) })
+            .fold((0.0, 0.0), |(neg, pos), v| {
+                if v < 0.0 {
+                    (neg + v, pos)
+                } else {
+                    (neg, pos + v)
+                }
+            })
     }
 
-    fn draw_bars(&self, svg: &mut Svg, area: Area, band: f64, stacked: bool, y_of: &dyn Fn(f64) -> f64) {
+    fn draw_bars(
+        &self,
+        svg: &mut Svg,
+        area: Area,
+        band: f64,
+        stacked: bool,
+        y_of: &dyn Fn(f64) -> f64,
+    ) {
         let k = self.series.len();
         // Leave a gap between categories only when bands are wide enough.
         let inner = if band >= 6.0 { band * 0.8 } else { band };
@@ -285,7 +364,12 @@ impl BarChart {
         for c in 0..self.categories.len() {
             let x0 = area.x + c as f64 * band + (band - inner) / 2.0;
             let (mut neg, mut pos) = (0.0, 0.0);
-            let total: f64 = self.series.iter().map(|(_, v)| v[c]).filter(|v| v.is_finite()).sum();
+            let total: f64 = self
+                .series
+                .iter()
+                .map(|(_, v)| v[c])
+                .filter(|v| v.is_finite())
+                .sum();
             for (s, (name, values)) in self.series.iter().enumerate() {
                 let v = values[c];
                 if !v.is_finite() {
@@ -314,29 +398,49 @@ impl BarChart {
                     tip.push_str(&format!("\ntotal: {}", format_value(total)));
                 }
                 // A hairline gap between adjacent bars keeps them apart.
-                let gap = if bar_w >= 4.0 && (k > 1 || band >= 6.0) { 0.5 } else { 0.0 };
-                svg.rect(x + gap, y1.min(y2), bar_w - 2.0 * gap, (y1 - y2).abs(), theme::categorical(s), Some(&tip));
+                let gap = if bar_w >= 4.0 && (k > 1 || band >= 6.0) {
+                    0.5
+                } else {
+                    0.0
+                };
+                svg.rect(
+                    x + gap,
+                    y1.min(y2),
+                    bar_w - 2.0 * gap,
+                    (y1 - y2).abs(),
+                    theme::categorical(s),
+                    Some(&tip),
+                );
             }
         }
     }
 }
 
-/// A dashed horizontal line across `area` at `y`, labelled at its right end.
-fn reference(svg: &mut Svg, area: Area, y: f64, color: theme::Rgb, label: &str) {
+/// A dashed horizontal line across `area` at `y` whose tooltip is `label`,
+/// also written at its right end when `labelled`.
+fn reference(svg: &mut Svg, area: Area, y: f64, color: theme::Rgb, label: &str, labelled: bool) {
     svg.group_with_tooltip(label);
-    svg.line(area.x, y, area.right(), y, color, 1.5, Dash::Dashed);
+    svg.line(area.x, y, area.right(), y, Stroke::dashed(color, 1.5));
     svg.end_group();
-    svg.text(
-        area.right() - 4.0,
-        y - theme::TICK_SIZE * 0.75,
-        label,
-        TextStyle::new(theme::TICK_SIZE).anchor(Anchor::End).color(color),
-    );
+    if labelled {
+        svg.text(
+            area.right() - 4.0,
+            y - theme::TICK_SIZE * 0.75,
+            label,
+            TextStyle::new(theme::TICK_SIZE)
+                .anchor(Anchor::End)
+                .color(color)
+                .halo(),
+        );
+    }
 }
 
 pub(crate) fn note_with_missing(note: Option<&str>, missing: usize) -> Option<String> {
     let m = (missing > 0).then(|| {
-        format!("{missing} NaN or infinite value{} not drawn", if missing == 1 { "" } else { "s" })
+        format!(
+            "{missing} NaN or infinite value{} not drawn",
+            if missing == 1 { "" } else { "s" }
+        )
     });
     match (note, m) {
         (Some(n), Some(m)) => Some(format!("{n} · {m}")),

@@ -102,7 +102,10 @@ impl Figure {
     /// Text is set in the embedded DejaVu Sans: no system font is needed.
     pub fn to_png(&self, scale: f32) -> Result<Vec<u8>> {
         if !(scale.is_finite() && scale > 0.0 && scale <= 16.0) {
-            return Err(PlotError::invalid("scale", format!("must be in (0, 16], got {scale}")));
+            return Err(PlotError::invalid(
+                "scale",
+                format!("must be in (0, 16], got {scale}"),
+            ));
         }
         let mut fontdb = usvg::fontdb::Database::new();
         fontdb.load_font_source(usvg::fontdb::Source::Binary(Arc::new(theme::EMBEDDED_FONT)));
@@ -117,12 +120,17 @@ impl Figure {
         let size = tree.size();
         let w = (size.width() * scale).ceil() as u32;
         let h = (size.height() * scale).ceil() as u32;
-        let mut pixmap = tiny_skia::Pixmap::new(w.max(1), h.max(1)).ok_or_else(|| {
-            PlotError::Render(format!("cannot allocate a {w}x{h} pixel image"))
-        })?;
+        let mut pixmap = tiny_skia::Pixmap::new(w.max(1), h.max(1))
+            .ok_or_else(|| PlotError::Render(format!("cannot allocate a {w}x{h} pixel image")))?;
         pixmap.fill(tiny_skia::Color::WHITE);
-        resvg::render(&tree, tiny_skia::Transform::from_scale(scale, scale), &mut pixmap.as_mut());
-        pixmap.encode_png().map_err(|e| PlotError::Encode(e.to_string()))
+        resvg::render(
+            &tree,
+            tiny_skia::Transform::from_scale(scale, scale),
+            &mut pixmap.as_mut(),
+        );
+        pixmap
+            .encode_png()
+            .map_err(|e| PlotError::Encode(e.to_string()))
     }
 
     /// Writes the figure to `path`: SVG for `.svg`, PNG at scale 2 for
@@ -171,7 +179,10 @@ impl Figure {
                     return bundle;
                 }
                 Err(e) => {
-                    bundle.insert(MimeType::TextPlain, format!("{} ({e}; showing SVG)", self.description));
+                    bundle.insert(
+                        MimeType::TextPlain,
+                        format!("{} ({e}; showing SVG)", self.description),
+                    );
                 }
             }
         } else {
@@ -208,7 +219,12 @@ pub(crate) fn write(path: &Path, bytes: &[u8]) -> Result<()> {
 }
 
 /// "kind RxC: title (y x x)" — the description charts give their figures.
-pub(crate) fn describe(kind: &str, shape: Option<String>, title: Option<&str>, axes: Option<String>) -> String {
+pub(crate) fn describe(
+    kind: &str,
+    shape: Option<String>,
+    title: Option<&str>,
+    axes: Option<String>,
+) -> String {
     let mut s = kind.to_string();
     if let Some(shape) = shape {
         s.push(' ');

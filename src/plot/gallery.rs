@@ -55,7 +55,11 @@ pub fn write_all(dir: impl AsRef<Path>) -> Result<Vec<PathBuf>> {
     let txt = dir.join("table.txt");
     table.save(&txt)?;
     written.push(txt);
-    let _ = write!(index, "<h2 style=\"font-size:15px\">table (plain text)</h2>\n<pre>{}</pre>\n", super::svg::escape(&table.to_string()));
+    let _ = write!(
+        index,
+        "<h2 style=\"font-size:15px\">table (plain text)</h2>\n<pre>{}</pre>\n",
+        super::svg::escape(&table.to_string())
+    );
     index.push_str("</body></html>\n");
     let path = dir.join("index.html");
     write(&path, index.as_bytes())?;
@@ -116,7 +120,11 @@ pub fn figures() -> Result<Vec<(&'static str, Figure)>> {
 
     // A signed matrix with values written in, and a NaN.
     let mut signed: Vec<Vec<f64>> = (0..10)
-        .map(|i| (0..10).map(|j| ((i as f64 - j as f64) / 4.0).sin() * (1.0 + rng.normal() * 0.1)).collect())
+        .map(|i| {
+            (0..10)
+                .map(|j| ((i as f64 - j as f64) / 4.0).sin() * (1.0 + rng.normal() * 0.1))
+                .collect()
+        })
         .collect();
     signed[2][7] = f64::NAN;
     let heatmap_signed = Heatmap::new(&signed)
@@ -131,7 +139,11 @@ pub fn figures() -> Result<Vec<(&'static str, Figure)>> {
     // A large matrix: 160 positions x 96 positions, labels thinned.
     let many: Vec<String> = (0..160).map(|i| labels[i % labels.len()].clone()).collect();
     let large: Vec<Vec<f64>> = (0..160)
-        .map(|i| (0..96).map(|j| ((i as f64) * 0.05).sin() * ((j as f64) * 0.11).cos() + 0.2 * rng.normal()).collect())
+        .map(|i| {
+            (0..96)
+                .map(|j| ((i as f64) * 0.05).sin() * ((j as f64) * 0.11).cos() + 0.2 * rng.normal())
+                .collect()
+        })
         .collect();
     let heatmap_large = Heatmap::new(&large)
         .title("Activation of 96 MLA latent channels over 160 tokens")
@@ -142,7 +154,9 @@ pub fn figures() -> Result<Vec<(&'static str, Figure)>> {
         .colormap(Colormap::RdBu)
         .render()?;
 
-    let layer_load: Vec<f64> = (0..n_experts).map(|e| (1.0 + 0.6 * ((e * 5 % 7) as f64 - 3.0) / 3.0) / n_experts as f64).collect();
+    let layer_load: Vec<f64> = (0..n_experts)
+        .map(|e| (1.0 + 0.6 * ((e * 5 % 7) as f64 - 3.0) / 3.0) / n_experts as f64)
+        .collect();
     let bars = BarChart::new(&expert_labels)
         .series("load", &layer_load)
         .mean_line(true)
@@ -158,7 +172,9 @@ pub fn figures() -> Result<Vec<(&'static str, Figure)>> {
         .y_title("tokens")
         .mean_line(true);
     for layer in [1, 10, 20] {
-        let counts: Vec<f64> = (0..8).map(|_| (80.0 + 60.0 * rng.uniform()).round()).collect();
+        let counts: Vec<f64> = (0..8)
+            .map(|_| (80.0 + 60.0 * rng.uniform()).round())
+            .collect();
         grouped = grouped.series(format!("layer {layer}"), &counts);
     }
     let bars_grouped = grouped.render()?;
@@ -181,7 +197,11 @@ pub fn figures() -> Result<Vec<(&'static str, Figure)>> {
     let acts: Vec<f64> = (0..20_000)
         .map(|i| {
             let z = rng.normal();
-            if i % 200 == 0 { z * 12.0 } else { z }
+            if i % 200 == 0 {
+                z * 12.0
+            } else {
+                z
+            }
         })
         .collect();
     let histogram = Histogram::new(&acts)
@@ -196,19 +216,30 @@ pub fn figures() -> Result<Vec<(&'static str, Figure)>> {
         .render()?;
 
     let n_layers = 27;
-    let mean: Vec<f64> = (0..n_layers).map(|l| 0.02 * l as f64 + 0.05 * rng.normal()).collect();
+    let mean: Vec<f64> = (0..n_layers)
+        .map(|l| 0.02 * l as f64 + 0.05 * rng.normal())
+        .collect();
     let std: Vec<f64> = (0..n_layers).map(|l| 1.0 + 0.15 * l as f64).collect();
-    let max: Vec<f64> = (0..n_layers).map(|l| 2.0 + 0.4 * l as f64 + rng.uniform()).collect();
+    let max: Vec<f64> = (0..n_layers)
+        .map(|l| 2.0 + 0.4 * l as f64 + rng.uniform())
+        .collect();
     let lines = LineChart::new()
         .series("mean", &mean)
         .series("std", &std)
-        .series("max |h| / 10", &max.iter().map(|m| m / 10.0 * 4.0).collect::<Vec<_>>())
+        .series(
+            "max |h| / 10",
+            &max.iter().map(|m| m / 10.0 * 4.0).collect::<Vec<_>>(),
+        )
         .title("Residual-stream statistics per layer")
         .x_title("layer")
         .y_title("value")
         .render()?;
 
-    let spectrum = |decay: f64| -> Vec<f64> { (0..512).map(|i| 10.0 * (-(i as f64) / decay).exp() + 1e-3).collect() };
+    let spectrum = |decay: f64| -> Vec<f64> {
+        (0..512)
+            .map(|i| 10.0 * (-(i as f64) / decay).exp() + 1e-3)
+            .collect()
+    };
     let lines_spectrum = LineChart::new()
         .series("W_dkv (down-projection)", &spectrum(40.0))
         .series("W_uk (key up-projection)", &spectrum(90.0))
@@ -220,8 +251,14 @@ pub fn figures() -> Result<Vec<(&'static str, Figure)>> {
         .render()?;
 
     let steps: Vec<f64> = (1..=2000).map(f64::from).collect();
-    let loss: Vec<f64> = steps.iter().map(|&s| 2.0 + 8.0 / (1.0 + s / 50.0) + 0.15 * rng.normal()).collect();
-    let loss_bal: Vec<f64> = steps.iter().map(|&s| 2.1 + 8.0 / (1.0 + s / 45.0) + 0.15 * rng.normal()).collect();
+    let loss: Vec<f64> = steps
+        .iter()
+        .map(|&s| 2.0 + 8.0 / (1.0 + s / 50.0) + 0.15 * rng.normal())
+        .collect();
+    let loss_bal: Vec<f64> = steps
+        .iter()
+        .map(|&s| 2.1 + 8.0 / (1.0 + s / 45.0) + 0.15 * rng.normal())
+        .collect();
     let lines_loss = LineChart::new()
         .series_xy("aux-loss-free", &steps, &loss)
         .series_xy("aux loss 0.01", &steps, &loss_bal)
@@ -279,7 +316,9 @@ pub fn figures() -> Result<Vec<(&'static str, Figure)>> {
 
 fn html_pieces() -> Result<Vec<(&'static str, String)>> {
     let tokens = sample_tokens();
-    let loss: Vec<f64> = (0..tokens.len()).map(|i| 0.3 + 5.0 * (((i * 37) % 11) as f64 / 11.0).powi(2)).collect();
+    let loss: Vec<f64> = (0..tokens.len())
+        .map(|i| 0.3 + 5.0 * (((i * 37) % 11) as f64 / 11.0).powi(2))
+        .collect();
     let strip = TokenStrip::new(&tokens, &loss)?
         .value_name("loss (nats)")
         .title("Next-token loss");
@@ -296,8 +335,15 @@ fn html_pieces() -> Result<Vec<(&'static str, String)>> {
 }
 
 fn table() -> Table {
-    let mut table = Table::new(["layer", "experts", "max load", "min load", "imbalance", "note"])
-        .caption("Expert load per layer (share of routed tokens)");
+    let mut table = Table::new([
+        "layer",
+        "experts",
+        "max load",
+        "min load",
+        "imbalance",
+        "note",
+    ])
+    .caption("Expert load per layer (share of routed tokens)");
     for l in 1..=6u32 {
         let max = 0.02 + 0.004 * f64::from(l);
         let min = 0.01 - 0.001 * f64::from(l);
@@ -307,7 +353,14 @@ fn table() -> Table {
             _ => "",
         };
         // Rows always match the six headers, so this cannot fail.
-        let _ = table.add_row([l.into(), 64.into(), max.into(), min.into(), (max / min).into(), note.into()]);
+        let _ = table.add_row([
+            l.into(),
+            64.into(),
+            max.into(),
+            min.into(),
+            (max / min).into(),
+            note.into(),
+        ]);
     }
     table
 }
@@ -315,9 +368,36 @@ fn table() -> Table {
 /// A sentence as a byte-level BPE tokenizer would split it.
 fn sample_tokens() -> Vec<String> {
     [
-        "The", "Ġmixture", "-of", "-ex", "perts", "Ġlayer", "Ġroutes", "Ġeach", "Ġtoken", "Ġto", "Ġ",
-        "4", "Ġof", "Ġ", "64", "Ġexperts", ".", "Ċ", "Ġ<", "html", ">", "Ġ&", "Ġ\"", "quotes", "\"",
-        "Ġcaf", "Ã©", "Ġ", "ä¸Ń", "æĸĩ",
+        "The",
+        "Ġmixture",
+        "-of",
+        "-ex",
+        "perts",
+        "Ġlayer",
+        "Ġroutes",
+        "Ġeach",
+        "Ġtoken",
+        "Ġto",
+        "Ġ",
+        "4",
+        "Ġof",
+        "Ġ",
+        "64",
+        "Ġexperts",
+        ".",
+        "Ċ",
+        "Ġ<",
+        "html",
+        ">",
+        "Ġ&",
+        "Ġ\"",
+        "quotes",
+        "\"",
+        "Ġcaf",
+        "Ã©",
+        "Ġ",
+        "ä¸Ń",
+        "æĸĩ",
     ]
     .iter()
     .map(|s| s.to_string())

@@ -12,8 +12,8 @@ use super::theme::{self, format_value, Colormap};
 use super::{collect_labels, collect_rows, PlotError, Result};
 
 /// Above this many cells, tooltips are left out unless asked for: each one
-/// costs about 80 bytes of SVG.
-const AUTO_TOOLTIP_CELLS: usize = 40_000;
+/// costs about 80 bytes of SVG (20,000 cells: about 3 MB in all).
+const AUTO_TOOLTIP_CELLS: usize = 20_000;
 
 /// A heatmap builder. Rows go top to bottom, columns left to right.
 ///
@@ -74,9 +74,18 @@ impl Heatmap {
 
     /// A heatmap of a row-major buffer of `n_rows * n_cols` values (as a
     /// tensor's data comes out).
-    pub fn from_flat<T: Copy + Into<f64>>(data: &[T], n_rows: usize, n_cols: usize) -> Result<Heatmap> {
+    pub fn from_flat<T: Copy + Into<f64>>(
+        data: &[T],
+        n_rows: usize,
+        n_cols: usize,
+    ) -> Result<Heatmap> {
         if n_rows.checked_mul(n_cols) != Some(data.len()) {
-            return Err(PlotError::length("data", n_rows.saturating_mul(n_cols), data.len(), format!("{n_rows} rows x {n_cols} columns")));
+            return Err(PlotError::length(
+                "data",
+                n_rows.saturating_mul(n_cols),
+                data.len(),
+                format!("{n_rows} rows x {n_cols} columns"),
+            ));
         }
         if n_cols == 0 {
             return Err(PlotError::Empty("data".into()));
@@ -156,7 +165,7 @@ impl Heatmap {
     }
 
     /// Turns the per-cell tooltips on or off. By default they are on up to
-    /// 40,000 cells.
+    /// 20,000 cells.
     pub fn tooltips(mut self, on: bool) -> Self {
         self.tooltips = Some(on);
         self
@@ -169,7 +178,10 @@ impl Heatmap {
         let y_labels = labels_or_index(&self.y_labels, n_rows, "y_labels", "rows of `values`")?;
         if let Some((w, h)) = self.cell_size {
             if !(w.is_finite() && h.is_finite() && w > 0.0 && h > 0.0) {
-                return Err(PlotError::invalid("cell_size", format!("must be positive, got {w} x {h}")));
+                return Err(PlotError::invalid(
+                    "cell_size",
+                    format!("must be positive, got {w} x {h}"),
+                ));
             }
         }
         let (lo, hi) = color_range(self.values.iter().flatten(), self.colormap, self.range)?;
@@ -183,7 +195,12 @@ impl Heatmap {
             hi,
             label: self.value_name.as_deref(),
         };
-        let missing = self.values.iter().flatten().filter(|v| !v.is_finite()).count();
+        let missing = self
+            .values
+            .iter()
+            .flatten()
+            .filter(|v| !v.is_finite())
+            .count();
         let subtitle = subtitle(self.note.as_deref(), missing);
 
         let title = self.title.as_deref();
@@ -212,7 +229,9 @@ impl Heatmap {
         );
         let mut svg = Svg::new(width, height, &description);
         axis::draw_title(&mut svg, title, subtitle.as_deref());
-        let tooltips = self.tooltips.unwrap_or(n_rows * n_cols <= AUTO_TOOLTIP_CELLS);
+        let tooltips = self
+            .tooltips
+            .unwrap_or(n_rows * n_cols <= AUTO_TOOLTIP_CELLS);
         let names = CellNames {
             row: self.y_title.as_deref().unwrap_or("row"),
             col: self.x_title.as_deref().unwrap_or("column"),
@@ -221,11 +240,25 @@ impl Heatmap {
             col_labels: self.x_labels.as_deref(),
             prefix: None,
         };
-        draw_cells(&mut svg, area, &self.values, self.colormap, (lo, hi), tooltips.then_some(&names), self.show_values);
+        draw_cells(
+            &mut svg,
+            area,
+            &self.values,
+            self.colormap,
+            (lo, hi),
+            tooltips.then_some(&names),
+            self.show_values,
+        );
         axis::draw_x_band(&mut svg, area, &x_layout, self.x_title.as_deref());
         axis::draw_y_band(&mut svg, area, &y_layout, self.y_title.as_deref());
         bar.draw(&mut svg, area);
-        Ok(Figure::from_svg(svg.finish(), width, height, description, self.title.clone()))
+        Ok(Figure::from_svg(
+            svg.finish(),
+            width,
+            height,
+            description,
+            self.title.clone(),
+        ))
     }
 }
 
@@ -251,13 +284,23 @@ pub(crate) fn matrix_shape(values: &[Vec<f64>], name: &str) -> Result<(usize, us
         return Err(PlotError::Empty(name.to_string()));
     }
     if let Some((i, row)) = values.iter().enumerate().find(|(_, r)| r.len() != n_cols) {
-        return Err(PlotError::length(format!("{name}[{i}]"), n_cols, row.len(), format!("{name}[0]")));
+        return Err(PlotError::length(
+            format!("{name}[{i}]"),
+            n_cols,
+            row.len(),
+            format!("{name}[0]"),
+        ));
     }
     Ok((n_rows, n_cols))
 }
 
 /// The given labels (checked against `n`) or "0".."n-1".
-pub(crate) fn labels_or_index(labels: &Option<Vec<String>>, n: usize, name: &str, against: &str) -> Result<Vec<String>> {
+pub(crate) fn labels_or_index(
+    labels: &Option<Vec<String>>,
+    n: usize,
+    name: &str,
+    against: &str,
+) -> Result<Vec<String>> {
     match labels {
         Some(l) if l.len() != n => Err(PlotError::length(name, n, l.len(), against)),
         Some(l) => Ok(l.clone()),
@@ -274,7 +317,10 @@ pub(crate) fn color_range<'a>(
 ) -> Result<(f64, f64)> {
     if let Some((lo, hi)) = range {
         if !(lo.is_finite() && hi.is_finite() && hi > lo) {
-            return Err(PlotError::invalid("range", format!("needs finite lo < hi, got ({lo}, {hi})")));
+            return Err(PlotError::invalid(
+                "range",
+                format!("needs finite lo < hi, got ({lo}, {hi})"),
+            ));
         }
         return Ok((lo, hi));
     }
@@ -289,7 +335,10 @@ pub(crate) fn color_range<'a>(
 
 fn subtitle(note: Option<&str>, missing: usize) -> Option<String> {
     let missing = (missing > 0).then(|| {
-        format!("grey: {missing} NaN or infinite value{}", if missing == 1 { "" } else { "s" })
+        format!(
+            "grey: {missing} NaN or infinite value{}",
+            if missing == 1 { "" } else { "s" }
+        )
     });
     match (note, missing) {
         (Some(n), Some(m)) => Some(format!("{n} · {m}")),
@@ -383,7 +432,14 @@ pub(crate) fn draw_cells(
                 theme::MISSING
             };
             let tooltip = names.map(|n| n.tooltip(i, j, v));
-            svg.rect(area.x + j as f64 * cw, area.y + i as f64 * ch, cw, ch, fill, tooltip.as_deref());
+            svg.rect(
+                area.x + j as f64 * cw,
+                area.y + i as f64 * ch,
+                cw,
+                ch,
+                fill,
+                tooltip.as_deref(),
+            );
         }
     }
     svg.end_group();
@@ -391,7 +447,11 @@ pub(crate) fn draw_cells(
         let size = theme::CELL_TEXT_SIZE.min(ch * 0.7);
         for (i, row) in values.iter().enumerate() {
             for (j, &v) in row.iter().enumerate() {
-                let fill = if v.is_finite() { cmap.at((v - lo) / (hi - lo)) } else { theme::MISSING };
+                let fill = if v.is_finite() {
+                    cmap.at((v - lo) / (hi - lo))
+                } else {
+                    theme::MISSING
+                };
                 let text = short_value(v);
                 if theme::text_width(&text, size) > cw - 2.0 {
                     continue;
@@ -400,7 +460,9 @@ pub(crate) fn draw_cells(
                     area.x + (j as f64 + 0.5) * cw,
                     area.y + (i as f64 + 0.5) * ch,
                     &text,
-                    TextStyle::new(size).anchor(Anchor::Middle).color(fill.text_on()),
+                    TextStyle::new(size)
+                        .anchor(Anchor::Middle)
+                        .color(fill.text_on()),
                 );
             }
         }

@@ -119,7 +119,12 @@ impl Histogram {
         if self.values.is_empty() {
             return Err(PlotError::Empty("values".into()));
         }
-        let finite: Vec<f64> = self.values.iter().copied().filter(|v| v.is_finite()).collect();
+        let finite: Vec<f64> = self
+            .values
+            .iter()
+            .copied()
+            .filter(|v| v.is_finite())
+            .collect();
         if finite.is_empty() {
             return Err(PlotError::invalid(
                 "values",
@@ -128,7 +133,10 @@ impl Histogram {
         }
         let (lo, hi) = match self.range {
             Some((lo, hi)) if !(lo.is_finite() && hi.is_finite() && hi > lo) => {
-                return Err(PlotError::invalid("range", format!("needs finite lo < hi, got ({lo}, {hi})")))
+                return Err(PlotError::invalid(
+                    "range",
+                    format!("needs finite lo < hi, got ({lo}, {hi})"),
+                ))
             }
             Some(r) => r,
             None => {
@@ -171,7 +179,10 @@ impl Histogram {
         let bins = self.compute()?;
         if let Some((w, h)) = self.size {
             if !(w.is_finite() && h.is_finite() && w > 0.0 && h > 0.0) {
-                return Err(PlotError::invalid("size", format!("must be positive, got {w} x {h}")));
+                return Err(PlotError::invalid(
+                    "size",
+                    format!("must be positive, got {w} x {h}"),
+                ));
             }
         }
         let n_bins = bins.counts.len();
@@ -183,25 +194,45 @@ impl Histogram {
         } else {
             Scale::linear_nice(0.0, max_count, 5)
         };
-        let y_ticks: Vec<_> = y_scale.ticks(5).into_iter().filter(|t| t.value >= 1.0 || !self.log_count).collect();
+        let y_ticks: Vec<_> = y_scale
+            .ticks(5)
+            .into_iter()
+            .filter(|t| t.value >= 1.0 || !self.log_count)
+            .collect();
         let x_scale = Scale::linear(lo, hi);
         let x_ticks = x_scale.ticks(6);
 
         let subtitle = self.summary(&bins);
         let y_title = self.y_title.clone().unwrap_or_else(|| {
-            if self.log_count { "count (log)".into() } else { "count".into() }
+            if self.log_count {
+                "count (log)".into()
+            } else {
+                "count".into()
+            }
         });
         let title = self.title.as_deref();
         let (pw, ph) = self.size.unwrap_or((560.0, 300.0));
         let top = theme::PAD + axis::title_height(title, Some(&subtitle));
-        let left = theme::PAD + axis::left_margin(axis::numeric_labels_width(&y_ticks), Some(&y_title));
-        let area = Area { x: left, y: top, w: pw, h: ph };
+        let left =
+            theme::PAD + axis::left_margin(axis::numeric_labels_width(&y_ticks), Some(&y_title));
+        let area = Area {
+            x: left,
+            y: top,
+            w: pw,
+            h: ph,
+        };
         // Room for half of the last tick label.
-        let right = theme::PAD + x_ticks.last().map_or(0.0, |t| theme::text_width(&t.label, theme::TICK_SIZE) / 2.0);
+        let right = theme::PAD
+            + x_ticks
+                .last()
+                .map_or(0.0, |t| theme::text_width(&t.label, theme::TICK_SIZE) / 2.0);
         let width = (area.right() + right)
             .max(2.0 * theme::PAD + axis::title_width(title, Some(&subtitle)))
             .ceil();
-        let height = (area.bottom() + axis::bottom_margin(theme::TICK_SIZE * 1.2, self.x_title.as_deref()) + theme::PAD).ceil();
+        let height = (area.bottom()
+            + axis::bottom_margin(theme::TICK_SIZE * 1.2, self.x_title.as_deref())
+            + theme::PAD)
+            .ceil();
 
         let description = describe(
             "histogram",
@@ -231,15 +262,40 @@ impl Histogram {
             let y = area.bottom() - f * area.h;
             // Bars rise from the axis floor (0, or 0.5 on a log axis).
             let h = f * area.h;
-            svg.rect(area.x + i as f64 * bin_w + gap, y, bin_w - 2.0 * gap, h, theme::categorical(0), Some(&tip));
+            svg.rect(
+                area.x + i as f64 * bin_w + gap,
+                y,
+                bin_w - 2.0 * gap,
+                h,
+                theme::categorical(0),
+                Some(&tip),
+            );
         }
-        axis::draw_x_numeric(&mut svg, area, &x_scale, &x_ticks, self.x_title.as_deref(), false);
-        Ok(Figure::from_svg(svg.finish(), width, height, description, self.title.clone()))
+        axis::draw_x_numeric(
+            &mut svg,
+            area,
+            &x_scale,
+            &x_ticks,
+            self.x_title.as_deref(),
+            false,
+        );
+        Ok(Figure::from_svg(
+            svg.finish(),
+            width,
+            height,
+            description,
+            self.title.clone(),
+        ))
     }
 
     /// "n = 1000 · mean 0.01 · std 0.98 · 3 outside range · 2 NaN/inf skipped"
     fn summary(&self, bins: &Bins) -> String {
-        let finite: Vec<f64> = self.values.iter().copied().filter(|v| v.is_finite()).collect();
+        let finite: Vec<f64> = self
+            .values
+            .iter()
+            .copied()
+            .filter(|v| v.is_finite())
+            .collect();
         let n = finite.len() as f64;
         let mean = finite.iter().sum::<f64>() / n;
         let var = finite.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n;

@@ -163,7 +163,10 @@ impl LineChart {
         }
         if let Some((w, h)) = self.size {
             if !(w.is_finite() && h.is_finite() && w > 0.0 && h > 0.0) {
-                return Err(PlotError::invalid("size", format!("must be positive, got {w} x {h}")));
+                return Err(PlotError::invalid(
+                    "size",
+                    format!("must be positive, got {w} x {h}"),
+                ));
             }
         }
         let points = || {
@@ -183,10 +186,17 @@ impl LineChart {
                 "no point can be drawn (all are NaN, infinite, or not positive on a log axis)",
             ));
         };
-        let x_scale = if self.x_log { Scale::log(x_lo, x_hi) } else { Scale::linear(x_lo, x_hi) };
+        let x_scale = if self.x_log {
+            Scale::log(x_lo, x_hi)
+        } else {
+            Scale::linear(x_lo, x_hi)
+        };
         let y_scale = if self.y_log {
             // Out to whole decades, so the ends carry labels.
-            Scale::log(10f64.powf(y_lo.log10().floor()), 10f64.powf(y_hi.log10().ceil()))
+            Scale::log(
+                10f64.powf(y_lo.log10().floor()),
+                10f64.powf(y_hi.log10().ceil()),
+            )
         } else {
             Scale::linear_nice(y_lo, y_hi, 5)
         };
@@ -213,14 +223,27 @@ impl LineChart {
         let title = self.title.as_deref();
         let (pw, ph) = self.size.unwrap_or((560.0, 320.0));
         let top = theme::PAD + axis::title_height(title, subtitle.as_deref());
-        let left = theme::PAD + axis::left_margin(axis::numeric_labels_width(&y_ticks), self.y_title.as_deref());
-        let area = Area { x: left, y: top, w: pw, h: ph };
-        let half_label = x_ticks.last().map_or(0.0, |t| theme::text_width(&t.label, theme::TICK_SIZE) / 2.0);
+        let left = theme::PAD
+            + axis::left_margin(
+                axis::numeric_labels_width(&y_ticks),
+                self.y_title.as_deref(),
+            );
+        let area = Area {
+            x: left,
+            y: top,
+            w: pw,
+            h: ph,
+        };
+        let half_label = x_ticks
+            .last()
+            .map_or(0.0, |t| theme::text_width(&t.label, theme::TICK_SIZE) / 2.0);
         let right = axis::legend_width(&legend).max(half_label) + theme::PAD;
         let width = (area.right() + right)
             .max(2.0 * theme::PAD + axis::title_width(title, subtitle.as_deref()))
             .ceil();
-        let height = (area.bottom() + axis::bottom_margin(theme::TICK_SIZE * 1.2, self.x_title.as_deref()) + theme::PAD)
+        let height = (area.bottom()
+            + axis::bottom_margin(theme::TICK_SIZE * 1.2, self.x_title.as_deref())
+            + theme::PAD)
             .max(top + axis::legend_height(&legend) + theme::PAD)
             .ceil();
 
@@ -239,8 +262,22 @@ impl LineChart {
         );
         let mut svg = Svg::new(width, height, &description);
         axis::draw_title(&mut svg, title, subtitle.as_deref());
-        axis::draw_y_numeric(&mut svg, area, &y_scale, &y_ticks, self.y_title.as_deref(), true);
-        axis::draw_x_numeric(&mut svg, area, &x_scale, &x_ticks, self.x_title.as_deref(), true);
+        axis::draw_y_numeric(
+            &mut svg,
+            area,
+            &y_scale,
+            &y_ticks,
+            self.y_title.as_deref(),
+            true,
+        );
+        axis::draw_x_numeric(
+            &mut svg,
+            area,
+            &x_scale,
+            &x_ticks,
+            self.x_title.as_deref(),
+            true,
+        );
         let to_px = |x: f64, y: f64| {
             (
                 area.x + x_scale.frac(x).unwrap_or(0.0) * area.w,
@@ -276,14 +313,25 @@ impl LineChart {
                 }
                 let (px, py) = to_px(x, y);
                 let tip = hover.then(|| {
-                    format!("{}\n{x_name}: {}\n{y_name}: {}", s.name, format_value(x), format_value(y))
+                    format!(
+                        "{}\n{x_name}: {}\n{y_name}: {}",
+                        s.name,
+                        format_value(x),
+                        format_value(y)
+                    )
                 });
                 let r = if show_markers { 3.0 } else { 4.0 };
                 svg.circle(px, py, r, color, show_markers, tip.as_deref());
             }
         }
         axis::draw_legend(&mut svg, area, &legend);
-        Ok(Figure::from_svg(svg.finish(), width, height, description, self.title.clone()))
+        Ok(Figure::from_svg(
+            svg.finish(),
+            width,
+            height,
+            description,
+            self.title.clone(),
+        ))
     }
 }
 

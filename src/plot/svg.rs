@@ -75,6 +75,8 @@ pub(crate) struct TextStyle {
     pub color: Rgb,
     /// Degrees, clockwise, about the anchor point.
     pub rotate: f64,
+    /// A white outline under the glyphs, so text stays readable over marks.
+    pub halo: bool,
 }
 
 impl TextStyle {
@@ -84,7 +86,12 @@ impl TextStyle {
             anchor: Anchor::Start,
             color: theme::TEXT,
             rotate: 0.0,
+            halo: false,
         }
+    }
+    pub fn halo(mut self) -> Self {
+        self.halo = true;
+        self
     }
     pub fn anchor(mut self, anchor: Anchor) -> Self {
         self.anchor = anchor;
@@ -105,6 +112,31 @@ impl TextStyle {
 pub(crate) enum Dash {
     Solid,
     Dashed,
+}
+
+/// How a line is drawn.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Stroke {
+    pub color: Rgb,
+    pub width: f64,
+    pub dash: Dash,
+}
+
+impl Stroke {
+    pub fn solid(color: Rgb, width: f64) -> Stroke {
+        Stroke {
+            color,
+            width,
+            dash: Dash::Solid,
+        }
+    }
+    pub fn dashed(color: Rgb, width: f64) -> Stroke {
+        Stroke {
+            color,
+            width,
+            dash: Dash::Dashed,
+        }
+    }
 }
 
 /// An SVG document being written.
@@ -156,24 +188,31 @@ impl Svg {
     }
 
     /// A straight line.
-    pub fn line(&mut self, x1: f64, y1: f64, x2: f64, y2: f64, stroke: Rgb, width: f64, dash: Dash) {
+    pub fn line(&mut self, x1: f64, y1: f64, x2: f64, y2: f64, stroke: Stroke) {
         let _ = write!(
             self.buf,
-            "<line x1=\"{}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"{stroke}\" stroke-width=\"{}\"",
+            "<line x1=\"{}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"{}\" stroke-width=\"{}\"",
             num(x1),
             num(y1),
             num(x2),
             num(y2),
-            num(width)
+            stroke.color,
+            num(stroke.width)
         );
-        if dash == Dash::Dashed {
+        if stroke.dash == Dash::Dashed {
             self.buf.push_str(" stroke-dasharray=\"5 3\"");
         }
         self.buf.push_str("/>\n");
     }
 
     /// A line through `points`, with an optional tooltip (the series name).
-    pub fn polyline(&mut self, points: &[(f64, f64)], stroke: Rgb, width: f64, tooltip: Option<&str>) {
+    pub fn polyline(
+        &mut self,
+        points: &[(f64, f64)],
+        stroke: Rgb,
+        width: f64,
+        tooltip: Option<&str>,
+    ) {
         let mut pts = String::with_capacity(points.len() * 12);
         for (i, (x, y)) in points.iter().enumerate() {
             if i > 0 {
@@ -191,7 +230,15 @@ impl Svg {
     }
 
     /// A circle; `visible: false` makes an invisible hover target.
-    pub fn circle(&mut self, cx: f64, cy: f64, r: f64, fill: Rgb, visible: bool, tooltip: Option<&str>) {
+    pub fn circle(
+        &mut self,
+        cx: f64,
+        cy: f64,
+        r: f64,
+        fill: Rgb,
+        visible: bool,
+        tooltip: Option<&str>,
+    ) {
         let _ = write!(
             self.buf,
             "<circle cx=\"{}\" cy=\"{}\" r=\"{}\" fill=\"{fill}\"",
@@ -200,7 +247,8 @@ impl Svg {
             num(r)
         );
         if visible {
-            self.buf.push_str(" stroke=\"#ffffff\" stroke-width=\"0.8\"");
+            self.buf
+                .push_str(" stroke=\"#ffffff\" stroke-width=\"0.8\"");
         } else {
             self.buf.push_str(" fill-opacity=\"0\"");
         }
@@ -237,6 +285,11 @@ impl Svg {
                 num(style.rotate),
                 num(bx),
                 num(by)
+            );
+        }
+        if style.halo {
+            self.buf.push_str(
+                " stroke=\"#ffffff\" stroke-width=\"3\" stroke-linejoin=\"round\" paint-order=\"stroke\"",
             );
         }
         let _ = writeln!(self.buf, " xml:space=\"preserve\">{}</text>", escape(text));

@@ -28,12 +28,18 @@ impl Cell {
         } else {
             format_value(value)
         };
-        Cell { text, value: Some(value) }
+        Cell {
+            text,
+            value: Some(value),
+        }
     }
 
     /// A text cell.
     pub fn text(text: impl Into<String>) -> Cell {
-        Cell { text: text.into(), value: None }
+        Cell {
+            text: text.into(),
+            value: None,
+        }
     }
 
     /// What the cell says.
@@ -64,7 +70,10 @@ impl From<&String> for Cell {
 }
 impl From<f64> for Cell {
     fn from(v: f64) -> Cell {
-        Cell { text: format_value(v), value: Some(v) }
+        Cell {
+            text: format_value(v),
+            value: Some(v),
+        }
     }
 }
 impl From<f32> for Cell {
@@ -97,7 +106,7 @@ impl From<bool> for Cell {
 /// table.add_row([1.into(), 64.into(), 0.031.into()])?;
 /// table.add_row([2.into(), 64.into(), 0.125.into()])?;
 /// assert!(table.to_html().contains("<th"));
-/// assert_eq!(table.to_string().lines().nth(3).unwrap(), "    2       64     0.125");
+/// assert_eq!(table.to_string().lines().nth(4).unwrap(), "    2       64     0.125");
 /// # Ok::<(), deepscope::plot::PlotError>(())
 /// ```
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -173,7 +182,10 @@ impl Table {
     }
 
     fn shown_rows(&self) -> (&[Vec<Cell>], usize) {
-        let n = self.max_rows.unwrap_or(DEFAULT_MAX_ROWS).min(self.rows.len());
+        let n = self
+            .max_rows
+            .unwrap_or(DEFAULT_MAX_ROWS)
+            .min(self.rows.len());
         (&self.rows[..n], self.rows.len() - n)
     }
 
@@ -198,7 +210,13 @@ impl Table {
                 escape(c)
             );
         }
-        let align = |j: usize| if self.numeric_column(j) { "right" } else { "left" };
+        let align = |j: usize| {
+            if self.numeric_column(j) {
+                "right"
+            } else {
+                "left"
+            }
+        };
         html.push_str("<thead><tr>");
         for (j, h) in self.headers.iter().enumerate() {
             let _ = write!(
@@ -211,7 +229,11 @@ impl Table {
         html.push_str("</tr></thead><tbody>");
         let (rows, hidden) = self.shown_rows();
         for (i, row) in rows.iter().enumerate() {
-            let bg = if i % 2 == 1 { "background:#f6f6f6;" } else { "" };
+            let bg = if i % 2 == 1 {
+                "background:#f6f6f6;"
+            } else {
+                ""
+            };
             let _ = write!(html, "<tr style=\"{bg}\">");
             for (j, cell) in row.iter().enumerate() {
                 let _ = write!(
@@ -286,14 +308,22 @@ impl fmt::Display for Table {
                 .collect();
             parts.join("  ").trim_end().to_string()
         };
-        writeln!(f, "{}", line(self.headers.iter().map(String::as_str).collect()))?;
+        writeln!(
+            f,
+            "{}",
+            line(self.headers.iter().map(String::as_str).collect())
+        )?;
         let rule: Vec<String> = widths.iter().map(|&w| "-".repeat(w)).collect();
         write!(f, "{}", rule.join("  "))?;
         for row in rows {
             write!(f, "\n{}", line(row.iter().map(Cell::as_str).collect()))?;
         }
         if hidden > 0 {
-            write!(f, "\n… {hidden} more row{}", if hidden == 1 { "" } else { "s" })?;
+            write!(
+                f,
+                "\n… {hidden} more row{}",
+                if hidden == 1 { "" } else { "s" }
+            )?;
         }
         Ok(())
     }

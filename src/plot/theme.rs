@@ -300,7 +300,7 @@ pub(crate) fn format_tick(v: f64, step: f64) -> String {
         return "0".into();
     }
     let a = v.abs();
-    if a >= 1e6 || a < 1e-4 {
+    if !(1e-4..1e6).contains(&a) {
         let s = format!("{v:.2e}");
         // 1.00e6 -> 1e6, 2.50e-5 -> 2.5e-5
         return match s.split_once('e') {

@@ -111,7 +111,12 @@ impl TokenStrip {
 
     /// The colormap of a continuous strip; a diverging one centres on zero.
     pub fn colormap(mut self, colormap: Colormap) -> Self {
-        if let Values::Continuous { values, colormap: c, range } = &mut self.values {
+        if let Values::Continuous {
+            values,
+            colormap: c,
+            range,
+        } = &mut self.values
+        {
             *c = colormap;
             // Recomputing cannot fail without a user range.
             if let Ok(r) = color_range(values.iter(), colormap, None) {
@@ -124,7 +129,12 @@ impl TokenStrip {
     /// Fixes the value range of a continuous strip (values beyond are
     /// clamped), so strips can be compared.
     pub fn range(mut self, lo: f64, hi: f64) -> Result<Self> {
-        if let Values::Continuous { values, colormap, range } = &mut self.values {
+        if let Values::Continuous {
+            values,
+            colormap,
+            range,
+        } = &mut self.values
+        {
             *range = color_range(values.iter(), *colormap, Some((lo, hi)))?;
         }
         Ok(self)
@@ -164,7 +174,11 @@ impl TokenStrip {
 
     fn color(&self, i: usize) -> Rgb {
         match &self.values {
-            Values::Continuous { values, colormap, range } => {
+            Values::Continuous {
+                values,
+                colormap,
+                range,
+            } => {
                 let v = values[i];
                 if v.is_finite() {
                     colormap.at((v - range.0) / (range.1 - range.0))
@@ -179,7 +193,9 @@ impl TokenStrip {
     fn value_text(&self, i: usize) -> String {
         match &self.values {
             Values::Continuous { values, .. } => super::heatmap::describe_value(values[i]),
-            Values::Categorical { categories, names } => category_name(categories[i], names.as_deref()),
+            Values::Categorical { categories, names } => {
+                category_name(categories[i], names.as_deref())
+            }
         }
     }
 
@@ -194,13 +210,22 @@ impl TokenStrip {
             theme::TEXT
         );
         if let Some(t) = &self.title {
-            let _ = write!(html, "<div style=\"font-size:15px;margin-bottom:4px\">{}</div>", escape(t));
+            let _ = write!(
+                html,
+                "<div style=\"font-size:15px;margin-bottom:4px\">{}</div>",
+                escape(t)
+            );
         }
         html.push_str("<div style=\"white-space:pre-wrap;word-break:break-word\">");
         for (i, token) in self.tokens.iter().enumerate() {
             let shown = self.shown(token);
             let fill = self.color(i);
-            let tip = format!("token {i}: {}\n{}: {}", show_whitespace(&shown), self.value_name, self.value_text(i));
+            let tip = format!(
+                "token {i}: {}\n{}: {}",
+                show_whitespace(&shown),
+                self.value_name,
+                self.value_text(i)
+            );
             let (text, breaks) = visible_text(&shown);
             let _ = write!(
                 html,
@@ -210,7 +235,7 @@ impl TokenStrip {
                 escape(&text)
             );
             for _ in 0..breaks {
-                html.push_str("<br>");
+                html.push_str("<br/>");
             }
         }
         html.push_str("</div>");
@@ -224,8 +249,14 @@ impl TokenStrip {
             "<div style=\"font-size:11.5px;color:#5f5f5f;margin-top:6px;white-space:normal\">",
         );
         match &self.values {
-            Values::Continuous { colormap, range, values } => {
-                let stops: Vec<String> = (0..=8).map(|k| colormap.at(k as f64 / 8.0).to_string()).collect();
+            Values::Continuous {
+                colormap,
+                range,
+                values,
+            } => {
+                let stops: Vec<String> = (0..=8)
+                    .map(|k| colormap.at(k as f64 / 8.0).to_string())
+                    .collect();
                 let _ = write!(
                     html,
                     "{} {} <span style=\"display:inline-block;width:120px;height:10px;vertical-align:middle;\
@@ -271,7 +302,13 @@ impl TokenStrip {
         match &self.values {
             Values::Continuous { values, .. } => {
                 if let Some((lo, hi)) = axis::finite_range(values) {
-                    let _ = write!(s, " ({} {}..{})", self.value_name, format_value(lo), format_value(hi));
+                    let _ = write!(
+                        s,
+                        " ({} {}..{})",
+                        self.value_name,
+                        format_value(lo),
+                        format_value(hi)
+                    );
                 }
             }
             Values::Categorical { categories, .. } => {
@@ -357,11 +394,11 @@ fn visible_text(shown: &str) -> (String, usize) {
 /// The byte GPT-2's byte-level alphabet maps `c` back to, if any. Printable
 /// Latin-1 bytes stand for themselves; the other 68 bytes (controls, space,
 /// DEL, NBSP, soft hyphen ...) were shifted to U+0100.. in byte order.
-fn byte_of(c: char) -> Option<u8> {
+pub(crate) fn byte_of(c: char) -> Option<u8> {
     let cp = c as u32;
     match cp {
         0x21..=0x7e | 0xa1..=0xac | 0xae..=0xff => Some(cp as u8),
-        0x100..=0x120 => Some((cp - 0x100) as u8),       // bytes 0..=32
+        0x100..=0x120 => Some((cp - 0x100) as u8), // bytes 0..=32
         0x121..=0x142 => Some((cp - 0x121 + 127) as u8), // bytes 127..=160
         0x143 => Some(173),
         _ => None,

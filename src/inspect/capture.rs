@@ -1,0 +1,133 @@
+//! What a traced forward pass records: the [`Capture`] spec, and the
+//! activation statistics it can compute on the fly without keeping tensors.
+
+use std::collections::BTreeSet;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use tch::{Kind, Tensor};
+
+use crate::error::Result;
+use crate::model::HookPoint;
+
+/// What to record during a forward pass. The default records routing,
+/// attention patterns and activation statistics; full tensors only for the
+/// hook points named in `tensors`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Capture {
+    /// Router decisions of every MoE layer (logits, scores, groups, top-k,
+    /// the counterfactual choice without bias).
+    pub routing: bool,
+    /// Attention probabilities of every layer (switches attention to the
+    /// explicit path, which costs a little more than the fused one).
+    pub patterns: bool,
+    /// Summary statistics of the residual stream and block outputs.
+    pub stats: bool,
+    /// Hook points whose full tensors are kept.
+    pub tensors: BTreeSet<HookPoint>,
+}
+
+impl Default for Capture {
+    fn default() -> Self {
+        Capture {
+            routing: true,
+            patterns: true,
+            stats: true,
+            tensors: BTreeSet::new(),
+        }
+    }
+}
+
+impl Capture {
+    /// Records nothing but logits: the cost of a plain forward pass.
+    pub fn none() -> Capture {
+        Capture {
+            routing: false,
+            patterns: false,
+            stats: false,
+            tensors: BTreeSet::new(),
+        }
+    }
+
+    /// Only the routing (what corpus statistics need).
+    pub fn routing_only() -> Capture {
+        Capture {
+            routing: true,
+            ..Capture::none()
+        }
+    }
+
+    /// Also keep the full tensor at `point`.
+    pub fn with(mut self, point: HookPoint) -> Capture {
+        self.tensors.insert(point);
+        self
+    }
+
+    /// Also keep the full tensors at every point named (`blocks.1.attn.hook_c_kv`...).
+    pub fn with_names(mut self, names: &[&str]) -> Result<Capture> {
+        for n in names {
+            self.tensors.insert(n.parse()?);
+        }
+        Ok(self)
+    }
+
+    /// Whether statistics are taken at `point`.
+    pub fn stats_at(&self, point: HookPoint) -> bool {
+        use HookPoint::*;
+        self.stats && matches!(point, Embed | AttnOut(_) | MlpOut(_) | ResidPost(_) | SharedOut(_) | CKv(_))
+    }
+}
+
+/// Summary statistics of one activation tensor (over every element).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct ActStats {
+    pub mean: f64,
+    pub std: f64,
+    pub rms: f64,
+    pub max_abs: f64,
+    /// Excess kurtosis (0 for a Gaussian); heavy tails show as large values.
+    pub kurtosis: f64,
+    /// Fraction of elements with |x - mean| > 6 std.
+    pub outlier_fraction: f64,
+    pub numel: i64,
+}
+
+impl ActStats {
+    pub fn of(t: &Tensor) -> Result<ActStats> {
+        let x = t.f_detach()?.f_to_kind(Kind::Double)?;
+        let mean = x.f_mean(Kind::Double)?.f_double_value(&[])?;
+        let c = x.f_sub_scalar(mean)?;
+        let var = c.f_square()?.f_mean(Kind::Double)?.f_double_value(&[])?;
+        let std = var.sqrt();
+        let m4 = c.f_pow_tensor_scalar(4)?.f_mean(Kind::Double)?.f_double_value(&[])?;
+        let outliers = if std > 0.0 {
+            c.f_abs()?.f_gt(6.0 * std)?.f_to_kind(Kind::Double)?.f_mean(Kind::Double)?.f_double_value(&[])?
+        } else {
+            0.0
+        };
+        Ok(ActStats {
+            mean,
+            std,
+            rms: x.f_square()?.f_mean(Kind::Double)?.f_double_value(&[])?.sqrt(),
+            max_abs: x.f_abs()?.f_max()?.f_double_value(&[])?,
+            kurtosis: if var > 0.0 { m4 / (var * var) - 3.0 } else { 0.0 },
+            outlier_fraction: outliers,
+            numel: x.numel() as i64,
+        })
+    }
+}
+
+impl fmt::Display for ActStats {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "mean {:+.4} std {:.4} rms {:.4} max|x| {:.3} kurtosis {:.2} outliers {:.2}%",
+            self.mean,
+            self.std,
+            self.rms,
+            self.max_abs,
+            self.kurtosis,
+            100.0 * self.outlier_fraction
+        )
+    }
+}

@@ -1,0 +1,379 @@
+//! Routing statistics over a corpus: accumulators fed trace by trace
+//! (`add`, `merge`), so they stream in bounded memory, can be saved and
+//! resumed, and equal the sum of their parts.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use tch::{Kind, Tensor};
+
+use super::capture::Capture;
+use super::interventions::Interventions;
+use super::routing::topk_rows;
+use super::trace::Trace;
+use crate::error::{Error, Result};
+use crate::model::Model;
+
+/// Expert usage of every MoE layer over everything added so far.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RoutingStats {
+    pub num_experts: usize,
+    /// Tokens seen (each routed once per MoE layer).
+    pub tokens: u64,
+    /// Documents fully processed (for resuming a corpus run).
+    pub docs_done: u64,
+    /// Per layer: tokens routed to each expert [E].
+    pub load: BTreeMap<usize, Vec<u64>>,
+    /// Per layer: total routing weight given to each expert [E].
+    pub weight_mass: BTreeMap<usize, Vec<f64>>,
+    /// Per layer: how often experts i and j were chosen for the same token [E*E].
+    pub coactivation: BTreeMap<usize, Vec<u64>>,
+    /// Per layer: (token id, expert) -> count.
+    pub token_expert: BTreeMap<usize, HashMap<i64, Vec<u32>>>,
+    /// Per consecutive MoE layer pair (a, b): expert of a x expert of b counts [E*E].
+    pub transitions: BTreeMap<String, Vec<u64>>,
+}
+
+/// How unevenly the experts of one layer are used.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Imbalance {
+    pub max_over_mean: f64,
+    /// Coefficient of variation of the load (std / mean).
+    pub cv: f64,
+    /// Entropy of the load distribution in bits (log2 E when perfectly even).
+    pub entropy_bits: f64,
+    /// Entropy divided by log2 E (1 = perfectly even).
+    pub normalized_entropy: f64,
+}
+
+impl RoutingStats {
+    /// Adds every token of `trace` (all batch rows).
+    pub fn add(&mut self, trace: &Trace) -> Result<()> {
+        let ids = Vec::<i64>::try_from(trace.ids.f_flatten(0, -1)?)?;
+        let records: Vec<_> = trace.routing.iter().flatten().collect();
+        if records.is_empty() {
+            return Err(Error::Input("the trace has no routing (trace with Capture::default() or Capture::routing_only())".into()));
+        }
+        let e = records[0].num_experts() as usize;
+        if self.num_experts == 0 {
+            self.num_experts = e;
+        } else if self.num_experts != e {
+            return Err(Error::Input(format!("these statistics count {} experts, the trace has {e}", self.num_experts)));
+        }
+        self.tokens += ids.len() as u64;
+        let mut rows_of = Vec::new();
+        for r in &records {
+            let rows = topk_rows(r)?;
+            let weights = Vec::<Vec<f32>>::try_from(&r.topk_weights)?;
+            let load = self.load.entry(r.layer).or_insert_with(|| vec![0; e]);
+            let mass = self.weight_mass.entry(r.layer).or_insert_with(|| vec![0.0; e]);
+            let co = self.coactivation.entry(r.layer).or_insert_with(|| vec![0; e * e]);
+            let te = self.token_expert.entry(r.layer).or_default();
+            for ((row, w), &tok) in rows.iter().zip(&weights).zip(&ids) {
+                let counts = te.entry(tok).or_insert_with(|| vec![0; e]);
+                for (&x, &wx) in row.iter().zip(w) {
+                    load[x as usize] += 1;
+                    mass[x as usize] += wx as f64;
+                    counts[x as usize] += 1;
+                    for &y in row {
+                        co[x as usize * e + y as usize] += 1;
+                    }
+                }
+            }
+            rows_of.push((r.layer, rows));
+        }
+        for pair in rows_of.windows(2) {
+            let ((la, ra), (lb, rb)) = (&pair[0], &pair[1]);
+            let t = self.transitions.entry(format!("{la}-{lb}")).or_insert_with(|| vec![0; e * e]);
+            for (a, b) in ra.iter().zip(rb) {
+                for &x in a {
+                    for &y in b {
+                        t[x as usize * e + y as usize] += 1;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds the counts of `other` (statistics of another part of the corpus).
+    pub fn merge(&mut self, other: &RoutingStats) -> Result<()> {
+        if self.num_experts == 0 {
+            *self = other.clone();
+            return Ok(());
+        }
+        if other.num_experts != 0 && other.num_experts != self.num_experts {
+            return Err(Error::Input(format!("cannot merge statistics of {} and {} experts", self.num_experts, other.num_experts)));
+        }
+        self.tokens += other.tokens;
+        self.docs_done += other.docs_done;
+        fn add_u64(a: &mut BTreeMap<usize, Vec<u64>>, b: &BTreeMap<usize, Vec<u64>>) {
+            for (k, v) in b {
+                let t = a.entry(*k).or_insert_with(|| vec![0; v.len()]);
+                t.iter_mut().zip(v).for_each(|(x, y)| *x += y);
+            }
+        }
+        add_u64(&mut self.load, &other.load);
+        add_u64(&mut self.coactivation, &other.coactivation);
+        for (k, v) in &other.weight_mass {
+            let t = self.weight_mass.entry(*k).or_insert_with(|| vec![0.0; v.len()]);
+            t.iter_mut().zip(v).for_each(|(x, y)| *x += y);
+        }
+        for (k, v) in &other.transitions {
+            let t = self.transitions.entry(k.clone()).or_insert_with(|| vec![0; v.len()]);
+            t.iter_mut().zip(v).for_each(|(x, y)| *x += y);
+        }
+        for (l, m) in &other.token_expert {
+            let te = self.token_expert.entry(*l).or_default();
+            for (tok, counts) in m {
+                let t = te.entry(*tok).or_insert_with(|| vec![0; counts.len()]);
+                t.iter_mut().zip(counts).for_each(|(x, y)| *x += y);
+            }
+        }
+        Ok(())
+    }
+
+    /// MoE layers with statistics.
+    pub fn layers(&self) -> Vec<usize> {
+        self.load.keys().copied().collect()
+    }
+
+    fn layer_load(&self, layer: usize) -> Result<&Vec<u64>> {
+        self.load
+            .get(&layer)
+            .ok_or_else(|| Error::Input(format!("no statistics for layer {layer}; MoE layers seen: {:?}", self.layers())))
+    }
+
+    /// Load imbalance of `layer`.
+    pub fn imbalance(&self, layer: usize) -> Result<Imbalance> {
+        let load = self.layer_load(layer)?;
+        let n = load.len() as f64;
+        let total: f64 = load.iter().map(|&x| x as f64).sum();
+        let mean = total / n;
+        let var = load.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / n;
+        let entropy: f64 = load
+            .iter()
+            .filter(|&&x| x > 0)
+            .map(|&x| {
+                let p = x as f64 / total;
+                -p * p.log2()
+            })
+            .sum();
+        Ok(Imbalance {
+            max_over_mean: load.iter().copied().max().unwrap_or(0) as f64 / mean.max(1e-12),
+            cv: var.sqrt() / mean.max(1e-12),
+            entropy_bits: entropy,
+            normalized_entropy: entropy / n.log2().max(1e-12),
+        })
+    }
+
+    /// Co-activation of `layer` as conditional frequencies: entry (i, j) is
+    /// P(j chosen | i chosen); the diagonal is 1 for used experts.
+    pub fn coactivation(&self, layer: usize) -> Result<Vec<Vec<f64>>> {
+        let e = self.num_experts;
+        let co = self
+            .coactivation
+            .get(&layer)
+            .ok_or_else(|| Error::Input(format!("no statistics for layer {layer}")))?;
+        Ok((0..e)
+            .map(|i| {
+                let d = co[i * e + i].max(1) as f64;
+                (0..e).map(|j| co[i * e + j] as f64 / d).collect()
+            })
+            .collect())
+    }
+
+    /// The tokens expert `expert` of `layer` takes most: (token id, count,
+    /// share of that token's occurrences routed to the expert), by count.
+    pub fn top_tokens(&self, layer: usize, expert: usize, n: usize) -> Result<Vec<(i64, u32, f64)>> {
+        if expert >= self.num_experts {
+            return Err(Error::Input(format!("expert {expert} out of range ({} experts)", self.num_experts)));
+        }
+        let te = self
+            .token_expert
+            .get(&layer)
+            .ok_or_else(|| Error::Input(format!("no statistics for layer {layer}")))?;
+        let mut v: Vec<(i64, u32, f64)> = te
+            .iter()
+            .filter(|(_, c)| c[expert] > 0)
+            .map(|(&tok, c)| {
+                // each occurrence of a token is routed to k experts: share = count / occurrences
+                let occurrences = c.iter().map(|&x| x as f64).sum::<f64>() / self.k_of(layer).max(1.0);
+                (tok, c[expert], c[expert] as f64 / occurrences.max(1.0))
+            })
+            .collect();
+        v.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        v.truncate(n);
+        Ok(v)
+    }
+
+    fn k_of(&self, layer: usize) -> f64 {
+        let total: u64 = self.load.get(&layer).map_or(0, |l| l.iter().sum());
+        total as f64 / self.tokens.max(1) as f64
+    }
+
+    /// How much the choice in MoE layer `b` is predictable from layer `a`:
+    /// normalised mutual information of their expert choices (0 = independent,
+    /// 1 = one determines the other).
+    pub fn layer_agreement(&self, a: usize, b: usize) -> Result<f64> {
+        let t = self
+            .transitions
+            .get(&format!("{a}-{b}"))
+            .ok_or_else(|| Error::Input(format!("no transition statistics for layers {a} -> {b} (consecutive MoE layers only)")))?;
+        let e = self.num_experts;
+        let total: f64 = t.iter().map(|&x| x as f64).sum();
+        let pa: Vec<f64> = (0..e).map(|i| (0..e).map(|j| t[i * e + j] as f64).sum::<f64>() / total).collect();
+        let pb: Vec<f64> = (0..e).map(|j| (0..e).map(|i| t[i * e + j] as f64).sum::<f64>() / total).collect();
+        let mut mi = 0.0;
+        for i in 0..e {
+            for j in 0..e {
+                let p = t[i * e + j] as f64 / total;
+                if p > 0.0 {
+                    mi += p * (p / (pa[i] * pb[j])).log2();
+                }
+            }
+        }
+        let h = |p: &[f64]| -> f64 { p.iter().filter(|&&x| x > 0.0).map(|&x| -x * x.log2()).sum() };
+        Ok(mi / (h(&pa) * h(&pb)).sqrt().max(1e-12))
+    }
+
+    /// Saves to JSON (resume by loading and passing it back to the corpus run).
+    pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
+        let path = path.as_ref();
+        let text = serde_json::to_string(self).map_err(|e| Error::Input(e.to_string()))?;
+        std::fs::write(path, text).map_err(|e| Error::io(path, e))
+    }
+
+    pub fn load_from(path: impl AsRef<Path>) -> Result<RoutingStats> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        serde_json::from_str(&text).map_err(|cause| Error::Json { path: path.to_path_buf(), cause })
+    }
+}
+
+impl fmt::Display for RoutingStats {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "Routing statistics over {} tokens ({} documents), {} experts", self.tokens, self.docs_done, self.num_experts)?;
+        writeln!(f, "{:>6} {:>9} {:>7} {:>13}", "layer", "max/mean", "cv", "entropy/max")?;
+        for l in self.layers() {
+            if let Ok(i) = self.imbalance(l) {
+                writeln!(f, "{:>6} {:>9.3} {:>7.3} {:>13.3}", l, i.max_over_mean, i.cv, i.normalized_entropy)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Progress of a corpus run.
+#[derive(Debug, Clone, Copy)]
+pub struct Progress {
+    pub docs_done: u64,
+    pub docs_total: u64,
+    pub tokens: u64,
+}
+
+/// Options of [`Model::routing_stats`].
+pub struct CorpusRun<'a> {
+    /// Tokens per forward pass (documents are split into windows).
+    pub window: usize,
+    pub interventions: Interventions,
+    pub progress: Option<&'a mut dyn FnMut(Progress)>,
+    /// Polled before each window; `true` stops the run with
+    /// `Error::Interrupted`, leaving the statistics of completed documents.
+    pub cancel: Option<&'a dyn Fn() -> bool>,
+}
+
+impl Default for CorpusRun<'_> {
+    fn default() -> Self {
+        CorpusRun {
+            window: 256,
+            interventions: Interventions::new(),
+            progress: None,
+            cancel: None,
+        }
+    }
+}
+
+impl Model {
+    /// Streams `docs` through the model, adding their routing to `stats`.
+    /// Documents already counted (`stats.docs_done`) are skipped, so calling
+    /// again with the same statistics resumes an interrupted run.
+    pub fn routing_stats(&self, docs: &[&str], stats: &mut RoutingStats, mut run: CorpusRun) -> Result<()> {
+        if run.window == 0 {
+            return Err(Error::Input("the window must hold at least one token".into()));
+        }
+        let capture = Capture::routing_only();
+        let total = docs.len() as u64;
+        for doc in docs.iter().skip(stats.docs_done as usize) {
+            let ids = self.encode(doc)?;
+            let mut part = RoutingStats::default();
+            for chunk in ids.chunks(run.window) {
+                if run.cancel.is_some_and(|c| c()) {
+                    return Err(Error::Interrupted);
+                }
+                let trace = self.trace_with(chunk, &capture, &run.interventions)?;
+                part.add(&trace)?;
+            }
+            part.docs_done = 1;
+            stats.merge(&part)?;
+            if let Some(p) = run.progress.as_deref_mut() {
+                p(Progress { docs_done: stats.docs_done, docs_total: total, tokens: stats.tokens });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One replay of DeepSeek-V3's auxiliary-loss-free balancing on recorded
+/// router scores: after each step, `b_i += gamma * sign(mean_load - load_i)`.
+#[derive(Debug, Clone, Serialize)]
+pub struct BiasReplay {
+    pub layer: usize,
+    pub gamma: f64,
+    /// max/mean expert load at each step (before that step's update).
+    pub max_over_mean: Vec<f64>,
+    /// Expert loads at each step.
+    pub loads: Vec<Vec<i64>>,
+    /// The bias after the last step.
+    pub final_bias: Vec<f32>,
+}
+
+impl Model {
+    /// Replays the bias update rule on the router scores of `trace` (MoE layer
+    /// `layer`), starting from zero bias: each step routes every recorded token
+    /// with the current bias, measures the load, and updates the bias.
+    pub fn replay_bias_balancing(&self, trace: &Trace, layer: usize, gamma: f64, steps: usize) -> Result<BiasReplay> {
+        let r = trace.routing_of(layer)?;
+        let gate = &self.layers[layer].moe().ok_or_else(|| Error::Input(format!("layer {layer} is dense")))?.gate;
+        let e = r.num_experts();
+        let mut bias = Tensor::f_zeros([e], (Kind::Float, tch::Device::Cpu))?;
+        let (mut history, mut loads) = (Vec::new(), Vec::new());
+        for _ in 0..steps {
+            let sel = gate.select(&r.scores, Some(&bias), &r.settings, &[], &[], layer)?;
+            let load = sel.indices.f_flatten(0, -1)?.f_bincount(None::<Tensor>, e)?.f_to_kind(Kind::Float)?;
+            let mean = load.f_mean(Kind::Float)?;
+            history.push(load.f_max()?.f_double_value(&[])? / mean.f_double_value(&[])?.max(1e-12));
+            loads.push(Vec::<i64>::try_from(load.f_to_kind(Kind::Int64)?)?);
+            bias = bias.f_add(&mean.f_sub(&load)?.f_sign()?.f_mul_scalar(gamma)?)?;
+        }
+        Ok(BiasReplay { layer, gamma, max_over_mean: history, loads, final_bias: Vec::<f32>::try_from(&bias)? })
+    }
+}
+
+impl fmt::Display for BiasReplay {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let first = self.max_over_mean.first().copied().unwrap_or(0.0);
+        let last = self.max_over_mean.last().copied().unwrap_or(0.0);
+        write!(
+            f,
+            "Bias balancing replay, layer {}, gamma {}: max/mean load {:.3} -> {:.3} over {} steps",
+            self.layer,
+            self.gamma,
+            first,
+            last,
+            self.max_over_mean.len()
+        )
+    }
+}

@@ -1,0 +1,28 @@
+//! Inspection: captures, traces, routing views, corpus statistics,
+//! interventions and comparisons.
+//!
+//! ```no_run
+//! use deepscope::prelude::*;
+//! # fn main() -> deepscope::Result<()> {
+//! let model = Model::load_default()?;
+//! let t = model.trace("And God said, Let there be light")?;
+//! println!("{}", t.router_step(1, 3)?);           // the router, step by step
+//! let banned = Interventions::new().ban_experts(1, &[0, 1]);
+//! let v = model.trace_with("And God said, Let there be light", &Capture::default(), &banned)?;
+//! println!("{}", compare(&t, &v)?);                 // what banning changed
+//! # Ok(()) }
+//! ```
+
+pub mod capture;
+pub mod compare;
+pub mod corpus;
+pub mod interventions;
+pub mod routing;
+pub mod trace;
+
+pub use capture::{ActStats, Capture};
+pub use compare::{compare, Comparison, PerplexityChange, RoutingChange};
+pub use corpus::{BiasReplay, CorpusRun, Imbalance, Progress, RoutingStats};
+pub use interventions::{project_top_directions, Intervention, Interventions, Layers};
+pub use routing::{RouterStep, RoutingMap};
+pub use trace::{Input, RoutingRecord, Trace};
