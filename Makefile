@@ -9,7 +9,6 @@ PY        := $(CURDIR)/$(VENV)/bin/python
 STAMP     := $(VENV)/.deps-stamp
 FIXTURES  := target/fixtures
 BIN       := target/release/deepscope
-DEMO      := target/demo-model
 
 # torch-sys finds libtorch through the venv's PyPI torch: `python` on PATH
 # with VIRTUAL_ENV set. Everything cargo runs below sees these.
@@ -59,14 +58,13 @@ test: build fixtures corpus
 bench: build
 	$(PY) tests/bench_transformers.py --deepscope $(BIN) --out docs/benchmarks.md
 
-# --- the main job. Until the Jupyter kernel and the trained default model
-# land, this is the CLI demo on a randomly initialised DeepSeek-V3-shaped model.
-$(DEMO)/config.json: tests/make_demo_model.py $(STAMP)
-	$(PY) tests/make_demo_model.py $(DEMO)
-
-demo: build $(DEMO)/config.json
-	$(BIN) info --model $(DEMO)
-	$(BIN) generate --model $(DEMO) --ids 1,2,3,4 -n 16 --device auto
+# --- the main job. Until the Jupyter kernel lands, this is the CLI demo on
+# the shipped default model.
+DEFAULT_MODEL := models/deepscope-tiny
+demo: build
+	$(BIN) info --model $(DEFAULT_MODEL)
+	$(BIN) generate --model $(DEFAULT_MODEL) --device auto --prompt "And the LORD said unto Moses," -n 40 --seed 1 --temperature 0.8 --top-p 0.95
+	$(BIN) generate --model $(DEFAULT_MODEL) --device auto --prompt "A fool and his money" -n 40 --seed 1 --temperature 0.8 --top-p 0.95
 
 lab: demo
 

@@ -15,6 +15,8 @@ pub mod stats;
 pub mod train;
 
 pub use error::{Error, Result};
+pub use ndarray;
+pub use tch;
 
 /// The names a notebook or script usually needs.
 pub mod prelude {

@@ -152,7 +152,7 @@ fn head_ablation_and_latent_truncation_do_what_they_say() {
     assert!(z.select(2, 0).abs().max().double_value(&[]) > 0.0);
 
     let base = m.trace(x.clone()).unwrap();
-    let full = m.trace_with(x.clone(), &Capture::default(), &Interventions::new().truncate_latent(deepscope::inspect::Layers::AllMoe, m.config.kv_lora_rank)).unwrap();
+    let full = m.trace_with(x.clone(), &Capture::default(), &Interventions::new().truncate_latent(deepscope::inspect::Layers::All, m.config.kv_lora_rank)).unwrap();
     assert!(max_abs_diff(&full.logits, &base.logits) <= 1e-4, "full rank must change nothing");
     let zero = m
         .trace_with(x, &Capture::default().with(HookPoint::CKv(1)), &Interventions::new().truncate_latent(1, 0))
@@ -242,6 +242,8 @@ fn traces_export_to_safetensors_and_json() {
         assert!(back.contains_key(key), "{key} missing");
     }
     assert!(back["blocks.1.attn.hook_c_kv"].equal(t.tensor(HookPoint::CKv(1)).unwrap()));
+    let arr = deepscope::inspect::to_ndarray(&t.routing_of(1).unwrap().topk_weights).unwrap();
+    assert_eq!(arr.shape(), &[8, 2]);
     let json = t.to_json().unwrap();
     assert_eq!(json["routing"]["1"]["topk_indices"].as_array().unwrap().len(), 8);
 }

@@ -506,6 +506,31 @@ fn bench(
         }
     }
     let decode_s = median(decode_times);
+
+    // capture overhead: one 1 x seq sequence, plain forward vs traced
+    let one = ids.narrow(0, 0, 1);
+    let none = deepscope::inspect::Interventions::new();
+    let mut plain = || -> Result<()> {
+        model.forward_with(&one, None, fwd)?;
+        Ok(())
+    };
+    let traced = |capture: &deepscope::inspect::Capture| -> Result<()> {
+        model.trace_with(&one, capture, &none)?;
+        Ok(())
+    };
+    let default_capture = deepscope::inspect::Capture::default();
+    let routing_capture = deepscope::inspect::Capture::routing_only();
+    time(&mut plain)?;
+    time(&mut || traced(&default_capture))?;
+    let reps = repeats.max(5);
+    // interleave the runs so drift in machine load hits all three alike
+    let (mut tp, mut td, mut tr) = (vec![], vec![], vec![]);
+    for _ in 0..reps {
+        tp.push(time(&mut plain)?);
+        td.push(time(&mut || traced(&default_capture))?);
+        tr.push(time(&mut || traced(&routing_capture))?);
+    }
+    let (tp, td, tr) = (median(tp), median(td), median(tr));
     println!(
         "{}",
         serde_json::json!({
@@ -515,6 +540,10 @@ fn bench(
             "decode_tokens_per_s": new as f64 / decode_s,
             "attn": format!("{attn:?}").to_lowercase(),
             "threads": tch::get_num_threads(),
+            "capture_seq": seq,
+            "plain_forward_ms": tp * 1e3,
+            "trace_default_ms": td * 1e3,
+            "trace_routing_only_ms": tr * 1e3,
         })
     );
     Ok(())

@@ -11,11 +11,11 @@ use tch::{Kind, Tensor};
 use crate::error::{Error, Result};
 use crate::model::{BiasEdit, CustomRouter, HookPoint, Model, RouterEdits, ScoringFunc};
 
-/// Which MoE layers a routing intervention applies to.
+/// Which layers an intervention applies to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Layers {
-    /// Every MoE layer.
-    AllMoe,
+    /// Every layer it can apply to (the MoE layers for routing changes).
+    All,
     One(usize),
     Some(Vec<usize>),
 }
@@ -29,7 +29,7 @@ impl From<usize> for Layers {
 impl Layers {
     fn resolve(&self, model: &Model) -> Vec<usize> {
         match self {
-            Layers::AllMoe => model.config.moe_layers(),
+            Layers::All => model.config.moe_layers(),
             Layers::One(l) => vec![*l],
             Layers::Some(v) => v.clone(),
         }
@@ -93,7 +93,7 @@ impl fmt::Display for Intervention {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         use Intervention::*;
         let l = |x: &Layers| match x {
-            Layers::AllMoe => "all MoE layers".to_string(),
+            Layers::All => "all layers".to_string(),
             Layers::One(l) => format!("layer {l}"),
             Layers::Some(v) => format!("layers {v:?}"),
         };
@@ -108,10 +108,7 @@ impl fmt::Display for Intervention {
             CustomRouter { layers, .. } => write!(f, "custom router in {}", l(layers)),
             AblateHeads { layer, heads } => write!(f, "ablate heads {heads:?} in layer {layer}"),
             Patch { point, .. } => write!(f, "patch {point}"),
-            TruncateLatent { layers, rank } => write!(f, "truncate c_kv to rank {rank} in {}", match layers {
-                Layers::AllMoe => "all layers".to_string(),
-                other => l(other),
-            }),
+            TruncateLatent { layers, rank } => write!(f, "truncate c_kv to rank {rank} in {}", l(layers)),
         }
     }
 }
@@ -214,7 +211,7 @@ impl Interventions {
                         return Err(Error::Input(format!("{iv}: rank {rank} exceeds kv_lora_rank ({})", cfg.kv_lora_rank)));
                     }
                     let ls = match layers {
-                        Layers::AllMoe => (0..n_layers).collect(),
+                        Layers::All => (0..n_layers).collect(),
                         other => other.resolve(model),
                     };
                     for l in ls {

@@ -13,16 +13,20 @@
 //! # Ok(()) }
 //! ```
 
+pub mod activations;
 pub mod capture;
 pub mod compare;
 pub mod corpus;
 pub mod interventions;
+pub mod mla;
 pub mod routing;
 pub mod trace;
 
+pub use activations::{histogram, massive_activations, ActivationReport, Histogram, LogitLens, MassiveActivation, SharedRouted};
 pub use capture::{ActStats, Capture};
 pub use compare::{compare, Comparison, PerplexityChange, RoutingChange};
 pub use corpus::{BiasReplay, CorpusRun, Imbalance, Progress, RoutingStats};
 pub use interventions::{project_top_directions, Intervention, Interventions, Layers};
+pub use mla::{effective_rank, EffectiveRank, LatentSpectra, PathCheck, RankRow, RankSweep, ScoreSplit};
 pub use routing::{RouterStep, RoutingMap};
-pub use trace::{Input, RoutingRecord, Trace};
+pub use trace::{to_ndarray, Input, RoutingRecord, Trace};

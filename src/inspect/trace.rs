@@ -65,6 +65,12 @@ impl Input {
     }
 }
 
+/// A tensor as an `ndarray` array of f32 (for analysis outside libtorch).
+pub fn to_ndarray(t: &Tensor) -> Result<ndarray::ArrayD<f32>> {
+    let t = t.f_detach()?.f_to_kind(Kind::Float)?.f_to_device(Device::Cpu)?.f_contiguous()?;
+    Ok((&t).try_into()?)
+}
+
 /// One MoE layer's routing, as decided in a traced pass (CPU tensors, N = B*T rows).
 #[derive(Debug)]
 pub struct RoutingRecord {

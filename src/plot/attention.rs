@@ -1,9 +1,10 @@
 //! Attention-pattern grid: one small heatmap per head (queries down, keys
 //! across), sharing one colour scale, so heads can be compared at a glance.
 
-use super::axis::{self, Area, ColorBar};
+use super::axis::{self, Area};
 use super::figure::{describe, Figure};
 use super::heatmap::{color_range, draw_cells, labels_or_index, matrix_shape, CellNames};
+use super::legend::ColorBar;
 use super::svg::{Anchor, Svg, TextStyle};
 use super::theme::{self, Colormap};
 use super::{collect_labels, collect_rows, PlotError, Result};

@@ -2,8 +2,9 @@
 //! mean), several series side by side (grouped) or on top of each other
 //! (stacked).
 
-use super::axis::{self, Area, LegendEntry, Scale, Swatch};
+use super::axis::{self, Area, Scale};
 use super::figure::{describe, Figure};
+use super::legend::{self, LegendEntry, Swatch};
 use super::svg::{Anchor, Stroke, Svg, TextStyle};
 use super::theme::{self, format_value};
 use super::{collect_labels, PlotError, Result};
@@ -225,14 +226,14 @@ impl BarChart {
             w: pw,
             h: ph,
         };
-        let right = axis::legend_width(&legend).max(x_layout.right_overhang(band)) + theme::PAD;
+        let right = legend::legend_width(&legend).max(x_layout.right_overhang(band)) + theme::PAD;
         let width = (area.right() + right)
             .max(2.0 * theme::PAD + axis::title_width(title, subtitle.as_deref()))
             .ceil();
         let height = (area.bottom()
             + axis::bottom_margin(x_layout.extent, self.x_title.as_deref())
             + theme::PAD)
-            .max(top + axis::legend_height(&legend) + theme::PAD)
+            .max(top + legend::legend_height(&legend) + theme::PAD)
             .ceil();
 
         let kind = match (self.series.len(), stacked) {
@@ -296,7 +297,7 @@ impl BarChart {
             );
         }
         axis::draw_x_band(&mut svg, area, &x_layout, self.x_title.as_deref());
-        axis::draw_legend(&mut svg, area, &legend);
+        legend::draw_legend(&mut svg, area, &legend);
         Ok(Figure::from_svg(
             svg.finish(),
             width,

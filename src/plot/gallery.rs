@@ -227,8 +227,8 @@ pub fn figures() -> Result<Vec<(&'static str, Figure)>> {
         .series("mean", &mean)
         .series("std", &std)
         .series(
-            "max |h| / 10",
-            &max.iter().map(|m| m / 10.0 * 4.0).collect::<Vec<_>>(),
+            "max |h| / 5",
+            &max.iter().map(|m| m / 5.0).collect::<Vec<_>>(),
         )
         .title("Residual-stream statistics per layer")
         .x_title("layer")

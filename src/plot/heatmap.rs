@@ -5,8 +5,9 @@
 //! cells per axis: labels are thinned and rotated to stay readable, and
 //! every cell's tooltip gives its row, column and exact value.
 
-use super::axis::{self, Area, ColorBar};
+use super::axis::{self, Area};
 use super::figure::{describe, Figure};
+use super::legend::ColorBar;
 use super::svg::{Anchor, Svg, TextStyle};
 use super::theme::{self, format_value, Colormap};
 use super::{collect_labels, collect_rows, PlotError, Result};

@@ -1,8 +1,9 @@
 //! Line charts: per-layer statistics, singular-value spectra (log axis),
 //! loss curves; several series with a legend.
 
-use super::axis::{self, Area, LegendEntry, Scale, Swatch};
+use super::axis::{self, Area, Scale};
 use super::figure::{describe, Figure};
+use super::legend::{self, LegendEntry, Swatch};
 use super::svg::Svg;
 use super::theme::{self, format_value};
 use super::{PlotError, Result};
@@ -198,7 +199,10 @@ impl LineChart {
                 10f64.powf(y_hi.log10().ceil()),
             )
         } else {
-            Scale::linear_nice(y_lo, y_hi, 5)
+            // The data's range plus 5% each side, as most plotting tools do:
+            // rounding out to whole ticks can waste half the height.
+            let pad = 0.05 * (y_hi - y_lo);
+            Scale::linear(y_lo - pad, y_hi + pad)
         };
         let x_ticks = x_scale.ticks(6);
         let y_ticks = y_scale.ticks(5);
@@ -237,14 +241,14 @@ impl LineChart {
         let half_label = x_ticks
             .last()
             .map_or(0.0, |t| theme::text_width(&t.label, theme::TICK_SIZE) / 2.0);
-        let right = axis::legend_width(&legend).max(half_label) + theme::PAD;
+        let right = legend::legend_width(&legend).max(half_label) + theme::PAD;
         let width = (area.right() + right)
             .max(2.0 * theme::PAD + axis::title_width(title, subtitle.as_deref()))
             .ceil();
         let height = (area.bottom()
             + axis::bottom_margin(theme::TICK_SIZE * 1.2, self.x_title.as_deref())
             + theme::PAD)
-            .max(top + axis::legend_height(&legend) + theme::PAD)
+            .max(top + legend::legend_height(&legend) + theme::PAD)
             .ceil();
 
         let longest = self.series.iter().map(|s| s.ys.len()).max().unwrap_or(0);
@@ -324,7 +328,7 @@ impl LineChart {
                 svg.circle(px, py, r, color, show_markers, tip.as_deref());
             }
         }
-        axis::draw_legend(&mut svg, area, &legend);
+        legend::draw_legend(&mut svg, area, &legend);
         Ok(Figure::from_svg(
             svg.finish(),
             width,

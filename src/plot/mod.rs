@@ -47,6 +47,7 @@
 use std::path::PathBuf;
 
 mod axis;
+mod legend;
 mod svg;
 
 pub mod attention;

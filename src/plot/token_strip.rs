@@ -279,7 +279,8 @@ impl TokenStrip {
                 for &c in seen.iter().take(MAX_LEGEND_CHIPS) {
                     let _ = write!(
                         html,
-                        "<span style=\"display:inline-block;width:10px;height:10px;background:{};vertical-align:middle;margin:0 3px 0 8px\"></span>{}",
+                        "<span style=\"white-space:nowrap\"><span style=\"display:inline-block;width:10px;height:10px;\
+                         background:{};vertical-align:middle;margin:0 3px 0 8px\"></span>{}</span> ",
                         theme::categorical(c),
                         escape(&category_name(c, names.as_deref()))
                     );
