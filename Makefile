@@ -16,7 +16,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export VIRTUAL_ENV := $(CURDIR)/$(VENV)
 export LIBTORCH_USE_PYTORCH := 1
 
-.PHONY: help setup build test fixtures corpus bench lab demo train-tiny clean
+.PHONY: help setup build test fixtures corpus bench lab demo train-tiny gallery clean
 
 help:
 	@echo "make lab    build DeepScope and run the demo (main job)"
@@ -24,6 +24,7 @@ help:
 	@echo "make bench  benchmark against transformers (writes docs/benchmarks.md)"
 	@echo "make setup  create .venv with torch==2.13.0 and the Python dev deps"
 	@echo "make build  release build of the library and the deepscope CLI"
+	@echo "make gallery  every chart type as SVG/PNG in target/gallery"
 
 # --- setup: the venv is created once and refreshed when requirements change
 setup: $(STAMP)
@@ -76,6 +77,10 @@ train-tiny: build corpus
 	cp -r target/train-tiny/model models/deepscope-tiny
 	cp target/train-tiny/train_log.csv target/train-tiny/eval_log.csv target/train-tiny/train_output.txt models/deepscope-tiny/
 	$(PY) tests/model_card.py models/deepscope-tiny
+
+# --- every chart type as SVG and PNG, for visual review (index.html shows them all)
+gallery: setup
+	cargo run --release --example gallery -- target/gallery
 
 clean:
 	cargo clean

@@ -77,6 +77,9 @@ pub enum Error {
     #[error("interrupted")]
     Interrupted,
 
+    #[error(transparent)]
+    Plot(#[from] crate::plot::PlotError),
+
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
 }

@@ -5,12 +5,14 @@
 //!   with numerical parity to `transformers`.
 //! - [`inspect`]: traces of a forward pass, routing views and statistics,
 //!   interventions and comparisons.
+//! - [`plot`]: charts (SVG/PNG) and tables that display themselves in Jupyter.
 //! - [`stats`]: parameter counts and KV-cache arithmetic of a config.
 //! - [`train`]: training DeepSeek-V3-shaped models (the shipped default model).
 
 pub mod error;
 pub mod inspect;
 pub mod model;
+pub mod plot;
 pub mod stats;
 pub mod train;
 

@@ -17,6 +17,7 @@ pub mod activations;
 pub mod capture;
 pub mod compare;
 pub mod corpus;
+pub mod display;
 pub mod interventions;
 pub mod mla;
 pub mod routing;

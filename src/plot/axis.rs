@@ -63,7 +63,14 @@ impl Scale {
 
     /// A log scale over [lo, hi], both positive.
     pub fn log(lo: f64, hi: f64) -> Scale {
-        let lo = lo.max(f64::MIN_POSITIVE);
+        // Bounds kept 600 decades apart at most, so tick arithmetic stays
+        // finite whatever the data.
+        let lo = if lo.is_finite() {
+            lo.clamp(1e-300, 1e299)
+        } else {
+            1e-300
+        };
+        let hi = if hi.is_finite() { hi.min(1e300) } else { 1e300 };
         let hi = if hi > lo { hi } else { lo * 10.0 };
         Scale::Log { lo, hi }
     }
@@ -114,6 +121,10 @@ fn widen(lo: f64, hi: f64) -> (f64, f64) {
     if !(lo.is_finite() && hi.is_finite()) {
         return (0.0, 1.0);
     }
+    if !(hi - lo).is_finite() {
+        // A span beyond f64 (data near ±1.8e308): keep it representable.
+        return (lo.max(-1e307), hi.min(1e307));
+    }
     if hi > lo {
         return (lo, hi);
     }
@@ -146,6 +157,11 @@ fn linear_ticks(lo: f64, hi: f64, target: usize) -> Vec<Tick> {
     let step = nice_step((hi - lo) / target.max(1) as f64);
     let first = (lo / step - 1e-9).ceil() as i64;
     let last = (hi / step + 1e-9).floor() as i64;
+    if last.saturating_sub(first) > 1000 {
+        // Only when the range has no room for round values (lo and hi a few
+        // ulps apart at a huge magnitude): better no ticks than a million.
+        return Vec::new();
+    }
     (first..=last)
         .map(|k| {
             let value = k as f64 * step;

@@ -9,6 +9,8 @@ use super::{PlotError, Result};
 
 /// Most bins chosen automatically.
 const MAX_AUTO_BINS: usize = 100;
+/// Most bins one may ask for (each is an SVG element).
+const MAX_BINS: usize = 10_000;
 
 /// A histogram builder.
 ///
@@ -149,7 +151,12 @@ impl Histogram {
             }
         };
         let bins = match self.bins {
-            Some(0) => return Err(PlotError::invalid("bins", "must be at least 1")),
+            Some(b) if !(1..=MAX_BINS).contains(&b) => {
+                return Err(PlotError::invalid(
+                    "bins",
+                    format!("must be 1 to {MAX_BINS}, got {b}"),
+                ))
+            }
             Some(b) => b,
             None => auto_bins(&finite, lo, hi),
         };

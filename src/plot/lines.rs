@@ -10,7 +10,7 @@ use super::{PlotError, Result};
 
 /// Series longer than this get no per-point hover targets (the SVG would
 /// grow by ~100 bytes a point); the line itself still names the series.
-const MAX_HOVER_POINTS: usize = 2000;
+const MAX_HOVER_POINTS: usize = 1000;
 /// With [`Markers::Auto`], series up to this long show their points.
 const AUTO_MARKER_POINTS: usize = 50;
 

@@ -67,9 +67,9 @@ mod tests;
 
 pub use attention::AttentionGrid;
 pub use bars::{BarChart, BarMode};
-pub use figure::Figure;
+pub use figure::{DisplayFormat, Figure};
 pub use heatmap::Heatmap;
-pub use histogram::Histogram;
+pub use histogram::{Bins, Histogram};
 pub use lines::{LineChart, Markers};
 pub use mime::{MimeBundle, MimeType};
 pub use table::{Cell, Table};

@@ -94,3 +94,27 @@ fn very_long_labels_are_shortened_on_the_axis_but_kept_in_tooltips() {
         .any(|t| t.ends_with('…') && t.len() < 100));
     assert!(tooltips(&doc)[0].contains(&long));
 }
+
+#[test]
+fn extreme_magnitudes_neither_panic_nor_hang() {
+    use crate::plot::{BarMode, Histogram};
+    let huge = [f64::MAX, -f64::MAX, 1e-310, 0.0];
+    LineChart::new().series("s", &huge).render().unwrap();
+    LineChart::new()
+        .series("s", &huge)
+        .y_log(true)
+        .render()
+        .unwrap();
+    Histogram::new(&huge).render().unwrap();
+    Histogram::new(&huge).log_count(true).render().unwrap();
+    BarChart::new(["a", "b", "c", "d"])
+        .series("x", &huge)
+        .series("y", &huge)
+        .mode(BarMode::Stacked)
+        .render()
+        .unwrap();
+    Heatmap::new(&[huge]).render().unwrap();
+    let tiny_span = [1e300, 1e300 * (1.0 + f64::EPSILON)];
+    LineChart::new().series("s", &tiny_span).render().unwrap();
+    Heatmap::new(&[tiny_span]).render().unwrap();
+}

@@ -1,0 +1,390 @@
+//! Rich display of every inspection object: charts and tables from
+//! [`crate::plot`], bundled with the plain-text `Display` so a notebook shows
+//! the chart and a terminal the text. Each type gets `mime_bundle()` and
+//! `evcxr_display()` (the method evcxr calls on a cell's last expression).
+
+use crate::error::Result;
+use crate::plot::{
+    readable_token, AttentionGrid, BarChart, BarMode, Cell, Colormap, Figure, Heatmap, LineChart, MimeBundle, MimeType,
+    Table, TokenStrip,
+};
+
+use super::activations::{ActivationReport, LogitLens};
+use super::compare::Comparison;
+use super::corpus::{BiasReplay, RoutingStats};
+use super::mla::{EffectiveRank, LatentSpectra, RankSweep, ScoreSplit};
+use super::routing::{RouterStep, RoutingMap};
+use super::trace::Trace;
+
+/// Text plus HTML made of the given parts; an error in drawing shows as text
+/// instead of breaking the display.
+fn bundle(text: String, parts: Vec<Result<String>>) -> MimeBundle {
+    let mut html = String::new();
+    for p in parts {
+        match p {
+            Ok(h) => html.push_str(&h),
+            Err(e) => html.push_str(&format!("<pre>cannot draw: {}</pre>", html_escape(&e.to_string()))),
+        }
+    }
+    let mut b = MimeBundle::new();
+    b.insert(MimeType::TextPlain, text);
+    b.insert(MimeType::TextHtml, html);
+    b
+}
+
+fn html_escape(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+}
+
+fn fig_html(f: Result<Figure>) -> Result<String> {
+    f.map(|f| f.to_html())
+}
+
+macro_rules! rich_display {
+    ($($t:ty),*) => {$(
+        impl $t {
+            /// Shows this value inline in a notebook (evcxr's display hook).
+            pub fn evcxr_display(&self) {
+                self.mime_bundle().evcxr_display();
+            }
+        }
+    )*};
+}
+
+rich_display!(
+    Trace, RoutingMap, RouterStep, RoutingStats, BiasReplay, Comparison, RankSweep, LatentSpectra, EffectiveRank,
+    ScoreSplit, ActivationReport, LogitLens
+);
+
+fn expert_labels(n: usize) -> Vec<String> {
+    (0..n).map(|e| format!("e{e}")).collect()
+}
+
+fn readable(tokens: &[String]) -> Vec<String> {
+    tokens.iter().map(|t| readable_token(t)).collect()
+}
+
+impl RoutingMap {
+    /// One heatmap per MoE layer: tokens x experts, coloured by routing weight.
+    pub fn figures(&self) -> Result<Vec<Figure>> {
+        self.layers
+            .iter()
+            .map(|(l, w)| {
+                let e = w.first().map_or(0, |r| r.len());
+                Ok(Heatmap::new(w)
+                    .title(format!("Routing weights, layer {l} (tokens x experts)"))
+                    .x_labels(expert_labels(e))
+                    .y_labels(readable(&self.tokens))
+                    .x_title("expert")
+                    .y_title("token")
+                    .value_name("weight")
+                    .render()?)
+            })
+            .collect()
+    }
+
+    pub fn mime_bundle(&self) -> MimeBundle {
+        let parts = match self.figures() {
+            Ok(fs) => fs.into_iter().map(|f| Ok(f.to_html())).collect(),
+            Err(e) => vec![Err(e)],
+        };
+        bundle(self.to_string(), parts)
+    }
+}
+
+impl Trace {
+    /// Attention patterns of `layer`, one small heatmap per head (batch row 0).
+    pub fn attention_figure(&self, layer: usize) -> Result<Figure> {
+        let p = self.pattern(layer)?.select(0, 0); // [H, T, T]
+        let heads = Vec::<Vec<Vec<f32>>>::try_from(&p)?;
+        Ok(AttentionGrid::new(&heads)
+            .tokens(readable(&self.tokens[0]))
+            .head_labels((0..heads.len()).map(|h| format!("head {h}")))
+            .title(format!("Attention patterns, layer {layer} (queries x keys)"))
+            .render()?)
+    }
+
+    /// The text with each token coloured by its top-1 expert in `layer`.
+    pub fn routing_strip(&self, layer: usize) -> Result<TokenStrip> {
+        let r = self.routing_of(layer)?;
+        let t = self.seq_len();
+        let top1 = Vec::<i64>::try_from(r.topk_indices.narrow(0, 0, t).select(1, 0))?;
+        let cats: Vec<usize> = top1.iter().map(|&x| x as usize).collect();
+        Ok(TokenStrip::categorical(self.tokens[0].clone(), &cats)?
+            .category_names(expert_labels(r.num_experts() as usize))
+            .title(format!("Top-1 expert per token, layer {layer}")))
+    }
+
+    /// The text with each token coloured by its next-token loss (the first
+    /// token has none).
+    pub fn loss_strip(&self) -> Result<TokenStrip> {
+        let loss = Vec::<f32>::try_from(self.loss()?.select(0, 0))?;
+        Ok(TokenStrip::new(self.tokens[0][1..].to_vec(), &loss)?
+            .value_name("loss (nats)")
+            .title("Next-token loss per token"))
+    }
+
+    pub fn mime_bundle(&self) -> MimeBundle {
+        let mut parts = vec![Ok(format!("<p><b>{}</b></p>", html_escape(&self.to_string())))];
+        let moe: Vec<usize> = self.routing.iter().flatten().map(|r| r.layer).collect();
+        if let Some(&last) = moe.last() {
+            parts.push(self.routing_strip(last).map(|s| s.to_html()));
+        }
+        if !moe.is_empty() {
+            match self.routing_map().and_then(|m| m.figures()) {
+                Ok(fs) => parts.extend(fs.into_iter().map(|f| Ok(f.to_html()))),
+                Err(e) => parts.push(Err(e)),
+            }
+        }
+        bundle(self.to_string(), parts)
+    }
+}
+
+impl RouterStep {
+    /// Scores and bias-adjusted scores of every expert, chosen ones listed.
+    pub fn figure(&self) -> Result<Figure> {
+        let e = self.scores.len();
+        let chosen: Vec<String> = self.experts.iter().map(|x| format!("e{x}")).collect();
+        Ok(BarChart::new(expert_labels(e))
+            .series("score", &self.scores)
+            .series("score + bias (choice)", &self.choice.iter().map(|v| if v.is_finite() { *v } else { 0.0 }).collect::<Vec<f32>>())
+            .mode(BarMode::Grouped)
+            .title(format!("Router, layer {}, token {} {:?}", self.layer, self.position, readable_token(&self.token)))
+            .note(format!("chosen: {}; margin {:.4}", chosen.join(", "), self.margin))
+            .x_title("expert")
+            .y_title("score")
+            .render()?)
+    }
+
+    pub fn table(&self) -> Result<Table> {
+        let mut t = Table::new(["expert", "weight", "score", "bias", "choice score"]);
+        for (x, w) in self.experts.iter().zip(&self.weights) {
+            let i = *x as usize;
+            t.add_row([format!("e{x}").into(), Cell::number(*w as f64, 4), Cell::number(self.scores[i] as f64, 4), Cell::number(self.bias[i] as f64, 4), Cell::number(self.choice[i] as f64, 4)])?;
+        }
+        Ok(t.caption(format!("Chosen experts, layer {} token {}", self.layer, self.position)))
+    }
+
+    pub fn mime_bundle(&self) -> MimeBundle {
+        bundle(self.to_string(), vec![fig_html(self.figure()), self.table().map(|t| t.to_html())])
+    }
+}
+
+impl RoutingStats {
+    /// Expert load of every MoE layer (one group of bars per expert), with the mean.
+    pub fn load_figure(&self) -> Result<Figure> {
+        let mut chart = BarChart::new(expert_labels(self.num_experts)).mode(BarMode::Grouped).mean_line(true);
+        for (l, load) in &self.load {
+            let v: Vec<f64> = load.iter().map(|&x| x as f64).collect();
+            chart = chart.series(format!("layer {l}"), &v);
+        }
+        Ok(chart
+            .title(format!("Expert load over {} tokens", self.tokens))
+            .x_title("expert")
+            .y_title("tokens routed")
+            .render()?)
+    }
+
+    /// P(j chosen | i chosen) in `layer`.
+    pub fn coactivation_figure(&self, layer: usize) -> Result<Figure> {
+        let m = self.coactivation(layer)?;
+        Ok(Heatmap::new(&m)
+            .x_labels(expert_labels(self.num_experts))
+            .y_labels(expert_labels(self.num_experts))
+            .x_title("expert j")
+            .y_title("expert i")
+            .value_name("P(j | i)")
+            .title(format!("Expert co-activation, layer {layer}"))
+            .render()?)
+    }
+
+    pub fn imbalance_table(&self) -> Result<Table> {
+        let mut t = Table::new(["layer", "max/mean", "CV", "entropy (bits)", "entropy / max"]);
+        for l in self.layers() {
+            let i = self.imbalance(l)?;
+            t.add_row([l.into(), Cell::number(i.max_over_mean, 3), Cell::number(i.cv, 3), Cell::number(i.entropy_bits, 3), Cell::number(i.normalized_entropy, 3)])?;
+        }
+        Ok(t.caption(format!("Load imbalance over {} tokens", self.tokens)))
+    }
+
+    pub fn mime_bundle(&self) -> MimeBundle {
+        bundle(self.to_string(), vec![fig_html(self.load_figure()), self.imbalance_table().map(|t| t.to_html())])
+    }
+}
+
+impl BiasReplay {
+    pub fn figure(&self) -> Result<Figure> {
+        Ok(LineChart::new()
+            .series("max / mean load", &self.max_over_mean)
+            .title(format!("Aux-loss-free balancing replay, layer {} (gamma {})", self.layer, self.gamma))
+            .x_title("step")
+            .y_title("max / mean expert load")
+            .render()?)
+    }
+
+    pub fn mime_bundle(&self) -> MimeBundle {
+        bundle(self.to_string(), vec![fig_html(self.figure())])
+    }
+}
+
+impl Comparison {
+    pub fn table(&self) -> Result<Table> {
+        let mut t = Table::new(["layer", "tokens routed differently", "mean Jaccard"]);
+        for (l, c) in &self.routing {
+            t.add_row([(*l).into(), Cell::text(format!("{:.1}%", 100.0 * c.changed_fraction)), Cell::number(c.mean_jaccard, 3)])?;
+        }
+        Ok(t.caption(format!(
+            "mean KL {:.4} nats, top-1 agreement {:.1}%, loss {:.4} -> {:.4}",
+            self.mean_kl,
+            100.0 * self.top1_agreement,
+            self.mean_loss_baseline,
+            self.mean_loss_variant
+        )))
+    }
+
+    /// KL(baseline || variant) per token position.
+    pub fn figure(&self) -> Result<Figure> {
+        Ok(LineChart::new().series("KL", &self.kl).title("KL divergence per token").x_title("position").y_title("nats").render()?)
+    }
+
+    pub fn mime_bundle(&self) -> MimeBundle {
+        bundle(self.to_string(), vec![self.table().map(|t| t.to_html()), fig_html(self.figure())])
+    }
+}
+
+impl RankSweep {
+    pub fn figure(&self) -> Result<Figure> {
+        let ranks: Vec<f64> = self.rows.iter().map(|r| r.rank as f64).collect();
+        Ok(LineChart::new()
+            .series_xy("top-1 agreement", &ranks, &self.rows.iter().map(|r| r.top1_agreement).collect::<Vec<_>>())
+            .series_xy("next-token accuracy", &ranks, &self.rows.iter().map(|r| r.next_token_accuracy).collect::<Vec<_>>())
+            .title(format!("Truncating c_kv (kv_lora_rank {})", self.kv_lora_rank))
+            .x_title("rank kept")
+            .y_title("fraction")
+            .render()?)
+    }
+
+    pub fn mime_bundle(&self) -> MimeBundle {
+        bundle(self.to_string(), vec![fig_html(self.figure())])
+    }
+}
+
+impl LatentSpectra {
+    pub fn figure(&self) -> Result<Figure> {
+        let mut c = LineChart::new().y_log(true);
+        for (h, s) in self.w_uk.iter().enumerate() {
+            c = c.series(format!("W_UK head {h}"), s);
+        }
+        for (h, s) in self.w_uv.iter().enumerate() {
+            c = c.series(format!("W_UV head {h}"), s);
+        }
+        Ok(c.title(format!("Singular values of W_UK and W_UV, layer {}", self.layer)).x_title("index").y_title("singular value").render()?)
+    }
+
+    pub fn mime_bundle(&self) -> MimeBundle {
+        bundle(self.to_string(), vec![fig_html(self.figure())])
+    }
+}
+
+impl EffectiveRank {
+    pub fn figure(&self) -> Result<Figure> {
+        Ok(LineChart::new()
+            .series("singular value", &self.singular_values)
+            .y_log(true)
+            .title(format!("Spectrum of c_kv: {self}"))
+            .x_title("index")
+            .y_title("singular value")
+            .render()?)
+    }
+
+    pub fn mime_bundle(&self) -> MimeBundle {
+        bundle(self.to_string(), vec![fig_html(self.figure())])
+    }
+}
+
+impl ScoreSplit {
+    /// Content and position parts for every head (batch row 0).
+    pub fn figures(&self) -> Result<Vec<Figure>> {
+        let mut out = Vec::new();
+        for (name, t) in [("content (q_nope . k_nope)", &self.content), ("position (q_pe . k_pe)", &self.position)] {
+            let heads = Vec::<Vec<Vec<f32>>>::try_from(&t.select(0, 0))?;
+            out.push(
+                AttentionGrid::new(&heads)
+                    .colormap(Colormap::RdBu)
+                    .title(format!("Attention score part: {name}, layer {}", self.layer))
+                    .render()?,
+            );
+        }
+        Ok(out)
+    }
+
+    pub fn mime_bundle(&self) -> MimeBundle {
+        let parts = match self.figures() {
+            Ok(fs) => fs.into_iter().map(|f| Ok(f.to_html())).collect(),
+            Err(e) => vec![Err(e)],
+        };
+        bundle(format!("score split of layer {}: content {:?}, position {:?}", self.layer, self.content.size(), self.position.size()), parts)
+    }
+}
+
+impl std::fmt::Display for ScoreSplit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "score split of layer {}: content and position parts {:?}", self.layer, self.content.size())
+    }
+}
+
+impl ActivationReport {
+    pub fn table(&self) -> Result<Table> {
+        let mut t = Table::new(["module", "mean", "std", "rms", "max |x|", "kurtosis", "outliers"]);
+        for (n, s) in &self.rows {
+            t.add_row([
+                n.as_str().into(),
+                Cell::number(s.mean, 4),
+                Cell::number(s.std, 4),
+                Cell::number(s.rms, 4),
+                Cell::number(s.max_abs, 3),
+                Cell::number(s.kurtosis, 2),
+                Cell::text(format!("{:.2}%", 100.0 * s.outlier_fraction)),
+            ])?;
+        }
+        Ok(t.caption("Activation statistics per module"))
+    }
+
+    /// RMS of the residual stream after each layer.
+    pub fn figure(&self) -> Result<Figure> {
+        let rms: Vec<f64> = self.rows.iter().filter(|(n, _)| n.ends_with("hook_resid_post")).map(|(_, s)| s.rms).collect();
+        let max: Vec<f64> = self.rows.iter().filter(|(n, _)| n.ends_with("hook_resid_post")).map(|(_, s)| s.max_abs).collect();
+        Ok(LineChart::new()
+            .series("rms", &rms)
+            .series("max |x|", &max)
+            .y_log(true)
+            .title("Residual stream after each layer")
+            .x_title("layer")
+            .render()?)
+    }
+
+    pub fn mime_bundle(&self) -> MimeBundle {
+        bundle(self.to_string(), vec![fig_html(self.figure()), self.table().map(|t| t.to_html())])
+    }
+}
+
+impl LogitLens {
+    pub fn table(&self) -> Result<Table> {
+        let mut headers = vec!["position".to_string(), "token".to_string()];
+        headers.extend((0..self.resid.len()).map(|l| format!("after layer {l}")));
+        let mut t = Table::new(headers);
+        for (pos, tok) in self.tokens.iter().enumerate() {
+            let mut row: Vec<Cell> = vec![pos.into(), readable_token(tok).into()];
+            for layer in &self.resid {
+                let (s, p) = &layer[pos];
+                row.push(Cell::text(format!("{} ({:.0}%)", readable_token(s), 100.0 * p)));
+            }
+            t.add_row(row)?;
+        }
+        Ok(t.caption("Logit lens: most likely next token if the model stopped after each layer"))
+    }
+
+    pub fn mime_bundle(&self) -> MimeBundle {
+        bundle(self.to_string(), vec![self.table().map(|t| t.to_html())])
+    }
+}
