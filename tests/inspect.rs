@@ -94,6 +94,17 @@ fn banned_experts_get_no_load_and_forced_experts_are_always_chosen() {
 }
 
 #[test]
+fn forced_experts_win_even_outside_the_kept_groups() {
+    let m = model(); // 8 experts in 4 groups, 2 groups kept, top-2
+    let layer = m.config.moe_layers()[0];
+    let t = m.trace_with(ids(30, 15), &Capture::default(), &Interventions::new().force_experts(layer, &[0, 6]).force_experts(deepscope::inspect::Layers::All, &[0])).unwrap();
+    let rows = Vec::<Vec<i64>>::try_from(&t.routing_of(layer).unwrap().topk_indices).unwrap();
+    assert!(rows.iter().all(|r| r.contains(&0) && r.contains(&6)), "{rows:?}");
+    let err = m.trace_with(ids(4, 15), &Capture::default(), &Interventions::new().patch(HookPoint::RouterScores(layer), &Tensor::zeros([4, 8], (Kind::Float, Device::Cpu)))).unwrap_err();
+    assert!(err.to_string().contains("read-only"), "{err}");
+}
+
+#[test]
 fn top_k_and_custom_routers_change_the_routing_as_asked() {
     let m = model();
     let x = ids(16, 4);

@@ -124,3 +124,17 @@ fn saved_checkpoints_reload_to_the_same_logits_and_optimizer_state() {
     let d = (shipped.forward(&x).unwrap().logits - &want).abs().max().double_value(&[]);
     assert!(d < 0.05, "bf16 copy differs by {d}");
 }
+
+#[test]
+fn written_configs_read_back_to_the_same_config() {
+    use deepscope::train::checkpoint::config_json;
+    let root = std::env::var_os("DEEPSCOPE_FIXTURES").map(PathBuf::from).unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/fixtures"));
+    for case in ["v3_base", "v3_yarn", "v2_group_limited", "v3_sharded_noqlora"] {
+        let mut cfg = Config::from_dir(root.join(case)).unwrap();
+        let back = Config::from_json_str(&config_json(&cfg, Kind::Float).to_string(), "roundtrip").unwrap();
+        // the writer saves plain (dequantized) weights without MTP layers
+        cfg.num_nextn_predict_layers = 0;
+        cfg.quantization = None;
+        assert_eq!(back, cfg, "{case}");
+    }
+}

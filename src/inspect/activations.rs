@@ -1,6 +1,16 @@
 //! Activation statistics layer by layer: summary statistics per module,
 //! histograms, massive activations, shared vs routed contributions of the MoE
 //! blocks, and the logit lens.
+//!
+//! ```
+//! use deepscope::prelude::*;
+//! # fn main() -> deepscope::Result<()> {
+//! let model = Model::load_default()?;
+//! let report = model.activation_report("Blessed are the meek", 20.0)?;
+//! println!("{report}");                                     // stats per module, massive activations
+//! println!("{}", model.logit_lens("Blessed are the meek")?); // top next token after each layer
+//! # Ok(()) }
+//! ```
 
 use std::fmt;
 
@@ -100,7 +110,38 @@ pub struct LogitLens {
     pub routed: Vec<(usize, Vec<(String, f32)>)>,
 }
 
+/// Position of a hook point within its layer, for forward ordering.
+fn stage(p: &HookPoint) -> usize {
+    use HookPoint::*;
+    match p {
+        ResidPre(_) => 0,
+        AttnIn(_) => 1,
+        QLatent(_) => 2,
+        CKv(_) => 3,
+        KPe(_) => 4,
+        QPe(_) => 5,
+        Pattern(_) => 6,
+        HeadOut(_) => 7,
+        AttnOut(_) => 8,
+        ResidMid(_) => 9,
+        MlpIn(_) => 10,
+        RouterLogits(_) | RouterScores(_) | ChosenGroups(_) | TopkIndices(_) | TopkWeights(_) => 11,
+        ExpertOut(..) => 12,
+        SharedOut(_) => 13,
+        MlpOut(_) => 14,
+        ResidPost(_) => 15,
+        Embed | FinalNorm | Logits => 16,
+    }
+}
+
 impl Model {
+    /// MoE layers that have shared experts.
+    fn shared_layers(&self) -> Vec<usize> {
+        (0..self.layers.len())
+            .filter(|&l| self.layers[l].moe().is_some_and(|m| m.shared_experts.is_some()))
+            .collect()
+    }
+
     fn lens(&self, h: &Tensor) -> Result<Vec<(String, f32)>> {
         let h = h.f_to_device(self.device)?.f_to_kind(self.kind)?;
         let logits = self.norm.forward(&h)?.f_linear(&self.lm_head, None::<Tensor>)?.f_to_kind(Kind::Float)?;
@@ -118,11 +159,11 @@ impl Model {
     /// Logit lens over `input`.
     pub fn logit_lens(&self, input: impl Into<Input>) -> Result<LogitLens> {
         let mut capture = Capture::none();
+        for l in self.shared_layers() {
+            capture = capture.with(HookPoint::SharedOut(l)).with(HookPoint::MlpOut(l));
+        }
         for l in 0..self.layers.len() {
             capture = capture.with(HookPoint::ResidPost(l));
-            if self.config.is_moe_layer(l) {
-                capture = capture.with(HookPoint::SharedOut(l)).with(HookPoint::MlpOut(l));
-            }
         }
         let t = self.trace_with(input, &capture, &Interventions::new())?;
         let _guard = tch::no_grad_guard();
@@ -130,7 +171,7 @@ impl Model {
         let mut out = LogitLens { tokens: t.tokens[0].clone(), resid: vec![], shared: vec![], routed: vec![] };
         for l in 0..self.layers.len() {
             out.resid.push(self.lens(t.tensor(HookPoint::ResidPost(l))?)?);
-            if self.config.is_moe_layer(l) {
+            if self.shared_layers().contains(&l) {
                 let d = self.config.hidden_size as i64;
                 let shared = t.tensor(HookPoint::SharedOut(l))?.f_view([shape[0], shape[1], d])?;
                 let routed = t.tensor(HookPoint::MlpOut(l))?.f_sub(&shared)?;
@@ -146,20 +187,29 @@ impl Model {
     /// routed split of each MoE block, over `input`.
     pub fn activation_report(&self, input: impl Into<Input>, massive_factor: f64) -> Result<ActivationReport> {
         let mut capture = Capture { stats: true, ..Capture::none() };
+        for l in self.shared_layers() {
+            capture = capture.with(HookPoint::SharedOut(l)).with(HookPoint::MlpOut(l));
+        }
         for l in 0..self.layers.len() {
             capture = capture.with(HookPoint::ResidPost(l));
-            if self.config.is_moe_layer(l) {
-                capture = capture.with(HookPoint::SharedOut(l)).with(HookPoint::MlpOut(l));
-            }
         }
         let t = self.trace_with(input, &capture, &Interventions::new())?;
-        let rows = t.stats.iter().map(|(p, s)| (p.to_string(), *s)).collect();
+        // forward order: embeddings, then layer by layer, then the end
+        let mut ordered: Vec<(&HookPoint, &ActStats)> = t.stats.iter().collect();
+        ordered.sort_by_key(|(p, _)| match p {
+            HookPoint::Embed => (0, 0),
+            other => match other.layer() {
+                Some(l) => (l + 1, stage(other)),
+                None => (usize::MAX, 0),
+            },
+        });
+        let rows = ordered.into_iter().map(|(p, s)| (p.to_string(), *s)).collect();
         let mut massive = Vec::new();
         let mut shared_vs_routed = Vec::new();
         let shape = t.ids.size();
         for l in 0..self.layers.len() {
             massive.extend(massive_activations(t.tensor(HookPoint::ResidPost(l))?, l, massive_factor)?);
-            if self.config.is_moe_layer(l) {
+            if self.shared_layers().contains(&l) {
                 let d = self.config.hidden_size as i64;
                 let shared = t.tensor(HookPoint::SharedOut(l))?.f_view([shape[0], shape[1], d])?.f_to_kind(Kind::Double)?;
                 let routed = t.tensor(HookPoint::MlpOut(l))?.f_to_kind(Kind::Double)?.f_sub(&shared)?;

@@ -1,6 +1,21 @@
 //! Routing statistics over a corpus: accumulators fed trace by trace
 //! (`add`, `merge`), so they stream in bounded memory, can be saved and
 //! resumed, and equal the sum of their parts.
+//!
+//! ```
+//! use deepscope::prelude::*;
+//! # fn main() -> deepscope::Result<()> {
+//! let model = Model::load_default()?;
+//! let docs = ["In the beginning God created the heaven and the earth.", "A fool and his money are soon parted."];
+//! let mut stats = RoutingStats::default();
+//! model.routing_stats(&docs, &mut stats, CorpusRun::default())?;
+//! let layer = stats.layers()[0];
+//! println!("{}", stats.imbalance(layer)?.max_over_mean);
+//! println!("{:?}", stats.top_tokens(layer, 0, 5)?);      // what expert 0 takes most
+//! let t = model.trace(docs[0])?;
+//! println!("{}", model.replay_bias_balancing(&t, layer, 0.01, 50)?);
+//! # Ok(()) }
+//! ```
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -101,8 +116,7 @@ impl RoutingStats {
     /// Adds the counts of `other` (statistics of another part of the corpus).
     pub fn merge(&mut self, other: &RoutingStats) -> Result<()> {
         if self.num_experts == 0 {
-            *self = other.clone();
-            return Ok(());
+            self.num_experts = other.num_experts;
         }
         if other.num_experts != 0 && other.num_experts != self.num_experts {
             return Err(Error::Input(format!("cannot merge statistics of {} and {} experts", self.num_experts, other.num_experts)));
@@ -215,8 +229,10 @@ impl RoutingStats {
     }
 
     /// How much the choice in MoE layer `b` is predictable from layer `a`:
-    /// normalised mutual information of their expert choices (0 = independent,
-    /// 1 = one determines the other).
+    /// normalised mutual information between one expert chosen in `a` and one
+    /// chosen in `b` for the same token, over all k_a x k_b pairs (0 =
+    /// independent; with k > 1 the maximum is below 1, so compare values
+    /// between layer pairs or runs rather than against 1).
     pub fn layer_agreement(&self, a: usize, b: usize) -> Result<f64> {
         let t = self
             .transitions

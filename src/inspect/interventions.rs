@@ -204,6 +204,11 @@ impl Interventions {
                     if let Some(l) = point.layer() {
                         check_layer(l, iv)?;
                     }
+                    if point.is_read_only() {
+                        return Err(Error::Input(format!(
+                            "{iv}: {point} is read-only (the routing is decided before it); change the router with an intervention, or patch the top-k indices/weights"
+                        )));
+                    }
                     patches.push((*point, value.shallow_clone()));
                 }
                 TruncateLatent { layers, rank } => {
@@ -255,14 +260,14 @@ impl Interventions {
                             ForceExperts { experts, .. } => ed.forced.extend(check_experts(experts)?),
                             SetTopK { k, .. } => {
                                 if *k == 0 || *k > e {
-                                    return Err(Error::Input(format!("{iv}: k must be in 1..={e}")));
+                                    return Err(Error::Input(format!("{iv}: k = {k}, but it must be in 1..={e}")));
                                 }
                                 settings.top_k = *k as i64;
                             }
                             SetGroups { n_group, topk_group, .. } => {
                                 if *n_group == 0 || e % n_group != 0 || *topk_group == 0 || topk_group > n_group {
                                     return Err(Error::Input(format!(
-                                        "{iv}: {e} experts need n_group dividing {e} and 1 <= topk_group <= n_group"
+                                        "{iv}: n_group {n_group} / topk_group {topk_group} invalid: n_group must divide {e} and 1 <= topk_group <= n_group"
                                     )));
                                 }
                                 settings.n_group = *n_group as i64;
@@ -285,6 +290,12 @@ impl Interventions {
                         ed.settings = Some(settings);
                     }
                 }
+            }
+        }
+        for ed in edits.values_mut() {
+            for v in [&mut ed.banned, &mut ed.forced] {
+                v.sort_unstable();
+                v.dedup();
             }
         }
         Ok(Compiled { edits, heads, patches, truncate })

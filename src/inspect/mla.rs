@@ -3,6 +3,22 @@
 //! cached latent `c_kv`, the split of attention scores into content
 //! (`q_nope . k_nope`) and position (`q_pe . k_pe`) parts, a rank-truncation
 //! experiment, and the naive-vs-absorbed equality check.
+//!
+//! ```
+//! use deepscope::prelude::*;
+//! # fn main() -> deepscope::Result<()> {
+//! let model = Model::load_default()?;
+//! println!("{}", model.cache_footprint(2));                  // bytes per token: absorbed vs naive vs MHA
+//! // the truncation basis is the SVD over this pass's tokens: use a text longer than the ranks
+//! let text = "And the LORD spake unto Moses, saying, Speak unto the children of Israel, and say unto them, \
+//!             When any man of you bring an offering unto the LORD, ye shall bring your offering of the cattle, \
+//!             even of the herd, and of the flock. If his offering be a burnt sacrifice of the herd, \
+//!             let him offer a male without blemish: he shall offer it of his own voluntary will.";
+//! println!("{}", model.latent_effective_rank(text, 1)?);     // how many directions c_kv uses
+//! println!("{}", model.rank_truncation(text, &[64, 16, 4, 0])?);
+//! println!("{}", model.attention_path_check(text)?);        // naive == absorbed
+//! # Ok(()) }
+//! ```
 
 use std::fmt;
 
@@ -73,6 +89,14 @@ pub struct RankSweep {
 pub struct PathCheck {
     pub max_abs_logit_diff: f64,
     pub max_abs_logit: f64,
+    /// Relative tolerance for the model's dtype (1e-4 for f32, 3e-2 for bf16/f16).
+    pub tolerance: f64,
+}
+
+impl PathCheck {
+    pub fn equal(&self) -> bool {
+        self.max_abs_logit_diff <= self.tolerance * self.max_abs_logit.max(1.0)
+    }
 }
 
 pub fn effective_rank(x: &Tensor) -> Result<EffectiveRank> {
@@ -160,7 +184,9 @@ impl Model {
     }
 
     /// Projects every layer's `c_kv` onto its top-r singular directions for
-    /// each `r` in `ranks` and reports how the predictions degrade.
+    /// each `r` in `ranks` and reports how the predictions degrade. The
+    /// directions come from this input's own tokens, so a rank at or above the
+    /// number of tokens loses nothing: use inputs longer than the ranks.
     pub fn rank_truncation(&self, input: impl Into<Input>, ranks: &[usize]) -> Result<RankSweep> {
         let ids = input.into().ids(self)?;
         let full = self.trace_with(&ids, &Capture::none(), &Interventions::new())?;
@@ -193,6 +219,7 @@ impl Model {
         Ok(PathCheck {
             max_abs_logit_diff: n.f_sub(&a)?.f_abs()?.f_max()?.f_double_value(&[])?,
             max_abs_logit: n.f_abs()?.f_max()?.f_double_value(&[])?,
+            tolerance: if self.kind == Kind::Float || self.kind == Kind::Double { 1e-4 } else { 3e-2 },
         })
     }
 }
@@ -239,7 +266,7 @@ impl fmt::Display for PathCheck {
             "naive vs absorbed attention: max |logit difference| {:.2e} (logits up to {:.2}): {}",
             self.max_abs_logit_diff,
             self.max_abs_logit,
-            if self.max_abs_logit_diff <= 1e-4 * self.max_abs_logit.max(1.0) { "equal" } else { "DIFFERENT" }
+            if self.equal() { "equal" } else { "DIFFERENT" }
         )
     }
 }

@@ -1,7 +1,7 @@
 //! Inspection: captures, traces, routing views, corpus statistics,
 //! interventions and comparisons.
 //!
-//! ```no_run
+//! ```
 //! use deepscope::prelude::*;
 //! # fn main() -> deepscope::Result<()> {
 //! let model = Model::load_default()?;

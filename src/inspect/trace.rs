@@ -61,7 +61,7 @@ impl Input {
             Input::Batch(t) => t.f_to_device(Device::Cpu)?,
         };
         model.check_ids(&ids)?;
-        Ok(ids)
+        Ok(ids.f_to_kind(Kind::Int64)?)
     }
 }
 
@@ -194,8 +194,21 @@ impl Model {
                 if l >= self.layers.len() {
                     return Err(Error::Input(format!("cannot capture {p}: the model has {} layers", self.layers.len())));
                 }
-                if p.is_moe() && self.layers[l].moe().is_none() {
+                let moe = self.layers[l].moe();
+                if p.is_moe() && moe.is_none() {
                     return Err(Error::Input(format!("cannot capture {p}: layer {l} is a dense layer")));
+                }
+                let never = match *p {
+                    HookPoint::QLatent(_) => self.config.q_lora_rank.is_none().then_some("the model has no q_lora_rank (queries come from q_proj)"),
+                    HookPoint::ChosenGroups(_) => moe
+                        .filter(|m| m.gate.settings.method == crate::model::TopkMethod::Greedy || m.gate.settings.n_group <= 1)
+                        .map(|_| "this router does not limit groups"),
+                    HookPoint::SharedOut(_) => moe.filter(|m| m.shared_experts.is_none()).map(|_| "the layer has no shared experts"),
+                    HookPoint::ExpertOut(_, e) => moe.filter(|m| e >= m.experts.len()).map(|_| "no such expert"),
+                    _ => None,
+                };
+                if let Some(why) = never {
+                    return Err(Error::Input(format!("cannot capture {p}: {why}")));
                 }
             }
         }
@@ -284,7 +297,7 @@ impl Trace {
     /// The captured tensor at `point`.
     pub fn tensor(&self, point: HookPoint) -> Result<&Tensor> {
         self.tensors.get(&point).ok_or_else(|| {
-            Error::Input(format!("{point} was not captured: trace with Capture::default().with({point:?})"))
+            Error::Input(format!("{point} was not captured: trace with Capture::default().with(\"{point}\".parse()?)"))
         })
     }
 

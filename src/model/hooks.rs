@@ -76,6 +76,11 @@ impl HookPoint {
         }
     }
 
+    /// Points whose value can be read but not replaced (see [`Hooks::visit`]).
+    pub fn is_read_only(&self) -> bool {
+        matches!(self, HookPoint::RouterLogits(_) | HookPoint::RouterScores(_) | HookPoint::ChosenGroups(_) | HookPoint::ExpertOut(..))
+    }
+
     /// True for points that only exist in MoE layers.
     pub fn is_moe(&self) -> bool {
         use HookPoint::*;
@@ -172,6 +177,9 @@ impl FromStr for HookPoint {
 pub trait Hooks {
     /// Called with the value at `point`; returns the value the forward pass
     /// continues with (the same tensor, or a replacement of the same shape).
+    /// Read-only points, whose returned value is ignored: `RouterLogits`,
+    /// `RouterScores`, `ChosenGroups` (the choice is made before they are
+    /// visited) and `ExpertOut` (only visited when wanted).
     fn visit(&mut self, point: HookPoint, value: Tensor) -> Result<Tensor> {
         let _ = point;
         Ok(value)

@@ -255,12 +255,13 @@ impl Router {
             let (idx, w) = custom.route(&RouterInput { x, logits: &logits, scores: &scores, settings: st, layer })?;
             let n = logits.size()[0];
             let (is, ws) = (idx.size(), w.size());
-            if is.len() != 2 || is[0] != n || is != ws {
+            if is.len() != 2 || is[0] != n || is[1] < 1 || is != ws {
                 return Err(Error::Input(format!(
-                    "layer {layer}: a custom router must return indices and weights of shape [{n}, k], got {is:?} and {ws:?}"
+                    "layer {layer}: a custom router must return indices and weights of shape [{n}, k] with k >= 1, got {is:?} and {ws:?}"
                 )));
             }
-            let idx = idx.f_to_kind(Kind::Int64)?;
+            let idx = idx.f_to_kind(Kind::Int64)?.f_to_device(logits.device())?;
+            let w = w.f_to_device(logits.device())?;
             check_expert_ids(&idx, e, layer)?;
             return Ok(RouterOutput {
                 choice: scores.shallow_clone(),
@@ -343,13 +344,20 @@ impl Router {
         if !forced.is_empty() {
             choice = choice.f_index_fill(1, &Tensor::f_from_slice(forced)?.f_to_device(device)?, f64::INFINITY)?;
         }
-        let (masked, group_scores, chosen_groups) = self.mask_groups(&choice, st, layer)?;
+        let (mut masked, group_scores, chosen_groups) = self.mask_groups(&choice, st, layer)?;
+        if !forced.is_empty() {
+            // forced experts are chosen whatever their group's rank
+            masked = masked.f_index_fill(1, &Tensor::f_from_slice(forced)?.f_to_device(device)?, f64::INFINITY)?;
+        }
         let (best, indices) = masked.f_topk(st.top_k, -1, true, true)?; // [N, k]
         if best.f_isneginf()?.f_any()?.f_int64_value(&[])? != 0 {
+            let per_group = self.num_experts() / st.n_group.max(1);
             return Err(Error::Input(format!(
-                "layer {layer}: after banning {} expert(s) and group masking, fewer than {} experts are left to choose",
+                "layer {layer}: fewer than {} experts are left to choose ({} banned; group-limited routing allows {} groups x {} experts)",
+                st.top_k,
                 banned.len(),
-                st.top_k
+                st.topk_group,
+                per_group
             )));
         }
         Ok(Selection {
@@ -478,13 +486,22 @@ impl Moe {
         let d = *shape.last().unwrap_or(&0);
         let flat = x.f_reshape([-1, d])?; // [N, D]
         let mut routing = self.gate.route_with(&flat, hooks.router_edits(layer), layer)?;
-        routing.logits = hooks.visit(HookPoint::RouterLogits(layer), routing.logits)?;
-        routing.scores = hooks.visit(HookPoint::RouterScores(layer), routing.scores)?;
-        if let Some(g) = routing.chosen_groups.take() {
-            routing.chosen_groups = Some(hooks.visit(HookPoint::ChosenGroups(layer), g)?);
+        // logits, scores and groups are read-only: the choice is already made
+        // (change routing through RouterEdits, or replace the top-k below)
+        let _ = hooks.visit(HookPoint::RouterLogits(layer), routing.logits.shallow_clone())?;
+        let _ = hooks.visit(HookPoint::RouterScores(layer), routing.scores.shallow_clone())?;
+        if let Some(g) = &routing.chosen_groups {
+            let _ = hooks.visit(HookPoint::ChosenGroups(layer), g.shallow_clone())?;
         }
         routing.topk_indices = hooks.visit(HookPoint::TopkIndices(layer), routing.topk_indices)?;
         routing.topk_weights = hooks.visit(HookPoint::TopkWeights(layer), routing.topk_weights)?;
+        let (is, ws) = (routing.topk_indices.size(), routing.topk_weights.size());
+        if is.len() != 2 || is[0] != flat.size()[0] || is[1] < 1 || is != ws {
+            return Err(Error::Input(format!(
+                "layer {layer}: top-k indices and weights must both be [{}, k] with k >= 1, got {is:?} and {ws:?}",
+                flat.size()[0]
+            )));
+        }
         check_expert_ids(&routing.topk_indices, self.experts.len() as i64, layer)?;
         let mut out = self.dispatch(&flat, &routing.topk_indices, &routing.topk_weights)?;
         for (e, expert) in self.experts.iter().enumerate() {

@@ -12,7 +12,7 @@ use crate::model::config::{Config, RopeScaling};
 use crate::model::Model;
 
 /// `config.json` for `cfg` (`model_type: deepseek_v3` / `deepseek_v2`).
-pub fn config_json(cfg: &Config) -> serde_json::Value {
+pub fn config_json(cfg: &Config, kind: Kind) -> serde_json::Value {
     let rope = match &cfg.rope_scaling {
         RopeScaling::Default => json!({"rope_type": "default", "rope_theta": cfg.rope_theta}),
         RopeScaling::Yarn {
@@ -22,11 +22,13 @@ pub fn config_json(cfg: &Config) -> serde_json::Value {
             beta_slow,
             mscale,
             mscale_all_dim,
-            ..
+            attention_factor,
+            truncate,
         } => json!({
             "rope_type": "yarn", "rope_theta": cfg.rope_theta, "factor": factor,
             "original_max_position_embeddings": original_max_position_embeddings,
             "beta_fast": beta_fast, "beta_slow": beta_slow, "mscale": mscale, "mscale_all_dim": mscale_all_dim,
+            "attention_factor": attention_factor, "truncate": truncate,
         }),
     };
     let v3 = cfg.family == crate::model::Family::V3;
@@ -65,12 +67,13 @@ pub fn config_json(cfg: &Config) -> serde_json::Value {
         "rope_interleave": cfg.rope_interleave,
         "max_position_embeddings": cfg.max_position_embeddings,
         "attention_bias": cfg.attention_bias,
+        "mlp_bias": cfg.mlp_bias,
         "tie_word_embeddings": cfg.tie_word_embeddings,
         "bos_token_id": cfg.bos_token_id,
         "eos_token_id": cfg.eos_token_ids.first(),
         "pad_token_id": cfg.pad_token_id,
         "num_nextn_predict_layers": 0,
-        "torch_dtype": "bfloat16",
+        "torch_dtype": if kind == Kind::BFloat16 { "bfloat16" } else if kind == Kind::Half { "float16" } else { "float32" },
     })
 }
 
@@ -107,12 +110,12 @@ pub fn save_model(model: &Model, dir: &Path, kind: Kind) -> Result<()> {
         })
         .collect::<Result<_>>()?;
     write_atomically(&dir.join("model.safetensors"), |tmp| Ok(Tensor::write_safetensors(&tensors, tmp)?))?;
-    write_config(&model.config, dir)
+    write_config(&model.config, dir, kind)
 }
 
 /// Writes `config.json` and `generation_config.json`.
-pub fn write_config(cfg: &Config, dir: &Path) -> Result<()> {
-    let config = serde_json::to_string_pretty(&config_json(cfg)).map_err(|e| Error::Input(e.to_string()))?;
+pub fn write_config(cfg: &Config, dir: &Path, kind: Kind) -> Result<()> {
+    let config = serde_json::to_string_pretty(&config_json(cfg, kind)).map_err(|e| Error::Input(e.to_string()))?;
     let path = dir.join("config.json");
     std::fs::write(&path, config + "\n").map_err(|e| Error::io(&path, e))?;
     let generation = json!({
@@ -145,22 +148,36 @@ pub fn weight_shapes(cfg: &Config) -> Vec<(String, Vec<i64>)> {
         let mut push = |n: &str, s: Vec<i64>| out.push((format!("{p}.{n}"), s));
         push("input_layernorm.weight", vec![d]);
         push("post_attention_layernorm.weight", vec![d]);
+        let ab = cfg.attention_bias;
         match cfg.q_lora_rank {
             None => push("self_attn.q_proj.weight", vec![h * qk, d]),
             Some(r) => {
                 push("self_attn.q_a_proj.weight", vec![i(r), d]);
+                if ab {
+                    push("self_attn.q_a_proj.bias", vec![i(r)]);
+                }
                 push("self_attn.q_a_layernorm.weight", vec![i(r)]);
                 push("self_attn.q_b_proj.weight", vec![h * qk, i(r)]);
             }
         }
         push("self_attn.kv_a_proj_with_mqa.weight", vec![i(cfg.kv_lora_rank + cfg.qk_rope_head_dim), d]);
+        if ab {
+            push("self_attn.kv_a_proj_with_mqa.bias", vec![i(cfg.kv_lora_rank + cfg.qk_rope_head_dim)]);
+            push("self_attn.o_proj.bias", vec![d]);
+        }
         push("self_attn.kv_a_layernorm.weight", vec![i(cfg.kv_lora_rank)]);
         push("self_attn.kv_b_proj.weight", vec![h * i(cfg.qk_nope_head_dim + cfg.v_head_dim), i(cfg.kv_lora_rank)]);
         push("self_attn.o_proj.weight", vec![d, h * i(cfg.v_head_dim)]);
+        let mb = cfg.mlp_bias;
         let mut mlp = |prefix: String, inter: i64| {
             push(&format!("{prefix}.gate_proj.weight"), vec![inter, d]);
             push(&format!("{prefix}.up_proj.weight"), vec![inter, d]);
             push(&format!("{prefix}.down_proj.weight"), vec![d, inter]);
+            if mb {
+                push(&format!("{prefix}.gate_proj.bias"), vec![inter]);
+                push(&format!("{prefix}.up_proj.bias"), vec![inter]);
+                push(&format!("{prefix}.down_proj.bias"), vec![d]);
+            }
         };
         if cfg.is_moe_layer(l) {
             let im = i(cfg.moe_intermediate_size);
@@ -198,7 +215,7 @@ pub fn init_checkpoint(cfg: &Config, dir: &Path, init_std: f64, seed: i64) -> Re
             let opts = (Kind::Float, Device::Cpu);
             let t = if name.ends_with("norm.weight") {
                 Tensor::f_ones(&shape, opts)?
-            } else if name.ends_with("e_score_correction_bias") {
+            } else if name.ends_with("e_score_correction_bias") || name.ends_with(".bias") {
                 Tensor::f_zeros(&shape, opts)?
             } else {
                 let std = if name.ends_with("o_proj.weight") || name.ends_with("down_proj.weight") {
@@ -212,5 +229,5 @@ pub fn init_checkpoint(cfg: &Config, dir: &Path, init_std: f64, seed: i64) -> Re
         })
         .collect::<Result<_>>()?;
     write_atomically(&dir.join("model.safetensors"), |tmp| Ok(Tensor::write_safetensors(&tensors, tmp)?))?;
-    write_config(cfg, dir)
+    write_config(cfg, dir, Kind::Float)
 }

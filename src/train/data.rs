@@ -52,7 +52,7 @@ impl TrainStream {
     /// as inputs and next-token targets [batch, seq]. The windows depend only on
     /// `(seed, step)`, so a resumed run sees exactly the batches it would have.
     pub fn batch(&self, seed: u64, step: u64, batch: usize, seq: usize) -> Result<(Tensor, Tensor)> {
-        if self.ids.len() <= seq + 1 {
+        if self.ids.len() < seq + 1 {
             return Err(Error::Input(format!(
                 "the training stream has {} tokens, fewer than one window of {}",
                 self.ids.len(),
@@ -63,7 +63,7 @@ impl TrainStream {
         let mut x = Vec::with_capacity(batch * seq);
         let mut y = Vec::with_capacity(batch * seq);
         for _ in 0..batch {
-            let start = rng.random_range(0..self.ids.len() - seq - 1);
+            let start = rng.random_range(0..=self.ids.len() - seq - 1);
             x.extend_from_slice(&self.ids[start..start + seq]);
             y.extend_from_slice(&self.ids[start + 1..start + seq + 1]);
         }

@@ -96,6 +96,9 @@ pub fn jensen_shannon(a: &[f64], b: &[f64]) -> f64 {
 /// every text token (not `<|bos|>`) scored once with at least `seq/2` tokens
 /// of context (or all there is).
 pub fn evaluate(model: &Model, docs: &[TokenDoc], seq: usize) -> Result<EvalReport> {
+    if seq < 2 {
+        return Err(crate::error::Error::Input(format!("evaluation windows need at least 2 tokens, got {seq}")));
+    }
     let _guard = tch::no_grad_guard();
     let mut per_domain: BTreeMap<String, DomainScore> = BTreeMap::new();
     let mut expert_counts: BTreeMap<usize, BTreeMap<String, Vec<f64>>> = BTreeMap::new();

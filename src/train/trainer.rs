@@ -99,6 +99,12 @@ pub struct Trainer<'a> {
 impl<'a> Trainer<'a> {
     /// Marks every weight but the router bias as trainable.
     pub fn new(model: &'a Model, settings: TrainSettings) -> Result<Trainer<'a>> {
+        if settings.seq_len < 2 || settings.batch_size == 0 {
+            return Err(Error::Input(format!(
+                "training needs seq_len >= 2 and batch_size >= 1, got {} and {}",
+                settings.seq_len, settings.batch_size
+            )));
+        }
         let mut params = Vec::new();
         for (name, t) in model.named_weights() {
             if name.ends_with("e_score_correction_bias") {
@@ -151,7 +157,8 @@ impl<'a> Trainer<'a> {
             }
         }
         let grad_norm = sq.sqrt();
-        let clip = if grad_norm > s.grad_clip { s.grad_clip / (grad_norm + 1e-6) } else { 1.0 };
+        // grad_clip 0 means no clipping
+        let clip = if s.grad_clip > 0.0 && grad_norm > s.grad_clip { s.grad_clip / (grad_norm + 1e-6) } else { 1.0 };
         let lr = s.lr_at(self.step);
         let t = (self.step + 1) as f64;
         let (bc1, bc2) = (1.0 - s.beta1.powf(t), 1.0 - s.beta2.powf(t));
@@ -209,7 +216,7 @@ impl<'a> Trainer<'a> {
         write_atomically(&dir.join("optimizer.safetensors"), |tmp| Ok(Tensor::write_safetensors(&tensors, tmp)?))?;
         let state = serde_json::json!({ "next_step": self.step, "settings": self.settings });
         let path = dir.join("train_state.json");
-        std::fs::write(&path, state.to_string()).map_err(|e| Error::io(&path, e))
+        write_atomically(&path, |tmp| std::fs::write(tmp, state.to_string()).map_err(|e| Error::io(tmp, e)))
     }
 
     /// Restores the optimiser state and step written by [`Trainer::save`].
@@ -261,8 +268,8 @@ impl<'a> Trainer<'a> {
                 tps,
                 elapsed
             )
-            .map_err(|e| Error::io(ckpt_dir, e))?;
-            if st.step % s.log_every == 0 || self.step == s.steps {
+            .map_err(|e| Error::io(ckpt_dir.join("train_log.csv"), e))?;
+            if (s.log_every > 0 && st.step % s.log_every == 0) || self.step == s.steps {
                 let eta = (s.steps - self.step) as f64 * elapsed / done.max(1.0);
                 eprintln!(
                     "step {:>5}/{} loss {:.4} lr {:.2e} |g| {:.3} load max/mean {:.2} {:.0} tok/s eta {:.0} min",
@@ -277,7 +284,7 @@ impl<'a> Trainer<'a> {
                 );
                 log.flush().map_err(|e| Error::io(ckpt_dir, e))?;
             }
-            if self.step % s.checkpoint_every == 0 || self.step == s.steps {
+            if (s.checkpoint_every > 0 && self.step % s.checkpoint_every == 0) || self.step == s.steps {
                 self.save(ckpt_dir)?;
             }
             if eval_every > 0 && (self.step % eval_every == 0 || self.step == s.steps) {
