@@ -57,7 +57,8 @@ def main() -> None:
     info = run([a.deepscope, "info", "--model", d])
     prompts = {
         "Bible": "And the LORD said unto Moses,",
-        "Fortune": "A fool and his money",
+        "Fortune": "Murphy's Law:",
+        "Fortune (2)": "You will",
         "Jargon": "A hacker is",
     }
     samples = []
@@ -72,7 +73,17 @@ def main() -> None:
         f"| {dom} | {v['bits_per_byte']:.3f} | {v['loss_nats_per_token']:.3f} | {v['tokens']:,} | {v['bytes']:,} |"
         for dom, v in per.items())
     bal = rep["load_max_over_mean"]
-    bal_rows = "\n".join(f"| {layer} | {v:.2f} |" for layer, v in bal.items())
+    mix = rep.get("load_max_over_mean_training_mix", {})
+    by_dom = rep.get("load_max_over_mean_by_domain", {})
+    doms = sorted(by_dom)
+    bal_rows = "\n".join(
+        f"| {layer} | {v:.2f} | {mix.get(layer, float('nan')):.2f} | "
+        + " | ".join(f"{by_dom[d][layer]:.2f}" for d in doms) + " |"
+        for layer, v in bal.items())
+    share = rep.get("train_domain_share", {})
+    share_text = ", ".join(f"{d} {100 * share[d]:.0f}%" for d in sorted(share))
+    held_tokens = sum(v["tokens"] for v in rep["per_domain"].values())
+    held_text = ", ".join(f"{d} {100 * v['tokens'] / held_tokens:.0f}%" for d, v in sorted(rep["per_domain"].items()))
     jsd = rep["domain_jsd_bits"]
     pairs = sorted({p for v in jsd.values() for p in v})
     jsd_rows = "\n".join(f"| {layer} | " + " | ".join(f"{v[p]:.3f}" for p in pairs) + " |" for layer, v in jsd.items())
@@ -146,11 +157,17 @@ encoding prepends `<|bos|>`.
 Revelation: **{rev:.3f} bits per byte**, against **{uni:.3f}** for a unigram model over
 the same tokenizer (token frequencies of the training split, add-one smoothed).
 
-### Expert load balance (held-out, all domains; max / mean expert load)
+### Expert load balance (max / mean expert load on the held-out split)
 
-| MoE layer | max/mean |
-|---|---:|
+| MoE layer | held-out as is | held-out, domains mixed as in training | {' | '.join(doms)} |
+|---|---:|---:|{'---:|' * len(doms)}
 {bal_rows}
+
+The bias update balances the load of the *training* mixture ({share_text} of the
+training tokens). The held-out split mixes the domains differently ({held_text} of its
+tokens), and the experts have specialised by domain, so the split as it is is less
+balanced than the same text reweighted to the training mixture; within a single
+domain the load is uneven by design (that is the specialisation measured below).
 
 ### Domain specialisation
 

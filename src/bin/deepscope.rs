@@ -141,6 +141,17 @@ enum Command {
         #[arg(long)]
         resume: bool,
     },
+    /// Evaluate a model trained by `deepscope train` on the held-out corpus
+    /// split: bits per byte per domain, unigram baseline, load balance, routing
+    /// divergence between domains (JSON on stdout).
+    Eval {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long, default_value_t = 256)]
+        seq_len: usize,
+        #[arg(long, default_value = "auto")]
+        device: String,
+    },
     /// Benchmark prefill, decode and load memory; prints one JSON line.
     Bench {
         #[command(flatten)]
@@ -198,6 +209,11 @@ fn run(cli: Cli) -> Result<()> {
             model,
             cache_bytes_per_elem,
         } => info(&model, cache_bytes_per_elem),
+        Command::Eval { model, seq_len, device } => {
+            let report = deepscope::train::evaluate_model(&model, seq_len, parse_device(&device)?, &Default::default())?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            Ok(())
+        }
         Command::Train {
             out,
             steps,

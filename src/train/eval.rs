@@ -52,6 +52,36 @@ impl EvalReport {
             .collect()
     }
 
+    /// max/mean expert load per MoE layer within each domain's held-out text.
+    pub fn load_max_over_mean_by_domain(&self) -> BTreeMap<String, BTreeMap<usize, f64>> {
+        let mut out: BTreeMap<String, BTreeMap<usize, f64>> = BTreeMap::new();
+        for (&l, per) in &self.expert_counts {
+            for (d, counts) in per {
+                out.entry(d.clone()).or_default().insert(l, max_over_mean(counts));
+            }
+        }
+        out
+    }
+
+    /// max/mean expert load per MoE layer when the domains are mixed in the
+    /// proportions `weights` (e.g. their shares of the training tokens): each
+    /// domain's load distribution weighted, then summed.
+    pub fn load_max_over_mean_weighted(&self, weights: &BTreeMap<String, f64>) -> BTreeMap<usize, f64> {
+        self.expert_counts
+            .iter()
+            .map(|(&l, per)| {
+                let n = per.values().next().map_or(0, |v| v.len());
+                let mut mix = vec![0.0; n];
+                for (d, counts) in per {
+                    let w = weights.get(d).copied().unwrap_or(0.0);
+                    let total: f64 = counts.iter().sum::<f64>().max(1e-12);
+                    mix.iter_mut().zip(counts).for_each(|(m, c)| *m += w * c / total);
+                }
+                (l, max_over_mean(&mix))
+            })
+            .collect()
+    }
+
     /// Jensen-Shannon divergence (bits) between the expert-choice
     /// distributions of each pair of domains, per MoE layer.
     pub fn domain_jsd(&self) -> BTreeMap<usize, BTreeMap<String, f64>> {
@@ -70,6 +100,11 @@ impl EvalReport {
             })
             .collect()
     }
+}
+
+fn max_over_mean(v: &[f64]) -> f64 {
+    let mean = v.iter().sum::<f64>() / v.len().max(1) as f64;
+    v.iter().cloned().fold(0.0, f64::max) / mean.max(1e-12)
 }
 
 /// JSD in bits between two count vectors (normalised here).

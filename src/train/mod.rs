@@ -117,28 +117,56 @@ pub fn run(job: &TrainJob) -> Result<()> {
     drop(model);
     let shipped = Model::load(&final_dir, LoadOptions { device: job.device, kind: Kind::Float })?;
     eprintln!("evaluating the shipped model on the whole held-out split...");
-    let report = eval::evaluate(&shipped, &heldout, seq)?;
+    let mut figures = heldout_report(&shipped, &stream, &heldout, vocab, seq)?;
+    if let Some(obj) = figures.as_object_mut() {
+        obj.insert("train_seconds".into(), json!(train_secs));
+        obj.insert("train_tokens".into(), json!(stream.ids.len()));
+        obj.insert("steps".into(), json!(job.settings.steps));
+        obj.insert("settings".into(), json!(job.settings));
+        obj.insert("command".into(), json!(job.command));
+        obj.insert("threads".into(), json!(tch::get_num_threads()));
+        obj.insert("device".into(), json!(format!("{:?}", job.device)));
+    }
+    let path = final_dir.join("eval_report.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&figures).unwrap_or_default()).map_err(|e| Error::io(&path, e))?;
+    eprintln!("wrote {} (figures in eval_report.json)", final_dir.display());
+    Ok(())
+}
+
+/// Held-out figures of `model`: bits per byte and loss per domain, the
+/// unigram baseline on Revelation, expert-load balance (overall, per domain,
+/// and with the domains mixed as in training) and per-domain routing JSD.
+pub fn heldout_report(model: &Model, stream: &TrainStream, heldout: &[TokenDoc], vocab: usize, seq: usize) -> Result<serde_json::Value> {
+    let report = eval::evaluate(model, heldout, seq)?;
     let revelation: Vec<TokenDoc> = heldout.iter().filter(|d| d.domain == Domain::Bible).cloned().collect();
     let unigram = eval::unigram_bits_per_byte(&stream.ids, vocab, &revelation);
-    let figures = json!({
+    let mut share = std::collections::BTreeMap::new();
+    for d in &stream.domains {
+        *share.entry(d.name().to_string()).or_insert(0.0) += 1.0 / stream.domains.len() as f64;
+    }
+    Ok(json!({
         "per_domain": report.per_domain.iter().map(|(d, s)| (d.clone(), json!({
             "bits_per_byte": s.bits_per_byte(), "loss_nats_per_token": s.loss(), "tokens": s.tokens, "bytes": s.bytes,
         }))).collect::<serde_json::Map<_, _>>(),
         "revelation_unigram_bits_per_byte": unigram,
         "load_max_over_mean": report.load_max_over_mean(),
+        "load_max_over_mean_by_domain": report.load_max_over_mean_by_domain(),
+        "train_domain_share": share,
+        "load_max_over_mean_training_mix": report.load_max_over_mean_weighted(&share),
         "domain_jsd_bits": report.domain_jsd(),
-        "train_seconds": train_secs,
-        "train_tokens": stream.ids.len(),
-        "steps": job.settings.steps,
-        "settings": job.settings,
-        "command": job.command,
-        "threads": tch::get_num_threads(),
-        "device": format!("{:?}", job.device),
-    });
-    let path = final_dir.join("eval_report.json");
-    std::fs::write(&path, serde_json::to_string_pretty(&figures).unwrap_or_default()).map_err(|e| Error::io(&path, e))?;
-    eprintln!("wrote {} (figures in eval_report.json)", final_dir.display());
-    Ok(())
+    }))
+}
+
+/// Evaluates a trained model (directory with tokenizer.json) on the held-out
+/// split of the corpus, with the figures of [`heldout_report`].
+pub fn evaluate_model(dir: &Path, seq: usize, device: Device, sources: &CorpusSources) -> Result<serde_json::Value> {
+    let model = Model::load(dir, LoadOptions { device, kind: Kind::Float })?;
+    let tok = model.tokenizer()?;
+    let eos = tok.token_id(bpe::EOS).ok_or_else(|| Error::Input("tokenizer has no <|eos|>".into()))?;
+    let corpus = Corpus::load(sources)?;
+    let stream = TrainStream::new(tok, &corpus, eos)?;
+    let heldout: Vec<TokenDoc> = corpus.heldout().map(|d| tokenize_doc(tok, d, eos)).collect::<Result<_>>()?;
+    heldout_report(&model, &stream, &heldout, tok.inner.get_vocab_size(true), seq)
 }
 
 fn open_log(path: &Path, header: &str, append: bool) -> Result<std::fs::File> {
