@@ -175,12 +175,18 @@ fn head_ablation_and_latent_truncation_do_what_they_say() {
 fn activation_statistics_equal_a_direct_computation() {
     let m = model();
     let p = HookPoint::MlpOut(1);
-    let t = m.trace_with(ids(20, 9), &Capture::default().with(p), &Interventions::new()).unwrap();
+    let capture = Capture { module_stats: true, ..Capture::default() }.with(p);
+    let t = m.trace_with(ids(20, 9), &capture, &Interventions::new()).unwrap();
+    assert!(m.trace(ids(20, 9)).unwrap().stats.keys().all(|p| matches!(p, HookPoint::Embed | HookPoint::ResidPost(_))));
     let direct = ActStats::of(t.tensor(p).unwrap()).unwrap();
     assert_eq!(t.stats[&p], direct);
     let v = t.tensor(p).unwrap().to_kind(Kind::Double);
-    assert!((direct.mean - v.mean(Kind::Double).double_value(&[])).abs() < 1e-12);
-    assert!((direct.max_abs - v.abs().max().double_value(&[])).abs() < 1e-12);
+    let std = (&v - v.mean(Kind::Double)).square().mean(Kind::Double).sqrt().double_value(&[]);
+    assert!((direct.mean - v.mean(Kind::Double).double_value(&[])).abs() < 1e-5 * std);
+    assert!((direct.std - std).abs() < 1e-5 * std);
+    assert!((direct.max_abs - v.abs().max().double_value(&[])).abs() < 1e-6 * direct.max_abs);
+    let rms = v.square().mean(Kind::Double).sqrt().double_value(&[]);
+    assert!((direct.rms - rms).abs() < 1e-5 * rms);
 }
 
 #[test]

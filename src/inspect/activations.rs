@@ -186,7 +186,7 @@ impl Model {
     /// residual stream (|x| > `massive_factor` x median), and the shared vs
     /// routed split of each MoE block, over `input`.
     pub fn activation_report(&self, input: impl Into<Input>, massive_factor: f64) -> Result<ActivationReport> {
-        let mut capture = Capture { stats: true, ..Capture::none() };
+        let mut capture = Capture { stats: true, module_stats: true, ..Capture::none() };
         for l in self.shared_layers() {
             capture = capture.with(HookPoint::SharedOut(l)).with(HookPoint::MlpOut(l));
         }

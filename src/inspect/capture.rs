@@ -21,8 +21,12 @@ pub struct Capture {
     /// Attention probabilities of every layer (switches attention to the
     /// explicit path, which costs a little more than the fused one).
     pub patterns: bool,
-    /// Summary statistics of the residual stream and block outputs.
+    /// Summary statistics of the residual stream (embeddings and the output
+    /// of every layer).
     pub stats: bool,
+    /// Statistics of every module output too (attention and MLP/MoE outputs,
+    /// shared experts, `c_kv`); used by `Model::activation_report`.
+    pub module_stats: bool,
     /// Hook points whose full tensors are kept.
     pub tensors: BTreeSet<HookPoint>,
 }
@@ -33,6 +37,7 @@ impl Default for Capture {
             routing: true,
             patterns: true,
             stats: true,
+            module_stats: false,
             tensors: BTreeSet::new(),
         }
     }
@@ -45,6 +50,7 @@ impl Capture {
             routing: false,
             patterns: false,
             stats: false,
+            module_stats: false,
             tensors: BTreeSet::new(),
         }
     }
@@ -74,7 +80,8 @@ impl Capture {
     /// Whether statistics are taken at `point`.
     pub fn stats_at(&self, point: HookPoint) -> bool {
         use HookPoint::*;
-        self.stats && matches!(point, Embed | AttnOut(_) | MlpOut(_) | ResidPost(_) | SharedOut(_) | CKv(_))
+        (self.stats && matches!(point, Embed | ResidPost(_)))
+            || (self.module_stats && matches!(point, Embed | AttnOut(_) | MlpOut(_) | ResidPost(_) | SharedOut(_) | CKv(_)))
     }
 }
 
@@ -93,26 +100,31 @@ pub struct ActStats {
 }
 
 impl ActStats {
+    /// Statistics of `t`, computed on its device in f32 with one transfer
+    /// of six numbers at the end.
     pub fn of(t: &Tensor) -> Result<ActStats> {
-        let x = t.f_detach()?.f_to_kind(Kind::Double)?;
-        let mean = x.f_mean(Kind::Double)?.f_double_value(&[])?;
-        let c = x.f_sub_scalar(mean)?;
-        let var = c.f_square()?.f_mean(Kind::Double)?.f_double_value(&[])?;
-        let std = var.sqrt();
-        let m4 = c.f_pow_tensor_scalar(4)?.f_mean(Kind::Double)?.f_double_value(&[])?;
-        let outliers = if std > 0.0 {
-            c.f_abs()?.f_gt(6.0 * std)?.f_to_kind(Kind::Double)?.f_mean(Kind::Double)?.f_double_value(&[])?
-        } else {
-            0.0
-        };
+        let x = t.f_detach()?.f_to_kind(Kind::Float)?.f_flatten(0, -1)?;
+        let numel = x.numel() as i64;
+        // few passes: mean, then centred powers; min/max in one op
+        let mean_t = x.f_mean(Kind::Float)?;
+        let c2 = x.f_sub(&mean_t)?.f_square()?;
+        let var_t = c2.f_mean(Kind::Float)?;
+        let m4_t = c2.f_square()?.f_mean(Kind::Float)?;
+        let outl_t = c2.f_gt_tensor(&var_t.f_mul_scalar(36.0)?)?.f_mean(Kind::Float)?; // |x - mean| > 6 std
+        let (lo, hi) = x.f_aminmax(None::<i64>, false)?;
+        let v = Vec::<f64>::try_from(
+            Tensor::f_stack(&[mean_t, var_t, m4_t, outl_t, lo, hi], 0)?.f_to_kind(Kind::Double)?.f_to_device(tch::Device::Cpu)?,
+        )?;
+        let (mean, var, m4, outliers) = (v[0], v[1].max(0.0), v[2], v[3]);
+        let (std, rms, max_abs) = (var.sqrt(), (var + mean * mean).sqrt(), v[4].abs().max(v[5].abs()));
         Ok(ActStats {
             mean,
             std,
-            rms: x.f_square()?.f_mean(Kind::Double)?.f_double_value(&[])?.sqrt(),
-            max_abs: x.f_abs()?.f_max()?.f_double_value(&[])?,
+            rms,
+            max_abs,
             kurtosis: if var > 0.0 { m4 / (var * var) - 3.0 } else { 0.0 },
-            outlier_fraction: outliers,
-            numel: x.numel() as i64,
+            outlier_fraction: if std > 0.0 { outliers } else { 0.0 },
+            numel,
         })
     }
 }

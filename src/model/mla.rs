@@ -329,25 +329,23 @@ impl Mla {
     ) -> Result<Tensor> {
         let t = q_nope.size()[2];
         let s = past + t;
-        // position part of the score, identical in both paths
-        let pos_score = q_pe.f_matmul(&k_pe_h.f_transpose(-1, -2)?)?; // [B, H, T, S]
-        let (content_score, values_of) = match attn {
+        // [content | position] parts in one matmul: q = [q_nope or q_lat | q_pe], k = [k_nope or c_kv | k_pe]
+        let (scores, values_of) = match attn {
             AttnImpl::Naive => {
                 let (k_nope, v) = self.expand_kv(c_kv)?;
-                (q_nope.f_matmul(&k_nope.f_transpose(-1, -2)?)?, Values::Expanded(v))
+                let sz = k_nope.size();
+                let k = Tensor::f_cat(&[&k_nope, &k_pe_h.f_expand([sz[0], sz[1], sz[2], self.rope], false)?], -1)?;
+                let q = Tensor::f_cat(&[q_nope, q_pe], -1)?;
+                (q.f_matmul(&k.f_transpose(-1, -2)?)?, Values::Expanded(v))
             }
             AttnImpl::Absorbed => {
                 let q_lat = q_nope.f_matmul(&self.w_uk.f_unsqueeze(0)?)?; // [B, H, T, kv_lora]
-                (
-                    q_lat.f_matmul(&c_kv_h.f_transpose(-1, -2)?)?,
-                    Values::Latent,
-                )
+                let q = Tensor::f_cat(&[&q_lat, q_pe], -1)?;
+                let k = Tensor::f_cat(&[c_kv_h, k_pe_h], -1)?; // [B, 1, S, kv_lora + rope]
+                (q.f_matmul(&k.f_transpose(-1, -2)?)?, Values::Latent)
             }
         };
-        let scores = content_score
-            .f_add(&pos_score)?
-            .f_mul_scalar(self.softmax_scale)?
-            .f_to_kind(Kind::Float)?;
+        let scores = scores.f_mul_scalar(self.softmax_scale)?.f_to_kind(Kind::Float)?;
         let scores = if t > 1 {
             // query i (absolute past+i) sees keys j <= past+i
             let mask = Tensor::f_ones([t, s], (Kind::Bool, q_nope.device()))?.f_triu(past + 1)?;
