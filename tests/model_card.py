@@ -11,20 +11,12 @@ import argparse
 import csv
 import json
 import os
-import platform
 import re
 import subprocess
+import sys
 
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_transformers import cpu_model  # noqa: E402
 
 
 def run(cmd: list[str]) -> str:

@@ -257,6 +257,34 @@ impl Mla {
         Ok((kv.f_narrow(-1, 0, self.nope)?, kv.f_narrow(-1, self.nope, self.v)?))
     }
 
+    /// Queries `[q_nope | q_pe]`, keys `[k_nope | k_pe]` and values `v` per head
+    /// (naive), or queries `[q_nope W_UK | q_pe]`, keys `[c_kv | k_pe]` and values
+    /// `c_kv` as one shared head (absorbed): either way `q . k` is the content
+    /// score plus the position score.
+    #[allow(clippy::too_many_arguments)]
+    fn operands(
+        &self,
+        q_nope: &Tensor,
+        q_pe: &Tensor,
+        c_kv: &Tensor,
+        c_kv_h: &Tensor,
+        k_pe_h: &Tensor,
+        attn: AttnImpl,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        Ok(match attn {
+            AttnImpl::Naive => {
+                let (k_nope, v) = self.expand_kv(c_kv)?;
+                let sz = k_nope.size();
+                let k_pe = k_pe_h.f_expand([sz[0], sz[1], sz[2], self.rope], false)?;
+                (Tensor::f_cat(&[q_nope, q_pe], -1)?, Tensor::f_cat(&[&k_nope, &k_pe], -1)?, v)
+            }
+            AttnImpl::Absorbed => {
+                let q_lat = q_nope.f_matmul(&self.w_uk.f_unsqueeze(0)?)?; // [B, H, T, kv_lora]
+                (Tensor::f_cat(&[&q_lat, q_pe], -1)?, Tensor::f_cat(&[c_kv_h, k_pe_h], -1)?, c_kv_h.shallow_clone())
+            }
+        })
+    }
+
     /// Attention through libtorch's fused `scaled_dot_product_attention`; the
     /// probabilities are never materialised.
     #[allow(clippy::too_many_arguments)]
@@ -272,29 +300,8 @@ impl Mla {
     ) -> Result<Tensor> {
         let t = q_nope.size()[2];
         let s = past + t;
-        let (q, k, v, gqa) = match attn {
-            AttnImpl::Naive => {
-                let (k_nope, v) = self.expand_kv(c_kv)?;
-                let sz = k_nope.size();
-                let k_pe = k_pe_h.f_expand([sz[0], sz[1], sz[2], self.rope], false)?;
-                (
-                    Tensor::f_cat(&[q_nope, q_pe], -1)?,
-                    Tensor::f_cat(&[&k_nope, &k_pe], -1)?,
-                    v,
-                    false,
-                )
-            }
-            AttnImpl::Absorbed => {
-                // one shared "head" of keys [c_kv | k_pe] and values c_kv
-                let q_lat = q_nope.f_matmul(&self.w_uk.f_unsqueeze(0)?)?; // [B, H, T, kv_lora]
-                (
-                    Tensor::f_cat(&[&q_lat, q_pe], -1)?,
-                    Tensor::f_cat(&[c_kv_h, k_pe_h], -1)?,
-                    c_kv_h.shallow_clone(),
-                    true,
-                )
-            }
-        };
+        let (q, k, v) = self.operands(q_nope, q_pe, c_kv, c_kv_h, k_pe_h, attn)?;
+        let gqa = attn == AttnImpl::Absorbed; // one shared latent "head" of keys and values
         let (mask, causal) = if t == 1 {
             (None, false)
         } else if past == 0 {
@@ -329,22 +336,9 @@ impl Mla {
     ) -> Result<Tensor> {
         let t = q_nope.size()[2];
         let s = past + t;
-        // [content | position] parts in one matmul: q = [q_nope or q_lat | q_pe], k = [k_nope or c_kv | k_pe]
-        let (scores, values_of) = match attn {
-            AttnImpl::Naive => {
-                let (k_nope, v) = self.expand_kv(c_kv)?;
-                let sz = k_nope.size();
-                let k = Tensor::f_cat(&[&k_nope, &k_pe_h.f_expand([sz[0], sz[1], sz[2], self.rope], false)?], -1)?;
-                let q = Tensor::f_cat(&[q_nope, q_pe], -1)?;
-                (q.f_matmul(&k.f_transpose(-1, -2)?)?, Values::Expanded(v))
-            }
-            AttnImpl::Absorbed => {
-                let q_lat = q_nope.f_matmul(&self.w_uk.f_unsqueeze(0)?)?; // [B, H, T, kv_lora]
-                let q = Tensor::f_cat(&[&q_lat, q_pe], -1)?;
-                let k = Tensor::f_cat(&[c_kv_h, k_pe_h], -1)?; // [B, 1, S, kv_lora + rope]
-                (q.f_matmul(&k.f_transpose(-1, -2)?)?, Values::Latent)
-            }
-        };
+        // content and position parts in one matmul
+        let (q, k, v) = self.operands(q_nope, q_pe, c_kv, c_kv_h, k_pe_h, attn)?;
+        let scores = q.f_matmul(&k.f_transpose(-1, -2)?)?; // [B, H, T, S]
         let scores = scores.f_mul_scalar(self.softmax_scale)?.f_to_kind(Kind::Float)?;
         let scores = if t > 1 {
             // query i (absolute past+i) sees keys j <= past+i
@@ -355,18 +349,11 @@ impl Mla {
         };
         let probs = hooks.visit(HookPoint::Pattern(layer), scores.f_softmax(-1, Kind::Float)?)?;
         let p = probs.f_to_kind(q_nope.kind())?;
-        let heads = match values_of {
-            Values::Expanded(v) => p.f_matmul(&v)?, // [B, H, T, v]
-            Values::Latent => {
-                let o_lat = p.f_matmul(c_kv_h)?; // [B, H, T, kv_lora]
-                o_lat.f_matmul(&self.w_uv.f_transpose(-1, -2)?.f_unsqueeze(0)?)? // [B, H, T, v]
-            }
+        let heads = match attn {
+            AttnImpl::Naive => p.f_matmul(&v)?, // [B, H, T, v]
+            // o_lat [B, H, T, kv_lora] -> per-head output through W_UV
+            AttnImpl::Absorbed => p.f_matmul(&v)?.f_matmul(&self.w_uv.f_transpose(-1, -2)?.f_unsqueeze(0)?)?,
         };
         Ok(heads)
     }
-}
-
-enum Values {
-    Expanded(Tensor),
-    Latent,
 }
