@@ -24,7 +24,7 @@ pub struct RoutingChange {
 
 #[derive(Debug, Serialize)]
 pub struct Comparison {
-    /// KL(baseline || variant) of the next-token distributions per token [B*T] (nats).
+    /// KL(baseline || variant) of the next-token distributions per token \[B*T\] (nats).
     pub kl: Vec<f64>,
     pub mean_kl: f64,
     /// Fraction of positions whose most likely next token is the same.

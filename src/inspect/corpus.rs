@@ -39,15 +39,15 @@ pub struct RoutingStats {
     pub tokens: u64,
     /// Documents fully processed (for resuming a corpus run).
     pub docs_done: u64,
-    /// Per layer: tokens routed to each expert [E].
+    /// Per layer: tokens routed to each expert \[E\].
     pub load: BTreeMap<usize, Vec<u64>>,
-    /// Per layer: total routing weight given to each expert [E].
+    /// Per layer: total routing weight given to each expert \[E\].
     pub weight_mass: BTreeMap<usize, Vec<f64>>,
-    /// Per layer: how often experts i and j were chosen for the same token [E*E].
+    /// Per layer: how often experts i and j were chosen for the same token \[E*E\].
     pub coactivation: BTreeMap<usize, Vec<u64>>,
     /// Per layer: (token id, expert) -> count.
     pub token_expert: BTreeMap<usize, HashMap<i64, Vec<u32>>>,
-    /// Per consecutive MoE layer pair (a, b): expert of a x expert of b counts [E*E].
+    /// Per consecutive MoE layer pair (a, b): expert of a x expert of b counts \[E*E\].
     pub transitions: BTreeMap<String, Vec<u64>>,
 }
 

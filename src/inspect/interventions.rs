@@ -46,7 +46,7 @@ pub enum Intervention {
     SetTopK { layers: Layers, k: usize },
     /// Change the group-limited routing: `n_group` groups, `topk_group` kept.
     SetGroups { layers: Layers, n_group: usize, topk_group: usize },
-    /// Route with this `e_score_correction_bias` [E].
+    /// Route with this `e_score_correction_bias` \[E\].
     SetBias { layers: Layers, bias: Vec<f32> },
     /// Route as if `e_score_correction_bias` were zero.
     ZeroBias { layers: Layers },

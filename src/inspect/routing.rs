@@ -149,7 +149,7 @@ impl fmt::Display for RouterStep {
 #[derive(Debug, Clone, Serialize)]
 pub struct RoutingMap {
     pub tokens: Vec<String>,
-    /// (layer, weights [T][E]).
+    /// (layer, weights \[T\]\[E\]).
     pub layers: Vec<(usize, Vec<Vec<f32>>)>,
 }
 

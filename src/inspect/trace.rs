@@ -100,7 +100,7 @@ impl RoutingRecord {
         Ok(Tensor::f_zeros([n, self.num_experts()], (Kind::Float, Device::Cpu))?.f_scatter(1, &self.topk_indices, &self.topk_weights)?)
     }
 
-    /// Tokens routed to each expert [E].
+    /// Tokens routed to each expert \[E\].
     pub fn load(&self) -> Result<Vec<i64>> {
         Ok(Vec::<i64>::try_from(self.topk_indices.f_flatten(0, -1)?.f_bincount(None::<Tensor>, self.num_experts())?)?)
     }

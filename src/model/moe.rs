@@ -105,7 +105,7 @@ impl RouterSettings {
 pub struct Router {
     /// [E, D], kept in f32: routing is computed in f32.
     pub weight: Tensor,
-    /// [E] f32; steers the choice only, never the weights.
+    /// \[E\] f32; steers the choice only, never the weights.
     pub e_score_correction_bias: Option<Tensor>,
     pub settings: RouterSettings,
 }
@@ -120,7 +120,7 @@ pub struct RouterOutput {
     /// The scores the choice was made on: `scores + bias`, banned experts at
     /// `-inf`, forced ones at `+inf` [N, E] f32 (before group masking).
     pub choice: Tensor,
-    /// The bias that was added (`e_score_correction_bias` or its edit) [E].
+    /// The bias that was added (`e_score_correction_bias` or its edit) \[E\].
     pub bias: Option<Tensor>,
     /// Per-group scores [N, G] (group-limited routing only).
     pub group_scores: Option<Tensor>,
@@ -139,7 +139,7 @@ pub enum BiasEdit {
     Keep,
     /// Route as if the bias were zero.
     Zero,
-    /// Use this bias [E] instead.
+    /// Use this bias \[E\] instead.
     Replace(Tensor),
 }
 

@@ -21,7 +21,7 @@ pub struct Linear {
 }
 
 impl Linear {
-    /// Loads `{prefix}.weight` [out, in] and, when `bias`, `{prefix}.bias` [out].
+    /// Loads `{prefix}.weight` \[out, in\] and, when `bias`, `{prefix}.bias` \[out\].
     pub fn load(ck: &Checkpoint, prefix: &str, out: usize, inp: usize, bias: bool, p: Placement) -> Result<Linear> {
         let weight = ck.tensor(&format!("{prefix}.weight"), &[out as i64, inp as i64], p.kind, p.device)?;
         let bias = if bias {

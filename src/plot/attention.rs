@@ -50,6 +50,8 @@ pub struct AttentionGrid {
     tooltips: Option<bool>,
 }
 
+text_setters!(AttentionGrid: title, note);
+
 impl AttentionGrid {
     /// A grid of `heads`, each a matrix of queries x keys (`f32` or `f64`).
     pub fn new<H, R, T>(heads: &[H]) -> AttentionGrid
@@ -117,18 +119,6 @@ impl AttentionGrid {
     /// Panels per row (default: 4 up to 8 heads, then 8).
     pub fn columns(mut self, columns: usize) -> Self {
         self.columns = Some(columns);
-        self
-    }
-
-    /// The title: say what is plotted (layer, prompt).
-    pub fn title(mut self, title: impl Into<String>) -> Self {
-        self.title = Some(title.into());
-        self
-    }
-
-    /// A line of small text under the title.
-    pub fn note(mut self, note: impl Into<String>) -> Self {
-        self.note = Some(note.into());
         self
     }
 

@@ -49,6 +49,8 @@ pub struct BarChart {
     size: Option<(f64, f64)>,
 }
 
+text_setters!(BarChart: title, note, x_title, y_title);
+
 impl BarChart {
     /// A chart with one band per category, in order.
     pub fn new<I: IntoIterator<Item = S>, S: Into<String>>(categories: I) -> BarChart {
@@ -90,30 +92,6 @@ impl BarChart {
     /// Draws a labelled horizontal line at `value` (a target, a capacity).
     pub fn reference_line(mut self, value: f64, label: impl Into<String>) -> Self {
         self.references.push((value, label.into()));
-        self
-    }
-
-    /// The title: say what is plotted.
-    pub fn title(mut self, title: impl Into<String>) -> Self {
-        self.title = Some(title.into());
-        self
-    }
-
-    /// A line of small text under the title.
-    pub fn note(mut self, note: impl Into<String>) -> Self {
-        self.note = Some(note.into());
-        self
-    }
-
-    /// What the categories are, e.g. "expert".
-    pub fn x_title(mut self, title: impl Into<String>) -> Self {
-        self.x_title = Some(title.into());
-        self
-    }
-
-    /// What the values are, e.g. "tokens routed".
-    pub fn y_title(mut self, title: impl Into<String>) -> Self {
-        self.y_title = Some(title.into());
         self
     }
 

@@ -49,6 +49,8 @@ pub struct Heatmap {
     tooltips: Option<bool>,
 }
 
+text_setters!(Heatmap: title, note, x_title, y_title);
+
 impl Heatmap {
     /// A heatmap of `rows` (each row one slice of `f32` or `f64`).
     pub fn new<R, T>(rows: &[R]) -> Heatmap
@@ -104,30 +106,6 @@ impl Heatmap {
     /// Labels of the rows (one per row).
     pub fn y_labels<I: IntoIterator<Item = S>, S: Into<String>>(mut self, labels: I) -> Self {
         self.y_labels = Some(collect_labels(labels));
-        self
-    }
-
-    /// The title: say what is plotted.
-    pub fn title(mut self, title: impl Into<String>) -> Self {
-        self.title = Some(title.into());
-        self
-    }
-
-    /// A line of small text under the title (source, units, a caveat).
-    pub fn note(mut self, note: impl Into<String>) -> Self {
-        self.note = Some(note.into());
-        self
-    }
-
-    /// What the columns are, e.g. "expert".
-    pub fn x_title(mut self, title: impl Into<String>) -> Self {
-        self.x_title = Some(title.into());
-        self
-    }
-
-    /// What the rows are, e.g. "token".
-    pub fn y_title(mut self, title: impl Into<String>) -> Self {
-        self.y_title = Some(title.into());
         self
     }
 

@@ -51,6 +51,8 @@ pub struct Bins {
     pub non_finite: u64,
 }
 
+text_setters!(Histogram: title, note, x_title, y_title);
+
 impl Histogram {
     /// A histogram of `values` (`f32` or `f64`).
     pub fn new<T: Copy + Into<f64>>(values: &[T]) -> Histogram {
@@ -83,30 +85,6 @@ impl Histogram {
     /// A logarithmic count axis, for heavy-tailed distributions.
     pub fn log_count(mut self, on: bool) -> Self {
         self.log_count = on;
-        self
-    }
-
-    /// The title: say what is plotted.
-    pub fn title(mut self, title: impl Into<String>) -> Self {
-        self.title = Some(title.into());
-        self
-    }
-
-    /// A line of small text under the title, before the summary statistics.
-    pub fn note(mut self, note: impl Into<String>) -> Self {
-        self.note = Some(note.into());
-        self
-    }
-
-    /// What the values are, e.g. "activation".
-    pub fn x_title(mut self, title: impl Into<String>) -> Self {
-        self.x_title = Some(title.into());
-        self
-    }
-
-    /// The count axis title (default "count").
-    pub fn y_title(mut self, title: impl Into<String>) -> Self {
-        self.y_title = Some(title.into());
         self
     }
 

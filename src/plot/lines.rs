@@ -60,6 +60,8 @@ pub struct LineChart {
     size: Option<(f64, f64)>,
 }
 
+text_setters!(LineChart: title, note, x_title, y_title);
+
 impl LineChart {
     pub fn new() -> LineChart {
         LineChart::default()
@@ -107,30 +109,6 @@ impl LineChart {
     /// Whether points are drawn as dots (default: when few).
     pub fn markers(mut self, markers: Markers) -> Self {
         self.markers = markers;
-        self
-    }
-
-    /// The title: say what is plotted.
-    pub fn title(mut self, title: impl Into<String>) -> Self {
-        self.title = Some(title.into());
-        self
-    }
-
-    /// A line of small text under the title.
-    pub fn note(mut self, note: impl Into<String>) -> Self {
-        self.note = Some(note.into());
-        self
-    }
-
-    /// What x is, e.g. "layer".
-    pub fn x_title(mut self, title: impl Into<String>) -> Self {
-        self.x_title = Some(title.into());
-        self
-    }
-
-    /// What y is, e.g. "loss".
-    pub fn y_title(mut self, title: impl Into<String>) -> Self {
-        self.y_title = Some(title.into());
         self
     }
 

@@ -46,6 +46,24 @@
 
 use std::path::PathBuf;
 
+/// The text setters every chart builder shares: `title` (say what is
+/// plotted), `note` (a line of small text under it) and, for charts with
+/// axes, `x_title` / `y_title` (what each axis shows).
+macro_rules! text_setters {
+    ($t:ty: $($field:ident),*) => {
+        impl $t {
+            $(
+                #[doc = concat!("Sets the chart's `", stringify!($field), "` text.")]
+                pub fn $field(mut self, text: impl Into<String>) -> Self {
+                    self.$field = Some(text.into());
+                    self
+                }
+            )*
+        }
+    };
+}
+
+
 mod axis;
 mod legend;
 mod svg;
