@@ -65,7 +65,7 @@ DEFAULT_MODEL := models/deepscope-tiny
 demo: build
 	$(BIN) info --model $(DEFAULT_MODEL)
 	$(BIN) generate --model $(DEFAULT_MODEL) --device auto --prompt "And the LORD said unto Moses," -n 40 --seed 1 --temperature 0.8 --top-p 0.95
-	$(BIN) generate --model $(DEFAULT_MODEL) --device auto --prompt "A fool and his money" -n 40 --seed 1 --temperature 0.8 --top-p 0.95
+	$(BIN) generate --model $(DEFAULT_MODEL) --device auto --prompt "Murphy's Law:" -n 40 --seed 1 --temperature 0.8 --top-p 0.95
 
 lab: demo
 
