@@ -265,7 +265,7 @@ impl Interventions {
                                 settings.top_k = *k as i64;
                             }
                             SetGroups { n_group, topk_group, .. } => {
-                                if *n_group == 0 || e % n_group != 0 || *topk_group == 0 || topk_group > n_group {
+                                if *n_group == 0 || !e.is_multiple_of(*n_group) || *topk_group == 0 || topk_group > n_group {
                                     return Err(Error::Input(format!(
                                         "{iv}: n_group {n_group} / topk_group {topk_group} invalid: n_group must divide {e} and 1 <= topk_group <= n_group"
                                     )));

@@ -186,7 +186,7 @@ impl Config {
     pub fn is_moe_layer(&self, layer: usize) -> bool {
         self.n_routed_experts > 0
             && layer >= self.first_k_dense_replace
-            && layer % self.moe_layer_freq.max(1) == 0
+            && layer.is_multiple_of(self.moe_layer_freq.max(1))
     }
 
     /// Indices of the MoE layers.
@@ -364,7 +364,7 @@ impl RawConfig {
             if moe_intermediate_size == 0 {
                 return Err(err("moe_intermediate_size", "must be > 0".into()));
             }
-            if n_group == 0 || n_routed_experts % n_group != 0 {
+            if n_group == 0 || !n_routed_experts.is_multiple_of(n_group) {
                 return Err(err(
                     "n_group",
                     format!("n_routed_experts ({n_routed_experts}) must split evenly into n_group ({n_group}) groups"),

@@ -200,7 +200,7 @@ impl Checkpoint {
         let bytes = &file.mmap[start..file.data_start + end];
         let shape: Vec<i64> = info.shape.iter().map(|&d| d as i64).collect();
         let elt = kind.elt_size_in_bytes();
-        let result = if (bytes.as_ptr() as usize) % elt == 0 {
+        let result = if (bytes.as_ptr() as usize).is_multiple_of(elt) {
             let mut strides = vec![1i64; shape.len()];
             for i in (0..shape.len().saturating_sub(1)).rev() {
                 strides[i] = strides[i + 1] * shape[i + 1];
@@ -253,7 +253,7 @@ impl Checkpoint {
                 },
                 other => other,
             })?;
-        Ok(dequantize_blocks(fp8, &scale, [br, bc])?)
+        dequantize_blocks(fp8, &scale, [br, bc])
     }
 
     /// Names that were never read. Tensors of layers `>= num_layers`

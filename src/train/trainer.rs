@@ -134,7 +134,6 @@ impl<'a> Trainer<'a> {
             ForwardOptions {
                 attn: AttnImpl::Naive,
                 grad: true,
-                ..Default::default()
             },
         )?;
         let loss = out
@@ -284,10 +283,10 @@ impl<'a> Trainer<'a> {
                 );
                 log.flush().map_err(|e| Error::io(ckpt_dir, e))?;
             }
-            if (s.checkpoint_every > 0 && self.step % s.checkpoint_every == 0) || self.step == s.steps {
+            if (s.checkpoint_every > 0 && self.step.is_multiple_of(s.checkpoint_every)) || self.step == s.steps {
                 self.save(ckpt_dir)?;
             }
-            if eval_every > 0 && (self.step % eval_every == 0 || self.step == s.steps) {
+            if eval_every > 0 && (self.step.is_multiple_of(eval_every) || self.step == s.steps) {
                 eval(self.model, self.step)?;
             }
         }
