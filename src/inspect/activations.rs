@@ -19,7 +19,7 @@ use tch::{Device, Kind, Tensor};
 
 use super::capture::{ActStats, Capture};
 use super::interventions::Interventions;
-use super::trace::Input;
+use super::trace::{Input, Trace};
 use crate::error::{Error, Result};
 use crate::model::{HookPoint, Model};
 
@@ -156,28 +156,42 @@ impl Model {
         Ok(names.into_iter().zip(p).collect())
     }
 
-    /// Logit lens over `input`.
-    pub fn logit_lens(&self, input: impl Into<Input>) -> Result<LogitLens> {
-        let mut capture = Capture::none();
-        for l in self.shared_layers() {
+    /// Traces `input` keeping every layer's residual stream and, for MoE
+    /// layers with shared experts, the shared and the MLP output; returns the
+    /// trace and those layers.
+    fn trace_residuals(&self, input: impl Into<Input>, base: Capture) -> Result<(Trace, Vec<usize>)> {
+        let shared = self.shared_layers();
+        let mut capture = base;
+        for &l in &shared {
             capture = capture.with(HookPoint::SharedOut(l)).with(HookPoint::MlpOut(l));
         }
         for l in 0..self.layers.len() {
             capture = capture.with(HookPoint::ResidPost(l));
         }
-        let t = self.trace_with(input, &capture, &Interventions::new())?;
-        let _guard = tch::no_grad_guard();
+        Ok((self.trace_with(input, &capture, &Interventions::new())?, shared))
+    }
+
+    /// The shared experts' and the routed experts' contributions to MoE layer
+    /// `l`'s output, each [B, T, D].
+    fn shared_and_routed(&self, t: &Trace, l: usize) -> Result<(Tensor, Tensor)> {
         let shape = t.ids.size();
+        let shared = t.tensor(HookPoint::SharedOut(l))?.f_view([shape[0], shape[1], self.config.hidden_size as i64])?;
+        let routed = t.tensor(HookPoint::MlpOut(l))?.f_sub(&shared)?;
+        Ok((shared, routed))
+    }
+
+    /// Logit lens over `input`.
+    pub fn logit_lens(&self, input: impl Into<Input>) -> Result<LogitLens> {
+        let (t, shared_layers) = self.trace_residuals(input, Capture::none())?;
+        let _guard = tch::no_grad_guard();
         let mut out = LogitLens { tokens: t.tokens[0].clone(), resid: vec![], shared: vec![], routed: vec![] };
         for l in 0..self.layers.len() {
             out.resid.push(self.lens(t.tensor(HookPoint::ResidPost(l))?)?);
-            if self.shared_layers().contains(&l) {
-                let d = self.config.hidden_size as i64;
-                let shared = t.tensor(HookPoint::SharedOut(l))?.f_view([shape[0], shape[1], d])?;
-                let routed = t.tensor(HookPoint::MlpOut(l))?.f_sub(&shared)?;
-                out.shared.push((l, self.lens(&shared)?));
-                out.routed.push((l, self.lens(&routed)?));
-            }
+        }
+        for l in shared_layers {
+            let (shared, routed) = self.shared_and_routed(&t, l)?;
+            out.shared.push((l, self.lens(&shared)?));
+            out.routed.push((l, self.lens(&routed)?));
         }
         Ok(out)
     }
@@ -186,14 +200,7 @@ impl Model {
     /// residual stream (|x| > `massive_factor` x median), and the shared vs
     /// routed split of each MoE block, over `input`.
     pub fn activation_report(&self, input: impl Into<Input>, massive_factor: f64) -> Result<ActivationReport> {
-        let mut capture = Capture { stats: true, module_stats: true, ..Capture::none() };
-        for l in self.shared_layers() {
-            capture = capture.with(HookPoint::SharedOut(l)).with(HookPoint::MlpOut(l));
-        }
-        for l in 0..self.layers.len() {
-            capture = capture.with(HookPoint::ResidPost(l));
-        }
-        let t = self.trace_with(input, &capture, &Interventions::new())?;
+        let (t, shared_layers) = self.trace_residuals(input, Capture { stats: true, module_stats: true, ..Capture::none() })?;
         // forward order: embeddings, then layer by layer, then the end
         let mut ordered: Vec<(&HookPoint, &ActStats)> = t.stats.iter().collect();
         ordered.sort_by_key(|(p, _)| match p {
@@ -205,29 +212,19 @@ impl Model {
         });
         let rows = ordered.into_iter().map(|(p, s)| (p.to_string(), *s)).collect();
         let mut massive = Vec::new();
-        let mut shared_vs_routed = Vec::new();
-        let shape = t.ids.size();
         for l in 0..self.layers.len() {
             massive.extend(massive_activations(t.tensor(HookPoint::ResidPost(l))?, l, massive_factor)?);
-            if self.shared_layers().contains(&l) {
-                let d = self.config.hidden_size as i64;
-                let shared = t.tensor(HookPoint::SharedOut(l))?.f_view([shape[0], shape[1], d])?.f_to_kind(Kind::Double)?;
-                let routed = t.tensor(HookPoint::MlpOut(l))?.f_to_kind(Kind::Double)?.f_sub(&shared)?;
-                let norm = |x: &Tensor| -> Result<f64> {
-                    Ok(x.f_square()?.f_sum_dim_intlist(-1, false, Kind::Double)?.f_sqrt()?.f_mean(Kind::Double)?.f_double_value(&[])?)
-                };
-                let cos = shared.f_mul(&routed)?.f_sum_dim_intlist(-1, false, Kind::Double)?.f_div(
-                    &shared.f_square()?.f_sum_dim_intlist(-1, false, Kind::Double)?.f_sqrt()?
-                        .f_mul(&routed.f_square()?.f_sum_dim_intlist(-1, false, Kind::Double)?.f_sqrt()?)?
-                        .f_clamp_min(1e-12)?,
-                )?;
-                shared_vs_routed.push(SharedRouted {
-                    layer: l,
-                    shared_norm: norm(&shared)?,
-                    routed_norm: norm(&routed)?,
-                    cosine: cos.f_mean(Kind::Double)?.f_double_value(&[])?,
-                });
-            }
+        }
+        let mut shared_vs_routed = Vec::new();
+        for l in shared_layers {
+            let (shared, routed) = self.shared_and_routed(&t, l)?;
+            let (shared, routed) = (shared.f_to_kind(Kind::Double)?, routed.f_to_kind(Kind::Double)?);
+            // per-token norms [B, T] and the cosine between the two contributions
+            let norm = |x: &Tensor| -> Result<Tensor> { Ok(x.f_square()?.f_sum_dim_intlist(-1, false, Kind::Double)?.f_sqrt()?) };
+            let (ns, nr) = (norm(&shared)?, norm(&routed)?);
+            let cos = shared.f_mul(&routed)?.f_sum_dim_intlist(-1, false, Kind::Double)?.f_div(&ns.f_mul(&nr)?.f_clamp_min(1e-12)?)?;
+            let mean = |x: &Tensor| -> Result<f64> { Ok(x.f_mean(Kind::Double)?.f_double_value(&[])?) };
+            shared_vs_routed.push(SharedRouted { layer: l, shared_norm: mean(&ns)?, routed_norm: mean(&nr)?, cosine: mean(&cos)? });
         }
         Ok(ActivationReport { rows, massive, shared_vs_routed })
     }

@@ -5,7 +5,7 @@
 //! and defaults follow `transformers`' `DeepseekV2Config` / `DeepseekV3Config`.
 //! Invalid combinations are rejected with the field at fault.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
@@ -570,9 +570,4 @@ fn parse_quantization(q: Option<&serde_json::Value>, path: &Path) -> Result<Opti
     Ok(Some(Fp8Quantization {
         weight_block_size: block,
     }))
-}
-
-/// Where a config came from, for messages.
-pub fn config_path(dir: &Path) -> PathBuf {
-    dir.join("config.json")
 }
