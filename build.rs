@@ -1,4 +1,5 @@
 //! Link-time settings for every binary and test of the crate:
+//! - the interrupt counters exported from the `deepscope` executable;
 //! - an rpath to the libtorch that torch-sys linked against, so
 //!   `target/release/deepscope` runs with no LD_LIBRARY_PATH set;
 //! - `libtorch_cuda` kept as a dependency even though no symbol of it is used
@@ -8,6 +9,16 @@ use std::path::Path;
 
 fn main() {
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
+    println!("cargo:rerun-if-env-changed=VIRTUAL_ENV");
+    // The kernel finds the venv whose torch it was built against (for the
+    // cells' own build of tch) and the executable exports the interrupt
+    // counters that library code in cells looks up with dlsym.
+    if let Ok(venv) = std::env::var("VIRTUAL_ENV") {
+        println!("cargo:rustc-env=DEEPSCOPE_BUILD_VENV={venv}");
+    }
+    for sym in ["deepscope_interrupt_count", "deepscope_interrupt_seen"] {
+        println!("cargo:rustc-link-arg-bin=deepscope=-Wl,--export-dynamic-symbol={sym}");
+    }
     if let Ok(dir) = std::env::var("DEP_TCH_LIBTORCH_LIB") {
         println!("cargo:rustc-link-arg=-Wl,-rpath,{dir}");
         println!("cargo:rustc-env=DEEPSCOPE_LIBTORCH_LIB={dir}");

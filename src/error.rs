@@ -74,8 +74,14 @@ pub enum Error {
     #[error("device `{0}` is not available (CUDA devices seen: {1})")]
     Device(String, usize),
 
-    #[error("interrupted")]
+    #[error("interrupted: the operation stopped at an interrupt request; values defined before it are kept")]
     Interrupted,
+
+    #[error("malformed Jupyter message: {0}")]
+    Protocol(String),
+
+    #[error("kernel: {0}")]
+    Kernel(String),
 
     #[error(transparent)]
     Plot(#[from] crate::plot::PlotError),

@@ -7,10 +7,14 @@
 //!   interventions and comparisons.
 //! - [`plot`]: charts (SVG/PNG) and tables that display themselves in Jupyter.
 //! - [`stats`]: parameter counts and KV-cache arithmetic of a config.
+//! - [`kernel`]: the Jupyter kernel (feature `kernel`) and the helpers cells use
+//!   to display values and notice interrupts.
 //! - [`train`]: training DeepSeek-V3-shaped models (the shipped default model).
 
 pub mod error;
 pub mod inspect;
+pub mod interrupt;
+pub mod kernel;
 pub mod model;
 pub mod plot;
 pub mod stats;
@@ -28,6 +32,9 @@ pub mod prelude {
     pub use crate::model::{
         AttnImpl, Config, CustomRouter, ForwardOptions, GenerateOptions, HookPoint, LoadOptions, Model, RouterInput,
         Sampling, ScoringFunc,
+    };
+    pub use crate::kernel::cell::{
+        check_interrupt, clear_output, html, markdown, show, svg, Interrupt, Progress, RichDisplay,
     };
     pub use crate::stats::{CacheFootprint, ParamCounts};
     pub use tch::{Device, Kind, Tensor};

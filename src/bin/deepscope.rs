@@ -1,8 +1,11 @@
-//! The `deepscope` command line: forward passes, generation, model summaries
-//! and the benchmark driver. Used by the tests, the benchmarks and scripts.
+//! The `deepscope` command line: forward passes, generation, model summaries,
+//! the benchmark driver, training, and the Jupyter kernel (`kernel`,
+//! `install`). The same executable is evcxr's cell runner, so `main` starts
+//! with the runtime hook.
 
 use std::io::Write;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -171,9 +174,62 @@ enum Command {
         #[arg(long, default_value = "absorbed")]
         attn: String,
     },
+    /// Run the Jupyter kernel (started by Jupyter through the kernelspec).
+    #[cfg(feature = "kernel")]
+    Kernel {
+        /// The connection file Jupyter writes.
+        #[arg(long, required_unless_present = "prebuild")]
+        connection_file: Option<PathBuf>,
+        /// Build the library for notebook cells into the kernel's cache and exit.
+        #[arg(long)]
+        prebuild: bool,
+    },
+    /// Install the `deepscope` kernelspec for Jupyter.
+    #[cfg(feature = "kernel")]
+    Install {
+        /// Into ~/.local/share/jupyter (the default).
+        #[arg(long, conflicts_with_all = ["sys_prefix", "prefix"])]
+        user: bool,
+        /// Into the active virtual environment (the project's .venv).
+        #[arg(long, conflicts_with = "prefix")]
+        sys_prefix: bool,
+        /// Into DIR/share/jupyter.
+        #[arg(long, value_name = "DIR")]
+        prefix: Option<PathBuf>,
+    },
+}
+
+/// SIGINTs received by this process when it runs as evcxr's cell runner.
+/// Library operations find it by name (see `deepscope::kernel::cell`); the
+/// linker exports it from the executable (build.rs).
+#[no_mangle]
+#[used]
+pub static deepscope_interrupt_count: AtomicU64 = AtomicU64::new(0);
+/// The count up to which `check_interrupt` has consumed interrupts.
+#[no_mangle]
+#[used]
+pub static deepscope_interrupt_seen: AtomicU64 = AtomicU64::new(0);
+
+extern "C" fn on_sigint(_: libc::c_int) {
+    // Only an atomic increment: async-signal-safe.
+    deepscope_interrupt_count.fetch_add(1, Ordering::SeqCst);
 }
 
 fn main() {
+    #[cfg(feature = "kernel")]
+    {
+        if std::env::var_os("EVCXR_IS_RUNTIME").is_some() {
+            // The cell runner: count SIGINTs instead of dying on them, so an
+            // interrupt stops the running operation and keeps the variables.
+            // SAFETY: installing an async-signal-safe handler before any thread starts.
+            unsafe {
+                libc::signal(libc::SIGINT, on_sigint as extern "C" fn(libc::c_int) as libc::sighandler_t);
+            }
+        }
+        // Must come first: evcxr re-runs this executable as the cell runner
+        // and as a rustc wrapper; in those roles this call never returns.
+        evcxr::runtime_hook();
+    }
     let cli = Cli::parse();
     if let Err(e) = run(cli) {
         eprintln!("error: {e:#}");
@@ -209,6 +265,27 @@ fn run(cli: Cli) -> Result<()> {
             model,
             cache_bytes_per_elem,
         } => info(&model, cache_bytes_per_elem),
+        #[cfg(feature = "kernel")]
+        Command::Kernel { connection_file, prebuild } => {
+            if prebuild {
+                deepscope::kernel::prebuild()?;
+            } else if let Some(connection_file) = connection_file {
+                deepscope::kernel::run_kernel(deepscope::kernel::KernelOptions { connection_file })?;
+            }
+            Ok(())
+        }
+        #[cfg(feature = "kernel")]
+        Command::Install { user: _, sys_prefix, prefix } => {
+            use deepscope::kernel::install::{install, InstallTarget};
+            let target = match (sys_prefix, prefix) {
+                (true, _) => InstallTarget::SysPrefix,
+                (false, Some(dir)) => InstallTarget::Prefix(dir),
+                (false, None) => InstallTarget::User,
+            };
+            let dir = install(&target)?;
+            println!("installed kernelspec `deepscope` in {}", dir.display());
+            Ok(())
+        }
         Command::Eval { model, seq_len, device } => {
             let report = deepscope::train::evaluate_model(&model, seq_len, parse_device(&device)?, &Default::default())?;
             println!("{}", serde_json::to_string_pretty(&report)?);

@@ -136,9 +136,11 @@ impl Model {
         }
         let (mut nb, mut nv, mut n) = (0.0, 0.0, 0u64);
         let none = Interventions::new();
+        let interrupt = crate::interrupt::Interrupt::new();
         for doc in docs {
             let ids = self.encode(doc)?;
             for chunk in ids.chunks(window).filter(|c| c.len() >= 2) {
+                interrupt.check()?;
                 let b = self.trace_with(chunk, &Capture::none(), &none)?.loss()?;
                 let v = self.trace_with(chunk, &Capture::none(), interventions)?.loss()?;
                 nb += b.f_sum(Kind::Double)?.f_double_value(&[])?;

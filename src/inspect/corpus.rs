@@ -322,6 +322,7 @@ impl Model {
         }
         let capture = Capture::routing_only();
         let total = docs.len() as u64;
+        let interrupt = crate::interrupt::Interrupt::new();
         for doc in docs.iter().skip(stats.docs_done as usize) {
             let ids = self.encode(doc)?;
             let mut part = RoutingStats::default();
@@ -329,6 +330,7 @@ impl Model {
                 if run.cancel.is_some_and(|c| c()) {
                     return Err(Error::Interrupted);
                 }
+                interrupt.check()?;
                 let trace = self.trace_with(chunk, &capture, &run.interventions)?;
                 part.add(&trace)?;
             }

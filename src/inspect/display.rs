@@ -48,6 +48,11 @@ macro_rules! rich_display {
                 self.mime_bundle().evcxr_display();
             }
         }
+        impl crate::kernel::cell::RichDisplay for $t {
+            fn mime_bundle(&self) -> MimeBundle {
+                <$t>::mime_bundle(self)
+            }
+        }
     )*};
 }
 
@@ -386,5 +391,72 @@ impl LogitLens {
 
     pub fn mime_bundle(&self) -> MimeBundle {
         bundle(self.to_string(), vec![self.table().map(|t| t.to_html())])
+    }
+}
+
+impl crate::model::Model {
+    /// What this model is: source, architecture, parameter counts, cache per token.
+    pub fn summary(&self) -> Result<Table> {
+        let cfg = &self.config;
+        let p = crate::stats::ParamCounts::of(cfg);
+        let c = crate::stats::CacheFootprint::of(cfg, self.kind.elt_size_in_bytes());
+        let moe = cfg.moe_layers();
+        let mut t = Table::new(["", ""]);
+        let mut row = |k: &str, v: String| t.add_row([k.into(), v.into()]).map(|_| ());
+        row("checkpoint", self.dir.display().to_string())?;
+        row("family", format!("{:?}", cfg.family))?;
+        row("device, dtype", format!("{:?}, {:?}", self.device, self.kind))?;
+        row(
+            "layers",
+            format!("{} ({} dense, {} MoE), hidden {}, vocab {}", cfg.num_hidden_layers, cfg.num_hidden_layers - moe.len(), moe.len(), cfg.hidden_size, cfg.vocab_size),
+        )?;
+        row(
+            "attention",
+            format!("MLA, {} heads, kv_lora_rank {}, qk_rope {}", cfg.num_attention_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim),
+        )?;
+        row(
+            "experts",
+            format!("{} routed (top-{}) + {} shared, {} groups", cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.n_shared_experts, cfg.n_group),
+        )?;
+        row("parameters", format!("{:.2}M total, {:.2}M active per token", p.total as f64 / 1e6, p.active_per_token as f64 / 1e6))?;
+        row(
+            "KV cache / token / layer",
+            format!("{} elements (MLA, absorbed) vs {} (plain MHA)", c.absorbed_elems, c.mha_elems),
+        )?;
+        Ok(t.caption("DeepScope model"))
+    }
+
+    pub fn mime_bundle(&self) -> MimeBundle {
+        bundle(self.to_string(), vec![self.summary().map(|t| t.to_html())])
+    }
+
+    /// Shows the summary table inline in a notebook.
+    pub fn evcxr_display(&self) {
+        self.mime_bundle().evcxr_display();
+    }
+}
+
+impl std::fmt::Display for crate::model::Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let cfg = &self.config;
+        let p = crate::stats::ParamCounts::of(cfg);
+        write!(
+            f,
+            "Model {} ({:?}): {} layers, {} routed experts top-{}, {:.2}M params ({:.2}M active), on {:?}",
+            self.dir.display(),
+            cfg.family,
+            cfg.num_hidden_layers,
+            cfg.n_routed_experts,
+            cfg.num_experts_per_tok,
+            p.total as f64 / 1e6,
+            p.active_per_token as f64 / 1e6,
+            self.device
+        )
+    }
+}
+
+impl crate::kernel::cell::RichDisplay for crate::model::Model {
+    fn mime_bundle(&self) -> MimeBundle {
+        crate::model::Model::mime_bundle(self)
     }
 }

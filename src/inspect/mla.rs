@@ -191,7 +191,9 @@ impl Model {
         let ids = input.into().ids(self)?;
         let full = self.trace_with(&ids, &Capture::none(), &Interventions::new())?;
         let mut rows = Vec::new();
+        let interrupt = crate::interrupt::Interrupt::new();
         for &r in ranks {
+            interrupt.check()?;
             let t = self.trace_with(&ids, &Capture::none(), &Interventions::new().truncate_latent(Layers::All, r))?;
             let c = compare(&full, &t)?;
             let len = ids.size()[1];

@@ -93,7 +93,9 @@ impl Model {
         let mut tokens = Vec::new();
         let mut stop = StopReason::MaxNewTokens;
         let mut input = Tensor::f_from_slice(prompt)?.f_unsqueeze(0)?;
+        let interrupt = crate::interrupt::Interrupt::new();
         for _ in 0..opts.max_new_tokens {
+            interrupt.check()?;
             let out = self.forward_with(&input, Some(&mut cache), fwd)?;
             let last = out.logits.f_select(1, -1)?.f_select(0, 0)?.f_to_kind(Kind::Float)?; // [V]
             let next = match (&opts.sampling, rng.as_mut()) {

@@ -19,6 +19,8 @@ pub enum MimeType {
     ImagePng,
     /// `application/json`.
     Json,
+    /// `text/markdown`.
+    TextMarkdown,
 }
 
 impl MimeType {
@@ -30,6 +32,7 @@ impl MimeType {
             MimeType::ImageSvg => "image/svg+xml",
             MimeType::ImagePng => "image/png",
             MimeType::Json => "application/json",
+            MimeType::TextMarkdown => "text/markdown",
         }
     }
 }

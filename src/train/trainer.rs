@@ -249,7 +249,11 @@ impl<'a> Trainer<'a> {
         let start = Instant::now();
         let first = self.step;
         let tokens_per_step = (s.batch_size * s.seq_len) as f64;
+        // In a notebook, an interrupt stops training between steps; the
+        // trainer (and its model) stay usable and can continue from here.
+        let interrupt = crate::interrupt::Interrupt::new();
         while self.step < s.steps {
+            interrupt.check()?;
             let (x, y) = stream.batch(s.seed, self.step, s.batch_size, s.seq_len)?;
             let st = self.step(&x, &y)?;
             let elapsed = start.elapsed().as_secs_f64();

@@ -1,0 +1,406 @@
+//! Running cells: one worker thread owns evcxr's `CommandContext`; two
+//! forwarder threads turn the runner's stdout and stderr into iopub
+//! messages as they arrive (stdout lines that carry a cell message become
+//! `display_data`, `update_display_data`, `clear_output` or a panic report).
+use std::fs::File;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{select, Receiver, Sender};
+use evcxr::{CommandContext, EvalCallbacks, EvalContext};
+use serde_json::{json, Value};
+
+use super::cell;
+use super::messages::{ClearOutput, DisplayData, ErrorContent, Stream, UpdateDisplayData};
+use super::wire::Message;
+use crate::error::{Error, Result};
+
+/// What the worker needs to publish on iopub for the request being run.
+pub(crate) struct Publisher {
+    pub session: String,
+    pub iopub: tokio::sync::mpsc::UnboundedSender<Message>,
+    /// The request whose output is flowing now, and whether it is silent.
+    pub parent: Mutex<Option<(Message, bool)>>,
+}
+
+impl Publisher {
+    pub fn publish<C: super::messages::Content>(&self, parent: &Message, content: &C) {
+        // The receiver lives as long as the kernel; a send error means shutdown.
+        let _ = self.iopub.send(parent.child(&self.session, content));
+    }
+
+    fn publish_current<C: super::messages::Content>(&self, content: &C) {
+        if let Ok(guard) = self.parent.lock() {
+            if let Some((parent, silent)) = guard.as_ref() {
+                if !silent {
+                    self.publish(parent, content);
+                }
+            }
+        }
+    }
+}
+
+/// State shared between the worker, the forwarders and the control channel.
+pub(crate) struct Shared {
+    pub publisher: Publisher,
+    /// A panic reported by the running cell: (message, location).
+    pub panic: Mutex<Option<(String, Option<String>)>>,
+    /// The runner process (valid across evcxr's restarts of it).
+    pub runner: Mutex<Option<Arc<Mutex<std::process::Child>>>>,
+    /// A cell is running now.
+    pub running: AtomicBool,
+    /// Serial number of the running cell, so a late interrupt timer does not
+    /// kill a later cell.
+    pub cell_serial: AtomicU64,
+    /// An interrupt arrived during the running cell.
+    pub interrupted: AtomicBool,
+    /// The runner was killed because the cell ignored an interrupt.
+    pub runner_killed: AtomicBool,
+    pub last_stderr: Mutex<Instant>,
+}
+
+impl Shared {
+    pub fn runner_pid(&self) -> Option<u32> {
+        let handle = self.runner.lock().ok()?.clone()?;
+        let child = handle.lock().ok()?;
+        Some(child.id())
+    }
+
+    pub fn kill_runner(&self) {
+        if let Some(handle) = self.runner.lock().ok().and_then(|g| g.clone()) {
+            if let Ok(mut child) = handle.lock() {
+                let _ = child.kill();
+            }
+        }
+    }
+}
+
+/// The outcome of one cell.
+pub(crate) struct CellOutcome {
+    /// The last expression's MIME bundle (empty when none).
+    pub result: Value,
+    pub error: Option<ErrorContent>,
+}
+
+/// Where evcxr builds: one slot per running kernel, locked with flock, so
+/// two kernels never share a build directory. Slot 0 is the one
+/// `deepscope kernel --prebuild` fills.
+pub(crate) struct Slot {
+    pub dir: PathBuf,
+    _lock: File,
+}
+
+pub(crate) fn cache_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("DEEPSCOPE_CACHE_DIR") {
+        return PathBuf::from(d);
+    }
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir);
+    base.join("deepscope")
+}
+
+pub(crate) fn take_slot() -> Result<Slot> {
+    use std::os::fd::AsRawFd;
+    let root = cache_dir().join("evcxr");
+    std::fs::create_dir_all(&root).map_err(|e| Error::io(&root, e))?;
+    for n in 0..64 {
+        let lock_path = root.join(format!("slot-{n}.lock"));
+        let file = File::create(&lock_path).map_err(|e| Error::io(&lock_path, e))?;
+        // SAFETY: flock on a file descriptor we own; released when it closes.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if rc == 0 {
+            let dir = root.join(format!("slot-{n}"));
+            std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+            return Ok(Slot { dir, _lock: file });
+        }
+    }
+    Err(Error::Kernel(format!("all 64 build slots under {} are in use", root.display())))
+}
+
+/// Environment the runner and evcxr's cargo need to build and load tch:
+/// the venv's python first on PATH (torch-sys asks it where libtorch is).
+pub(crate) fn prepare_environment() {
+    // SAFETY (set_var): called from `main`'s thread before any other thread starts.
+    if let Some(venv) = super::install::venv_dir() {
+        let bin = venv.join("bin");
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        let mut paths: Vec<PathBuf> = vec![bin];
+        paths.extend(std::env::split_paths(&path));
+        if let Ok(joined) = std::env::join_paths(paths) {
+            std::env::set_var("PATH", joined);
+        }
+        std::env::set_var("VIRTUAL_ENV", &venv);
+    }
+    // The runner loads each cell as a shared library linked against the
+    // toolchain's libstd and against libtorch: put both on the loader path.
+    let mut libs: Vec<PathBuf> = Vec::new();
+    if let Some(sysroot) = rustc_sysroot() {
+        libs.push(sysroot.join("lib"));
+        libs.push(sysroot.join("lib").join("rustlib").join(host_target()).join("lib"));
+    }
+    if let Some(torch) = option_env!("DEEPSCOPE_LIBTORCH_LIB") {
+        libs.push(PathBuf::from(torch));
+    }
+    if let Some(old) = std::env::var_os("LD_LIBRARY_PATH") {
+        libs.extend(std::env::split_paths(&old));
+    }
+    if let Ok(joined) = std::env::join_paths(libs) {
+        std::env::set_var("LD_LIBRARY_PATH", joined);
+    }
+    if std::env::var_os("LIBTORCH").is_none() {
+        std::env::set_var("LIBTORCH_USE_PYTORCH", "1");
+    }
+    std::env::set_var(cell::KERNEL_ENV, "1");
+}
+
+fn rustc_sysroot() -> Option<PathBuf> {
+    let out = std::process::Command::new("rustc").args(["--print", "sysroot"]).output().ok()?;
+    let s = String::from_utf8(out.stdout).ok()?;
+    Some(PathBuf::from(s.trim()))
+}
+
+fn host_target() -> String {
+    std::process::Command::new("rustc")
+        .arg("-vV")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("host: ").map(str::to_string)))
+        .unwrap_or_else(|| "x86_64-unknown-linux-gnu".into())
+}
+
+const SETUP_CODE: &str = "use deepscope::prelude::*;\ndeepscope::kernel::cell::install_panic_hook();";
+
+/// Creates the evaluation context with the DeepScope library and prelude.
+pub(crate) fn start_context(slot: &Slot) -> Result<(CommandContext, evcxr::EvalContextOutputs, Duration)> {
+    let t0 = Instant::now();
+    std::env::set_var("EVCXR_TMPDIR", &slot.dir);
+    let (mut ctx, outputs) = EvalContext::new().map_err(|e| Error::Kernel(format!("starting evcxr: {e}")))?;
+    let mut state = ctx.state();
+    let src = super::install::source_dir();
+    let dep = format!("{{ path = \"{}\", default-features = false }}", src.display());
+    state.add_dep("deepscope", &dep).map_err(|e| Error::Kernel(format!("adding the deepscope library ({dep}): {e}")))?;
+    ctx.eval_with_state(SETUP_CODE, state)
+        .map_err(|e| Error::Kernel(format!("building the DeepScope library inside evcxr (in {}): {e}", slot.dir.display())))?;
+    Ok((CommandContext::with_eval_context(ctx), outputs, t0.elapsed()))
+}
+
+/// Drains a runner output channel into iopub; answers flush requests once
+/// everything received so far has been published.
+pub(crate) fn spawn_forwarder(
+    shared: Arc<Shared>,
+    lines: Receiver<String>,
+    flush: Receiver<Sender<()>>,
+    is_stdout: bool,
+) {
+    std::thread::spawn(move || {
+        let name = if is_stdout { "stdout" } else { "stderr" };
+        loop {
+            select! {
+                recv(lines) -> line => {
+                    let Ok(line) = line else { return };
+                    let mut batch = vec![line];
+                    batch.extend(lines.try_iter());
+                    forward(&shared, name, batch);
+                }
+                recv(flush) -> ack => {
+                    let Ok(ack) = ack else { return };
+                    let batch: Vec<String> = lines.try_iter().collect();
+                    if !batch.is_empty() {
+                        forward(&shared, name, batch);
+                    }
+                    let _ = ack.send(());
+                }
+            }
+        }
+    });
+}
+
+fn forward(shared: &Shared, name: &'static str, batch: Vec<String>) {
+    let p = &shared.publisher;
+    if name == "stderr" {
+        if let Ok(mut t) = shared.last_stderr.lock() {
+            *t = Instant::now();
+        }
+    }
+    let mut text = String::new();
+    let flush_text = |text: &mut String| {
+        if !text.is_empty() {
+            p.publish_current(&Stream { name, text: std::mem::take(text) });
+        }
+    };
+    for line in batch {
+        let message = if name == "stdout" { cell::parse_message(&line) } else { None };
+        let Some(m) = message else {
+            text.push_str(&line);
+            text.push('\n');
+            continue;
+        };
+        flush_text(&mut text);
+        match m["type"].as_str() {
+            Some("display") => {
+                let mut transient = json!({});
+                if let Some(id) = m["display_id"].as_str() {
+                    transient = json!({ "display_id": id });
+                }
+                let d = DisplayData { data: m["data"].clone(), metadata: json!({}), transient };
+                if m["update"].as_bool() == Some(true) {
+                    p.publish_current(&UpdateDisplayData(d));
+                } else {
+                    p.publish_current(&d);
+                }
+            }
+            Some("clear_output") => p.publish_current(&ClearOutput { wait: m["wait"].as_bool().unwrap_or(false) }),
+            Some("panic") => {
+                let message = m["message"].as_str().unwrap_or("panic").to_string();
+                let location = m["location"].as_str().map(str::to_string);
+                if let Ok(mut slot) = shared.panic.lock() {
+                    *slot = Some((message, location));
+                }
+            }
+            _ => {}
+        }
+    }
+    flush_text(&mut text);
+}
+
+/// The worker's view of evcxr: runs cells, completes, inspects.
+pub(crate) struct Worker {
+    pub ctx: CommandContext,
+    pub shared: Arc<Shared>,
+    pub flush_stdout: Sender<Sender<()>>,
+    pub flush_stderr: Sender<Sender<()>>,
+}
+
+fn error(ename: &str, evalue: impl Into<String>, traceback: Vec<String>) -> ErrorContent {
+    let evalue = evalue.into();
+    let traceback = if traceback.is_empty() { vec![format!("{ename}: {evalue}")] } else { traceback };
+    ErrorContent { ename: ename.into(), evalue, traceback }
+}
+
+fn compile_error(errors: &[evcxr::CompilationError]) -> ErrorContent {
+    let first = errors.first().map(|e| e.message()).unwrap_or_else(|| "compilation failed".into());
+    let mut traceback = Vec::new();
+    for e in errors {
+        let mut text = if e.is_from_user_code() { e.rendered() } else { e.message() };
+        for h in e.help() {
+            text.push_str(&format!("\nhelp: {h}"));
+        }
+        traceback.push(text);
+    }
+    error("CompileError", first, traceback)
+}
+
+impl Worker {
+    /// Waits until the runner's stderr has been quiet briefly, then makes
+    /// both forwarders publish everything they hold.
+    fn flush(&self) {
+        let start = Instant::now();
+        loop {
+            let quiet = self.shared.last_stderr.lock().map(|t| t.elapsed()).unwrap_or_default();
+            if quiet >= Duration::from_millis(15) || start.elapsed() >= Duration::from_millis(150) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        for f in [&self.flush_stdout, &self.flush_stderr] {
+            let (tx, rx) = crossbeam_channel::bounded(1);
+            if f.send(tx).is_ok() {
+                let _ = rx.recv_timeout(Duration::from_secs(5));
+            }
+        }
+    }
+
+    /// Runs one cell (already magic-expanded) with `parent` as the request
+    /// its output belongs to.
+    pub fn run(&mut self, code: &str, parent: &Message, silent: bool, input: &dyn Fn(evcxr_input_request::Req) -> String) -> CellOutcome {
+        if let Ok(mut p) = self.shared.publisher.parent.lock() {
+            *p = Some((parent.clone(), silent));
+        }
+        if let Ok(mut p) = self.shared.panic.lock() {
+            *p = None;
+        }
+        self.shared.interrupted.store(false, Ordering::SeqCst);
+        self.shared.runner_killed.store(false, Ordering::SeqCst);
+        self.shared.cell_serial.fetch_add(1, Ordering::SeqCst);
+        self.shared.running.store(true, Ordering::SeqCst);
+        let mut callbacks =
+            EvalCallbacks { input_reader: &|r| input(evcxr_input_request::Req { prompt: r.prompt, password: r.is_password }) };
+        let result = self.ctx.execute_with_callbacks(code, &mut callbacks);
+        self.shared.running.store(false, Ordering::SeqCst);
+        self.flush();
+        let interrupted = self.shared.interrupted.load(Ordering::SeqCst);
+        let killed = self.shared.runner_killed.load(Ordering::SeqCst);
+        let panic = self.shared.panic.lock().ok().and_then(|mut p| p.take());
+        let outcome = match result {
+            Err(evcxr::Error::CompilationErrors(errors)) => CellOutcome { result: Value::Null, error: Some(compile_error(&errors)) },
+            Err(evcxr::Error::SubprocessTerminated(msg)) => {
+                let err = if killed {
+                    error(
+                        "Interrupted",
+                        "the cell did not stop within 3 s of the interrupt, so the Rust runner was restarted: all variables were lost",
+                        vec![],
+                    )
+                } else {
+                    error("RunnerCrashed", format!("the Rust runner stopped: {msg}. All variables were lost."), vec![])
+                };
+                self.reinstall_setup();
+                CellOutcome { result: Value::Null, error: Some(err) }
+            }
+            Err(evcxr::Error::TypeRedefinedVariablesLost(vars)) => CellOutcome {
+                result: Value::Null,
+                error: Some(error("VariablesLost", format!("a type was redefined, so these variables were lost: {}", vars.join(", ")), vec![])),
+            },
+            Err(e) => CellOutcome { result: Value::Null, error: Some(error("EvcxrError", e.to_string(), vec![])) },
+            Ok(outputs) => {
+                let mut data = serde_json::Map::new();
+                for (mime, content) in &outputs.content_by_mime_type {
+                    data.insert(mime.clone(), Value::String(content.clone()));
+                }
+                let err = if let Some((message, location)) = panic {
+                    let mut tb = vec![format!("panicked: {message}")];
+                    if let Some(l) = location {
+                        tb.push(format!("  at {l}"));
+                    }
+                    tb.push("Values defined in earlier cells are kept; values first defined in this cell are not.".into());
+                    Some(error("Panic", message, tb))
+                } else if interrupted {
+                    Some(error("Interrupted", "interrupted: the cell stopped at the interrupt request; values defined before it are kept", vec![]))
+                } else {
+                    None
+                };
+                // A cell ending in a call that returns `()` has no result
+                // worth showing (like Python's None).
+                let unit = data.len() == 1 && data.get("text/plain").and_then(Value::as_str) == Some("()");
+                let show = err.is_none() && !data.is_empty() && !unit;
+                CellOutcome { result: if show { Value::Object(data) } else { Value::Null }, error: err }
+            }
+        };
+        if interrupted && !killed {
+            // An interrupt no check consumed must not stop a later cell.
+            let _ = self.ctx.execute("deepscope::kernel::cell::reset_interrupt();");
+            self.flush();
+        }
+        if let Ok(mut p) = self.shared.publisher.parent.lock() {
+            *p = None;
+        }
+        outcome
+    }
+
+    fn reinstall_setup(&mut self) {
+        let _ = self.ctx.execute(SETUP_CODE);
+        self.flush();
+    }
+}
+
+/// An input request from a cell, in the kernel's terms.
+pub(crate) mod evcxr_input_request {
+    pub struct Req {
+        pub prompt: String,
+        pub password: bool,
+    }
+}
