@@ -1,5 +1,5 @@
 # DeepScope: every target sets itself up from a fresh clone.
-#   make lab     the main job: build and run the demo (see README)
+#   make lab     the main job: build, install the kernel, open JupyterLab on notebooks/
 #   make test    everything CI checks
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
@@ -16,10 +16,12 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export VIRTUAL_ENV := $(CURDIR)/$(VENV)
 export LIBTORCH_USE_PYTORCH := 1
 
-.PHONY: help setup build test fixtures corpus bench lab demo train-tiny gallery clean
+.PHONY: help setup build kernel test fixtures corpus browser bench lab demo notebooks train-tiny gallery clean
 
 help:
-	@echo "make lab    build DeepScope and run the demo (main job)"
+	@echo "make lab    build DeepScope, install its Jupyter kernel, open JupyterLab on notebooks/ (main job)"
+	@echo "make notebooks  re-run every notebook and store its outputs"
+	@echo "make demo   the command-line demo on the shipped model"
 	@echo "make test   set up, build, generate reference fixtures, run all tests"
 	@echo "make bench  benchmark against transformers (writes docs/benchmarks.md)"
 	@echo "make setup  create .venv with torch==2.13.0 and the Python dev deps"
@@ -52,22 +54,44 @@ corpus:
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
-test: build fixtures corpus
+# --- the Jupyter kernel: kernelspec into the venv, and the library built once
+# into the kernel's evcxr cache (~3 min cold, seconds when warm), so the first
+# cell of a notebook does not wait for it.
+kernel: build
+	$(BIN) install --sys-prefix
+	$(BIN) kernel --prebuild
+
+# --- Debian's chromium for the browser test (Playwright drives it; no downloads)
+browser:
+	@if [ ! -x /usr/bin/chromium ]; then \
+	  echo "installing chromium for the browser test"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium >/dev/null; \
+	fi
+
+test: build fixtures corpus kernel browser
 	DEEPSCOPE_FIXTURES=$(CURDIR)/$(FIXTURES) cargo test --release --no-fail-fast
-	$(PY) -m pytest -q tests/python
+	$(PY) -m pytest -q -p no:cacheprovider tests/python
 
 bench: build
 	$(PY) tests/bench_transformers.py --deepscope $(BIN) --out docs/benchmarks.md
 
-# --- the main job. Until the Jupyter kernel lands, this is the CLI demo on
-# the shipped default model.
+# --- the command-line demo on the shipped default model
 DEFAULT_MODEL := models/deepscope-tiny
 demo: build
 	$(BIN) info --model $(DEFAULT_MODEL)
 	$(BIN) generate --model $(DEFAULT_MODEL) --device auto --prompt "And the LORD said unto Moses," -n 40 --seed 1 --temperature 0.8 --top-p 0.95
 	$(BIN) generate --model $(DEFAULT_MODEL) --device auto --prompt "Murphy's Law:" -n 40 --seed 1 --temperature 0.8 --top-p 0.95
 
-lab: demo
+# --- the main job: JupyterLab on the notebooks, with the DeepScope kernel
+LAB_PORT ?= 8888
+lab: kernel corpus
+	$(VENV)/bin/jupyter lab --notebook-dir=notebooks --port=$(LAB_PORT) $(LAB_ARGS)
+
+# --- re-run every notebook through the kernel and keep the outputs
+notebooks: kernel corpus
+	$(PY) notebooks/make_notebooks.py
+	$(PY) tests/run_notebooks.py --write notebooks/0*.ipynb
 
 # --- the shipped default model (about an hour on 2 CPU cores; see its README)
 train-tiny: build corpus

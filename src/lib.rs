@@ -34,7 +34,7 @@ pub mod prelude {
         Sampling, ScoringFunc,
     };
     pub use crate::kernel::cell::{
-        check_interrupt, clear_output, html, markdown, show, svg, Interrupt, Progress, RichDisplay,
+        check_interrupt, clear_output, html, input, markdown, password, show, svg, Interrupt, Progress, RichDisplay,
     };
     pub use crate::stats::{CacheFootprint, ParamCounts};
     pub use tch::{Device, Kind, Tensor};

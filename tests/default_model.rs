@@ -56,7 +56,7 @@ fn corpus_routing_runs_can_be_interrupted_and_resumed() {
     assert!(matches!(err, deepscope::Error::Interrupted));
     assert_eq!(partial.docs_done, 2);
     let mut progress = vec![];
-    let mut record = |p: deepscope::inspect::Progress| progress.push(p.docs_done);
+    let mut record = |p: deepscope::inspect::CorpusProgress| progress.push(p.docs_done);
     m.routing_stats(&docs, &mut partial, CorpusRun { progress: Some(&mut record), ..Default::default() }).unwrap();
     assert_eq!(progress, vec![3, 4]);
     assert_eq!(partial, whole);

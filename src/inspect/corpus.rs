@@ -284,7 +284,7 @@ impl fmt::Display for RoutingStats {
 
 /// Progress of a corpus run.
 #[derive(Debug, Clone, Copy)]
-pub struct Progress {
+pub struct CorpusProgress {
     pub docs_done: u64,
     pub docs_total: u64,
     pub tokens: u64,
@@ -295,7 +295,7 @@ pub struct CorpusRun<'a> {
     /// Tokens per forward pass (documents are split into windows).
     pub window: usize,
     pub interventions: Interventions,
-    pub progress: Option<&'a mut dyn FnMut(Progress)>,
+    pub progress: Option<&'a mut dyn FnMut(CorpusProgress)>,
     /// Polled before each window; `true` stops the run with
     /// `Error::Interrupted`, leaving the statistics of completed documents.
     pub cancel: Option<&'a dyn Fn() -> bool>,
@@ -337,7 +337,7 @@ impl Model {
             part.docs_done = 1;
             stats.merge(&part)?;
             if let Some(p) = run.progress.as_deref_mut() {
-                p(Progress { docs_done: stats.docs_done, docs_total: total, tokens: stats.tokens });
+                p(CorpusProgress { docs_done: stats.docs_done, docs_total: total, tokens: stats.tokens });
             }
         }
         Ok(())

@@ -26,7 +26,7 @@ pub mod trace;
 pub use activations::{histogram, massive_activations, ActivationReport, Histogram, LogitLens, MassiveActivation, SharedRouted};
 pub use capture::{ActStats, Capture};
 pub use compare::{compare, Comparison, PerplexityChange, RoutingChange};
-pub use corpus::{BiasReplay, CorpusRun, Imbalance, Progress, RoutingStats};
+pub use corpus::{BiasReplay, CorpusRun, CorpusProgress, Imbalance, RoutingStats};
 pub use interventions::{project_top_directions, Intervention, Interventions, Layers};
 pub use mla::{effective_rank, EffectiveRank, LatentSpectra, PathCheck, RankRow, RankSweep, ScoreSplit};
 pub use routing::{RouterStep, RoutingMap};

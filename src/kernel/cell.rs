@@ -118,6 +118,32 @@ pub fn markdown(content: &str) {
     display_bundle(&text_bundle(MimeType::TextMarkdown, content, content), None, false);
 }
 
+/// Asks the user for a line of text (an `input_request` in the notebook;
+/// the front end must allow stdin). Outside the kernel: reads stdin.
+pub fn input(prompt: &str) -> String {
+    read_line(prompt, false)
+}
+
+/// Like [`input`], with the typed text hidden.
+pub fn password(prompt: &str) -> String {
+    read_line(prompt, true)
+}
+
+fn read_line(prompt: &str, hidden: bool) -> String {
+    use std::io::Write;
+    if in_kernel() {
+        // evcxr's input protocol: the kernel answers on the runner's stdin.
+        let cmd = if hidden { "EVCXR_INPUT_REQUEST_PASSWORD" } else { "EVCXR_INPUT_REQUEST" };
+        println!("{cmd}:{prompt}");
+    } else {
+        print!("{prompt}");
+        let _ = std::io::stdout().flush();
+    }
+    let mut line = String::new();
+    let _ = std::io::stdin().read_line(&mut line);
+    line.trim_end_matches(['\r', '\n']).to_string()
+}
+
 /// Clears the cell's output (`wait`: only when new output arrives).
 pub fn clear_output(wait: bool) {
     if in_kernel() {

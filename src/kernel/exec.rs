@@ -54,8 +54,8 @@ pub(crate) struct Shared {
     /// Serial number of the running cell, so a late interrupt timer does not
     /// kill a later cell.
     pub cell_serial: AtomicU64,
-    /// An interrupt arrived during the running cell.
-    pub interrupted: AtomicBool,
+    /// Serial of the cell an interrupt arrived for (0: none).
+    pub interrupted: AtomicU64,
     /// The runner was killed because the cell ignored an interrupt.
     pub runner_killed: AtomicBool,
     pub last_stderr: Mutex<Instant>,
@@ -324,16 +324,15 @@ impl Worker {
         if let Ok(mut p) = self.shared.panic.lock() {
             *p = None;
         }
-        self.shared.interrupted.store(false, Ordering::SeqCst);
         self.shared.runner_killed.store(false, Ordering::SeqCst);
-        self.shared.cell_serial.fetch_add(1, Ordering::SeqCst);
+        let serial = self.shared.cell_serial.fetch_add(1, Ordering::SeqCst) + 1;
         self.shared.running.store(true, Ordering::SeqCst);
         let mut callbacks =
             EvalCallbacks { input_reader: &|r| input(evcxr_input_request::Req { prompt: r.prompt, password: r.is_password }) };
         let result = self.ctx.execute_with_callbacks(code, &mut callbacks);
         self.shared.running.store(false, Ordering::SeqCst);
         self.flush();
-        let interrupted = self.shared.interrupted.load(Ordering::SeqCst);
+        let interrupted = self.shared.interrupted.load(Ordering::SeqCst) == serial;
         let killed = self.shared.runner_killed.load(Ordering::SeqCst);
         let panic = self.shared.panic.lock().ok().and_then(|mut p| p.take());
         let outcome = match result {

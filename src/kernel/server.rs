@@ -151,7 +151,7 @@ async fn serve(info: ConnectionInfo) -> Result<()> {
         runner: Mutex::new(None),
         running: AtomicBool::new(false),
         cell_serial: AtomicU64::new(0),
-        interrupted: AtomicBool::new(false),
+        interrupted: AtomicU64::new(0),
         runner_killed: AtomicBool::new(false),
         last_stderr: Mutex::new(Instant::now()),
     });
@@ -181,6 +181,20 @@ async fn serve(info: ConnectionInfo) -> Result<()> {
                 }
                 Ok(m) => log(format!("stdin: ignored {}", m.header.msg_type)),
                 Err(e) => log(format!("stdin: dropped a message: {e}")),
+            }
+        }
+    });
+
+    // Like ipykernel's parent poller: when the process that started us goes
+    // away (we are re-parented), nobody can shut us down, so we stop.
+    let parent = std::os::unix::process::parent_id();
+    let watched = shared.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            if std::os::unix::process::parent_id() != parent {
+                log("the parent process is gone; shutting down");
+                shutdown(&watched).await;
             }
         }
     });
@@ -353,7 +367,8 @@ impl ControlState {
         if !self.shared.running.load(Ordering::SeqCst) {
             return;
         }
-        self.shared.interrupted.store(true, Ordering::SeqCst);
+        let serial = self.shared.cell_serial.load(Ordering::SeqCst);
+        self.shared.interrupted.store(serial, Ordering::SeqCst);
         if let Some(pid) = self.shared.runner_pid() {
             // SAFETY: sending a signal to our own child process.
             unsafe {
@@ -361,7 +376,6 @@ impl ControlState {
             }
         }
         let shared = self.shared.clone();
-        let serial = shared.cell_serial.load(Ordering::SeqCst);
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_secs(3)).await;
             if shared.running.load(Ordering::SeqCst) && shared.cell_serial.load(Ordering::SeqCst) == serial {
@@ -577,7 +591,7 @@ fn spawn_worker(
                             match input_reply.recv_timeout(Duration::from_millis(100)) {
                                 Ok(v) => return v,
                                 Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                                    if shared.interrupted.load(Ordering::SeqCst) {
+                                    if shared.interrupted.load(Ordering::SeqCst) == shared.cell_serial.load(Ordering::SeqCst) {
                                         return String::new();
                                     }
                                 }

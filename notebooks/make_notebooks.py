@@ -1,0 +1,1767 @@
+#!/usr/bin/env python3
+"""Writes DeepScope's six teaching notebooks (without outputs).
+
+The source of every notebook lives here, one list of cells per notebook, so a
+review reads one file and the notebooks are regenerated from it:
+
+    python notebooks/make_notebooks.py                  # writes notebooks/0*.ipynb
+    python notebooks/make_notebooks.py --check FILE.rs  # the code cells as one Rust file, for `cargo check`
+
+`--check` turns every notebook into one function whose body is its code cells
+in order (magic `%` cells left out, the value a cell displays bound with
+`let _ = &...;`). Put the file in `examples/` and run
+`cargo check --release --example NAME`: every API a cell uses, the kernel's
+display helpers (`show`, `markdown`, `Progress`, in the prelude) included, is
+checked against the library. What it cannot check is evcxr's persistence of
+top-level variables across cells; the cells keep to what evcxr persists (owned
+values with explicit types, no top-level references or closures).
+
+Needs the standard library and `nbformat` (in the project's .venv).
+"""
+
+import argparse
+import os
+import sys
+import textwrap
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+KERNELSPEC = {"name": "deepscope", "display_name": "Rust (DeepScope)", "language": "rust"}
+LANGUAGE_INFO = {"name": "rust", "file_extension": ".rs", "mimetype": "text/rust"}
+
+
+def md(text):
+    return ("markdown", textwrap.dedent(text).strip("\n"))
+
+
+def code(*parts):
+    """A code cell made of parts (shared snippets and cell text), each dedented on its own."""
+    return ("code", "\n".join(textwrap.dedent(p).strip("\n") for p in parts))
+
+
+# ---------------------------------------------------------------------------
+# Shared Rust snippets
+# ---------------------------------------------------------------------------
+
+# Held-out text of each domain through the library's corpus reader (the split
+# the default model was trained with), with a few built-in lines standing in
+# when the Debian corpus packages are not installed.
+CORPUS_HELPERS = r'''
+/// The held-out documents (never seen in training) as (domain, text), read by
+/// the same code that split the training corpus. Without the corpus packages
+/// (`make corpus` installs them) a few built-in lines stand in.
+fn heldout_docs() -> Vec<(Domain, String)> {
+    match Corpus::load(&CorpusSources::default()) {
+        Ok(corpus) => corpus.heldout().map(|d| (d.domain, d.text.clone())).collect(),
+        Err(e) => {
+            println!("{e}\n-> using a few built-in lines instead; the figures will be rough");
+            let lines = [
+                (Domain::Bible, "And he shewed me a pure river of water of life, clear as crystal, proceeding out of the throne of God and of the Lamb. In the midst of the street of it, and on either side of the river, was there the tree of life, which bare twelve manner of fruits, and yielded her fruit every month: and the leaves of the tree were for the healing of the nations. And there shall be no more curse: but the throne of God and of the Lamb shall be in it; and his servants shall serve him: And they shall see his face; and his name shall be in their foreheads. And there shall be no night there; and they need no candle, neither light of the sun; for the Lord God giveth them light: and they shall reign for ever and ever."),
+                (Domain::Fortunes, "A watched build never finishes; an unwatched one fails at the last step."),
+                (Domain::Fortunes, "Your lucky number is the one you forgot to write down.\n\t\t-- a fortune cookie"),
+                (Domain::Fortunes, "Today is a good day to read the manual. Tomorrow you will wish you had."),
+                (Domain::Jargon, "kludge: n. A clever but inelegant fix that works for reasons nobody remembers. Hackers admire a good kludge and dread maintaining one.\n\nyak shaving: n. A chain of small tasks, each needed before the next, done so that one may at last do the task one meant to do."),
+            ];
+            lines.iter().map(|(d, t)| (*d, t.to_string())).collect()
+        }
+    }
+}
+
+/// The first held-out documents of `domain`, up to about `bytes` bytes.
+fn sample(docs: &[(Domain, String)], domain: Domain, bytes: usize) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut total = 0;
+    for (_, text) in docs.iter().filter(|(d, _)| *d == domain) {
+        if total >= bytes {
+            break;
+        }
+        total += text.len();
+        out.push(text.clone());
+    }
+    out
+}
+'''
+
+# Published config.json files (architectural fields), as in tests/config.rs.
+DEEPSEEK_V3_JSON = r'''
+/// DeepSeek-V3's published config.json (architectural fields).
+const DEEPSEEK_V3: &str = r#"{
+  "model_type": "deepseek_v3", "vocab_size": 129280, "hidden_size": 7168, "intermediate_size": 18432,
+  "moe_intermediate_size": 2048, "num_hidden_layers": 61, "num_nextn_predict_layers": 1, "num_attention_heads": 128,
+  "num_key_value_heads": 128, "n_shared_experts": 1, "n_routed_experts": 256, "routed_scaling_factor": 2.5,
+  "kv_lora_rank": 512, "q_lora_rank": 1536, "qk_rope_head_dim": 64, "v_head_dim": 128, "qk_nope_head_dim": 128,
+  "topk_method": "noaux_tc", "n_group": 8, "topk_group": 4, "num_experts_per_tok": 8, "moe_layer_freq": 1,
+  "first_k_dense_replace": 3, "norm_topk_prob": true, "scoring_func": "sigmoid", "hidden_act": "silu",
+  "max_position_embeddings": 163840, "rms_norm_eps": 1e-06, "tie_word_embeddings": false, "rope_theta": 10000,
+  "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0, "mscale_all_dim": 1.0,
+                   "original_max_position_embeddings": 4096, "type": "yarn"},
+  "bos_token_id": 0, "eos_token_id": 1,
+  "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128]}
+}"#;
+'''
+
+OTHER_CONFIGS_JSON = r'''
+/// DeepSeek-V2-Lite's published config.json (architectural fields).
+const DEEPSEEK_V2_LITE: &str = r#"{
+  "model_type": "deepseek_v2", "vocab_size": 102400, "hidden_size": 2048, "intermediate_size": 10944,
+  "moe_intermediate_size": 1408, "num_hidden_layers": 27, "num_attention_heads": 16, "num_key_value_heads": 16,
+  "n_shared_experts": 2, "n_routed_experts": 64, "routed_scaling_factor": 1.0, "kv_lora_rank": 512,
+  "q_lora_rank": null, "qk_rope_head_dim": 64, "v_head_dim": 128, "qk_nope_head_dim": 128,
+  "topk_method": "greedy", "n_group": 1, "topk_group": 1, "num_experts_per_tok": 6, "moe_layer_freq": 1,
+  "first_k_dense_replace": 1, "norm_topk_prob": false, "scoring_func": "softmax", "hidden_act": "silu",
+  "max_position_embeddings": 163840, "rms_norm_eps": 1e-06, "rope_theta": 10000,
+  "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 0.707, "mscale_all_dim": 0.707,
+                   "original_max_position_embeddings": 4096, "type": "yarn"},
+  "bos_token_id": 100000, "eos_token_id": 100001, "tie_word_embeddings": false
+}"#;
+
+/// Moonlight-16B-A3B's published config.json (architectural fields): the V3
+/// architecture with 64 experts in one group and a tiktoken tokenizer.
+const MOONLIGHT: &str = r#"{
+  "model_type": "deepseek_v3", "vocab_size": 163840, "hidden_size": 2048, "intermediate_size": 11264,
+  "moe_intermediate_size": 1408, "num_hidden_layers": 27, "num_nextn_predict_layers": 0, "num_attention_heads": 16,
+  "num_key_value_heads": 16, "n_shared_experts": 2, "n_routed_experts": 64, "routed_scaling_factor": 2.446,
+  "kv_lora_rank": 512, "q_lora_rank": null, "qk_rope_head_dim": 64, "v_head_dim": 128, "qk_nope_head_dim": 128,
+  "topk_method": "noaux_tc", "n_group": 1, "topk_group": 1, "num_experts_per_tok": 6, "moe_layer_freq": 1,
+  "first_k_dense_replace": 1, "norm_topk_prob": true, "scoring_func": "sigmoid", "hidden_act": "silu",
+  "max_position_embeddings": 8192, "rms_norm_eps": 1e-05, "rope_theta": 50000.0, "tie_word_embeddings": false,
+  "bos_token_id": 163584, "eos_token_id": 163586
+}"#;
+'''
+
+# Revelation 21:1-8 (the Book of Revelation is the default model's held-out Bible text).
+REVELATION_21 = (
+    "And I saw a new heaven and a new earth: for the first heaven and the first earth were passed away; "
+    "and there was no more sea. And I John saw the holy city, new Jerusalem, coming down from God out of heaven, "
+    "prepared as a bride adorned for her husband. And I heard a great voice out of heaven saying, Behold, the "
+    "tabernacle of God is with men, and he will dwell with them, and they shall be his people, and God himself "
+    "shall be with them, and be their God. And God shall wipe away all tears from their eyes; and there shall be "
+    "no more death, neither sorrow, nor crying, neither shall there be any more pain: for the former things are "
+    "passed away. And he that sat upon the throne said, Behold, I make all things new. And he said unto me, "
+    "Write: for these words are true and faithful. And he said unto me, It is done. I am Alpha and Omega, the "
+    "beginning and the end. I will give unto him that is athirst of the fountain of the water of life freely. "
+    "He that overcometh shall inherit all things; and I will be his God, and he shall be my son. But the "
+    "fearful, and unbelieving, and the abominable, and murderers, and whoremongers, and sorcerers, and "
+    "idolaters, and all liars, shall have their part in the lake which burneth with fire and brimstone: which "
+    "is the second death."
+)
+
+LONG_CONST = (
+    "/// Revelation 21:1-8: held out from training, and longer than the latent has dimensions.\n"
+    'const LONG: &str = "' + " \\\n    ".join(textwrap.wrap(REVELATION_21, 100)) + '";'
+)
+
+# ---------------------------------------------------------------------------
+# 01: a tour
+# ---------------------------------------------------------------------------
+
+TOUR = [
+    md(r'''
+    # A tour of DeepScope
+
+    DeepScope runs models of the DeepSeek-V2/V3 family (multi-head latent attention and DeepSeekMoE) on
+    libtorch, from Rust, and shows what happens inside them: which experts each token is sent to and why,
+    how little the attention cache holds, what the activations look like, and what changes when you
+    change the routing. Every cell of this notebook is Rust; results draw themselves as charts and tables.
+
+    In ten cells (about a minute of computing) you will:
+
+    1. load the shipped model and read its shape;
+    2. generate text;
+    3. trace a prompt and see its routing;
+    4. follow the router's decision for one token;
+    5. run a what-if experiment: ban two experts;
+    6. measure the MLA cache saving;
+    7. get an overview of the activations;
+    8. meet the `%` shorthands.
+
+    The kernel starts every session with `use deepscope::prelude::*;`, which brings `Model`, `Trace`,
+    `Capture`, `Interventions`, `compare` and the other common names into scope.
+    '''),
+    md(r'''
+    ## 1. The model
+
+    `Model::load_default()` loads `models/deepscope-tiny`, a DeepSeek-V3-shaped model trained by DeepScope
+    itself on the King James Bible, fortune cookies and the Jargon File. It has 10.7M parameters, so it is
+    a toy as a language model, but every part of DeepSeek-V3 is in it: MLA with compressed keys and
+    queries, one dense layer, then DeepSeekMoE layers with a shared expert, 16 routed experts, a sigmoid
+    router with a correction bias, and group-limited top-k. A `Model` shows its summary; `model.config`
+    holds every field of its `config.json`.
+    '''),
+    code(r'''
+    let model: Model = Model::load_default()?;
+    let moe_layers: Vec<usize> = model.config.moe_layers();
+    let last: usize = *moe_layers.last().unwrap();
+    println!("MoE layers {moe_layers:?}: top-{} of {} routed experts, from the best {} of {} groups",
+        model.config.num_experts_per_tok, model.config.n_routed_experts, model.config.topk_group, model.config.n_group);
+    model
+    '''),
+    md(r'''
+    ## 2. Generate
+
+    `generate` runs the prompt once, then one token per step; each step appends the new token's latent to
+    the cache instead of recomputing the prefix. `Sampling::TopP` is seeded, so this sample is the same on
+    every run; `GenerateOptions::greedy(&model, n)` supplies the other fields (stop at the model's EOS
+    token, absorbed attention).
+    '''),
+    code(r'''
+    const PROMPT: &str = "And the LORD said unto Moses,";
+    let opts: GenerateOptions = GenerateOptions {
+        sampling: Sampling::TopP { temperature: 0.8, top_p: 0.95, seed: 1 },
+        ..GenerateOptions::greedy(&model, 40)
+    };
+    let generation: deepscope::model::Generation = model.generate(&model.encode(PROMPT)?, &opts, |_| true)?;
+    println!("{PROMPT}{}", model.tokenizer()?.decode(&generation.tokens)?);
+    println!("\n[{} new tokens; the cache holds {} positions in {} bytes]",
+        generation.tokens.len(), generation.cache_len, generation.cache_bytes);
+    '''),
+    md(r'''
+    ## 3. Trace a prompt
+
+    `model.trace(text)` runs one forward pass and records what each MoE router decided, the attention
+    patterns and summary statistics of the residual stream. Shown as the last value of a cell, a `Trace`
+    draws the text coloured by each token's first-choice expert in the last MoE layer, and one heatmap
+    per MoE layer: tokens down, experts across, colour = routing weight (four experts per token).
+    '''),
+    code(r'''
+    const TEXT: &str = "In the beginning God created the heaven and the earth.";
+    let trace: Trace = model.trace(TEXT)?;
+    trace
+    '''),
+    md(r'''
+    ## 4. One routing decision, step by step
+
+    For a token with hidden state $x$, DeepSeek-V3's router computes a score per expert
+    $s_i = \sigma(w_i \cdot x)$, adds a per-expert bias $b_i$ (`e_score_correction_bias`) to get the choice
+    score $s_i + b_i$, ranks groups of experts by the sum of their two best choice scores, keeps the best
+    `topk_group` groups and takes the top-k experts inside them. The weights are the *unbiased* scores of
+    the chosen experts, normalised to sum to one (then times `routed_scaling_factor`, 1 here): the bias
+    decides who is chosen, never how much each chosen expert counts. `router_step` shows each stage and
+    the margin between the k-th chosen and the best rejected expert.
+    '''),
+    code(r'''
+    let pos: usize = trace.tokens[0].iter().position(|t| t.contains("God")).unwrap_or(1);
+    trace.router_step(last, pos)?
+    '''),
+    md(r'''
+    ## 5. What if two experts were missing?
+
+    Interventions are plain values: an `Interventions` list is passed to one forward pass and changes
+    nothing else, so removing it from the list undoes it. Here the two experts that took the most tokens
+    of this text in the last MoE layer are banned; `compare` reports how far the next-token distributions
+    moved (KL divergence), whether the top prediction changed, and how much of the routing changed.
+    '''),
+    code(r'''
+    let load: Vec<i64> = trace.routing_of(last)?.load()?;
+    let mut busiest: Vec<usize> = (0..load.len()).collect();
+    busiest.sort_by_key(|&e| -load[e]);
+    busiest.truncate(2);
+    let banned: Trace = model.trace_with(TEXT, &Capture::default(), &Interventions::new().ban_experts(last, &busiest))?;
+    println!("banned experts {busiest:?} of layer {last}");
+    compare(&trace, &banned)?
+    '''),
+    md(r'''
+    ## 6. The MLA cache
+
+    Multi-head latent attention caches, per token and layer, only the latent $c_{kv}$ (`kv_lora_rank`
+    numbers) and one RoPE key $k_{pe}$ shared by all heads (`qk_rope_head_dim` numbers). The per-head keys
+    and values are linear maps of $c_{kv}$, so the absorbed path folds those maps into the query and the
+    output projection and never materialises them. The first line is the arithmetic in bf16; the second
+    is what generation actually held (this model runs in f32, 4 bytes per number); the third checks that
+    the naive path (keys and values expanded per head) and the absorbed path give the same logits.
+    '''),
+    code(r'''
+    println!("{}", model.cache_footprint(2));
+    println!("measured: {} bytes for {} cached positions = {} bytes per position (f32)",
+        generation.cache_bytes, generation.cache_len, generation.cache_bytes as i64 / generation.cache_len);
+    println!("{}", model.attention_path_check(TEXT)?);
+    '''),
+    md(r'''
+    ## 7. Activations at a glance
+
+    `activation_report` records statistics of every module's output in one pass: the residual stream
+    after each layer (chart), the attention and MoE outputs, the shared experts and $c_{kv}$ (table, with
+    excess kurtosis: large values mean heavy tails), and any *massive activation* (an entry more than 20x
+    the median magnitude of its layer).
+    '''),
+    code(r'''
+    model.activation_report(TEXT, 20.0)?
+    '''),
+    md(r'''
+    ## 8. Shorthands
+
+    A cell that starts with `%` is a magic: a one-line shortcut for Rust you could type yourself; `%help`
+    lists them with their expansions. They define ordinary variables, so later cells can use them:
+    `%model` loads the default model into `model`, `%trace TEXT` traces into `trace`, `%routing` draws the
+    routing heatmaps of `trace` and `%routing LAYER` colours its text by each token's first-choice expert
+    in that layer.
+    '''),
+    code(r'''
+    %model
+    '''),
+    code(r'''
+    %trace Blessed are the meek: for they shall inherit the earth.
+    '''),
+    code(r'''
+    %routing 2
+    '''),
+    md(r'''
+    ## What to try next
+
+    - Trace a fortune or a Jargon File entry (`"A hacker is"`, `"You will"`) and compare its routing with
+      the Bible text: the experts have specialised by domain.
+    - `trace.attention_figure(0)?` draws layer 0's attention patterns; `trace.loss_strip()?` colours each
+      token by the model's surprise.
+    - The other notebooks go deeper: **02** the router and corpus statistics, **03** MLA compression,
+      **04** activation statistics, **05** prototyping routing changes, **06** real DeepSeek checkpoints.
+    '''),
+]
+
+# ---------------------------------------------------------------------------
+# 02: expert routing
+# ---------------------------------------------------------------------------
+
+ROUTING = [
+    md(r'''
+    # Expert routing
+
+    This notebook takes DeepSeek-V3's router apart. You will
+
+    1. follow the router for one token and recompute its decision by hand;
+    2. count expert load over held-out text and read the imbalance figures;
+    3. measure how the experts specialise by domain (Bible, fortunes, Jargon File);
+    4. see which experts are chosen together;
+    5. replay the auxiliary-loss-free balancing rule that set the router's bias.
+
+    **The router.** A MoE layer's input $x$ (the residual stream after `post_attention_layernorm`) goes to
+    a shared expert and to $k$ of $E$ routed experts:
+
+    - scores: $s_i = \sigma(w_i \cdot x)$ (DeepSeek-V2 uses a softmax over experts instead);
+    - choice scores: $c_i = s_i + b_i$, where $b$ is `e_score_correction_bias`;
+    - group limit: the $E$ experts form `n_group` groups; a group's score is the sum of its two best $c_i$;
+      only the best `topk_group` groups stay eligible;
+    - top-k: the $k$ eligible experts with the largest $c_i$ form the set $S$;
+    - weights: $g_i = s_i / \sum_{j \in S} s_j$ (`norm_topk_prob`) times `routed_scaling_factor`;
+    - output: $\mathrm{shared}(x) + \sum_{i \in S} g_i\, E_i(x)$.
+
+    The bias only moves the choice; the weights use the unbiased $s_i$. It is not learned by gradient
+    descent but by a balancing rule (section 5).
+    '''),
+    code(r'''
+    use deepscope::inspect::{BiasReplay, RouterStep};
+    use deepscope::plot::{readable_token, BarChart, Cell, Heatmap};
+    use deepscope::train::corpus::{Corpus, CorpusSources, Domain};
+    use deepscope::train::eval::jensen_shannon;
+
+    let model: Model = Model::load_default()?;
+    let layers: Vec<usize> = model.config.moe_layers();
+    let last: usize = *layers.last().unwrap();
+    {
+        let c = &model.config;
+        println!("MoE layers {layers:?}: {} experts in {} groups of {}, keep {} groups, top-{}, {:?} scores, {:?}",
+            c.n_routed_experts, c.n_group, c.n_routed_experts / c.n_group, c.topk_group, c.num_experts_per_tok,
+            c.scoring_func, c.topk_method);
+        println!("norm_topk_prob {}, routed_scaling_factor {}", c.norm_topk_prob, c.routed_scaling_factor);
+    }
+    '''),
+    md(r'''
+    ## 1. One token, step by step
+
+    `router_step(layer, position)` reads one token's routing out of a trace: the scores, the bias, the
+    choice scores, the group scores and the groups kept, the chosen experts and weights, the margin
+    between the k-th chosen and the best rejected expert (small margins are fragile choices), and what
+    the router would have chosen with no bias.
+    '''),
+    code(r'''
+    const TEXT: &str = "And God said, Let there be light: and there was light.";
+    let trace: Trace = model.trace(TEXT)?;
+    let pos: usize = trace.tokens[0].iter().position(|t| t.contains("light")).unwrap_or(1);
+    let step: RouterStep = trace.router_step(last, pos)?;
+    step
+    '''),
+    md(r'''
+    The same decision by hand, from the router logits $w_i \cdot x$ the trace recorded. Nothing here calls
+    the library's router: if the two agree, the description above is the whole algorithm.
+    '''),
+    code(r'''
+    {
+        let cfg = &model.config;
+        let r = trace.routing_of(last)?;
+        // 1. scores: sigmoid of the router logits
+        let logits = Vec::<f32>::try_from(r.logits.get(pos as i64))?;
+        let s: Vec<f32> = logits.iter().map(|&u| 1.0 / (1.0 + (-u).exp())).collect();
+        // 2. choice scores: add e_score_correction_bias
+        let bias = Vec::<f32>::try_from(r.bias.as_ref().expect("a V3 router has a bias"))?;
+        let c: Vec<f32> = s.iter().zip(&bias).map(|(s, b)| s + b).collect();
+        // 3. groups: rank each by the sum of its two best choice scores, keep the best topk_group
+        let per = cfg.n_routed_experts / cfg.n_group;
+        let mut groups: Vec<(usize, f32)> = (0..cfg.n_group)
+            .map(|g| {
+                let mut v = c[g * per..(g + 1) * per].to_vec();
+                v.sort_by(|a, b| b.total_cmp(a));
+                (g, v[0] + v[1])
+            })
+            .collect();
+        groups.sort_by(|a, b| b.1.total_cmp(&a.1));
+        let kept: Vec<usize> = groups[..cfg.topk_group].iter().map(|g| g.0).collect();
+        // 4. top-k by choice score among the experts of the kept groups
+        let mut eligible: Vec<usize> = (0..cfg.n_routed_experts).filter(|e| kept.contains(&(e / per))).collect();
+        eligible.sort_by(|&a, &b| c[b].total_cmp(&c[a]));
+        let chosen = &eligible[..cfg.num_experts_per_tok];
+        // 5. weights: the unbiased scores of the chosen experts, normalised, scaled
+        let total: f32 = chosen.iter().map(|&e| s[e]).sum();
+        let weights: Vec<f32> = chosen.iter().map(|&e| s[e] / total * cfg.routed_scaling_factor as f32).collect();
+        println!("groups kept  by hand {kept:?}, library {:?}", step.chosen_groups.as_ref().unwrap());
+        println!("experts      by hand {chosen:?}, library {:?}", step.experts);
+        println!("weights      by hand {weights:.4?}");
+        println!("             library {:.4?}", step.weights);
+    }
+    '''),
+    md(r'''
+    How often does the bias change the choice? Every traced token also carries the top-k the same router
+    would have chosen with $b = 0$.
+    '''),
+    code(r'''
+    {
+        let n = trace.seq_len() as usize;
+        for &l in &layers {
+            let steps: Vec<RouterStep> = (0..n).map(|p| trace.router_step(l, p)).collect::<deepscope::Result<_>>()?;
+            let changed = steps.iter().filter(|s| s.bias_changed_choice).count();
+            let fragile = steps.iter().map(|s| s.margin).fold(f32::INFINITY, f32::min);
+            println!("layer {l}: the bias changed the expert set of {changed} of {n} tokens; smallest margin {fragile:.4}");
+        }
+    }
+    '''),
+    md(r'''
+    ## 2. Load over a corpus
+
+    One sentence says little about load. `model.routing_stats` streams documents through the model
+    (windows of 256 tokens, routing captured and nothing else) into a `RoutingStats` accumulator: tokens
+    per expert, routing weight per expert, co-activation counts, the tokens each expert takes. Statistics
+    of parts `merge` into the statistics of the whole, and a run can be interrupted and resumed.
+
+    The text is *held out*: Revelation, every 10th fortune and every 10th Jargon File paragraph group,
+    read with `deepscope::train::corpus`, the code that made the training split. About 8 KB of each domain
+    (two to three thousand tokens) keeps this quick.
+    '''),
+    code(CORPUS_HELPERS, r'''
+    let held: Vec<(Domain, String)> = heldout_docs();
+    const BYTES: usize = 8000;
+    for d in Domain::ALL {
+        let docs = sample(&held, d, BYTES);
+        let tokens: usize = docs.iter().map(|t| model.encode(t).map(|ids| ids.len())).sum::<deepscope::Result<usize>>()?;
+        println!("{:<9} {:>3} documents, {:>5} tokens", d.name(), docs.len(), tokens);
+    }
+    '''),
+    code(r'''
+    let mut by_domain: Vec<(Domain, RoutingStats)> = Vec::new();
+    {
+        let total: usize = Domain::ALL.iter().map(|&d| sample(&held, d, BYTES).len()).sum();
+        let mut bar = Progress::new("routing held-out documents", total as _);
+        let mut done = 0usize;
+        for d in Domain::ALL {
+            let docs = sample(&held, d, BYTES);
+            let refs: Vec<&str> = docs.iter().map(|s| s.as_str()).collect();
+            let mut stats = RoutingStats::default();
+            let mut tick = |_: deepscope::inspect::CorpusProgress| {
+                done += 1;
+                bar.set(done as _);
+            };
+            model.routing_stats(&refs, &mut stats, CorpusRun { progress: Some(&mut tick), ..Default::default() })?;
+            by_domain.push((d, stats));
+        }
+        bar.finish();
+    }
+    let mut all: RoutingStats = RoutingStats::default();
+    for (_, s) in &by_domain {
+        all.merge(s)?;
+    }
+    all
+    '''),
+    md(r'''
+    **Reading the imbalance.** `max/mean` is the busiest expert's load over the mean load: 1 is perfectly
+    even, and 16 would mean one of 16 experts took everything. `CV` is the standard deviation of the load
+    over its mean. The entropy of the load distribution, divided by $\log_2 E$, is 1 when perfectly even.
+
+    The bias was tuned to balance the *training mixture* (45% Bible, 35% fortunes, 20% Jargon File by
+    tokens). A single domain is less balanced: that is specialisation, measured next.
+    '''),
+    code(r'''
+    let mut imbalance: Table = Table::new(["MoE layer", "all", "bible", "fortunes", "jargon"])
+        .caption("max / mean expert load on held-out text (1 = perfectly even)");
+    for &l in &layers {
+        let mut row: Vec<Cell> = vec![l.into(), Cell::number(all.imbalance(l)?.max_over_mean, 2)];
+        for (_, s) in &by_domain {
+            row.push(Cell::number(s.imbalance(l)?.max_over_mean, 2));
+        }
+        imbalance.add_row(row)?;
+    }
+    imbalance
+    '''),
+    md(r'''
+    ## 3. Specialisation by domain
+
+    Each row below is one domain's distribution of expert choices in one layer. The Jensen-Shannon
+    divergence between two such distributions is 0 bits when the domains use the experts alike and 1 bit
+    when they use disjoint experts.
+    '''),
+    code(r'''
+    let mut shares: Vec<Vec<f64>> = Vec::new();
+    let mut row_names: Vec<String> = Vec::new();
+    for &l in &layers {
+        for (d, s) in &by_domain {
+            let load = &s.load[&l];
+            let total: u64 = load.iter().sum();
+            shares.push(load.iter().map(|&x| x as f64 / total as f64).collect());
+            row_names.push(format!("layer {l}, {}", d.name()));
+        }
+        let counts = |i: usize| -> Vec<f64> { by_domain[i].1.load[&l].iter().map(|&x| x as f64).collect() };
+        println!("layer {l}: JSD bible-fortunes {:.3}, bible-jargon {:.3}, fortunes-jargon {:.3} bits",
+            jensen_shannon(&counts(0), &counts(1)), jensen_shannon(&counts(0), &counts(2)), jensen_shannon(&counts(1), &counts(2)));
+    }
+    let share_map: Figure = Heatmap::new(&shares)
+        .x_labels((0..model.config.n_routed_experts).map(|e| format!("e{e}")))
+        .y_labels(row_names.clone())
+        .title("Share of each domain's expert choices going to each expert")
+        .x_title("expert")
+        .y_title("layer, domain")
+        .value_name("share")
+        .render()?;
+    share_map
+    '''),
+    md(r'''
+    Which tokens does a specialised expert take? Take the expert of the last layer whose share differs
+    most between domains; `top_tokens(layer, expert, n)` lists the tokens routed to it most often, with
+    the fraction of that token's occurrences that went to this expert.
+    '''),
+    code(r'''
+    let specialist: usize = {
+        let share = |i: usize, e: usize| -> f64 {
+            let load = &by_domain[i].1.load[&last];
+            load[e] as f64 / load.iter().sum::<u64>() as f64
+        };
+        let spread = |e: usize| -> f64 {
+            let s: Vec<f64> = (0..by_domain.len()).map(|i| share(i, e)).collect();
+            s.iter().cloned().fold(f64::MIN, f64::max) - s.iter().cloned().fold(f64::MAX, f64::min)
+        };
+        (0..model.config.n_routed_experts).max_by(|&a, &b| spread(a).total_cmp(&spread(b))).unwrap()
+    };
+    for (d, s) in &by_domain {
+        let load = &s.load[&last];
+        println!("{:<9} sends {:>5.1}% of its expert choices in layer {last} to expert {specialist}",
+            d.name(), 100.0 * load[specialist] as f64 / load.iter().sum::<u64>() as f64);
+    }
+    let mut top: Table = Table::new(["token", "times routed to it", "share of the token's occurrences"])
+        .caption(format!("The tokens expert {specialist} of layer {last} takes most"));
+    for (id, count, share) in all.top_tokens(last, specialist, 12)? {
+        let token = model.tokenizer()?.tokens(&[id])[0].clone().unwrap_or_default();
+        top.add_row([readable_token(&token).into(), count.into(), Cell::number(share, 2)])?;
+    }
+    top
+    '''),
+    md(r'''
+    ## 4. Co-activation
+
+    Entry $(i, j)$ is $P(j \text{ chosen} \mid i \text{ chosen})$ for the same token. Group-limited routing
+    shows as blocks: experts of one group (four consecutive experts here) are chosen together more often,
+    because a token's $k$ experts come from only `topk_group` groups. Between layers, the normalised
+    mutual information of the choices says how predictable one layer's routing is from the previous one.
+    '''),
+    code(r'''
+    for pair in layers.windows(2) {
+        println!("layers {} -> {}: normalised mutual information of the choices {:.3}", pair[0], pair[1], all.layer_agreement(pair[0], pair[1])?);
+    }
+    let coactivation: Figure = all.coactivation_figure(last)?;
+    coactivation
+    '''),
+    md(r'''
+    ## 5. Balancing without an auxiliary loss
+
+    DeepSeek-V3 keeps experts busy evenly without a balance term in the loss: after each training step
+    every expert's bias moves by a fixed step $\gamma$ towards balance,
+    $b_i \leftarrow b_i + \gamma \cdot \mathrm{sign}(\bar{n} - n_i)$, where $n_i$ is the number of tokens
+    expert $i$ took in the step and $\bar{n}$ the mean. Overloaded experts become less attractive,
+    idle ones more. `replay_bias_balancing` replays this rule on recorded router scores, starting from
+    $b = 0$: each step routes every recorded token with the current bias, counts the load and updates the
+    bias. The scores never change, only the choice.
+
+    The recording is one batch of held-out text: rows of 128 tokens, traced with `Capture::routing_only()`.
+    '''),
+    code(r'''
+    let batch: Tensor = {
+        let mut ids: Vec<i64> = Vec::new();
+        for d in Domain::ALL {
+            for doc in sample(&held, d, 3000) {
+                ids.extend(model.encode(&doc)?);
+            }
+        }
+        let seq = 128.min(ids.len());
+        let rows = ids.len() / seq;
+        Tensor::from_slice(&ids[..rows * seq]).view([rows as i64, seq as i64])
+    };
+    let recorded: Trace = model.trace_with(&batch, &Capture::routing_only(), &Interventions::new())?;
+    let replay: BiasReplay = model.replay_bias_balancing(&recorded, last, 0.01, 200)?;
+    replay
+    '''),
+    md(r'''
+    The replayed bias against the one training left in the checkpoint. Adding the same constant to every
+    $b_i$ changes no choice (every choice score, and every group score, moves alike), so both are centred
+    before comparing. They need not match: training balanced the training mixture over 3000 steps, the
+    replay balances this one batch.
+    '''),
+    code(r'''
+    fn centred(v: &[f32]) -> Vec<f32> {
+        let mean = v.iter().sum::<f32>() / v.len() as f32;
+        v.iter().map(|x| x - mean).collect()
+    }
+    let trained: Vec<f32> = centred(&Vec::<f32>::try_from(recorded.routing_of(last)?.bias.as_ref().unwrap())?);
+    let replayed: Vec<f32> = centred(&replay.final_bias);
+    let correlation: f64 = {
+        let dot = |x: &[f32], y: &[f32]| x.iter().zip(y).map(|(p, q)| *p as f64 * *q as f64).sum::<f64>();
+        dot(&trained, &replayed) / (dot(&trained, &trained) * dot(&replayed, &replayed)).sqrt()
+    };
+    println!("correlation of the trained and the replayed bias: {correlation:.2}");
+    let bias_chart: Figure = BarChart::new((0..trained.len()).map(|e| format!("e{e}")))
+        .series("trained e_score_correction_bias", &trained)
+        .series("replayed from zero on this batch", &replayed)
+        .title(format!("Router bias of layer {last}, centred"))
+        .x_title("expert")
+        .y_title("bias")
+        .render()?;
+    bias_chart
+    '''),
+    md(r'''
+    ## What to try next
+
+    - Repeat sections 1 and 5 for the first MoE layer (`layers[0]`): the model card reports much weaker
+      specialisation there.
+    - Raise `BYTES` for sharper statistics; save them with `all.save("stats.json")?` and reload with
+      `RoutingStats::load_from`. Pass `CorpusRun { cancel: Some(&f), .. }` to make a long run stoppable;
+      calling `routing_stats` again with the same statistics resumes it.
+    - Replay with a larger $\gamma$ (faster, but the load oscillates) or a smaller one.
+    - Notebook **05** uses a replayed bias as an intervention and measures what it does to perplexity.
+    '''),
+]
+
+# ---------------------------------------------------------------------------
+# 03: MLA compression
+# ---------------------------------------------------------------------------
+
+MLA = [
+    md(r'''
+    # MLA compression
+
+    Multi-head latent attention (DeepSeek-V2) shrinks the KV cache by caching one small latent per token
+    instead of keys and values per head. This notebook measures what that buys and what it costs:
+
+    1. the cache arithmetic for this model and for DeepSeek-V3, checked against generation;
+    2. the naive and the absorbed computation give the same logits;
+    3. the spectra of the up-projections $W_{UK}$ and $W_{UV}$;
+    4. the effective rank of the cached latent $c_{kv}$;
+    5. attention scores split into a content and a position part;
+    6. how many latent dimensions the model needs: the rank-truncation experiment.
+
+    **The mechanism.** For a token with normalised hidden state $x$:
+
+    - $[\,c_{kv};\ k_{pe}'\,] = W_{DKV}\, x$; $c_{kv}$ (after an RMSNorm) has `kv_lora_rank` dimensions
+      (64 here, 512 in DeepSeek-V3); $k_{pe} = \mathrm{RoPE}(k_{pe}')$ has `qk_rope_head_dim` dimensions and
+      is shared by all heads;
+    - per head $h$: key $k^h = [\,W^h_{UK} c_{kv};\ k_{pe}\,]$, value $v^h = W^h_{UV} c_{kv}$;
+    - queries $q^h = [\,q^h_{nope};\ q^h_{pe}\,]$ come from their own low-rank path;
+    - score $= (q^h_{nope} \cdot W^h_{UK} c_{kv} + q^h_{pe} \cdot k_{pe}) \times$ `softmax_scale`.
+
+    Only $c_{kv}$ and $k_{pe}$ are cached. **Absorption:** $q_{nope} \cdot (W_{UK} c) = (W_{UK}^{\top} q_{nope})
+    \cdot c$, so the query can be moved into the latent space once and scored directly against the cached
+    latents; likewise $\sum_s p_s W_{UV} c_s = W_{UV} \sum_s p_s c_s$ folds into the output projection. The
+    naive path expands per-head keys and values from the latents; the absorbed path never does.
+    '''),
+    code(r'''
+    use deepscope::inspect::{effective_rank, LatentSpectra, RankSweep, ScoreSplit};
+    use deepscope::plot::{Cell, LineChart};
+
+    let model: Model = Model::load_default()?;
+    const TEXT: &str = "And I saw a new heaven and a new earth: for the first heaven and the first earth were passed away.";
+    ''', LONG_CONST, r'''
+    println!("LONG is {} tokens; c_kv has {} dimensions", model.encode(LONG)?.len(), model.config.kv_lora_rank);
+    '''),
+    md(r'''
+    ## 1. The cache, by arithmetic
+
+    `CacheFootprint::of(&config, bytes_per_element)` counts the numbers cached per token and layer three
+    ways: absorbed MLA ($c_{kv}$ and $k_{pe}$), naive MLA (per-head keys and values expanded from the
+    latent, as an implementation that caches them would hold), and plain multi-head attention with the
+    same heads. It needs only the config, so DeepSeek-V3 is read from its published `config.json`.
+    '''),
+    code(DEEPSEEK_V3_JSON, r'''
+    let v3: Config = Config::from_json_str(DEEPSEEK_V3, "DeepSeek-V3/config.json")?;
+    let mut cache_table: Table = Table::new(["model", "MLA numbers / token / layer", "naive", "plain MHA",
+            "MLA bytes / token (bf16, all layers)", "naive bytes / token", "MLA cache, 128K tokens"])
+        .caption("KV cache: MLA caches c_kv and k_pe only");
+    for (name, cfg) in [("deepscope-tiny", &model.config), ("DeepSeek-V3", &v3)] {
+        let f = CacheFootprint::of(cfg, 2);
+        let (mla, naive, _) = f.bytes_per_token();
+        cache_table.add_row([name.into(), f.absorbed_elems.into(), f.naive_elems.into(), f.mha_elems.into(),
+            mla.into(), naive.into(), Cell::text(deepscope::stats::human_bytes(mla * 131_072))])?;
+    }
+    println!("DeepSeek-V3: {}", CacheFootprint::of(&v3, 2));
+    cache_table
+    '''),
+    md(r'''
+    The same figure measured: generation keeps exactly $c_{kv}$ and $k_{pe}$ for every position of every
+    layer (in f32 here, 4 bytes per number).
+    '''),
+    code(r'''
+    {
+        let mut opts = GenerateOptions::greedy(&model, 24);
+        opts.stop_tokens.clear();
+        let g = model.generate(&model.encode(TEXT)?, &opts, |_| true)?;
+        let per_position = model.cache_footprint(4).bytes_per_token().0;
+        println!("cache after generation: {} positions, {} bytes = {} x {} bytes per position",
+            g.cache_len, g.cache_bytes, g.cache_len, per_position);
+        assert_eq!(g.cache_bytes as u64, per_position * g.cache_len as u64);
+    }
+    '''),
+    md(r'''
+    ## 2. Naive and absorbed: the same function
+
+    Absorption is exact algebra, so the two paths differ only by floating-point rounding. First the
+    identity itself, on one head's $W_{UK}$ with a random query and latent; then whole forward passes on
+    both paths, and greedy generation on both.
+    '''),
+    code(r'''
+    {
+        let attn = &model.layers[1].self_attn;
+        let w_uk = attn.w_uk.get(0); // head 0: [qk_nope_head_dim, kv_lora_rank]
+        let q = Tensor::randn([attn.nope], (Kind::Float, Device::Cpu));
+        let c = Tensor::randn([attn.kv_lora], (Kind::Float, Device::Cpu));
+        let naive = q.dot(&w_uk.mv(&c)); // q . (W_UK c): expand the key, then score
+        let absorbed = w_uk.transpose(0, 1).mv(&q).dot(&c); // (W_UK^T q) . c: move the query into the latent space
+        println!("q . (W_UK c) = {:.6}, (W_UK^T q) . c = {:.6}", naive.double_value(&[]), absorbed.double_value(&[]));
+    }
+    println!("{}", model.attention_path_check(LONG)?);
+    {
+        let prompt = model.encode(TEXT)?;
+        let naive = GenerateOptions { attn: AttnImpl::Naive, ..GenerateOptions::greedy(&model, 20) };
+        let absorbed = GenerateOptions { attn: AttnImpl::Absorbed, ..GenerateOptions::greedy(&model, 20) };
+        let a = model.generate(&prompt, &naive, |_| true)?.tokens;
+        let b = model.generate(&prompt, &absorbed, |_| true)?.tokens;
+        println!("greedy, naive:    {:?}", model.tokenizer()?.decode(&a)?);
+        println!("greedy, absorbed: {:?}", model.tokenizer()?.decode(&b)?);
+        println!("same tokens: {}", a == b);
+    }
+    '''),
+    md(r'''
+    ## 3. What the up-projections read
+
+    Each head's $W^h_{UK}$ is a `qk_nope_head_dim` x `kv_lora_rank` matrix (32 x 64 here): a head's keys read
+    at most a 32-dimensional subspace of the 64-dimensional latent, and its values (through $W^h_{UV}$)
+    another. The singular values show how many directions each head really uses; stacking all heads
+    shows how much of the latent the keys (or values) read together.
+    '''),
+    code(r'''
+    {
+        let attn = &model.layers[1].self_attn;
+        println!("W_UK of all heads stacked ({} x {}): {}", attn.num_heads * attn.nope, attn.kv_lora, effective_rank(&attn.w_uk)?);
+        println!("W_UV of all heads stacked ({} x {}): {}", attn.num_heads * attn.v, attn.kv_lora, effective_rank(&attn.w_uv)?);
+    }
+    let spectra: LatentSpectra = model.latent_spectra(1)?;
+    spectra
+    '''),
+    md(r'''
+    ## 4. How many dimensions the cached latent uses
+
+    The effective rank of $c_{kv}$ over the tokens of a text: $\exp$ of the entropy of the normalised
+    singular values (Roy and Vetterli), and the number of directions holding 90% and 99% of the energy
+    (squared norm). A latent that used only a few directions could be cached smaller still.
+    '''),
+    code(r'''
+    let mut ranks: Table = Table::new(["layer", "entropy rank", "directions for 90%", "directions for 99%", "latent size"])
+        .caption(format!("Effective rank of c_kv over the {} tokens of LONG", model.encode(LONG)?.len()));
+    let mut spectrum: Vec<Vec<f32>> = Vec::new();
+    for l in 0..model.config.num_hidden_layers {
+        let r = model.latent_effective_rank(LONG, l)?;
+        ranks.add_row([l.into(), Cell::number(r.entropy_rank, 1), r.rank90.into(), r.rank99.into(), model.config.kv_lora_rank.into()])?;
+        spectrum.push(r.singular_values);
+    }
+    ranks
+    '''),
+    code(r'''
+    let mut chart: LineChart = LineChart::new()
+        .y_log(true)
+        .title("Singular values of c_kv, per layer")
+        .x_title("index")
+        .y_title("singular value");
+    for (l, s) in spectrum.iter().enumerate() {
+        chart = chart.series(format!("layer {l}"), s);
+    }
+    let spectrum_chart: Figure = chart.render()?;
+    spectrum_chart
+    '''),
+    md(r'''
+    ## 5. Content and position
+
+    Every pre-softmax score is a sum of two parts: content, $q_{nope} \cdot k_{nope}$ (through the latent),
+    and position, $q_{pe} \cdot k_{pe}$ (the decoupled RoPE part). `score_split` returns both, per head,
+    for causal (query, key) pairs; their sum is the score. Below, the two parts of layer 1's heads, then
+    for every layer and head the spread (standard deviation) of each part: the part that varies more
+    does more to decide where a head looks.
+    '''),
+    code(r'''
+    let split: ScoreSplit = model.score_split(TEXT, 1)?;
+    split
+    '''),
+    code(r'''
+    let mut parts: Table = Table::new(["layer", "head", "std of content part", "std of position part", "position share of variance"])
+        .caption("Pre-softmax score parts over the causal (query, key) pairs of LONG");
+    for l in 0..model.config.num_hidden_layers {
+        let s = model.score_split(LONG, l)?;
+        let t = s.content.size()[2];
+        let causal = Tensor::ones([t, t], (Kind::Bool, Device::Cpu)).tril(0);
+        for h in 0..model.config.num_attention_heads as i64 {
+            let vc = s.content.get(0).get(h).masked_select(&causal).var(true).double_value(&[]);
+            let vp = s.position.get(0).get(h).masked_select(&causal).var(true).double_value(&[]);
+            parts.add_row([l.into(), h.into(), Cell::number(vc.sqrt(), 3), Cell::number(vp.sqrt(), 3), Cell::number(vp / (vc + vp), 2)])?;
+        }
+    }
+    parts
+    '''),
+    md(r'''
+    ## 6. Truncating the latent
+
+    `truncate_latent(layers, r)` projects $c_{kv}$ onto its top $r$ singular directions (computed from this
+    text's own tokens) before it is used, as if the cache held only $r$ numbers per token instead of
+    `kv_lora_rank`. `rank_truncation` runs one pass per rank, every layer truncated, and compares each with
+    the full model: KL divergence, agreement of the top prediction, accuracy against the actual next
+    tokens. At rank 0 the latent is gone, and with it every value: attention contributes nothing.
+    '''),
+    code(r'''
+    let sweep: RankSweep = model.rank_truncation(LONG, &[64, 48, 32, 24, 16, 12, 8, 4, 0])?;
+    sweep
+    '''),
+    md(r'''
+    Which layer needs its full latent most? Truncate one layer at a time to rank 8.
+    '''),
+    code(r'''
+    let ids: Vec<i64> = model.encode(LONG)?;
+    let full: Trace = model.trace_with(ids.clone(), &Capture::none(), &Interventions::new())?;
+    let mut per_layer: Table = Table::new(["layer truncated to rank 8", "mean KL (nats)", "top-1 agreement", "loss change (nats)"])
+        .caption("One layer's c_kv truncated at a time");
+    for l in 0..model.config.num_hidden_layers {
+        let cut = model.trace_with(ids.clone(), &Capture::none(), &Interventions::new().truncate_latent(l, 8))?;
+        let c = compare(&full, &cut)?;
+        per_layer.add_row([l.into(), Cell::number(c.mean_kl, 4), Cell::text(format!("{:.1}%", 100.0 * c.top1_agreement)),
+            Cell::number(c.mean_loss_variant - c.mean_loss_baseline, 4)])?;
+    }
+    per_layer
+    '''),
+    md(r'''
+    ## What to try next
+
+    - Run the effective rank and the truncation on a fortune or a Jargon File paragraph: does prose of
+      another domain use the latent differently?
+    - Capture the latents themselves: `model.trace_with(text, &Capture::none().with(HookPoint::CKv(1)).with(HookPoint::KPe(1)), &Interventions::new())?`
+      then `trace.tensor(HookPoint::CKv(1))?`.
+    - Time `forward_with` with `ForwardOptions { attn: AttnImpl::Naive, ..Default::default() }` against the
+      absorbed path on a long input.
+    - Notebook **06** does the cache arithmetic for DeepSeek-V2-Lite and Moonlight, and runs these checks on
+      real weights.
+    '''),
+]
+
+# ---------------------------------------------------------------------------
+# 04: activation statistics
+# ---------------------------------------------------------------------------
+
+ACTIVATIONS = [
+    md(r'''
+    # Activation statistics
+
+    What flows through the network, layer by layer. You will
+
+    1. read summary statistics of every module's output;
+    2. look at the distribution of the residual stream and find *massive activations*;
+    3. split each MoE block's output into the shared expert's and the routed experts' contributions;
+    4. read the model's intermediate guesses with the logit lens.
+
+    Vocabulary: the **residual stream** is the running sum each layer adds to
+    ($h_{l} = h_{l-1} + \mathrm{attn}_l + \mathrm{mlp}_l$); **excess kurtosis** is 0 for a Gaussian and large
+    for heavy tails; a **massive activation** (Sun et al., 2024) is a residual entry hundreds or thousands
+    of times the typical magnitude, usually in a few fixed dimensions and at the first token.
+    '''),
+    code(r'''
+    use deepscope::inspect::{ActivationReport, LogitLens};
+    use deepscope::plot::{readable_token, Cell, LineChart};
+
+    let model: Model = Model::load_default()?;
+    let n_layers: usize = model.config.num_hidden_layers;
+    let last: usize = *model.config.moe_layers().last().unwrap();
+    const TEXT: &str = "Blessed are the meek: for they shall inherit the earth. Blessed are they which do hunger and thirst after righteousness: for they shall be filled.";
+    '''),
+    md(r'''
+    ## 1. Statistics per module
+
+    `activation_report(text, factor)` runs one pass with statistics at every module output: the
+    embeddings, each attention output, each MLP or MoE output, each shared expert output, each $c_{kv}$,
+    and the residual stream after each layer. The chart follows the residual stream's RMS and largest
+    magnitude through the layers.
+    '''),
+    code(r'''
+    let report: ActivationReport = model.activation_report(TEXT, 20.0)?;
+    report
+    '''),
+    md(r'''
+    ## 2. The residual stream
+
+    A `Capture` names what to keep: `Capture::none()` records nothing but logits, and `.with(point)` adds
+    the full tensor at a hook point (`HookPoint::ResidPost(l)` is the residual stream leaving layer `l`).
+    The histogram of the last layer's residual stream uses a log count axis, so rare large values show.
+    '''),
+    code(r'''
+    let mut capture: Capture = Capture::none();
+    for l in 0..n_layers {
+        capture = capture.with(HookPoint::ResidPost(l));
+    }
+    let resid: Trace = model.trace_with(TEXT, &capture, &Interventions::new())?;
+    let values: Vec<f32> = Vec::<f32>::try_from(resid.tensor(HookPoint::ResidPost(n_layers - 1))?.flatten(0, -1))?;
+    let histogram: Figure = deepscope::plot::Histogram::new(&values)
+        .bins(80)
+        .log_count(true)
+        .title(format!("Residual stream after layer {} ({} values)", n_layers - 1, values.len()))
+        .x_title("activation")
+        .y_title("count")
+        .render()?;
+    histogram
+    '''),
+    md(r'''
+    Massive activations sit in a few hidden dimensions. The largest magnitude of each dimension over all
+    tokens, after each layer, shows whether some dimensions stand out.
+    '''),
+    code(r'''
+    let mut dims: LineChart = LineChart::new()
+        .y_log(true)
+        .title("Largest |x| of each hidden dimension over all tokens")
+        .x_title("hidden dimension")
+        .y_title("max |x|");
+    for l in 0..n_layers {
+        let x = resid.tensor(HookPoint::ResidPost(l))?; // [1, T, D]
+        let per_dim = Vec::<f32>::try_from(x.abs().flatten(0, 1).amax(0, false))?;
+        dims = dims.series(format!("after layer {l}"), &per_dim);
+    }
+    let dims_chart: Figure = dims.render()?;
+    dims_chart
+    '''),
+    md(r'''
+    The report lists every residual entry above `factor` (here 20) times its layer's median magnitude,
+    largest first. A small model trained briefly may have none, or only modest ones; large pretrained
+    models show ratios in the thousands (notebook 06 runs this on real weights).
+    '''),
+    code(r'''
+    let mut massive: Table = Table::new(["layer", "position", "token", "dimension", "value", "x median |x|"])
+        .caption(format!("{} residual entries above 20x their layer's median |x| (largest 12)", report.massive.len()));
+    for m in report.massive.iter().take(12) {
+        let token = readable_token(&resid.tokens[0][m.position]);
+        massive.add_row([m.layer.into(), m.position.into(), token.into(), m.dim.into(), Cell::number(m.value as f64, 2), Cell::number(m.ratio_to_median, 0)])?;
+    }
+    massive
+    '''),
+    md(r'''
+    ## 3. Shared and routed experts
+
+    A DeepSeekMoE block outputs $\mathrm{shared}(x) + \sum_{i \in S} g_i E_i(x)$: the shared expert sees
+    every token, the routed ones only theirs. For each MoE layer, the mean norm per token of each
+    contribution and the mean cosine between them (near 0: they write in unrelated directions; negative:
+    they partly cancel).
+    '''),
+    code(r'''
+    let mut split: Table = Table::new(["MoE layer", "shared |x|", "routed |x|", "routed / shared", "cosine"])
+        .caption("Contributions to each MoE block's output (means per token)");
+    for s in &report.shared_vs_routed {
+        split.add_row([s.layer.into(), Cell::number(s.shared_norm, 3), Cell::number(s.routed_norm, 3),
+            Cell::number(s.routed_norm / s.shared_norm, 2), Cell::number(s.cosine, 3)])?;
+    }
+    split
+    '''),
+    md(r'''
+    Token by token, in the last MoE layer: `HookPoint::SharedOut(l)` is the shared expert's output
+    ([tokens, hidden]) and `HookPoint::MlpOut(l)` the block's whole output, so their difference is the
+    weighted sum of the routed experts.
+    '''),
+    code(r'''
+    let moe_out: Trace = model.trace_with(TEXT, &Capture::none().with(HookPoint::SharedOut(last)).with(HookPoint::MlpOut(last)), &Interventions::new())?;
+    let per_token: Figure = {
+        let shared = moe_out.tensor(HookPoint::SharedOut(last))?; // [N, D]
+        let total = moe_out.tensor(HookPoint::MlpOut(last))?.flatten(0, 1); // [B*T, D] = [N, D]
+        let routed = &total - shared;
+        let norms = |x: &Tensor| -> deepscope::Result<Vec<f32>> {
+            Ok(Vec::<f32>::try_from(x.square().sum_dim_intlist(-1, false, Kind::Float).sqrt())?)
+        };
+        LineChart::new()
+            .series("shared expert", &norms(shared)?)
+            .series("routed experts (weighted sum)", &norms(&routed)?)
+            .title(format!("Norm of each contribution per token, MoE layer {last}"))
+            .x_title("token position")
+            .y_title("L2 norm")
+            .render()?
+    };
+    per_token
+    '''),
+    md(r'''
+    How much does the shared expert matter? Replace its output with zeros (a `patch` intervention at
+    `SharedOut`) and compare with the unchanged model. This is the last layer, so only the prediction can
+    change; patch an earlier MoE layer and the routing of the layers after it changes too.
+    '''),
+    code(r'''
+    let without_shared: Trace = {
+        let zeros = Tensor::zeros([model.encode(TEXT)?.len() as i64, model.config.hidden_size as i64], (Kind::Float, Device::Cpu));
+        model.trace_with(TEXT, &Capture::default(), &Interventions::new().patch(HookPoint::SharedOut(last), &zeros))?
+    };
+    compare(&model.trace(TEXT)?, &without_shared)?
+    '''),
+    md(r'''
+    ## 4. The logit lens
+
+    Apply the final norm and the LM head to the residual stream after each layer, as if the model stopped
+    there: each column is that layer's best guess for the next token, with its probability. Read a row
+    left to right to watch the prediction form.
+    '''),
+    code(r'''
+    let lens: LogitLens = model.logit_lens(TEXT)?;
+    lens
+    '''),
+    md(r'''
+    The lens also reads each MoE contribution alone: what the shared expert's output, or the routed
+    experts' output, would predict if it were the whole residual stream. It shows what each part *writes*,
+    not what the model predicts.
+    '''),
+    code(r'''
+    /// "token (probability)" of one lens guess.
+    fn guess((token, p): &(String, f32)) -> String {
+        format!("{} ({:.0}%)", readable_token(token), 100.0 * p)
+    }
+    let lens_parts: Table = {
+        let (layer, shared) = lens.shared.last().unwrap();
+        let (_, routed) = lens.routed.last().unwrap();
+        let mut t = Table::new(["position", "token", "model's next token", "shared expert alone", "routed experts alone"])
+            .caption(format!("Logit lens on the two contributions of MoE layer {layer}"));
+        for (i, token) in lens.tokens.iter().enumerate() {
+            t.add_row([i.into(), readable_token(token).into(), guess(&lens.resid[n_layers - 1][i]).into(),
+                guess(&shared[i]).into(), guess(&routed[i]).into()])?;
+        }
+        t
+    };
+    lens_parts
+    '''),
+    md(r'''
+    ## What to try next
+
+    - Swap `TEXT` for a fortune or a Jargon File entry and compare the statistics and the lens.
+    - `Capture { module_stats: true, ..Capture::default() }` adds these statistics to any traced run,
+      including runs with interventions: compare the statistics before and after a ban.
+    - `deepscope::inspect::massive_activations(&tensor, layer, factor)` works on any captured tensor, e.g.
+      `HookPoint::AttnOut(l)` or `HookPoint::CKv(l)`.
+    - Zero one routed expert's contribution by banning it (notebook **05**) and read the lens again.
+    '''),
+]
+
+# ---------------------------------------------------------------------------
+# 05: prototyping routing changes
+# ---------------------------------------------------------------------------
+
+PROTOTYPING = [
+    md(r'''
+    # Prototyping routing changes
+
+    Change how tokens are routed and measure the effect, without touching the weights. You will
+
+    1. ban and force experts;
+    2. sweep top-k and read perplexity against compute;
+    3. edit the router bias: zero it, replace it, exaggerate it;
+    4. write a router in Rust: first DeepSeek-V3's own, then a variant;
+    5. compare every run in one table.
+
+    **How.** An `Interventions` value is a list of changes passed to one forward pass
+    (`model.trace_with(input, &capture, &interventions)`); the model itself is never modified, so runs
+    with and without a change can alternate freely. Each run below is scored on the same held-out text:
+    perplexity (the exponential of the mean next-token loss; lower is better) and the imbalance of expert
+    load (max / mean, 1 = even).
+    '''),
+    code(r'''
+    use deepscope::plot::{Cell, LineChart};
+    use deepscope::train::corpus::{Corpus, CorpusSources, Domain};
+
+    let model: Model = Model::load_default()?;
+    let layers: Vec<usize> = model.config.moe_layers();
+    let last: usize = *layers.last().unwrap();
+    '''),
+    md(r'''
+    The evaluation text is about 2 KB of each held-out domain (Revelation, fortunes, the Jargon File).
+    `run` scores one set of interventions on it: each window of 256 tokens is traced with only routing
+    captured, its loss adds to the perplexity and its routing to a `RoutingStats`.
+    '''),
+    code(CORPUS_HELPERS, r'''
+    /// One scored run.
+    struct Outcome {
+        name: String,
+        perplexity: f64,
+        stats: RoutingStats,
+    }
+
+    impl std::fmt::Display for Outcome {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "{}: perplexity {:.2}; max/mean load", self.name, self.perplexity)?;
+            for l in self.stats.layers() {
+                if let Ok(i) = self.stats.imbalance(l) {
+                    write!(f, " L{l} {:.2}", i.max_over_mean)?;
+                }
+            }
+            Ok(())
+        }
+    }
+
+    /// Perplexity and routing statistics of `docs` with `interventions` applied, in one pass.
+    fn run(model: &Model, docs: &[String], name: &str, interventions: &Interventions) -> deepscope::Result<Outcome> {
+        let (mut nll, mut n) = (0.0, 0usize);
+        let mut stats = RoutingStats::default();
+        for doc in docs {
+            let ids = model.encode(doc)?;
+            for window in ids.chunks(256).filter(|w| w.len() >= 2) {
+                check_interrupt()?; // the notebook's stop button ends the run here
+                let t = model.trace_with(window, &Capture::routing_only(), interventions)?;
+                let loss = t.loss()?;
+                nll += loss.sum(Kind::Double).double_value(&[]);
+                n += loss.numel();
+                stats.add(&t)?;
+            }
+        }
+        Ok(Outcome { name: name.to_string(), perplexity: (nll / n as f64).exp(), stats })
+    }
+
+    let held: Vec<(Domain, String)> = heldout_docs();
+    let docs: Vec<String> = Domain::ALL.iter().flat_map(|&d| sample(&held, d, 2000)).collect();
+    let mut results: Vec<Outcome> = vec![run(&model, &docs, "baseline", &Interventions::new())?];
+    println!("{} documents, {} tokens", docs.len(), results[0].stats.tokens);
+    println!("{}", results[0]);
+    '''),
+    md(r'''
+    ## 1. Ban and force experts
+
+    A banned expert's choice score is set to $-\infty$, so the router takes the next best eligible expert;
+    a forced expert's is set to $+\infty$, so it is chosen for every token, whatever its group. The weights
+    still come from the unbiased scores. Ban the two busiest experts of the last MoE layer, then force its
+    idlest one. For a token-level view, `compare` runs on one sentence.
+    '''),
+    code(r'''
+    const TEXT: &str = "The LORD is my shepherd; I shall not want. He maketh me to lie down in green pastures.";
+    let base: Trace = model.trace(TEXT)?;
+    let by_load: Vec<usize> = {
+        let load = &results[0].stats.load[&last];
+        let mut e: Vec<usize> = (0..load.len()).collect();
+        e.sort_by_key(|&i| std::cmp::Reverse(load[i]));
+        e
+    };
+    let ban: Interventions = Interventions::new().ban_experts(last, &by_load[..2]);
+    results.push(run(&model, &docs, &format!("ban experts {:?} of layer {last}", &by_load[..2]), &ban)?);
+    println!("{}", results.last().unwrap());
+    compare(&base, &model.trace_with(TEXT, &Capture::default(), &ban)?)?
+    '''),
+    code(r'''
+    let idlest: usize = *by_load.last().unwrap();
+    let force: Interventions = Interventions::new().force_experts(last, &[idlest]);
+    results.push(run(&model, &docs, &format!("force expert {idlest} of layer {last}"), &force)?);
+    println!("{}", results.last().unwrap());
+    compare(&base, &model.trace_with(TEXT, &Capture::default(), &force)?)?
+    '''),
+    md(r'''
+    ## 2. A top-k sweep
+
+    Each token's routed compute grows linearly with $k$, the number of experts per token (the model was
+    trained with 4). `ParamCounts::of` a config with another `num_experts_per_tok` gives the parameters
+    active per token. With 2 of 4 groups of 4 experts eligible, at most 8 experts can be chosen, so
+    $k$ runs from 1 to 8.
+    '''),
+    code(r'''
+    let mut sweep: Table = Table::new(["top-k", "active parameters / token", "perplexity", "max/mean load, last layer"])
+        .caption("Top-k in every MoE layer, on the held-out text");
+    let mut ks: Vec<f64> = Vec::new();
+    let mut perplexities: Vec<f64> = Vec::new();
+    {
+        let mut bar = Progress::new("top-k sweep", 8 as _);
+        for k in 1..=8usize {
+            let o = run(&model, &docs, &format!("top-{k}"), &Interventions::new().top_k(Layers::All, k))?;
+            let mut cfg = model.config.clone();
+            cfg.num_experts_per_tok = k;
+            sweep.add_row([k.into(), ParamCounts::of(&cfg).active_per_token.into(), Cell::number(o.perplexity, 2),
+                Cell::number(o.stats.imbalance(last)?.max_over_mean, 2)])?;
+            ks.push(k as f64);
+            perplexities.push(o.perplexity);
+            bar.set(k as _);
+        }
+        bar.finish();
+    }
+    show(&sweep);
+    let sweep_chart: Figure = LineChart::new()
+        .series_xy("perplexity", &ks, &perplexities)
+        .title("Perplexity against experts per token (trained with 4)")
+        .x_title("experts per token")
+        .y_title("perplexity")
+        .render()?;
+    sweep_chart
+    '''),
+    md(r'''
+    ## 3. Editing the bias
+
+    `e_score_correction_bias` moves the choice and nothing else. Three edits, in every MoE layer:
+
+    - **zero**: route on the raw scores, as a router trained without balancing would;
+    - **replayed**: the bias the balancing rule reaches on this very text, starting from zero (the replay
+      of notebook 02, one per layer);
+    - **tripled**: the trained bias times 3: balancing pushed harder than training did.
+
+    The trained bias is read from the baseline trace, which records the bias each router used.
+    '''),
+    code(r'''
+    let mut trained_bias: Vec<(usize, Vec<f32>)> = Vec::new();
+    for &l in &layers {
+        trained_bias.push((l, Vec::<f32>::try_from(base.routing_of(l)?.bias.as_ref().unwrap())?));
+    }
+    let zero: Interventions = Interventions::new().zero_bias(Layers::All);
+    let mut tripled: Interventions = Interventions::new();
+    for (l, b) in &trained_bias {
+        tripled = tripled.bias(*l, &b.iter().map(|x| 3.0 * x).collect::<Vec<f32>>());
+    }
+    let mut replayed: Interventions = Interventions::new();
+    {
+        let mut ids: Vec<i64> = Vec::new();
+        for d in &docs {
+            ids.extend(model.encode(d)?);
+        }
+        let seq = 128.min(ids.len());
+        let batch = Tensor::from_slice(&ids[..ids.len() / seq * seq]).view([-1, seq as i64]);
+        let recorded = model.trace_with(&batch, &Capture::routing_only(), &Interventions::new())?;
+        for &l in &layers {
+            replayed = replayed.bias(l, &model.replay_bias_balancing(&recorded, l, 0.01, 200)?.final_bias);
+        }
+    }
+    for (name, iv) in [("zero bias", &zero), ("replayed bias", &replayed), ("tripled bias", &tripled)] {
+        results.push(run(&model, &docs, name, iv)?);
+        println!("{}", results.last().unwrap());
+    }
+    '''),
+    md(r'''
+    ## 4. A router written in Rust
+
+    Any value implementing `CustomRouter` (or any closure `Fn(&RouterInput) -> Result<(Tensor, Tensor)>`)
+    can replace a layer's expert selection. It receives the router input `x`, the logits, the scores
+    and the layer's settings, and returns the chosen experts and their weights, both `[tokens, k]`. The
+    input does not carry the bias, so the router below keeps its own copy.
+
+    First DeepSeek-V3's router, re-implemented in a dozen tensor operations; it must reproduce the
+    model exactly. Then one change: no group limit (every expert eligible).
+    '''),
+    code(r'''
+    #[derive(Clone)]
+    struct V3Router {
+        /// e_score_correction_bias per MoE layer.
+        bias: Vec<(usize, Vec<f32>)>,
+        /// Keep only the best `topk_group` groups (DeepSeek-V3), or let every expert compete.
+        limit_groups: bool,
+    }
+
+    impl CustomRouter for V3Router {
+        fn route(&self, input: &RouterInput) -> deepscope::Result<(Tensor, Tensor)> {
+            let st = input.settings;
+            let (n, e) = (input.scores.size()[0], input.scores.size()[1]);
+            let bias = match self.bias.iter().find(|(l, _)| *l == input.layer) {
+                Some((_, b)) => Tensor::from_slice(b).to_device(input.scores.device()),
+                None => Tensor::zeros([e], (Kind::Float, input.scores.device())),
+            };
+            // choice scores: scores plus bias, [N, E]
+            let mut choice = input.scores + &bias;
+            if self.limit_groups && st.n_group > 1 {
+                let g = st.n_group;
+                let grouped = choice.view([n, g, e / g]);
+                // a group's score is the sum of its two best choice scores; keep the best topk_group groups
+                let group_score = grouped.topk(2, -1, true, true).0.sum_dim_intlist(-1, false, Kind::Float);
+                let kept = group_score.topk(st.topk_group, -1, true, true).1;
+                // 0 for kept groups, -inf for the others
+                let mask = Tensor::full([n, g], f64::NEG_INFINITY, (Kind::Float, choice.device())).scatter_value(1, &kept, 0.0);
+                choice = (grouped + mask.unsqueeze(-1)).view([n, e]);
+            }
+            let indices = choice.topk(st.top_k, -1, true, true).1; // [N, k], best first
+            // weights: the unbiased scores of the chosen experts
+            let mut weights = input.scores.gather(1, &indices, false);
+            if st.norm_topk_prob {
+                weights = &weights / weights.sum_dim_intlist(-1, true, Kind::Float);
+            }
+            Ok((indices, weights * st.routed_scaling_factor))
+        }
+    }
+
+    let mine: Interventions = Interventions::new().router(Layers::All, V3Router { bias: trained_bias.clone(), limit_groups: true });
+    print!("my router against the model's: {}", compare(&base, &model.trace_with(TEXT, &Capture::default(), &mine)?)?);
+    '''),
+    code(r'''
+    let no_groups: Interventions = Interventions::new().router(Layers::All, V3Router { bias: trained_bias.clone(), limit_groups: false });
+    results.push(run(&model, &docs, "custom router: no group limit", &no_groups)?);
+    println!("{}", results.last().unwrap());
+    compare(&base, &model.trace_with(TEXT, &Capture::default(), &no_groups)?)?
+    '''),
+    md(r'''
+    ## 5. Every run in one table
+
+    The same held-out tokens under every change above (the top-k sweep has its own table). Perplexity is
+    what the change costs; the load columns say whether it unbalanced the experts.
+    '''),
+    code(r'''
+    let mut headers: Vec<String> = vec!["run".into(), "perplexity".into(), "change".into()];
+    headers.extend(layers.iter().map(|l| format!("max/mean load, layer {l}")));
+    let mut runs: Table = Table::new(headers).caption(format!("Every run over the same {} held-out tokens", results[0].stats.tokens));
+    for o in &results {
+        let mut row: Vec<Cell> = vec![o.name.as_str().into(), Cell::number(o.perplexity, 2),
+            Cell::text(format!("{:+.1}%", 100.0 * (o.perplexity / results[0].perplexity - 1.0)))];
+        for &l in &layers {
+            row.push(Cell::number(o.stats.imbalance(l)?.max_over_mean, 2));
+        }
+        runs.add_row(row)?;
+    }
+    runs
+    '''),
+    md(r'''
+    ## What to try next
+
+    - The built-in `Interventions::new().groups(Layers::All, 1, 1)` also lifts the group limit: check
+      that it routes exactly as `V3Router { limit_groups: false, .. }`.
+    - `scoring(Layers::All, ScoringFunc::Softmax)` scores with DeepSeek-V2's softmax on V3 weights.
+    - Ban a whole group (`ban_experts(last, &[0, 1, 2, 3])`): its group score becomes $-\infty$, so the
+      group is never kept; check `chosen_groups` in the `router_step` of a trace run with that ban.
+    - Write a router with a capacity: no expert takes more than a fixed share of the tokens.
+    - `Interventions::remove(i)` takes one change out of a stack; `patch(HookPoint::TopkWeights(l), &w)`
+      replaces the weights while keeping the choice.
+    '''),
+]
+
+# ---------------------------------------------------------------------------
+# 06: real checkpoints
+# ---------------------------------------------------------------------------
+
+REAL = [
+    md(r'''
+    # Real checkpoints
+
+    DeepScope loads Hugging Face checkpoints of the DeepSeek-V2/V3 family (`config.json`, safetensors
+    weights, single or sharded, bf16/f16/f32 or block-scaled FP8, and `tokenizer.json` when present) and
+    matches `transformers` numerically. This notebook shows
+
+    1. what DeepSeek-V2-Lite, Moonlight-16B-A3B and DeepSeek-V3 need in memory, from their configs alone;
+    2. what fits on one GPU, and how to load only the first layers of a model too large for it;
+    3. how to load real weights on CUDA, and the analyses of notebooks 01 to 05 on them.
+
+    **Without weights (the default) every cell runs and skips cleanly**, saying what it would do. To use
+    real weights, download a checkpoint and set environment variables before starting Jupyter:
+
+    ```sh
+    huggingface-cli download deepseek-ai/DeepSeek-V2-Lite --local-dir /data/DeepSeek-V2-Lite
+    export DEEPSCOPE_REAL_CHECKPOINT=/data/DeepSeek-V2-Lite
+    export DEEPSCOPE_REAL_DEVICE=cuda:0   # optional; default `auto` (CUDA when present)
+    export DEEPSCOPE_REAL_LAYERS=6        # optional: only the first 6 layers (DeepSeek-V3; see section 2)
+    make lab
+    ```
+
+    Other checkpoints: `moonshotai/Moonlight-16B-A3B`, `deepseek-ai/DeepSeek-V3` (FP8, 61 layers).
+    '''),
+    code(r'''
+    use deepscope::plot::{Cell, Heatmap};
+    use deepscope::stats::{human_bytes, human_count};
+    use std::path::{Path, PathBuf};
+    ''', DEEPSEEK_V3_JSON, OTHER_CONFIGS_JSON, r'''
+    let published: Vec<(String, Config)> = vec![
+        ("DeepSeek-V2-Lite".to_string(), Config::from_json_str(DEEPSEEK_V2_LITE, "DeepSeek-V2-Lite/config.json")?),
+        ("Moonlight-16B-A3B".to_string(), Config::from_json_str(MOONLIGHT, "Moonlight-16B-A3B/config.json")?),
+        ("DeepSeek-V3".to_string(), Config::from_json_str(DEEPSEEK_V3, "DeepSeek-V3/config.json")?),
+    ];
+    for (name, c) in &published {
+        println!("{name:<18} {:?} family, {} layers ({} MoE), {} + {} experts, top-{}, {:?} / {:?}, q_lora_rank {:?}",
+            c.family, c.num_hidden_layers, c.moe_layers().len(), c.n_routed_experts, c.n_shared_experts,
+            c.num_experts_per_tok, c.scoring_func, c.topk_method, c.q_lora_rank);
+    }
+    '''),
+    md(r'''
+    ## 1. Memory, from the config
+
+    `ParamCounts::of(&config)` counts parameters from the shapes alone: the total, and those active per
+    token (everything but the routed experts a token is not sent to, and the embedding lookup).
+    DeepScope keeps the weights in the dtype you load them in, bf16 here (2 bytes per parameter; FP8
+    weights are dequantized to it on load), so weights take about twice the parameter count in bytes. The
+    KV cache is the MLA arithmetic of notebook 03.
+    '''),
+    code(r'''
+    let mut sizes: Table = Table::new(["model", "parameters", "active / token", "weights in bf16", "KV cache / token", "KV cache, 32K tokens"])
+        .caption("What each model needs (from config.json alone)");
+    for (name, c) in &published {
+        let p = ParamCounts::of(c);
+        let (kv, _, _) = CacheFootprint::of(c, 2).bytes_per_token();
+        sizes.add_row([name.into(), human_count(p.total).into(), human_count(p.active_per_token).into(),
+            human_bytes(2 * p.total).into(), human_bytes(kv).into(), human_bytes(kv * 32_768).into()])?;
+    }
+    sizes
+    '''),
+    md(r'''
+    ## 2. What fits on one GPU
+
+    DeepScope places a whole model on one device. DeepSeek-V2-Lite and Moonlight fit on one 48 GB or
+    80 GB GPU; DeepSeek-V3 (about 1.3 TB in bf16) fits on none. But the routing in layer $l$ depends only
+    on layers $0..l$, so a model cut after its first $N$ layers gives *exact* traces of those layers: same
+    router inputs, same choices, same attention. DeepScope loads such a cut when `num_hidden_layers` in
+    `config.json` is $N$: it skips the tensors of later layers and says so in `model.load_notes`. (Its
+    logits are then a logit lens of layer $N-1$, not the model's predictions.)
+
+    The table gives the largest $N$ whose bf16 weights fit in 90% of each memory size, leaving the rest
+    for activations, the cache and captures.
+    '''),
+    code(r'''
+    /// The most leading layers of `c` whose bf16 weights fit in 90% of `gib` GiB.
+    fn layers_that_fit(c: &Config, gib: f64) -> usize {
+        let budget = 0.9 * gib * (1u64 << 30) as f64;
+        (1..=c.num_hidden_layers)
+            .rev()
+            .find(|&n| {
+                let mut cut = c.clone();
+                cut.num_hidden_layers = n;
+                2.0 * ParamCounts::of(&cut).total as f64 <= budget
+            })
+            .unwrap_or(0)
+    }
+    let memory_sizes: Vec<f64> = vec![24.0, 48.0, 80.0, 140.0];
+    let mut headers: Vec<String> = vec!["model".into()];
+    headers.extend(memory_sizes.iter().map(|g| format!("{g} GiB")));
+    let mut fit: Table = Table::new(headers).caption("Leading layers whose bf16 weights fit in 90% of one device's memory");
+    for (name, c) in &published {
+        let mut row: Vec<Cell> = vec![name.into()];
+        for &gib in &memory_sizes {
+            let n = layers_that_fit(c, gib);
+            row.push(Cell::text(match n {
+                0 => "none".to_string(),
+                n if n == c.num_hidden_layers => format!("all {n}"),
+                n => format!("first {n} of {}", c.num_hidden_layers),
+            }));
+        }
+        fit.add_row(row)?;
+    }
+    fit
+    '''),
+    md(r'''
+    ## 3. The checkpoint
+
+    The cells from here on use the checkpoint named by `DEEPSCOPE_REAL_CHECKPOINT`. Each one skips, with
+    a line saying so, when there is none.
+    '''),
+    code(r'''
+    let real_dir: Option<PathBuf> = std::env::var_os("DEEPSCOPE_REAL_CHECKPOINT")
+        .map(PathBuf::from)
+        .filter(|d| d.join("config.json").is_file());
+    let real_layers: Option<usize> = std::env::var("DEEPSCOPE_REAL_LAYERS").ok().and_then(|s| s.parse().ok());
+    let real_device: Device = deepscope::model::parse_device(&std::env::var("DEEPSCOPE_REAL_DEVICE").unwrap_or_else(|_| "auto".to_string()))?;
+    match &real_dir {
+        None => {
+            markdown("**No checkpoint**: `DEEPSCOPE_REAL_CHECKPOINT` is not set, or names a folder without `config.json`. \
+                The cells below say what they would do and skip.");
+        }
+        Some(dir) => {
+            let c = Config::from_dir(dir)?;
+            let p = ParamCounts::of(&c);
+            let n = real_layers.unwrap_or(c.num_hidden_layers).min(c.num_hidden_layers);
+            let mut cut = c.clone();
+            cut.num_hidden_layers = n;
+            println!("{}: {:?} family, {} layers, {} parameters ({} active per token)",
+                dir.display(), c.family, c.num_hidden_layers, human_count(p.total), human_count(p.active_per_token));
+            println!("loading {n} of {} layers in bf16 on {real_device:?} needs about {} for the weights",
+                c.num_hidden_layers, human_bytes(2 * ParamCounts::of(&cut).total));
+            println!("{}", CacheFootprint::of(&c, 2));
+            if real_device == Device::Cpu {
+                println!("no CUDA device: loading on the CPU needs that much RAM, and every pass is slow");
+            }
+        }
+    }
+    '''),
+    md(r'''
+    Loading: `Model::load(dir, LoadOptions { device, kind })`. Weights are memory-mapped and copied once,
+    tensor by tensor, to the device in `kind`; router weights and the bias stay f32. With
+    `DEEPSCOPE_REAL_LAYERS=N`, `first_layers` builds a folder that links every file of the checkpoint and
+    holds a `config.json` with `num_hidden_layers` set to `N`.
+    '''),
+    code(r'''
+    /// A folder showing `dir`'s checkpoint with only its first `n` layers: links to
+    /// every file, and a copy of config.json with `num_hidden_layers` set to `n`.
+    fn first_layers(dir: &Path, n: usize) -> std::io::Result<PathBuf> {
+        let name = dir.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        let out = std::env::temp_dir().join(format!("deepscope-{name}-first-{n}-layers"));
+        std::fs::create_dir_all(&out)?;
+        for entry in std::fs::read_dir(dir)? {
+            let path = entry?.path();
+            let link = out.join(path.file_name().unwrap());
+            if path.file_name().unwrap() != "config.json" && link.symlink_metadata().is_err() {
+                std::os::unix::fs::symlink(&path, &link)?;
+            }
+        }
+        let config = std::fs::read_to_string(dir.join("config.json"))?;
+        let key = config.find("\"num_hidden_layers\"").expect("config.json has num_hidden_layers");
+        let start = key + config[key..].find(|c: char| c.is_ascii_digit()).unwrap();
+        let end = start + config[start..].find(|c: char| !c.is_ascii_digit()).unwrap();
+        std::fs::write(out.join("config.json"), format!("{}{n}{}", &config[..start], &config[end..]))?;
+        Ok(out)
+    }
+
+    let real: Option<Model> = match &real_dir {
+        None => {
+            println!("skipped: no checkpoint to load");
+            None
+        }
+        Some(dir) => {
+            let load_dir = match real_layers {
+                Some(n) => first_layers(dir, n).map_err(|e| Error::Input(format!("cannot prepare the first {n} layers of {}: {e}", dir.display())))?,
+                None => dir.clone(),
+            };
+            let started = std::time::Instant::now();
+            let m = Model::load(&load_dir, LoadOptions { device: real_device, kind: Kind::BFloat16 })?;
+            println!("loaded {} layers on {:?} in {:.0} s: {} of weights",
+                m.layers.len(), m.device, started.elapsed().as_secs_f64(), human_bytes(m.weight_bytes() as u64));
+            for note in &m.load_notes {
+                println!("note: {note}");
+            }
+            if m.tokenizer.is_none() {
+                println!("no tokenizer.json: set DEEPSCOPE_REAL_IDS to comma-separated token ids for the cells below");
+            }
+            Some(m)
+        }
+    };
+    '''),
+    md(r'''
+    ## 4. Routing on real weights
+
+    A trace of one prompt, capturing routing only: the default `Capture` also keeps every layer's
+    attention pattern (`[heads, tokens, tokens]` in f32 on the CPU, 128 heads x 61 layers for DeepSeek-V3),
+    which adds up on long inputs. Then the router for the last token in the last loaded MoE layer, and
+    that layer's routing heatmap.
+    '''),
+    code(r'''
+    const REAL_PROMPT: &str = "The capital of France is Paris. The capital of Japan is";
+
+    /// The prompt as the model takes it: encoded text when the checkpoint has a
+    /// tokenizer.json, else the ids in DEEPSCOPE_REAL_IDS (comma-separated).
+    fn prompt_ids(m: &Model, text: &str) -> deepscope::Result<Vec<i64>> {
+        if m.tokenizer.is_some() {
+            return m.encode(text);
+        }
+        let ids = std::env::var("DEEPSCOPE_REAL_IDS")
+            .map_err(|_| Error::Input("no tokenizer.json: set DEEPSCOPE_REAL_IDS to comma-separated token ids".into()))?;
+        ids.split(',').map(|s| s.trim().parse::<i64>().map_err(|e| Error::Input(format!("DEEPSCOPE_REAL_IDS: {e}")))).collect()
+    }
+
+    match &real {
+        None => println!("skipped: with weights, this traces {REAL_PROMPT:?}, shows the router of its last token and the routing heatmap"),
+        Some(m) => {
+            let t = m.trace_with(prompt_ids(m, REAL_PROMPT)?, &Capture::routing_only(), &Interventions::new())?;
+            println!("{t}");
+            let layer = *m.config.moe_layers().last().unwrap();
+            show(&t.router_step(layer, t.seq_len() as usize - 1)?);
+            let map = t.routing_map()?;
+            let (l, weights) = map.layers.last().unwrap();
+            show(&Heatmap::new(weights)
+                .y_labels(map.tokens.iter().map(|s| deepscope::plot::readable_token(s)))
+                .title(format!("Routing weights, layer {l} (tokens x {} experts)", m.config.n_routed_experts))
+                .x_title("expert")
+                .y_title("token")
+                .value_name("weight")
+                .render()?);
+        }
+    }
+    '''),
+    md(r'''
+    ## 5. Generation and the cache
+
+    Greedy generation in bf16 on the device; the cache holds `kv_lora_rank + qk_rope_head_dim` numbers per
+    position and layer, 2 bytes each.
+    '''),
+    code(r'''
+    match &real {
+        None => println!("skipped: with weights, this generates 16 tokens after {REAL_PROMPT:?} and checks the cache size"),
+        Some(m) => {
+            let g = m.generate(&prompt_ids(m, REAL_PROMPT)?, &GenerateOptions::greedy(m, 16), |_| true)?;
+            match m.tokenizer.as_ref() {
+                Some(tok) => println!("{REAL_PROMPT}{}", tok.decode(&g.tokens)?),
+                None => println!("new token ids: {:?}", g.tokens),
+            }
+            println!("cache: {} positions in {} ({} per position by the formula)",
+                g.cache_len, human_bytes(g.cache_bytes as u64), human_bytes(m.cache_footprint(2).bytes_per_token().0));
+            if real_layers.is_some() {
+                println!("(only the first layers are loaded: these tokens follow a logit lens, not the model)");
+            }
+        }
+    }
+    '''),
+    md(r'''
+    ## 6. MLA on real weights
+
+    The checks of notebook 03: the naive and absorbed paths agree within bf16 rounding (tolerance 3e-2
+    relative), and the effective ranks of the stacked $W_{UK}$ / $W_{UV}$ and of $c_{kv}$ (512 dimensions in
+    all three models).
+    '''),
+    code(r'''
+    const REAL_LONG: &str = "In 1905 Albert Einstein published four papers that changed physics: on the photoelectric effect, \
+        on Brownian motion, on special relativity, and on the equivalence of mass and energy. The third showed that \
+        the laws of physics are the same in every inertial frame and that the speed of light in vacuum is constant; \
+        the fourth derived the relation between the energy and the mass of a body. Each would have made a career.";
+    match &real {
+        None => println!("skipped: with weights, this checks naive == absorbed attention and the effective ranks of W_UK, W_UV and c_kv"),
+        Some(m) => {
+            let ids = prompt_ids(m, REAL_LONG)?;
+            println!("{}", m.attention_path_check(ids.clone())?);
+            let layer = m.layers.len() - 1;
+            let attn = &m.layers[layer].self_attn;
+            println!("layer {layer}: W_UK stacked {}", deepscope::inspect::effective_rank(&attn.w_uk)?);
+            println!("layer {layer}: W_UV stacked {}", deepscope::inspect::effective_rank(&attn.w_uv)?);
+            println!("layer {layer}: c_kv over {} tokens {}", ids.len(), m.latent_effective_rank(ids.clone(), layer)?);
+        }
+    }
+    '''),
+    md(r'''
+    ## 7. Load, activations and a what-if
+
+    Expert load over a few varied texts (a real corpus run is the loop of notebook 02), massive
+    activations in the residual stream, and the effect of banning the two busiest experts of the last
+    loaded MoE layer.
+    '''),
+    code(r'''
+    const REAL_DOCS: [&str; 4] = [
+        "def fibonacci(n):\n    a, b = 0, 1\n    for _ in range(n):\n        a, b = b, a + b\n    return a\n",
+        "The integral of x squared from 0 to 3 is 9, since the antiderivative x^3/3 equals 9 at 3 and 0 at 0.",
+        "It was a bright cold day in April, and the clocks were striking thirteen.",
+        "Photosynthesis converts light energy into chemical energy stored in glucose.",
+    ];
+    match &real {
+        None => println!("skipped: with weights, this counts expert load over {} texts, lists massive activations and bans two experts", REAL_DOCS.len()),
+        Some(m) if m.tokenizer.is_none() => println!("skipped: these texts need a tokenizer.json"),
+        Some(m) => {
+            let mut stats = RoutingStats::default();
+            m.routing_stats(&REAL_DOCS, &mut stats, CorpusRun::default())?;
+            show(&stats.imbalance_table()?);
+            let report = m.activation_report(REAL_DOCS[2], 100.0)?;
+            println!("{} residual entries above 100x their layer's median |x|", report.massive.len());
+            for a in report.massive.iter().take(5) {
+                println!("  layer {} position {} dimension {}: {:.1} ({:.0}x the median)", a.layer, a.position, a.dim, a.value, a.ratio_to_median);
+            }
+            let layer = *m.config.moe_layers().last().unwrap();
+            let load = &stats.load[&layer];
+            let mut busiest: Vec<usize> = (0..load.len()).collect();
+            busiest.sort_by_key(|&e| std::cmp::Reverse(load[e]));
+            let base = m.trace_with(REAL_DOCS[2], &Capture::routing_only(), &Interventions::new())?;
+            let banned = m.trace_with(REAL_DOCS[2], &Capture::routing_only(), &Interventions::new().ban_experts(layer, &busiest[..2]))?;
+            println!("ban experts {:?} of layer {layer}: {}", &busiest[..2], compare(&base, &banned)?);
+        }
+    }
+    '''),
+    md(r'''
+    ## What to try next
+
+    - Set `DEEPSCOPE_REAL_CHECKPOINT` to DeepSeek-V2-Lite (softmax router, no bias, no group limit) and to
+      Moonlight (sigmoid router with bias, one group) and compare their routing statistics with the
+      shipped model's.
+    - For DeepSeek-V3, set `DEEPSCOPE_REAL_LAYERS` to the count the table of section 2 gives for your GPU:
+      the 3 dense layers and the first few MoE layers, enough for exact routing traces of those layers.
+    - Any analysis of notebooks 02 to 05 runs on `real` as on the tiny model; keep inputs short and
+      captures small (`Capture::routing_only()`, `Capture::none().with(point)`).
+    - `DEEPSCOPE_MODEL=/path/to/checkpoint` makes `Model::load_default()` (and `%model`) load another
+      model, on the CPU in f32.
+    '''),
+]
+
+NOTEBOOKS = [
+    ("01-tour.ipynb", TOUR),
+    ("02-expert-routing.ipynb", ROUTING),
+    ("03-mla-compression.ipynb", MLA),
+    ("04-activations.ipynb", ACTIVATIONS),
+    ("05-routing-prototyping.ipynb", PROTOTYPING),
+    ("06-real-checkpoints.ipynb", REAL),
+]
+
+
+# ---------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------
+
+def notebook(name, cells):
+    import nbformat
+
+    nb = nbformat.v4.new_notebook()
+    nb.metadata = {"kernelspec": dict(KERNELSPEC), "language_info": dict(LANGUAGE_INFO)}
+    stem = name.split(".")[0]
+    for i, (kind, text) in enumerate(cells):
+        cell = nbformat.v4.new_markdown_cell(text) if kind == "markdown" else nbformat.v4.new_code_cell(text)
+        cell.id = f"{stem}-{i:02d}"  # stable ids: regenerating changes nothing
+        nb.cells.append(cell)
+    nbformat.validate(nb)
+    return nb
+
+
+def write_notebooks(out_dir):
+    import nbformat
+
+    for name, cells in NOTEBOOKS:
+        path = os.path.join(out_dir, name)
+        nbformat.write(notebook(name, cells), path)
+        print(f"wrote {path} ({sum(1 for k, _ in cells if k == 'code')} code cells)")
+
+
+# ---------------------------------------------------------------------------
+# The Rust check file
+# ---------------------------------------------------------------------------
+
+def displayed_value(cell):
+    """A cell's code with its displayed last expression bound to `_`."""
+    lines = cell.rstrip().split("\n")
+    last = lines[-1].strip()
+    if last and not last.endswith((";", "}", "{")) and not last.startswith("//"):
+        indent = lines[-1][: len(lines[-1]) - len(lines[-1].lstrip())]
+        lines[-1] = f"{indent}let _ = &{last};"
+    return "\n".join(lines)
+
+
+def rust_check():
+    out = [
+        "//! Generated by notebooks/make_notebooks.py --check: every notebook's code cells",
+        "//! as one function, for `cargo check`. Do not edit; do not commit.",
+        "#![allow(unused, clippy::all)]",
+        "use deepscope::prelude::*;",
+        "",
+        "fn main() {}",
+    ]
+    for name, cells in NOTEBOOKS:
+        fname = "nb_" + name.split(".")[0].replace("-", "_")
+        out.append("")
+        out.append(f"// ---- {name}")
+        out.append(f"fn {fname}() -> deepscope::Result<()> {{")
+        for i, (kind, text) in enumerate(cells):
+            if kind != "code" or text.lstrip().startswith("%"):
+                continue
+            out.append(f"    // cell {i}")
+            out.append(textwrap.indent(displayed_value(text), "    "))
+        out.append("    Ok(())")
+        out.append("}")
+    return "\n".join(out) + "\n"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=HERE, help="folder for the notebooks (default: this script's folder)")
+    ap.add_argument("--check", metavar="FILE.rs", help="write the code cells as one Rust file instead")
+    args = ap.parse_args()
+    if args.check:
+        with open(args.check, "w") as f:
+            f.write(rust_check())
+        print(f"wrote {args.check}")
+    else:
+        write_notebooks(args.out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
