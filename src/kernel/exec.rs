@@ -115,10 +115,31 @@ pub(crate) fn take_slot() -> Result<Slot> {
         if rc == 0 {
             let dir = root.join(format!("slot-{n}"));
             std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+            if n > 0 {
+                seed_slot(&root.join("slot-0"), &dir);
+            }
             return Ok(Slot { dir, _lock: file });
         }
     }
     Err(Error::Kernel(format!("all 64 build slots under {} are in use", root.display())))
+}
+
+/// A second kernel running at the same time gets its own slot. An empty one
+/// is seeded with a copy of slot 0's compiled dependencies (their files do not
+/// change once built), which takes seconds instead of a cold build.
+fn seed_slot(from: &std::path::Path, to: &std::path::Path) {
+    let (src, dst) = (from.join("target"), to.join("target"));
+    if dst.exists() || !src.is_dir() {
+        return;
+    }
+    let tmp = to.join("target.partial");
+    let _ = std::fs::remove_dir_all(&tmp);
+    let copied = std::process::Command::new("cp").arg("-a").arg(&src).arg(&tmp).status();
+    if copied.is_ok_and(|s| s.success()) {
+        let _ = std::fs::rename(&tmp, &dst);
+    } else {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
 }
 
 /// Environment the runner and evcxr's cargo need to build and load tch:

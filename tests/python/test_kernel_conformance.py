@@ -113,7 +113,7 @@ class DeepScopeKernelTests(jkt.KernelTests):
 
     def test_execute_result_of_a_rich_value_has_html(self):
         self.flush_channels()
-        reply, output_msgs = self.execute_helper('Model::load_default()?.trace("In the beginning")?')
+        reply, output_msgs = self.execute_helper('let rich_trace = Model::load_default()?.trace("In the beginning")?;\nrich_trace')
         assert reply["content"]["status"] == "ok", reply["content"]
         results = [m for m in output_msgs if m["msg_type"] == "execute_result"]
         assert len(results) == 1, output_msgs

@@ -1,0 +1,130 @@
+#!/usr/bin/env python3
+"""Benchmark the DeepScope Jupyter kernel through a real jupyter_client.
+
+    python tests/bench_kernel.py --deepscope target/release/deepscope --out docs/benchmarks.md [--cold]
+        [--evcxr-jupyter PATH]
+
+Measures, each in the same run:
+  start (warm cache): kernel process start -> kernel_info reply, and -> first
+                      `1 + 1` result;
+  trivial cell:       median round trip of `1 + 1` (execute_request -> reply), 20 cells;
+  trace cell:         median of `let t = model.trace(PROMPT)?; t` (5 cells) after
+                      `let model = Model::load_default()?;`;
+  --cold:             start -> first result with an empty build cache (a fresh
+                      DEEPSCOPE_CACHE_DIR): the library and tch built inside evcxr.
+With --evcxr-jupyter (an installed `evcxr_jupyter` binary), the start and
+trivial-cell figures are also taken for it, with the ratio beside ours.
+Replaces the section between the bench:kernel markers of --out.
+"""
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+from jupyter_client import KernelManager
+
+START = "<!-- bench:kernel:start -->"
+END = "<!-- bench:kernel:end -->"
+PROMPT = "And God said, Let there be light: and there was light."
+
+
+def install(binary, args, name, prefix):
+    if name == "deepscope":
+        subprocess.run([binary, "install", "--prefix", prefix], check=True, capture_output=True)
+    else:
+        d = os.path.join(prefix, "share", "jupyter", "kernels", name)
+        os.makedirs(d, exist_ok=True)
+        with open(os.path.join(d, "kernel.json"), "w") as f:
+            json.dump({"argv": [binary, "--control_file", "{connection_file}"], "display_name": name,
+                       "language": "rust", "interrupt_mode": "message"}, f)
+
+
+def timed_execute(kc, code, timeout=1200):
+    t = time.perf_counter()
+    reply = kc.execute_interactive(code, timeout=timeout, output_hook=lambda m: None)
+    took = time.perf_counter() - t
+    assert reply["content"]["status"] == "ok", (code, reply["content"])
+    return took
+
+
+def measure(name, env_extra=None, trace=True):
+    saved = dict(os.environ)
+    os.environ.update(env_extra or {})
+    try:
+        t0 = time.perf_counter()
+        km = KernelManager(kernel_name=name)
+        km.start_kernel()
+        kc = km.client()
+        kc.start_channels()
+        kc.wait_for_ready(timeout=120)
+        ready = time.perf_counter() - t0
+        timed_execute(kc, "1 + 1")
+        first = time.perf_counter() - t0
+        trivial = statistics.median(timed_execute(kc, "1 + 1") for _ in range(20))
+        out = {"ready_s": ready, "first_result_s": first, "trivial_s": trivial}
+        if trace:
+            timed_execute(kc, "let model = Model::load_default()?;")
+            out["trace_s"] = statistics.median(timed_execute(kc, f'let t = model.trace("{PROMPT}")?; t') for _ in range(5))
+        kc.stop_channels()
+        km.shutdown_kernel(now=False)
+        return out
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--deepscope", required=True)
+    ap.add_argument("--out")
+    ap.add_argument("--cold", action="store_true")
+    ap.add_argument("--evcxr-jupyter")
+    a = ap.parse_args()
+    prefix = tempfile.mkdtemp()
+    install(os.path.abspath(a.deepscope), [], "deepscope", prefix)
+    if a.evcxr_jupyter:
+        install(os.path.abspath(a.evcxr_jupyter), [], "evcxr_bench", prefix)
+    os.environ["JUPYTER_PATH"] = os.path.join(prefix, "share", "jupyter")
+
+    ours = measure("deepscope")
+    cold = measure("deepscope", {"DEEPSCOPE_CACHE_DIR": tempfile.mkdtemp()}, trace=False) if a.cold else None
+    anchor = measure("evcxr_bench", trace=False) if a.evcxr_jupyter else None
+
+    def row(label, key, src, ref=None):
+        v = src[key]
+        r = f"{ref[key]:.2f} s" if ref else "n/a"
+        ratio = f"{ref[key] / v:.2f}x" if ref else "n/a"
+        return f"| {label} | {v:.2f} s | {r} | {ratio} |"
+
+    lines = [START, "## Jupyter kernel", "",
+             f"`python tests/bench_kernel.py` on {dt.date.today()}, {platform.machine()}, {os.cpu_count()} cores; "
+             "jupyter_client, one kernel at a time. Ratio = evcxr_jupyter time / DeepScope time (above 1: DeepScope faster).", "",
+             "| measurement | DeepScope | evcxr_jupyter | ratio |", "|---|---:|---:|---:|",
+             row("start -> kernel_info reply (warm cache)", "ready_s", ours, anchor),
+             row("start -> first `1 + 1` result (warm cache)", "first_result_s", ours, anchor),
+             row("trivial cell round trip (median of 20)", "trivial_s", ours, anchor),
+             f"| `model.trace(...)` cell, tiny model (median of 5) | {ours['trace_s']:.2f} s | n/a | n/a |"]
+    if cold:
+        lines.append(f"| start -> first result, cold cache (library + tch built in evcxr) | {cold['first_result_s']:.1f} s | n/a | n/a |")
+    if not a.evcxr_jupyter:
+        lines += ["", "evcxr_jupyter was not measured in this run (pass `--evcxr-jupyter PATH`)."]
+    lines += [END]
+    section = "\n".join(lines)
+    print(section)
+    if a.out:
+        text = open(a.out).read() if os.path.exists(a.out) else "# Benchmarks\n"
+        if START in text:
+            text = text[:text.index(START)] + section + text[text.index(END) + len(END):]
+        else:
+            text = text.rstrip("\n") + "\n\n" + section + "\n"
+        open(a.out, "w").write(text)
+
+
+if __name__ == "__main__":
+    main()
