@@ -39,6 +39,12 @@ def code(*parts):
     return ("code", "\n".join(textwrap.dedent(p).strip("\n") for p in parts))
 
 
+def chart(*parts):
+    """A code cell that must show a chart (an SVG or PNG): tagged `chart`, which
+    `make test` checks (tests/run_notebooks.py)."""
+    return ("chart", code(*parts)[1])
+
+
 # ---------------------------------------------------------------------------
 # Shared Rust snippets
 # ---------------------------------------------------------------------------
@@ -223,7 +229,7 @@ TOUR = [
     draws the text coloured by each token's first-choice expert in the last MoE layer, and one heatmap
     per MoE layer: tokens down, experts across, colour = routing weight (four experts per token).
     '''),
-    code(r'''
+    chart(r'''
     const TEXT: &str = "In the beginning God created the heaven and the earth.";
     let trace: Trace = model.trace(TEXT)?;
     trace
@@ -239,7 +245,7 @@ TOUR = [
     decides who is chosen, never how much each chosen expert counts. `router_step` shows each stage and
     the margin between the k-th chosen and the best rejected expert.
     '''),
-    code(r'''
+    chart(r'''
     let pos: usize = trace.tokens[0].iter().position(|t| t.contains("God")).unwrap_or(1);
     trace.router_step(last, pos)?
     '''),
@@ -251,7 +257,7 @@ TOUR = [
     of this text in the last MoE layer are banned; `compare` reports how far the next-token distributions
     moved (KL divergence), whether the top prediction changed, and how much of the routing changed.
     '''),
-    code(r'''
+    chart(r'''
     let load: Vec<i64> = trace.routing_of(last)?.load()?;
     let mut busiest: Vec<usize> = (0..load.len()).collect();
     busiest.sort_by_key(|&e| -load[e]);
@@ -284,7 +290,7 @@ TOUR = [
     excess kurtosis: large values mean heavy tails), and any *massive activation* (an entry more than 20x
     the median magnitude of its layer).
     '''),
-    code(r'''
+    chart(r'''
     model.activation_report(TEXT, 20.0)?
     '''),
     md(r'''
@@ -372,7 +378,7 @@ ROUTING = [
     between the k-th chosen and the best rejected expert (small margins are fragile choices), and what
     the router would have chosen with no bias.
     '''),
-    code(r'''
+    chart(r'''
     const TEXT: &str = "And God said, Let there be light: and there was light.";
     let trace: Trace = model.trace(TEXT)?;
     let pos: usize = trace.tokens[0].iter().position(|t| t.contains("light")).unwrap_or(1);
@@ -453,7 +459,7 @@ ROUTING = [
         println!("{:<9} {:>3} documents, {:>5} tokens", d.name(), docs.len(), tokens);
     }
     '''),
-    code(r'''
+    chart(r'''
     let mut by_domain: Vec<(Domain, RoutingStats)> = Vec::new();
     {
         let total: usize = Domain::ALL.iter().map(|&d| sample(&held, d, BYTES).len()).sum();
@@ -505,7 +511,7 @@ ROUTING = [
     divergence between two such distributions is 0 bits when the domains use the experts alike and 1 bit
     when they use disjoint experts.
     '''),
-    code(r'''
+    chart(r'''
     let mut shares: Vec<Vec<f64>> = Vec::new();
     let mut row_names: Vec<String> = Vec::new();
     for &l in &layers {
@@ -567,7 +573,7 @@ ROUTING = [
     because a token's $k$ experts come from only `topk_group` groups. Between layers, the normalised
     mutual information of the choices says how predictable one layer's routing is from the previous one.
     '''),
-    code(r'''
+    chart(r'''
     for pair in layers.windows(2) {
         println!("layers {} -> {}: normalised mutual information of the choices {:.3}", pair[0], pair[1], all.layer_agreement(pair[0], pair[1])?);
     }
@@ -587,7 +593,7 @@ ROUTING = [
 
     The recording is one batch of held-out text: rows of 128 tokens, traced with `Capture::routing_only()`.
     '''),
-    code(r'''
+    chart(r'''
     let batch: Tensor = {
         let mut ids: Vec<i64> = Vec::new();
         for d in Domain::ALL {
@@ -609,7 +615,7 @@ ROUTING = [
     before comparing. They need not match: training balanced the training mixture over 3000 steps, the
     replay balances this one batch.
     '''),
-    code(r'''
+    chart(r'''
     fn centred(v: &[f32]) -> Vec<f32> {
         let mean = v.iter().sum::<f32>() / v.len() as f32;
         v.iter().map(|x| x - mean).collect()
@@ -758,7 +764,7 @@ MLA = [
     another. The singular values show how many directions each head really uses; stacking all heads
     shows how much of the latent the keys (or values) read together.
     '''),
-    code(r'''
+    chart(r'''
     {
         let attn = &model.layers[1].self_attn;
         println!("W_UK of all heads stacked ({} x {}): {}", attn.num_heads * attn.nope, attn.kv_lora, effective_rank(&attn.w_uk)?);
@@ -785,7 +791,7 @@ MLA = [
     }
     ranks
     '''),
-    code(r'''
+    chart(r'''
     let mut chart: LineChart = LineChart::new()
         .y_log(true)
         .title("Singular values of c_kv, per layer")
@@ -806,7 +812,7 @@ MLA = [
     for every layer and head the spread (standard deviation) of each part: the part that varies more
     does more to decide where a head looks.
     '''),
-    code(r'''
+    chart(r'''
     let split: ScoreSplit = model.score_split(TEXT, 1)?;
     split
     '''),
@@ -834,7 +840,7 @@ MLA = [
     the full model: KL divergence, agreement of the top prediction, accuracy against the actual next
     tokens. At rank 0 the latent is gone, and with it every value: attention contributes nothing.
     '''),
-    code(r'''
+    chart(r'''
     let sweep: RankSweep = model.rank_truncation(LONG, &[64, 48, 32, 24, 16, 12, 8, 4, 0])?;
     sweep
     '''),
@@ -905,7 +911,7 @@ ACTIVATIONS = [
     and the residual stream after each layer. The chart follows the residual stream's RMS and largest
     magnitude through the layers.
     '''),
-    code(r'''
+    chart(r'''
     let report: ActivationReport = model.activation_report(TEXT, 20.0)?;
     report
     '''),
@@ -916,7 +922,7 @@ ACTIVATIONS = [
     the full tensor at a hook point (`HookPoint::ResidPost(l)` is the residual stream leaving layer `l`).
     The histogram of the last layer's residual stream uses a log count axis, so rare large values show.
     '''),
-    code(r'''
+    chart(r'''
     let mut capture: Capture = Capture::none();
     for l in 0..n_layers {
         capture = capture.with(HookPoint::ResidPost(l));
@@ -936,7 +942,7 @@ ACTIVATIONS = [
     Massive activations sit in a few hidden dimensions. The largest magnitude of each dimension over all
     tokens, after each layer, shows whether some dimensions stand out.
     '''),
-    code(r'''
+    chart(r'''
     let mut dims: LineChart = LineChart::new()
         .y_log(true)
         .title("Largest |x| of each hidden dimension over all tokens")
@@ -986,7 +992,7 @@ ACTIVATIONS = [
     ([tokens, hidden]) and `HookPoint::MlpOut(l)` the block's whole output, so their difference is the
     weighted sum of the routed experts.
     '''),
-    code(r'''
+    chart(r'''
     let moe_out: Trace = model.trace_with(TEXT, &Capture::none().with(HookPoint::SharedOut(last)).with(HookPoint::MlpOut(last)), &Interventions::new())?;
     let per_token: Figure = {
         let shared = moe_out.tensor(HookPoint::SharedOut(last))?; // [N, D]
@@ -1010,7 +1016,7 @@ ACTIVATIONS = [
     `SharedOut`) and compare with the unchanged model. This is the last layer, so only the prediction can
     change; patch an earlier MoE layer and the routing of the layers after it changes too.
     '''),
-    code(r'''
+    chart(r'''
     let without_shared: Trace = {
         let zeros = Tensor::zeros([model.encode(TEXT)?.len() as i64, model.config.hidden_size as i64], (Kind::Float, Device::Cpu));
         model.trace_with(TEXT, &Capture::default(), &Interventions::new().patch(HookPoint::SharedOut(last), &zeros))?
@@ -1150,7 +1156,7 @@ PROTOTYPING = [
     still come from the unbiased scores. Ban the two busiest experts of the last MoE layer, then force its
     idlest one. For a token-level view, `compare` runs on one sentence.
     '''),
-    code(r'''
+    chart(r'''
     const TEXT: &str = "The LORD is my shepherd; I shall not want. He maketh me to lie down in green pastures.";
     let base: Trace = model.trace(TEXT)?;
     let by_load: Vec<usize> = {
@@ -1164,7 +1170,7 @@ PROTOTYPING = [
     println!("{}", results.last().unwrap());
     compare(&base, &model.trace_with(TEXT, &Capture::default(), &ban)?)?
     '''),
-    code(r'''
+    chart(r'''
     let idlest: usize = *by_load.last().unwrap();
     let force: Interventions = Interventions::new().force_experts(last, &[idlest]);
     results.push(run(&model, &docs, &format!("force expert {idlest} of layer {last}"), &force)?);
@@ -1179,7 +1185,7 @@ PROTOTYPING = [
     active per token. With 2 of 4 groups of 4 experts eligible, at most 8 experts can be chosen, so
     $k$ runs from 1 to 8.
     '''),
-    code(r'''
+    chart(r'''
     let mut sweep: Table = Table::new(["top-k", "active parameters / token", "perplexity", "max/mean load, last layer"])
         .caption("Top-k in every MoE layer, on the held-out text");
     let mut ks: Vec<f64> = Vec::new();
@@ -1300,7 +1306,7 @@ PROTOTYPING = [
     let mine: Interventions = Interventions::new().router(Layers::All, V3Router { bias: trained_bias.clone(), limit_groups: true });
     print!("my router against the model's: {}", compare(&base, &model.trace_with(TEXT, &Capture::default(), &mine)?)?);
     '''),
-    code(r'''
+    chart(r'''
     let no_groups: Interventions = Interventions::new().router(Layers::All, V3Router { bias: trained_bias.clone(), limit_groups: false });
     results.push(run(&model, &docs, "custom router: no group limit", &no_groups)?);
     println!("{}", results.last().unwrap());
@@ -1697,6 +1703,8 @@ def notebook(name, cells):
     stem = name.split(".")[0]
     for i, (kind, text) in enumerate(cells):
         cell = nbformat.v4.new_markdown_cell(text) if kind == "markdown" else nbformat.v4.new_code_cell(text)
+        if kind == "chart":
+            cell.metadata["tags"] = ["chart"]
         cell.id = f"{stem}-{i:02d}"  # stable ids: regenerating changes nothing
         nb.cells.append(cell)
     nbformat.validate(nb)
@@ -1709,7 +1717,7 @@ def write_notebooks(out_dir):
     for name, cells in NOTEBOOKS:
         path = os.path.join(out_dir, name)
         nbformat.write(notebook(name, cells), path)
-        print(f"wrote {path} ({sum(1 for k, _ in cells if k == 'code')} code cells)")
+        print(f"wrote {path} ({sum(1 for k, _ in cells if k in ('code', 'chart'))} code cells)")
 
 
 # ---------------------------------------------------------------------------
@@ -1741,7 +1749,7 @@ def rust_check():
         out.append(f"// ---- {name}")
         out.append(f"fn {fname}() -> deepscope::Result<()> {{")
         for i, (kind, text) in enumerate(cells):
-            if kind != "code" or text.lstrip().startswith("%"):
+            if kind not in ("code", "chart") or text.lstrip().startswith("%"):
                 continue
             out.append(f"    // cell {i}")
             out.append(textwrap.indent(displayed_value(text), "    "))

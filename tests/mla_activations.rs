@@ -132,3 +132,39 @@ fn bad_mla_requests_are_refused() {
     let too_big = m.config.kv_lora_rank + 1;
     assert!(m.rank_truncation(ids(), &[too_big]).unwrap_err().to_string().contains("kv_lora_rank"));
 }
+
+#[test]
+fn mla_and_activation_results_export_to_safetensors_and_json() {
+    use deepscope::inspect::{ToJson, ToTensors};
+    let m = load_cpu(&case("v3_base").dir);
+    let dir = std::env::temp_dir().join(format!("deepscope-export-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+
+    let spectra = m.latent_spectra(1).unwrap();
+    let path = dir.join("spectra.safetensors");
+    spectra.save_safetensors(&path).unwrap();
+    let back: std::collections::HashMap<String, Tensor> = Tensor::read_safetensors(&path).unwrap().into_iter().collect();
+    let uk = &back["w_uk"];
+    assert_eq!(uk.size(), vec![spectra.w_uk.len() as i64, spectra.w_uk[0].len() as i64]);
+    assert_eq!(uk.double_value(&[1, 0]) as f32, spectra.w_uk[1][0]);
+    let json = spectra.to_json().unwrap();
+    assert_eq!(json["layer"], 1);
+    assert_eq!(json["w_uv"][0].as_array().unwrap().len(), spectra.w_uv[0].len());
+
+    let report = m.activation_report(ids(), 20.0).unwrap();
+    let tensors: std::collections::HashMap<String, Tensor> = report.tensors().unwrap().into_iter().collect();
+    let (name, first) = &report.rows[0];
+    let stats = &tensors[&format!("{name}.stats")];
+    assert_eq!(stats.double_value(&[2]), first.rms);
+    assert_eq!(tensors["shared_vs_routed"].size()[0] as usize, report.shared_vs_routed.len());
+    let json_path = dir.join("report.json");
+    report.save_json(&json_path).unwrap();
+    let text = std::fs::read_to_string(&json_path).unwrap();
+    let parsed: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(parsed["rows"].as_array().unwrap().len(), report.rows.len());
+
+    let split = m.score_split(ids(), 0).unwrap();
+    let j = split.to_json().unwrap();
+    assert_eq!(j["content"].as_array().unwrap().len() as i64, split.content.size()[1]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
