@@ -88,9 +88,10 @@ fn display_bundle(bundle: &MimeBundle, display_id: Option<&str>, update: bool) {
 ///
 /// ```
 /// use deepscope::prelude::*;
-/// let mut t = Table::new(vec!["expert".into(), "load".into()]);
-/// t.push(vec!["e0".into(), "0.25".into()]);
+/// let mut t = Table::new(["expert", "load"]);
+/// t.add_row(["e0".into(), 0.25.into()])?;
 /// show(&t); // in a plain program: prints the text table
+/// # Ok::<(), deepscope::Error>(())
 /// ```
 pub fn show(value: &impl RichDisplay) {
     display_bundle(&value.mime_bundle(), None, false);
