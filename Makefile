@@ -16,7 +16,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export VIRTUAL_ENV := $(CURDIR)/$(VENV)
 export LIBTORCH_USE_PYTORCH := 1
 
-.PHONY: help setup build kernel test fixtures corpus browser bench lab demo notebooks train-tiny gallery clean
+.PHONY: help setup build kernel bench-kernel test fixtures corpus browser bench lab demo notebooks train-tiny gallery clean
 
 help:
 	@echo "make lab    build DeepScope, install its Jupyter kernel, open JupyterLab on notebooks/ (main job)"
@@ -75,6 +75,10 @@ test: build fixtures corpus kernel browser
 
 bench: build
 	$(PY) tests/bench_transformers.py --deepscope $(BIN) --out docs/benchmarks.md
+
+# kernel timings; EVCXR_JUPYTER=/path/to/evcxr_jupyter adds the anchor beside them
+bench-kernel: kernel
+	$(PY) tests/bench_kernel.py --deepscope $(BIN) --out docs/benchmarks.md --cold $(if $(EVCXR_JUPYTER),--evcxr-jupyter $(EVCXR_JUPYTER))
 
 # --- the command-line demo on the shipped default model
 DEFAULT_MODEL := models/deepscope-tiny
