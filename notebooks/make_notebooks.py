@@ -88,53 +88,6 @@ fn sample(docs: &[(Domain, String)], domain: Domain, bytes: usize) -> Vec<String
 }
 '''
 
-# Published config.json files (architectural fields), as in tests/config.rs.
-DEEPSEEK_V3_JSON = r'''
-/// DeepSeek-V3's published config.json (architectural fields).
-const DEEPSEEK_V3: &str = r#"{
-  "model_type": "deepseek_v3", "vocab_size": 129280, "hidden_size": 7168, "intermediate_size": 18432,
-  "moe_intermediate_size": 2048, "num_hidden_layers": 61, "num_nextn_predict_layers": 1, "num_attention_heads": 128,
-  "num_key_value_heads": 128, "n_shared_experts": 1, "n_routed_experts": 256, "routed_scaling_factor": 2.5,
-  "kv_lora_rank": 512, "q_lora_rank": 1536, "qk_rope_head_dim": 64, "v_head_dim": 128, "qk_nope_head_dim": 128,
-  "topk_method": "noaux_tc", "n_group": 8, "topk_group": 4, "num_experts_per_tok": 8, "moe_layer_freq": 1,
-  "first_k_dense_replace": 3, "norm_topk_prob": true, "scoring_func": "sigmoid", "hidden_act": "silu",
-  "max_position_embeddings": 163840, "rms_norm_eps": 1e-06, "tie_word_embeddings": false, "rope_theta": 10000,
-  "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0, "mscale_all_dim": 1.0,
-                   "original_max_position_embeddings": 4096, "type": "yarn"},
-  "bos_token_id": 0, "eos_token_id": 1,
-  "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128]}
-}"#;
-'''
-
-OTHER_CONFIGS_JSON = r'''
-/// DeepSeek-V2-Lite's published config.json (architectural fields).
-const DEEPSEEK_V2_LITE: &str = r#"{
-  "model_type": "deepseek_v2", "vocab_size": 102400, "hidden_size": 2048, "intermediate_size": 10944,
-  "moe_intermediate_size": 1408, "num_hidden_layers": 27, "num_attention_heads": 16, "num_key_value_heads": 16,
-  "n_shared_experts": 2, "n_routed_experts": 64, "routed_scaling_factor": 1.0, "kv_lora_rank": 512,
-  "q_lora_rank": null, "qk_rope_head_dim": 64, "v_head_dim": 128, "qk_nope_head_dim": 128,
-  "topk_method": "greedy", "n_group": 1, "topk_group": 1, "num_experts_per_tok": 6, "moe_layer_freq": 1,
-  "first_k_dense_replace": 1, "norm_topk_prob": false, "scoring_func": "softmax", "hidden_act": "silu",
-  "max_position_embeddings": 163840, "rms_norm_eps": 1e-06, "rope_theta": 10000,
-  "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 0.707, "mscale_all_dim": 0.707,
-                   "original_max_position_embeddings": 4096, "type": "yarn"},
-  "bos_token_id": 100000, "eos_token_id": 100001, "tie_word_embeddings": false
-}"#;
-
-/// Moonlight-16B-A3B's published config.json (architectural fields): the V3
-/// architecture with 64 experts in one group and a tiktoken tokenizer.
-const MOONLIGHT: &str = r#"{
-  "model_type": "deepseek_v3", "vocab_size": 163840, "hidden_size": 2048, "intermediate_size": 11264,
-  "moe_intermediate_size": 1408, "num_hidden_layers": 27, "num_nextn_predict_layers": 0, "num_attention_heads": 16,
-  "num_key_value_heads": 16, "n_shared_experts": 2, "n_routed_experts": 64, "routed_scaling_factor": 2.446,
-  "kv_lora_rank": 512, "q_lora_rank": null, "qk_rope_head_dim": 64, "v_head_dim": 128, "qk_nope_head_dim": 128,
-  "topk_method": "noaux_tc", "n_group": 1, "topk_group": 1, "num_experts_per_tok": 6, "moe_layer_freq": 1,
-  "first_k_dense_replace": 1, "norm_topk_prob": true, "scoring_func": "sigmoid", "hidden_act": "silu",
-  "max_position_embeddings": 8192, "rms_norm_eps": 1e-05, "rope_theta": 50000.0, "tie_word_embeddings": false,
-  "bos_token_id": 163584, "eos_token_id": 163586
-}"#;
-'''
-
 # Revelation 21:1-8 (the Book of Revelation is the default model's held-out Bible text).
 REVELATION_21 = (
     "And I saw a new heaven and a new earth: for the first heaven and the first earth were passed away; "
@@ -698,8 +651,8 @@ MLA = [
     latent, as an implementation that caches them would hold), and plain multi-head attention with the
     same heads. It needs only the config, so DeepSeek-V3 is read from its published `config.json`.
     '''),
-    code(DEEPSEEK_V3_JSON, r'''
-    let v3: Config = Config::from_json_str(DEEPSEEK_V3, "DeepSeek-V3/config.json")?;
+    code(r'''
+    let v3: Config = deepscope::model::published::deepseek_v3()?;
     let mut cache_table: Table = Table::new(["model", "MLA numbers / token / layer", "naive", "plain MHA",
             "MLA bytes / token (bf16, all layers)", "naive bytes / token", "MLA cache, 128K tokens"])
         .caption("KV cache: MLA caches c_kv and k_pe only");
@@ -1379,12 +1332,8 @@ REAL = [
     use deepscope::plot::{Cell, Heatmap};
     use deepscope::stats::{human_bytes, human_count};
     use std::path::{Path, PathBuf};
-    ''', DEEPSEEK_V3_JSON, OTHER_CONFIGS_JSON, r'''
-    let published: Vec<(String, Config)> = vec![
-        ("DeepSeek-V2-Lite".to_string(), Config::from_json_str(DEEPSEEK_V2_LITE, "DeepSeek-V2-Lite/config.json")?),
-        ("Moonlight-16B-A3B".to_string(), Config::from_json_str(MOONLIGHT, "Moonlight-16B-A3B/config.json")?),
-        ("DeepSeek-V3".to_string(), Config::from_json_str(DEEPSEEK_V3, "DeepSeek-V3/config.json")?),
-    ];
+    // The published config.json files of the real models ship with the library.
+    let published: Vec<(&str, Config)> = deepscope::model::published::all()?;
     for (name, c) in &published {
         println!("{name:<18} {:?} family, {} layers ({} MoE), {} + {} experts, top-{}, {:?} / {:?}, q_lora_rank {:?}",
             c.family, c.num_hidden_layers, c.moe_layers().len(), c.n_routed_experts, c.n_shared_experts,
@@ -1406,7 +1355,7 @@ REAL = [
     for (name, c) in &published {
         let p = ParamCounts::of(c);
         let (kv, _, _) = CacheFootprint::of(c, 2).bytes_per_token();
-        sizes.add_row([name.into(), human_count(p.total).into(), human_count(p.active_per_token).into(),
+        sizes.add_row([(*name).into(), human_count(p.total).into(), human_count(p.active_per_token).into(),
             human_bytes(2 * p.total).into(), human_bytes(kv).into(), human_bytes(kv * 32_768).into()])?;
     }
     sizes
@@ -1442,7 +1391,7 @@ REAL = [
     headers.extend(memory_sizes.iter().map(|g| format!("{g} GiB")));
     let mut fit: Table = Table::new(headers).caption("Leading layers whose bf16 weights fit in 90% of one device's memory");
     for (name, c) in &published {
-        let mut row: Vec<Cell> = vec![name.into()];
+        let mut row: Vec<Cell> = vec![(*name).into()];
         for &gib in &memory_sizes {
             let n = layers_that_fit(c, gib);
             row.push(Cell::text(match n {

@@ -4,36 +4,8 @@
 use deepscope::model::{Config, Family, RopeScaling, ScoringFunc, TopkMethod};
 use deepscope::stats::{CacheFootprint, ParamCounts};
 use deepscope::Error;
-
-/// DeepSeek-V3's published config.json (architectural fields).
-const DEEPSEEK_V3: &str = r#"{
-  "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
-  "vocab_size": 129280, "hidden_size": 7168, "intermediate_size": 18432, "moe_intermediate_size": 2048,
-  "num_hidden_layers": 61, "num_nextn_predict_layers": 1, "num_attention_heads": 128, "num_key_value_heads": 128,
-  "n_shared_experts": 1, "n_routed_experts": 256, "routed_scaling_factor": 2.5, "kv_lora_rank": 512,
-  "q_lora_rank": 1536, "qk_rope_head_dim": 64, "v_head_dim": 128, "qk_nope_head_dim": 128,
-  "topk_method": "noaux_tc", "n_group": 8, "topk_group": 4, "num_experts_per_tok": 8, "moe_layer_freq": 1,
-  "first_k_dense_replace": 3, "norm_topk_prob": true, "scoring_func": "sigmoid", "hidden_act": "silu",
-  "max_position_embeddings": 163840, "rms_norm_eps": 1e-06, "tie_word_embeddings": false, "rope_theta": 10000,
-  "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0, "mscale_all_dim": 1.0,
-                   "original_max_position_embeddings": 4096, "type": "yarn"},
-  "bos_token_id": 0, "eos_token_id": 1,
-  "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128]}
-}"#;
-
-/// DeepSeek-V2-Lite's published config.json (architectural fields).
-const DEEPSEEK_V2_LITE: &str = r#"{
-  "model_type": "deepseek_v2", "vocab_size": 102400, "hidden_size": 2048, "intermediate_size": 10944,
-  "moe_intermediate_size": 1408, "num_hidden_layers": 27, "num_attention_heads": 16, "num_key_value_heads": 16,
-  "n_shared_experts": 2, "n_routed_experts": 64, "routed_scaling_factor": 1.0, "kv_lora_rank": 512,
-  "q_lora_rank": null, "qk_rope_head_dim": 64, "v_head_dim": 128, "qk_nope_head_dim": 128,
-  "topk_method": "greedy", "n_group": 1, "topk_group": 1, "num_experts_per_tok": 6, "moe_layer_freq": 1,
-  "first_k_dense_replace": 1, "norm_topk_prob": false, "scoring_func": "softmax", "hidden_act": "silu",
-  "max_position_embeddings": 163840, "rms_norm_eps": 1e-06, "rope_theta": 10000,
-  "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 0.707, "mscale_all_dim": 0.707,
-                   "original_max_position_embeddings": 4096, "type": "yarn"},
-  "bos_token_id": 100000, "eos_token_id": 100001, "tie_word_embeddings": false
-}"#;
+// The published configs ship with the library (deepscope::model::published).
+use deepscope::model::published::{DEEPSEEK_V2_LITE_JSON as DEEPSEEK_V2_LITE, DEEPSEEK_V3_JSON as DEEPSEEK_V3};
 
 fn parse(text: &str) -> Result<Config, Error> {
     Config::from_json_str(text, "config.json")

@@ -36,7 +36,7 @@ fn log(msg: impl std::fmt::Display) {
 
 /// Work for the evcxr thread.
 enum Job {
-    Execute { code: String, msg: Message, silent: bool, allow_stdin: bool, done: oneshot::Sender<CellOutcome> },
+    Execute { code: String, msg: Box<Message>, silent: bool, allow_stdin: bool, done: oneshot::Sender<CellOutcome> },
     Complete { code: String, cursor: usize, done: oneshot::Sender<CompleteReply> },
     Inspect { code: String, cursor: usize, done: oneshot::Sender<InspectReply> },
 }
@@ -438,23 +438,13 @@ impl Kernel {
             }
             Request::CommMsg(_) | Request::CommClose(_) => (None, false),
             Request::Complete(r) => {
-                let (tx, rx) = oneshot::channel();
                 let fallback = CompleteReply { status: "ok", matches: vec![], cursor_start: r.cursor_pos, cursor_end: r.cursor_pos, metadata: json!({}) };
-                let reply = if self.jobs.send(Job::Complete { code: r.code, cursor: r.cursor_pos, done: tx }).is_ok() {
-                    rx.await.unwrap_or(fallback)
-                } else {
-                    fallback
-                };
+                let reply = self.ask(|done| Job::Complete { code: r.code, cursor: r.cursor_pos, done }, fallback).await;
                 (Some(msg.reply(&s, &reply)), false)
             }
             Request::Inspect(r) => {
-                let (tx, rx) = oneshot::channel();
                 let fallback = InspectReply { status: "ok", found: false, data: json!({}), metadata: json!({}) };
-                let reply = if self.jobs.send(Job::Inspect { code: r.code, cursor: r.cursor_pos, done: tx }).is_ok() {
-                    rx.await.unwrap_or(fallback)
-                } else {
-                    fallback
-                };
+                let reply = self.ask(|done| Job::Inspect { code: r.code, cursor: r.cursor_pos, done }, fallback).await;
                 (Some(msg.reply(&s, &reply)), false)
             }
             Request::Shutdown(r) => {
@@ -528,16 +518,23 @@ impl Kernel {
         (msg.reply(&s, &reply), false)
     }
 
-    async fn run_cell(&mut self, code: String, msg: &Message, r: &ExecuteRequest) -> CellOutcome {
+    /// Sends a job to the evcxr worker and waits for its answer; `fallback`
+    /// when the worker is gone (its setup failed, or it stopped).
+    async fn ask<T>(&self, job: impl FnOnce(oneshot::Sender<T>) -> Job, fallback: T) -> T {
         let (tx, rx) = oneshot::channel();
-        let job = Job::Execute { code, msg: msg.clone(), silent: r.silent, allow_stdin: r.allow_stdin, done: tx };
-        if self.jobs.send(job).is_err() {
-            return CellOutcome { result: Value::Null, error: Some(ErrorContent { ename: "KernelError".into(), evalue: "the evcxr worker has stopped".into(), traceback: vec![] }) };
+        if self.jobs.send(job(tx)).is_err() {
+            return fallback;
         }
-        rx.await.unwrap_or(CellOutcome {
+        rx.await.unwrap_or(fallback)
+    }
+
+    async fn run_cell(&mut self, code: String, msg: &Message, r: &ExecuteRequest) -> CellOutcome {
+        let lost = CellOutcome {
             result: Value::Null,
-            error: Some(ErrorContent { ename: "KernelError".into(), evalue: "the evcxr worker stopped during the cell".into(), traceback: vec![] }),
-        })
+            error: Some(ErrorContent { ename: "KernelError".into(), evalue: "the evcxr worker has stopped".into(), traceback: vec![] }),
+        };
+        let (msg, silent, allow_stdin) = (Box::new(msg.clone()), r.silent, r.allow_stdin);
+        self.ask(|done| Job::Execute { code, msg, silent, allow_stdin, done }, lost).await
     }
 }
 

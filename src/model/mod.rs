@@ -10,6 +10,7 @@ pub mod mla;
 pub mod model;
 pub mod moe;
 pub mod nn;
+pub mod published;
 pub mod rope;
 pub mod tokenizer;
 
