@@ -90,7 +90,7 @@ demo: build
 # --- the main job: JupyterLab on the notebooks, with the DeepScope kernel
 LAB_PORT ?= 8888
 lab: kernel corpus
-	$(VENV)/bin/jupyter lab --notebook-dir=notebooks --port=$(LAB_PORT) $(LAB_ARGS)
+	$(VENV)/bin/jupyter lab --notebook-dir=notebooks --port=$(LAB_PORT) $(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS)
 
 # --- re-run every notebook through the kernel and keep the outputs
 notebooks: kernel corpus
