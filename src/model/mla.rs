@@ -234,12 +234,17 @@ impl Mla {
             }
             None => (new_ckv, new_kpe),
         };
-        let k_pe_h = k_pe.f_unsqueeze(1)?; // [B, 1, S, rope], shared by all heads
-        let c_kv_h = c_kv.f_unsqueeze(1)?; // [B, 1, S, kv_lora]
-        let heads = if hooks.wants(HookPoint::Pattern(layer)) {
-            self.explicit_attention(&q_nope, &q_pe, &c_kv, &c_kv_h, &k_pe_h, past, attn, hooks, layer)?
+        let (q, k, v) = self.operands(&q_nope, &q_pe, &c_kv, &k_pe, attn)?;
+        let o = if hooks.wants(HookPoint::Pattern(layer)) {
+            self.explicit_attention(&q, &k, &v, past, hooks, layer)?
         } else {
-            self.fused_attention(&q_nope, &q_pe, &c_kv, &c_kv_h, &k_pe_h, past, attn)?
+            // Absorbed: one shared latent "head" of keys and values.
+            self.fused_attention(&q, &k, &v, past, attn == AttnImpl::Absorbed)?
+        };
+        let heads = match attn {
+            AttnImpl::Naive => o, // [B, H, T, v]
+            // o_lat [B, H, T, kv_lora] -> per-head output through W_UV
+            AttnImpl::Absorbed => o.f_matmul(&self.w_uv.f_transpose(-1, -2)?.f_unsqueeze(0)?)?,
         };
         // [B, H, T, v] -> [B, T, H, v] -> concat heads -> o_proj
         let heads = hooks.visit(HookPoint::HeadOut(layer), heads.f_transpose(1, 2)?)?;
@@ -261,16 +266,8 @@ impl Mla {
     /// (naive), or queries `[q_nope W_UK | q_pe]`, keys `[c_kv | k_pe]` and values
     /// `c_kv` as one shared head (absorbed): either way `q . k` is the content
     /// score plus the position score.
-    #[allow(clippy::too_many_arguments)]
-    fn operands(
-        &self,
-        q_nope: &Tensor,
-        q_pe: &Tensor,
-        c_kv: &Tensor,
-        c_kv_h: &Tensor,
-        k_pe_h: &Tensor,
-        attn: AttnImpl,
-    ) -> Result<(Tensor, Tensor, Tensor)> {
+    fn operands(&self, q_nope: &Tensor, q_pe: &Tensor, c_kv: &Tensor, k_pe: &Tensor, attn: AttnImpl) -> Result<(Tensor, Tensor, Tensor)> {
+        let k_pe_h = k_pe.f_unsqueeze(1)?; // [B, 1, S, rope], shared by all heads
         Ok(match attn {
             AttnImpl::Naive => {
                 let (k_nope, v) = self.expand_kv(c_kv)?;
@@ -280,80 +277,44 @@ impl Mla {
             }
             AttnImpl::Absorbed => {
                 let q_lat = q_nope.f_matmul(&self.w_uk.f_unsqueeze(0)?)?; // [B, H, T, kv_lora]
-                (Tensor::f_cat(&[&q_lat, q_pe], -1)?, Tensor::f_cat(&[c_kv_h, k_pe_h], -1)?, c_kv_h.shallow_clone())
+                let c_kv_h = c_kv.f_unsqueeze(1)?; // [B, 1, S, kv_lora]
+                (Tensor::f_cat(&[&q_lat, q_pe], -1)?, Tensor::f_cat(&[&c_kv_h, &k_pe_h], -1)?, c_kv_h)
             }
         })
     }
 
-    /// Attention through libtorch's fused `scaled_dot_product_attention`; the
-    /// probabilities are never materialised.
-    #[allow(clippy::too_many_arguments)]
-    fn fused_attention(
-        &self,
-        q_nope: &Tensor,
-        q_pe: &Tensor,
-        c_kv: &Tensor,
-        c_kv_h: &Tensor,
-        k_pe_h: &Tensor,
-        past: i64,
-        attn: AttnImpl,
-    ) -> Result<Tensor> {
-        let t = q_nope.size()[2];
-        let s = past + t;
-        let (q, k, v) = self.operands(q_nope, q_pe, c_kv, c_kv_h, k_pe_h, attn)?;
-        let gqa = attn == AttnImpl::Absorbed; // one shared latent "head" of keys and values
+    /// Attention through libtorch's fused `scaled_dot_product_attention` on
+    /// the [`operands`](Self::operands); the probabilities are never
+    /// materialised. `shared_kv`: one key/value head for all query heads.
+    fn fused_attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, past: i64, shared_kv: bool) -> Result<Tensor> {
+        let t = q.size()[2];
         let (mask, causal) = if t == 1 {
             (None, false)
         } else if past == 0 {
             (None, true)
         } else {
             // true = may attend: query i (absolute past+i) sees keys j <= past+i
-            let m = Tensor::f_ones([t, s], (tch::Kind::Bool, q.device()))?.f_tril(past)?;
+            let m = Tensor::f_ones([t, past + t], (tch::Kind::Bool, q.device()))?.f_tril(past)?;
             (Some(m), false)
         };
-        let o = Tensor::f_scaled_dot_product_attention(&q, &k, &v, mask.as_ref(), 0.0, causal, self.softmax_scale, gqa)?;
-        match attn {
-            AttnImpl::Naive => Ok(o),
-            // o_lat [B, H, T, kv_lora] -> per-head output through W_UV
-            AttnImpl::Absorbed => Ok(o.f_matmul(&self.w_uv.f_transpose(-1, -2)?.f_unsqueeze(0)?)?),
-        }
+        Ok(Tensor::f_scaled_dot_product_attention(q, k, v, mask.as_ref(), 0.0, causal, self.softmax_scale, shared_kv)?)
     }
 
     /// Attention with the probabilities computed explicitly and passed
     /// through `hooks` (which may replace them) before they weight the values.
-    #[allow(clippy::too_many_arguments)]
-    fn explicit_attention(
-        &self,
-        q_nope: &Tensor,
-        q_pe: &Tensor,
-        c_kv: &Tensor,
-        c_kv_h: &Tensor,
-        k_pe_h: &Tensor,
-        past: i64,
-        attn: AttnImpl,
-        hooks: &mut dyn Hooks,
-        layer: usize,
-    ) -> Result<Tensor> {
-        let t = q_nope.size()[2];
-        let s = past + t;
+    fn explicit_attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, past: i64, hooks: &mut dyn Hooks, layer: usize) -> Result<Tensor> {
+        let t = q.size()[2];
         // content and position parts in one matmul
-        let (q, k, v) = self.operands(q_nope, q_pe, c_kv, c_kv_h, k_pe_h, attn)?;
         let scores = q.f_matmul(&k.f_transpose(-1, -2)?)?; // [B, H, T, S]
         let scores = scores.f_mul_scalar(self.softmax_scale)?.f_to_kind(Kind::Float)?;
         let scores = if t > 1 {
             // query i (absolute past+i) sees keys j <= past+i
-            let mask = Tensor::f_ones([t, s], (Kind::Bool, q_nope.device()))?.f_triu(past + 1)?;
+            let mask = Tensor::f_ones([t, past + t], (Kind::Bool, q.device()))?.f_triu(past + 1)?;
             scores.f_masked_fill(&mask, f64::NEG_INFINITY)?
         } else {
             scores
         };
         let probs = hooks.visit(HookPoint::Pattern(layer), scores.f_softmax(-1, Kind::Float)?)?;
-        let p = probs.f_to_kind(q_nope.kind())?;
-        let heads = match attn {
-            AttnImpl::Naive => p.f_matmul(&v)?, // [B, H, T, v]
-            // o_lat [B, H, T, kv_lora] -> per-head output through W_UV
-            AttnImpl::Absorbed => p.f_matmul(&v)?.f_matmul(&self.w_uv.f_transpose(-1, -2)?.f_unsqueeze(0)?)?,
-        };
-        Ok(heads)
+        Ok(probs.f_to_kind(q.kind())?.f_matmul(v)?)
     }
 }
