@@ -144,7 +144,8 @@ fn seed_slot(from: &std::path::Path, to: &std::path::Path) {
 
 /// Environment the runner and evcxr's cargo need to build and load tch:
 /// the venv's python first on PATH (torch-sys asks it where libtorch is).
-pub(crate) fn prepare_environment() {
+pub(crate) fn prepare_environment() -> Toolchain {
+    let toolchain = Toolchain::detect();
     // SAFETY (set_var): called from `main`'s thread before any other thread starts.
     if let Some(venv) = super::install::venv_dir() {
         let bin = venv.join("bin");
@@ -159,9 +160,9 @@ pub(crate) fn prepare_environment() {
     // The runner loads each cell as a shared library linked against the
     // toolchain's libstd and against libtorch: put both on the loader path.
     let mut libs: Vec<PathBuf> = Vec::new();
-    if let Some(sysroot) = rustc_sysroot() {
+    if let Some(sysroot) = &toolchain.sysroot {
         libs.push(sysroot.join("lib"));
-        libs.push(sysroot.join("lib").join("rustlib").join(host_target()).join("lib"));
+        libs.push(sysroot.join("lib").join("rustlib").join(&toolchain.host).join("lib"));
     }
     if let Some(torch) = option_env!("DEEPSCOPE_LIBTORCH_LIB") {
         libs.push(PathBuf::from(torch));
@@ -176,22 +177,31 @@ pub(crate) fn prepare_environment() {
         std::env::set_var("LIBTORCH_USE_PYTORCH", "1");
     }
     std::env::set_var(cell::KERNEL_ENV, "1");
+    toolchain
 }
 
-fn rustc_sysroot() -> Option<PathBuf> {
-    let out = std::process::Command::new("rustc").args(["--print", "sysroot"]).output().ok()?;
-    let s = String::from_utf8(out.stdout).ok()?;
-    Some(PathBuf::from(s.trim()))
+/// The Rust toolchain that compiles the cells, asked once at start-up.
+pub(crate) struct Toolchain {
+    pub sysroot: Option<PathBuf>,
+    pub host: String,
+    /// e.g. `1.95.0` (the kernel_info `language_info.version`).
+    pub release: String,
 }
 
-fn host_target() -> String {
-    std::process::Command::new("rustc")
-        .arg("-vV")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("host: ").map(str::to_string)))
-        .unwrap_or_else(|| "x86_64-unknown-linux-gnu".into())
+impl Toolchain {
+    fn detect() -> Toolchain {
+        let rustc = |args: &[&str]| -> Option<String> {
+            let out = std::process::Command::new("rustc").args(args).output().ok()?;
+            String::from_utf8(out.stdout).ok()
+        };
+        let vv = rustc(&["-vV"]).unwrap_or_default();
+        let field = |name: &str| vv.lines().find_map(|l| l.strip_prefix(name).map(str::to_string));
+        Toolchain {
+            sysroot: rustc(&["--print", "sysroot"]).map(|s| PathBuf::from(s.trim())),
+            host: field("host: ").unwrap_or_else(|| "x86_64-unknown-linux-gnu".into()),
+            release: field("release: ").unwrap_or_else(|| "unknown".into()),
+        }
+    }
 }
 
 const SETUP_CODE: &str = "use deepscope::prelude::*;\ndeepscope::kernel::cell::install_panic_hook();";

@@ -52,7 +52,7 @@ fn char_offset(s: &str, bytes: usize) -> usize {
 
 /// `deepscope kernel --prebuild`: fills build slot 0 so that kernels start warm.
 pub fn prebuild() -> Result<()> {
-    exec::prepare_environment();
+    let _ = exec::prepare_environment();
     let slot = exec::take_slot()?;
     eprintln!("building the DeepScope library for notebook cells in {} ...", slot.dir.display());
     let (_ctx, _out, took) = exec::start_context(&slot)?;
@@ -62,7 +62,7 @@ pub fn prebuild() -> Result<()> {
 
 /// Runs the kernel until a shutdown request.
 pub fn run_kernel(opts: KernelOptions) -> Result<()> {
-    exec::prepare_environment();
+    let toolchain = exec::prepare_environment();
     // The kernel itself ignores SIGINT (Ctrl-C in the terminal that runs
     // JupyterLab); interrupts arrive as `interrupt_request` messages.
     // SAFETY: setting a signal disposition before any thread starts.
@@ -75,7 +75,7 @@ pub fn run_kernel(opts: KernelOptions) -> Result<()> {
         .enable_all()
         .build()
         .map_err(|e| kernel_err("starting the async runtime", e))?;
-    rt.block_on(serve(info))
+    rt.block_on(serve(info, toolchain.release))
 }
 
 struct Kernel {
@@ -86,6 +86,8 @@ struct Kernel {
     history: History,
     signer: Signer,
     shutdown_requested: bool,
+    /// `language_info.version`, asked of rustc once at start-up.
+    rust_version: String,
 }
 
 impl Kernel {
@@ -112,7 +114,7 @@ fn to_zmq(frames: Vec<Bytes>) -> Option<ZmqMessage> {
     ZmqMessage::try_from(frames).ok()
 }
 
-async fn serve(info: ConnectionInfo) -> Result<()> {
+async fn serve(info: ConnectionInfo, rust_version: String) -> Result<()> {
     let signer = Signer::new(&info.key);
     let session = uuid::Uuid::new_v4().to_string();
 
@@ -202,7 +204,7 @@ async fn serve(info: ConnectionInfo) -> Result<()> {
     let (jobs_tx, jobs_rx) = std::sync::mpsc::channel::<Job>();
     spawn_worker(shared.clone(), jobs_rx, input_out_tx, input_reply_rx, session.clone());
 
-    let mut kernel = Kernel { session, shared, jobs: jobs_tx, execution_count: 0, history: History::default(), signer, shutdown_requested: false };
+    let mut kernel = Kernel { session, shared, jobs: jobs_tx, execution_count: 0, history: History::default(), signer, shutdown_requested: false, rust_version };
 
     let (control_send, mut control_recv) = control.split();
     let (mut shell_send, mut shell_recv) = shell.split();
@@ -210,7 +212,7 @@ async fn serve(info: ConnectionInfo) -> Result<()> {
 
     // Control runs on its own task so that interrupts and shutdowns are
     // answered while the shell is busy with a cell.
-    let control_kernel = ControlState { session: kernel.session.clone(), shared: kernel.shared.clone(), signer: kernel.signer.clone() };
+    let control_kernel = ControlState { session: kernel.session.clone(), shared: kernel.shared.clone(), signer: kernel.signer.clone(), rust_version: kernel.rust_version.clone() };
     let cs = control_send.clone();
     tokio::spawn(async move {
         while let Ok(z) = control_recv.recv().await {
@@ -289,7 +291,7 @@ impl Content for AbortedReply {
     const MSG_TYPE: &'static str = "execute_reply";
 }
 
-fn kernel_info() -> KernelInfoReply {
+fn kernel_info(rust_version: &str) -> KernelInfoReply {
     KernelInfoReply {
         status: "ok",
         protocol_version: PROTOCOL_VERSION,
@@ -297,7 +299,7 @@ fn kernel_info() -> KernelInfoReply {
         implementation_version: env!("CARGO_PKG_VERSION"),
         language_info: LanguageInfo {
             name: "rust",
-            version: rustc_version(),
+            version: rust_version.to_string(),
             mimetype: "text/rust",
             file_extension: ".rs",
             pygments_lexer: "rust",
@@ -316,20 +318,11 @@ fn kernel_info() -> KernelInfoReply {
     }
 }
 
-fn rustc_version() -> String {
-    std::process::Command::new("rustc")
-        .arg("--version")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.split_whitespace().nth(1).map(str::to_string))
-        .unwrap_or_else(|| "unknown".into())
-}
-
 struct ControlState {
     session: String,
     shared: Arc<Shared>,
     signer: Signer,
+    rust_version: String,
 }
 
 impl ControlState {
@@ -349,7 +342,7 @@ impl ControlState {
                 p.publish(msg, &Status { execution_state: "idle" });
                 shutdown(&self.shared).await
             }
-            Ok(Request::KernelInfo) => Some(msg.reply(&self.session, &kernel_info())),
+            Ok(Request::KernelInfo) => Some(msg.reply(&self.session, &kernel_info(&self.rust_version))),
             Ok(other) => Some(unknown_reply(msg, &self.session, &format!("{other:?}"))),
             Err(e) => Some(unknown_reply(msg, &self.session, &e.to_string())),
         };
@@ -420,7 +413,7 @@ impl Kernel {
         };
         let s = self.session.clone();
         match request {
-            Request::KernelInfo => (Some(msg.reply(&s, &kernel_info())), false),
+            Request::KernelInfo => (Some(msg.reply(&s, &kernel_info(&self.rust_version))), false),
             Request::Execute(r) => {
                 let (reply, failed) = self.execute(msg, r).await;
                 (Some(reply), failed)
