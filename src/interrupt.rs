@@ -45,11 +45,6 @@ impl Interrupt {
         Interrupt { count, seen, start }
     }
 
-    /// Whether this process can be interrupted at all (inside the kernel).
-    pub fn available(&self) -> bool {
-        self.count.is_some()
-    }
-
     /// `Err(Error::Interrupted)` once an interrupt arrived after the snapshot.
     pub fn check(&self) -> Result<()> {
         if let Some(c) = self.count {

@@ -23,17 +23,13 @@ fn bundle(text: String, parts: Vec<Result<String>>) -> MimeBundle {
     for p in parts {
         match p {
             Ok(h) => html.push_str(&h),
-            Err(e) => html.push_str(&format!("<pre>cannot draw: {}</pre>", html_escape(&e.to_string()))),
+            Err(e) => html.push_str(&format!("<pre>cannot draw: {}</pre>", crate::plot::svg::escape(&e.to_string()))),
         }
     }
     let mut b = MimeBundle::new();
     b.insert(MimeType::TextPlain, text);
     b.insert(MimeType::TextHtml, html);
     b
-}
-
-fn html_escape(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
 }
 
 fn fig_html(f: Result<Figure>) -> Result<String> {
@@ -130,7 +126,7 @@ impl Trace {
     }
 
     pub fn mime_bundle(&self) -> MimeBundle {
-        let mut parts = vec![Ok(format!("<p><b>{}</b></p>", html_escape(&self.to_string())))];
+        let mut parts = vec![Ok(format!("<p><b>{}</b></p>", crate::plot::svg::escape(&self.to_string())))];
         let moe: Vec<usize> = self.routing.iter().flatten().map(|r| r.layer).collect();
         if let Some(&last) = moe.last() {
             parts.push(self.routing_strip(last).map(|s| s.to_html()));

@@ -187,7 +187,6 @@ pub struct Progress {
     total: u64,
     done: u64,
     id: String,
-    shown: bool,
     last: std::time::Instant,
     start: std::time::Instant,
 }
@@ -195,8 +194,9 @@ pub struct Progress {
 impl Progress {
     pub fn new(label: &str, total: u64) -> Progress {
         let now = std::time::Instant::now();
-        let id = format!("deepscope-progress-{}-{:x}", std::process::id(), now.elapsed().as_nanos() ^ address_entropy());
-        let mut p = Progress { label: label.to_string(), total, done: 0, id, shown: false, last: now, start: now };
+        let since_epoch = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        let id = format!("deepscope-progress-{}-{:x}", std::process::id(), since_epoch.as_nanos());
+        let mut p = Progress { label: label.to_string(), total, done: 0, id, last: now, start: now };
         p.render(false);
         p
     }
@@ -237,23 +237,13 @@ impl Progress {
         let text = format!("{}: {}/{} ({pct:.0}%, {secs:.1} s)", self.label, self.done, self.total);
         let html = format!(
             "<div style=\"font-family:sans-serif;font-size:12px\">{}<div style=\"width:300px;height:10px;background:#e5e5e5;border-radius:3px\"><div style=\"width:{pct:.1}%;height:10px;background:#3b75af;border-radius:3px\"></div></div></div>",
-            html_escape(&text)
+            crate::plot::svg::escape(&text)
         );
         let mut b = MimeBundle::new();
         b.insert(MimeType::TextPlain, text);
         b.insert(MimeType::TextHtml, html);
-        display_bundle(&b, Some(&self.id), update && self.shown);
-        self.shown = true;
+        display_bundle(&b, Some(&self.id), update);
     }
-}
-
-fn address_entropy() -> u128 {
-    let x = 0u8;
-    &x as *const u8 as usize as u128
-}
-
-fn html_escape(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
 }
 
 /// Parses one stdout line of a runner: `Some(message)` when it is a kernel message.

@@ -32,14 +32,6 @@ impl History {
         }
     }
 
-    pub fn len(&self) -> usize {
-        self.entries.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
-    }
-
     fn item(e: &Entry, output: bool) -> Value {
         if output {
             json!([SESSION, e.line, [e.input, e.output]])

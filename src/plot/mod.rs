@@ -66,7 +66,7 @@ macro_rules! text_setters {
 
 mod axis;
 mod legend;
-mod svg;
+pub(crate) mod svg;
 
 pub mod attention;
 pub mod bars;
