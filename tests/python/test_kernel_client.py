@@ -60,18 +60,23 @@ class Run:
         return f"reply {self.content}\noutputs {json.dumps(shown, indent=1, default=str)[:4000]}"
 
 
-def wait_reply(kc, msg_id, timeout, channel="shell"):
-    """The reply to `msg_id` (other replies, e.g. kernel_info from wait_for_ready, are skipped)."""
-    get = kc.get_shell_msg if channel == "shell" else kc.get_control_msg
+def messages(get, timeout, missing):
+    """Messages from `get` until `timeout` seconds pass; then AssertionError(missing())."""
     deadline = time.monotonic() + timeout
     while True:
         left = deadline - time.monotonic()
         if left <= 0:
-            raise AssertionError(f"no {channel} reply to {msg_id} within {timeout} s")
+            raise AssertionError(missing())
         try:
-            msg = get(timeout=left)
+            yield get(timeout=left)
         except Empty:
             continue
+
+
+def wait_reply(kc, msg_id, timeout, channel="shell"):
+    """The reply to `msg_id` (other replies, e.g. kernel_info from wait_for_ready, are skipped)."""
+    get = kc.get_shell_msg if channel == "shell" else kc.get_control_msg
+    for msg in messages(get, timeout, lambda: f"no {channel} reply to {msg_id} within {timeout} s"):
         if msg["parent_header"].get("msg_id") == msg_id:
             return msg
 
@@ -79,15 +84,8 @@ def wait_reply(kc, msg_id, timeout, channel="shell"):
 def collect_iopub(kc, msg_id, timeout):
     """IOPub messages up to the `idle` status of `msg_id`: (ours, others)."""
     ours, others = [], []
-    deadline = time.monotonic() + timeout
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise AssertionError(f"no idle status for {msg_id} within {timeout} s; got {[m['msg_type'] for m in ours]}")
-        try:
-            msg = kc.get_iopub_msg(timeout=left)
-        except Empty:
-            continue
+    missing = lambda: f"no idle status for {msg_id} within {timeout} s; got {[m['msg_type'] for m in ours]}"  # noqa: E731
+    for msg in messages(kc.get_iopub_msg, timeout, missing):
         if msg["parent_header"].get("msg_id") != msg_id:
             others.append(msg)
             continue
