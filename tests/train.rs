@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use deepscope::model::{Config, ForwardOptions, LoadOptions, Model, Tokenizer};
 use deepscope::train::checkpoint::{init_checkpoint, save_model};
-use deepscope::train::corpus::{Corpus, CorpusSources, Domain};
+use deepscope::train::corpus::{Corpus, CorpusSources, Domain, HELDOUT_EVERY};
 use deepscope::train::trainer::{TrainSettings, Trainer};
 use tch::{Device, Kind, Tensor};
 
@@ -57,7 +57,7 @@ fn tokenizer_round_trips_text_of_all_three_domains() {
 }
 
 #[test]
-fn corpus_split_holds_out_revelation_and_a_tenth_of_the_rest() {
+fn corpus_split_holds_out_revelation_and_one_in_67_of_the_rest() {
     let corpus = Corpus::load(&CorpusSources::default()).unwrap();
     let held_bible: Vec<_> = corpus.heldout().filter(|d| d.domain == Domain::Bible).collect();
     assert_eq!(held_bible.len(), 22, "Revelation has 22 chapters");
@@ -65,8 +65,17 @@ fn corpus_split_holds_out_revelation_and_a_tenth_of_the_rest() {
     assert!(corpus.train().all(|d| !d.text.contains("The Revelation of Jesus Christ, which God gave unto him")));
     for d in [Domain::Fortunes, Domain::Jargon] {
         let (held, all) = (corpus.heldout().filter(|x| x.domain == d).count(), corpus.docs.iter().filter(|x| x.domain == d).count());
-        let frac = held as f64 / all as f64;
-        assert!((frac - 0.1).abs() < 0.01, "{d:?}: {held}/{all} held out");
+        assert_eq!(held, all.div_ceil(HELDOUT_EVERY), "{d:?}: {held}/{all} held out");
+        assert!(held >= 10, "{d:?}: only {held} documents held out");
+    }
+    // The held-out split mixes the domains (by bytes) about as training does.
+    let share = |held: bool, d: Domain| {
+        let bytes = |f: &dyn Fn(&deepscope::train::corpus::Doc) -> bool| corpus.docs.iter().filter(|x| x.heldout == held && f(x)).map(|x| x.text.len()).sum::<usize>() as f64;
+        bytes(&|x| x.domain == d) / bytes(&|_| true)
+    };
+    for d in [Domain::Bible, Domain::Fortunes, Domain::Jargon] {
+        let (train, held) = (share(false, d), share(true, d));
+        assert!((train - held).abs() < 0.03, "{d:?}: {:.1}% of training bytes but {:.1}% of held-out bytes", 100.0 * train, 100.0 * held);
     }
 }
 

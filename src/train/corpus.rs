@@ -5,8 +5,8 @@
 //! | domain | package | source | held out |
 //! |---|---|---|---|
 //! | Bible | `bible-kjv` | `bible -f gen1:1-rev22:21` | the whole Book of Revelation |
-//! | Fortunes | `fortunes` | `/usr/share/games/fortunes/*` (`%`-separated) | every 10th fortune |
-//! | Jargon | `jargon-text` | `/usr/share/doc/jargon-text/jargon.txt.gz` | every 10th paragraph |
+//! | Fortunes | `fortunes` | `/usr/share/games/fortunes/*` (`%`-separated) | every 67th fortune |
+//! | Jargon | `jargon-text` | `/usr/share/doc/jargon-text/jargon.txt.gz` | every 67th paragraph group |
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -64,8 +64,14 @@ impl Default for CorpusSources {
     }
 }
 
-/// Every 10th fortune and jargon paragraph is held out.
-pub const HELDOUT_EVERY: usize = 10;
+/// Every 67th fortune and Jargon File paragraph group is held out: the
+/// share of the Bible that Revelation is (62 KB of 4.14 MB, 1 in 66.7), so every
+/// domain is held out at the same rate and the held-out split mixes the
+/// domains as the training split does. That is the mixture the router's bias
+/// balancing is tuned on, which makes the held-out load balance a fair test
+/// of it (with every 10th held out, the split was 57% fortunes against 35%
+/// in training).
+pub const HELDOUT_EVERY: usize = 67;
 
 #[derive(Debug, Clone)]
 pub struct Corpus {
