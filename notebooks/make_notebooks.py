@@ -399,7 +399,7 @@ ROUTING = [
     per expert, routing weight per expert, co-activation counts, the tokens each expert takes. Statistics
     of parts `merge` into the statistics of the whole, and a run can be interrupted and resumed.
 
-    The text is *held out*: Revelation, every 10th fortune and every 10th Jargon File paragraph group,
+    The text is *held out*: Revelation, every 67th fortune and every 67th Jargon File paragraph group,
     read with `deepscope::train::corpus`, the code that made the training split. About 8 KB of each domain
     (two to three thousand tokens) keeps this quick.
     '''),

@@ -40,6 +40,31 @@ fn held_out_revelation_loss_matches_the_model_card() {
 }
 
 #[test]
+fn held_out_load_balance_and_domain_divergence_match_the_model_card() {
+    let m = Model::load_default().unwrap();
+    let dir = deepscope::model::model::default_model_dir();
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("eval_report.json")).unwrap()).unwrap();
+    let card = std::fs::read_to_string(dir.join("README.md")).unwrap();
+    let corpus = Corpus::load(&CorpusSources::default()).unwrap();
+    let tok = m.tokenizer().unwrap();
+    let eos = tok.token_id("<|eos|>").unwrap();
+    let docs: Vec<_> = corpus.heldout().map(|d| tokenize_doc(tok, d, eos).unwrap()).collect();
+    let seq = report["settings"]["seq_len"].as_u64().unwrap() as usize;
+    let r = evaluate(&m, &docs, seq).unwrap();
+    for (layer, measured) in r.load_max_over_mean() {
+        let reported = report["load_max_over_mean"][layer.to_string()].as_f64().unwrap();
+        assert!((measured - reported).abs() < 0.01, "layer {layer}: max/mean load {measured}, report says {reported}");
+        assert!(card.contains(&format!("| {layer} | {reported:.2} |")), "README.md has no row for layer {layer} with {reported:.2}");
+    }
+    for (layer, pairs) in r.domain_jsd() {
+        for (pair, measured) in pairs {
+            let reported = report["domain_jsd_bits"][layer.to_string()][&pair].as_f64().unwrap();
+            assert!((measured - reported).abs() < 0.005, "layer {layer} {pair}: JSD {measured}, report says {reported}");
+        }
+    }
+}
+
+#[test]
 fn corpus_routing_runs_can_be_interrupted_and_resumed() {
     use deepscope::inspect::{CorpusRun, RoutingStats};
     let m = Model::load_default().unwrap();

@@ -80,6 +80,9 @@ def main() -> None:
     pairs = sorted({p for v in jsd.values() for p in v})
     jsd_rows = "\n".join(f"| {layer} | " + " | ".join(f"{v[p]:.3f}" for p in pairs) + " |" for layer, v in jsd.items())
     best_layer, best = max(((l, max(v.values())) for l, v in jsd.items()), key=lambda x: x[1])
+    alpha = rep["settings"].get("seq_balance_alpha", 0.0)
+    seq_text = (f"Plus DeepSeek-V3's sequence-wise balance loss with alpha = {alpha}." if alpha > 0 else
+                "No sequence-wise balance loss (`--seq-balance-alpha`, off by default): the bias alone balances the load.")
     last = log[-1]
     hours = rep["train_seconds"] / 3600
     rev = per["bible"]["bits_per_byte"]
@@ -109,7 +112,7 @@ dense SwiGLU MLP, layers 1-{cfg['num_hidden_layers'] - 1} are DeepSeekMoE blocks
 {cfg['n_shared_experts']} shared + {cfg['n_routed_experts']} routed experts, top-{cfg['num_experts_per_tok']}, sigmoid router
 with {cfg['n_group']} groups (top {cfg['topk_group']}), `norm_topk_prob`, and DeepSeek-V3's
 auxiliary-loss-free balancing (after each step `b_i += gamma * sign(mean_load - load_i)`,
-gamma = {rep['settings']['bias_update_rate']}). No sequence-wise balance loss.
+gamma = {rep['settings']['bias_update_rate']}). {seq_text}
 
 ## Corpus and licences
 
@@ -121,8 +124,10 @@ gamma = {rep['settings']['bias_update_rate']}). No sequence-wise balance loss.
 
 Split (deterministic, `src/train/corpus.rs`): the whole Book of Revelation is
 held out; of the fortunes (in sorted file order) and of the Jargon File's ~1 KB
-paragraph groups, every 10th is held out. Bible verse references are stripped;
-one document per chapter.
+paragraph groups, every 67th is held out: the rate at which Revelation is held
+out of the Bible (62 KB of 4.14 MB), so every domain is held out at the same rate
+and the held-out split mixes the domains as the training split does. Bible verse
+references are stripped; one document per chapter.
 
 {corpus_table(d)}
 
@@ -156,10 +161,12 @@ the same tokenizer (token frequencies of the training split, add-one smoothed).
 {bal_rows}
 
 The bias update balances the load of the *training* mixture ({share_text} of the
-training tokens). The held-out split mixes the domains differently ({held_text} of its
-tokens), and the experts have specialised by domain, so the split as it is is less
-balanced than the same text reweighted to the training mixture; within a single
-domain the load is uneven by design (that is the specialisation measured below).
+training tokens); the held-out split mixes the domains in about the same proportions
+({held_text} of its tokens), so "as is" tests the balancing on unseen text of the
+distribution it was tuned on, and the reweighted column removes what difference in
+mix remains. Within a single domain the load is uneven by design: the experts have
+specialised by domain (measured below), so text from one domain alone leans on that
+domain's experts.
 
 ### Domain specialisation
 

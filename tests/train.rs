@@ -147,3 +147,68 @@ fn written_configs_read_back_to_the_same_config() {
         assert_eq!(back, cfg, "{case}");
     }
 }
+
+#[test]
+fn sequence_balance_term_is_one_when_spread_and_e_over_k_when_collapsed() {
+    use deepscope::train::trainer::sequence_balance_loss;
+    // 2 sequences x 4 tokens, 8 experts, top-2
+    let even_idx = Tensor::from_slice(&[0i64, 1, 2, 3, 4, 5, 6, 7]).view([4, 2]).repeat([2, 1]);
+    let even_scores = Tensor::full([8, 8], 0.5, (Kind::Float, Device::Cpu));
+    let v = sequence_balance_loss(&even_scores, &even_idx, 2).unwrap().double_value(&[]);
+    assert!((v - 1.0).abs() < 1e-6, "even spread gives {v}");
+
+    let collapsed_idx = Tensor::from_slice(&[0i64, 1]).view([1, 2]).repeat([8, 1]);
+    let mut s = vec![0.0f32; 64];
+    for row in 0..8 {
+        s[row * 8] = 1.0;
+        s[row * 8 + 1] = 1.0;
+    }
+    let collapsed_scores = Tensor::from_slice(&s).view([8, 8]);
+    let v = sequence_balance_loss(&collapsed_scores, &collapsed_idx, 2).unwrap().double_value(&[]);
+    assert!((v - 4.0).abs() < 1e-6, "collapse onto 2 of 8 experts gives {v}, E/K is 4");
+
+    // balanced over the batch but each sequence collapsed: the term sees it
+    let per_seq = Tensor::cat(&[Tensor::from_slice(&[0i64, 1]).view([1, 2]).repeat([4, 1]), Tensor::from_slice(&[2i64, 3]).view([1, 2]).repeat([4, 1])], 0);
+    let v = sequence_balance_loss(&collapsed_scores, &per_seq, 2).unwrap().double_value(&[]);
+    assert!(v > 1.5, "per-sequence collapse gives {v}");
+
+    let err = sequence_balance_loss(&even_scores, &even_idx, 3).unwrap_err().to_string();
+    assert!(err.contains("3 sequences"), "{err}");
+}
+
+#[test]
+fn the_sequence_balance_loss_evens_out_routing_within_sequences() {
+    // same init and batches, no bias balancing; only alpha differs
+    let run = |alpha: f64| {
+        let dir = tmp(&format!("seqbal-{alpha}"));
+        init_checkpoint(&small_config(64), &dir, 0.02, 5).unwrap();
+        let model = load(&dir);
+        let settings = TrainSettings { steps: 40, lr: 1e-2, warmup_steps: 1, bias_update_rate: 0.0, seq_balance_alpha: alpha, ..Default::default() };
+        let mut trainer = Trainer::new(&model, settings).unwrap();
+        tch::manual_seed(11);
+        let x = Tensor::randint(64, [4, 16], (Kind::Int64, Device::Cpu));
+        let y = x.roll([-1], [1]);
+        let first = trainer.step(&x, &y).unwrap();
+        let mut last = first.clone();
+        for _ in 0..30 {
+            last = trainer.step(&x, &y).unwrap();
+        }
+        (first, last)
+    };
+    let (off0, off) = run(0.0);
+    let (on0, on) = run(0.5);
+    // the first step's measurement is the same (same init), the loss term is not part of it
+    assert!((off0.seq_balance - on0.seq_balance).abs() < 1e-9 && (off0.loss - on0.loss).abs() < 1e-9);
+    // without the loss, routing within sequences drifts away from even (1) as
+    // the model learns; with it, at most half that excess remains
+    assert!(off.seq_balance > off0.seq_balance, "no drift to correct: {} -> {}", off0.seq_balance, off.seq_balance);
+    assert!(
+        on.seq_balance - 1.0 < 0.5 * (off.seq_balance - 1.0),
+        "with the loss {} vs without {}",
+        on.seq_balance,
+        off.seq_balance
+    );
+    assert!(on.seq_balance < on0.seq_balance, "the loss did not lower the term: {} -> {}", on0.seq_balance, on.seq_balance);
+    // and the model still learns
+    assert!(on.loss < on0.loss * 0.8, "loss {} -> {}", on0.loss, on.loss);
+}

@@ -127,6 +127,9 @@ enum Command {
         /// gamma of the aux-loss-free bias update (0 = no balancing).
         #[arg(long, default_value_t = 1e-2)]
         bias_update_rate: f64,
+        /// alpha of DeepSeek-V3's sequence-wise balance loss (0 = off; V3 used 1e-4).
+        #[arg(long, default_value_t = 0.0)]
+        seq_balance_alpha: f64,
         #[arg(long, default_value_t = 4096)]
         vocab_size: usize,
         #[arg(long, default_value_t = 0)]
@@ -299,6 +302,7 @@ fn run(cli: Cli) -> Result<()> {
             lr,
             warmup,
             bias_update_rate,
+            seq_balance_alpha,
             vocab_size,
             seed,
             eval_every,
@@ -318,6 +322,7 @@ fn run(cli: Cli) -> Result<()> {
                 min_lr: lr / 10.0,
                 warmup_steps: warmup,
                 bias_update_rate,
+                seq_balance_alpha,
                 seed,
                 checkpoint_every,
                 ..Default::default()

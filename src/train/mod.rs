@@ -69,8 +69,17 @@ pub fn run(job: &TrainJob) -> Result<()> {
     for (d, held, n, bytes) in corpus.summary() {
         eprintln!("  {:<8} {:<8} {:>6} docs {:>9} bytes", d.name(), if held { "held-out" } else { "train" }, n, bytes);
     }
+    let (ckpt, train_log, eval_log) = run_paths(&job.out);
+    let resuming = job.resume && ckpt.join("train_state.json").exists();
     let tok_path = job.out.join("tokenizer.json");
-    if !tok_path.exists() {
+    if resuming {
+        // the checkpoint's embeddings index this tokenizer: it must be the same file
+        if !tok_path.exists() {
+            return Err(Error::Input(format!("cannot resume: {} is missing (the tokenizer of the checkpoint)", tok_path.display())));
+        }
+    } else {
+        // a fresh run always trains its own tokenizer: one left in OUT by an
+        // earlier run may come from another corpus split
         eprintln!("training a byte-level BPE tokenizer ({} entries)...", job.vocab_size);
         bpe::train_bpe(corpus.train().map(|d| d.text.as_str()), job.vocab_size, &tok_path)?;
     }
@@ -81,9 +90,7 @@ pub fn run(job: &TrainJob) -> Result<()> {
     let heldout: Vec<TokenDoc> = corpus.heldout().map(|d| tokenize_doc(&tok, d, eos)).collect::<Result<_>>()?;
     eprintln!("{} training tokens, {} held-out tokens", stream.ids.len(), heldout.iter().map(|d| d.ids.len()).sum::<usize>());
 
-    let (ckpt, train_log, eval_log) = run_paths(&job.out);
     let cfg = tiny_config(vocab);
-    let resuming = job.resume && ckpt.join("train_state.json").exists();
     if !resuming {
         checkpoint::init_checkpoint(&cfg, &ckpt, job.init_std, job.settings.seed as i64)?;
     }
@@ -171,6 +178,17 @@ pub fn evaluate_model(dir: &Path, seq: usize, device: Device, sources: &CorpusSo
 
 fn open_log(path: &Path, header: &str, append: bool) -> Result<std::fs::File> {
     let exists = path.exists();
+    if append && exists {
+        // rows are appended under the existing header: it must be the same one
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let found = text.lines().next().unwrap_or("");
+        if found != header {
+            return Err(Error::Input(format!(
+                "{}: cannot resume into this log, its columns are `{found}` but this version writes `{header}`; move the file away and resume again",
+                path.display()
+            )));
+        }
+    }
     let mut f = std::fs::OpenOptions::new()
         .create(true)
         .append(append)

@@ -1,7 +1,8 @@
 //! The training loop: AdamW, warmup + cosine schedule, global-norm gradient
 //! clipping, and DeepSeek-V3's auxiliary-loss-free load balancing (after each
 //! step, `b_i += gamma * sign(mean_load - load_i)` per MoE layer; the bias
-//! steers the choice of experts only, never their weights).
+//! steers the choice of experts only, never their weights), optionally with
+//! DeepSeek-V3's small sequence-wise balance loss ([`sequence_balance_loss`]).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -30,6 +31,10 @@ pub struct TrainSettings {
     pub grad_clip: f64,
     /// gamma of the bias update (0 disables balancing).
     pub bias_update_rate: f64,
+    /// alpha of the sequence-wise balance loss added to the language-model
+    /// loss (DeepSeek-V3 uses 1e-4; 0, the default, leaves it out).
+    #[serde(default)]
+    pub seq_balance_alpha: f64,
     pub seed: u64,
     pub log_every: u64,
     pub checkpoint_every: u64,
@@ -49,6 +54,7 @@ impl Default for TrainSettings {
             beta2: 0.95,
             grad_clip: 1.0,
             bias_update_rate: 1e-2,
+            seq_balance_alpha: 0.0,
             seed: 0,
             log_every: 10,
             checkpoint_every: 250,
@@ -86,6 +92,41 @@ pub struct StepStats {
     pub grad_norm: f64,
     /// Mean over MoE layers of max/mean expert load in this batch.
     pub load_max_over_mean: f64,
+    /// Mean over MoE layers of the sequence-wise balance term
+    /// `sum_i f_i P_i` (1 when every sequence spreads evenly, E/K when each
+    /// sends everything to the same K experts); measured whether or not it
+    /// is part of the loss.
+    pub seq_balance: f64,
+}
+
+/// DeepSeek-V3's sequence-wise balance term for one MoE layer, averaged over
+/// the `batch` sequences: `sum_i f_i P_i`, where, within a sequence of T
+/// tokens, `f_i = E / (K T) * #{t : expert i in top-K(t)}` and
+/// `P_i = 1/T sum_t s_{i,t} / sum_j s_{j,t}` (`s` the router scores).
+/// `scores` is [batch*T, E] (the graph is kept, so it can be trained on),
+/// `topk_indices` [batch*T, K]. An even spread (every `f_i` = 1) gives 1;
+/// sending everything to the same K experts gives up to E/K.
+pub fn sequence_balance_loss(scores: &Tensor, topk_indices: &Tensor, batch: i64) -> Result<Tensor> {
+    let (n, e) = scores.size2()?;
+    let (nk, k) = topk_indices.size2()?;
+    if batch <= 0 || n % batch != 0 || nk != n {
+        return Err(Error::Input(format!(
+            "sequence balance loss: {n} score rows and {nk} top-k rows do not split into {batch} sequences"
+        )));
+    }
+    let t = n / batch;
+    let p = scores
+        .f_div(&scores.f_sum_dim_intlist(-1, true, Kind::Float)?.f_clamp_min(1e-20)?)?
+        .f_view([batch, t, e])?
+        .f_mean_dim(1, false, Kind::Float)?;
+    let opts = (Kind::Float, scores.device());
+    let counts = Tensor::f_zeros([batch, e], opts)?.f_scatter_add(
+        1,
+        &topk_indices.f_view([batch, t * k])?.f_to_device(scores.device())?,
+        &Tensor::f_ones([batch, t * k], opts)?,
+    )?;
+    let f = counts.f_mul_scalar(e as f64 / (k * t) as f64)?;
+    Ok(f.f_mul(&p)?.f_sum_dim_intlist(-1, false, Kind::Float)?.f_mean(Kind::Float)?)
 }
 
 pub struct Trainer<'a> {
@@ -140,12 +181,27 @@ impl<'a> Trainer<'a> {
             .logits
             .f_view([-1, vocab])?
             .f_cross_entropy_loss::<Tensor>(&y.f_view([-1])?.f_to_device(self.model.device)?, None, tch::Reduction::Mean, -100, 0.0)?;
+        let batch = x.size().first().copied().unwrap_or(1);
+        let mut balance = Vec::new();
+        for r in out.routing.iter().flatten() {
+            balance.push(sequence_balance_loss(&r.scores, &r.topk_indices, batch)?);
+        }
+        let mut seq_balance = 0.0;
+        for b in &balance {
+            seq_balance += b.f_double_value(&[])? / balance.len() as f64;
+        }
+        let mut total = loss.shallow_clone();
+        if s.seq_balance_alpha > 0.0 {
+            for b in &balance {
+                total = total.f_add(&b.f_mul_scalar(s.seq_balance_alpha)?)?;
+            }
+        }
         for p in &mut self.params {
             if p.value.grad().defined() {
                 p.value.zero_grad();
             }
         }
-        loss.f_backward()?;
+        total.f_backward()?;
         let _guard = tch::no_grad_guard();
         // global gradient norm and clipping factor
         let mut sq = 0.0;
@@ -199,6 +255,7 @@ impl<'a> Trainer<'a> {
             lr,
             grad_norm,
             load_max_over_mean: if imbalance.is_empty() { 1.0 } else { imbalance.iter().sum::<f64>() / imbalance.len() as f64 },
+            seq_balance: if balance.is_empty() { 1.0 } else { seq_balance },
         };
         self.step += 1;
         Ok(stats)
@@ -261,7 +318,7 @@ impl<'a> Trainer<'a> {
             let tps = done * tokens_per_step / elapsed.max(1e-9);
             writeln!(
                 log,
-                "{},{},{:.5},{:.3e},{:.4},{:.3},{:.1},{:.1}",
+                "{},{},{:.5},{:.3e},{:.4},{:.3},{:.1},{:.1},{:.4}",
                 st.step,
                 (st.step + 1) as f64 * tokens_per_step,
                 st.loss,
@@ -269,7 +326,8 @@ impl<'a> Trainer<'a> {
                 st.grad_norm,
                 st.load_max_over_mean,
                 tps,
-                elapsed
+                elapsed,
+                st.seq_balance
             )
             .map_err(|e| Error::io(ckpt_dir.join("train_log.csv"), e))?;
             if (s.log_every > 0 && st.step % s.log_every == 0) || self.step == s.steps {
@@ -304,4 +362,4 @@ pub fn run_paths(out: &Path) -> (PathBuf, PathBuf, PathBuf) {
 }
 
 /// Header of the training log.
-pub const TRAIN_LOG_HEADER: &str = "step,tokens,loss,lr,grad_norm,load_max_over_mean,tokens_per_s,elapsed_s";
+pub const TRAIN_LOG_HEADER: &str = "step,tokens,loss,lr,grad_norm,load_max_over_mean,tokens_per_s,elapsed_s,seq_balance";
