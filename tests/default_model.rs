@@ -15,24 +15,28 @@ fn default_model_loads_with_its_tokenizer() {
     assert_eq!(ids[0], 0);
 }
 
-#[test]
-fn held_out_revelation_loss_matches_the_model_card() {
+/// The shipped model with its eval_report.json and card, evaluated on the
+/// held-out documents of `domains` (tokenized with its own tokenizer).
+fn evaluate_shipped(domains: &[Domain]) -> (deepscope::train::eval::EvalReport, serde_json::Value, String) {
     let m = Model::load_default().unwrap();
-    let report: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(deepscope::model::model::default_model_dir().join("eval_report.json")).unwrap(),
-    )
-    .unwrap();
-    let card = std::fs::read_to_string(deepscope::model::model::default_model_dir().join("README.md")).unwrap();
+    let dir = deepscope::model::model::default_model_dir();
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("eval_report.json")).unwrap()).unwrap();
+    let card = std::fs::read_to_string(dir.join("README.md")).unwrap();
     let corpus = Corpus::load(&CorpusSources::default()).unwrap();
     let tok = m.tokenizer().unwrap();
     let eos = tok.token_id("<|eos|>").unwrap();
     let docs: Vec<_> = corpus
         .heldout()
-        .filter(|d| d.domain == Domain::Bible)
+        .filter(|d| domains.contains(&d.domain))
         .map(|d| tokenize_doc(tok, d, eos).unwrap())
         .collect();
     let seq = report["settings"]["seq_len"].as_u64().unwrap() as usize;
-    let r = evaluate(&m, &docs, seq).unwrap();
+    (evaluate(&m, &docs, seq).unwrap(), report, card)
+}
+
+#[test]
+fn held_out_revelation_loss_matches_the_model_card() {
+    let (r, report, card) = evaluate_shipped(&[Domain::Bible]);
     let bpb = r.per_domain["bible"].bits_per_byte();
     let reported = report["per_domain"]["bible"]["bits_per_byte"].as_f64().unwrap();
     assert!((bpb - reported).abs() < 1e-3, "measured {bpb}, card says {reported}");
@@ -41,16 +45,7 @@ fn held_out_revelation_loss_matches_the_model_card() {
 
 #[test]
 fn held_out_load_balance_and_domain_divergence_match_the_model_card() {
-    let m = Model::load_default().unwrap();
-    let dir = deepscope::model::model::default_model_dir();
-    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("eval_report.json")).unwrap()).unwrap();
-    let card = std::fs::read_to_string(dir.join("README.md")).unwrap();
-    let corpus = Corpus::load(&CorpusSources::default()).unwrap();
-    let tok = m.tokenizer().unwrap();
-    let eos = tok.token_id("<|eos|>").unwrap();
-    let docs: Vec<_> = corpus.heldout().map(|d| tokenize_doc(tok, d, eos).unwrap()).collect();
-    let seq = report["settings"]["seq_len"].as_u64().unwrap() as usize;
-    let r = evaluate(&m, &docs, seq).unwrap();
+    let (r, report, card) = evaluate_shipped(&Domain::ALL);
     for (layer, measured) in r.load_max_over_mean() {
         let reported = report["load_max_over_mean"][layer.to_string()].as_f64().unwrap();
         assert!((measured - reported).abs() < 0.01, "layer {layer}: max/mean load {measured}, report says {reported}");

@@ -180,8 +180,11 @@ fn open_log(path: &Path, header: &str, append: bool) -> Result<std::fs::File> {
     let exists = path.exists();
     if append && exists {
         // rows are appended under the existing header: it must be the same one
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let found = text.lines().next().unwrap_or("");
+        use std::io::BufRead;
+        let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        let mut found = String::new();
+        std::io::BufReader::new(file).read_line(&mut found).map_err(|e| Error::io(path, e))?;
+        let found = found.trim_end();
         if found != header {
             return Err(Error::Input(format!(
                 "{}: cannot resume into this log, its columns are `{found}` but this version writes `{header}`; move the file away and resume again",

@@ -181,17 +181,19 @@ impl<'a> Trainer<'a> {
             .logits
             .f_view([-1, vocab])?
             .f_cross_entropy_loss::<Tensor>(&y.f_view([-1])?.f_to_device(self.model.device)?, None, tch::Reduction::Mean, -100, 0.0)?;
+        // the balance term per MoE layer; outside the graph when only measured
         let batch = x.size().first().copied().unwrap_or(1);
-        let mut balance = Vec::new();
-        for r in out.routing.iter().flatten() {
-            balance.push(sequence_balance_loss(&r.scores, &r.topk_indices, batch)?);
-        }
-        let mut seq_balance = 0.0;
-        for b in &balance {
-            seq_balance += b.f_double_value(&[])? / balance.len() as f64;
-        }
+        let train_balance = s.seq_balance_alpha > 0.0;
+        let balance = {
+            let _measure_only = (!train_balance).then(tch::no_grad_guard);
+            out.routing
+                .iter()
+                .flatten()
+                .map(|r| sequence_balance_loss(&r.scores, &r.topk_indices, batch))
+                .collect::<Result<Vec<_>>>()?
+        };
         let mut total = loss.shallow_clone();
-        if s.seq_balance_alpha > 0.0 {
+        if train_balance {
             for b in &balance {
                 total = total.f_add(&b.f_mul_scalar(s.seq_balance_alpha)?)?;
             }
@@ -235,6 +237,7 @@ impl<'a> Trainer<'a> {
             }
             let _ = p.value.f_sub_(&update.f_mul_scalar(lr)?)?;
         }
+        let seq_balance = balance.iter().map(|b| b.f_double_value(&[])).collect::<std::result::Result<Vec<_>, _>>()?;
         // aux-loss-free balancing: b_i += gamma * sign(mean_load - load_i)
         let mut imbalance = Vec::new();
         for (layer, routing) in self.model.layers.iter().zip(&out.routing) {
@@ -254,8 +257,8 @@ impl<'a> Trainer<'a> {
             loss: loss.f_double_value(&[])?,
             lr,
             grad_norm,
-            load_max_over_mean: if imbalance.is_empty() { 1.0 } else { imbalance.iter().sum::<f64>() / imbalance.len() as f64 },
-            seq_balance: if balance.is_empty() { 1.0 } else { seq_balance },
+            load_max_over_mean: mean_or_one(&imbalance),
+            seq_balance: mean_or_one(&seq_balance),
         };
         self.step += 1;
         Ok(stats)
@@ -359,6 +362,15 @@ impl<'a> Trainer<'a> {
 /// Where a run keeps its files.
 pub fn run_paths(out: &Path) -> (PathBuf, PathBuf, PathBuf) {
     (out.join("checkpoint"), out.join("train_log.csv"), out.join("eval_log.csv"))
+}
+
+/// Mean of per-MoE-layer figures; 1 (balanced) for a model without MoE layers.
+fn mean_or_one(v: &[f64]) -> f64 {
+    if v.is_empty() {
+        1.0
+    } else {
+        v.iter().sum::<f64>() / v.len() as f64
+    }
 }
 
 /// Header of the training log.
