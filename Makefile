@@ -69,9 +69,13 @@ browser:
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium >/dev/null; \
 	fi
 
+# Both suites always run, so one report shows every failure; the target fails
+# if either did.
 test: build fixtures corpus kernel browser
-	DEEPSCOPE_FIXTURES=$(CURDIR)/$(FIXTURES) cargo test --release --no-fail-fast
-	$(PY) -m pytest -q -p no:cacheprovider tests/python
+	@status=0; \
+	DEEPSCOPE_FIXTURES=$(CURDIR)/$(FIXTURES) cargo test --release --no-fail-fast || { status=1; echo "make test: Rust tests FAILED (the Python tests run anyway)"; }; \
+	$(PY) -m pytest -q -p no:cacheprovider tests/python || { status=1; echo "make test: Python tests FAILED"; }; \
+	exit $$status
 
 bench: build
 	$(PY) tests/bench_transformers.py --deepscope $(BIN) --out docs/benchmarks.md

@@ -199,8 +199,30 @@ fn corpus_statistics_equal_the_sum_of_their_parts() {
         all.add(t).unwrap();
         if i < 2 { a.add(t).unwrap() } else { b.add(t).unwrap() }
     }
+    // counts and the fixed-point weight mass are exact integers, so every
+    // grouping and order of the same traces gives identical statistics
+    let mut b_then_a = b.clone();
+    b_then_a.merge(&a).unwrap();
     a.merge(&b).unwrap();
     assert_eq!(a, all);
+    assert_eq!(b_then_a, all);
+    let mut reversed = RoutingStats::default();
+    traces.iter().rev().for_each(|t| reversed.add(t).unwrap());
+    assert_eq!(reversed, all);
+    // the mass is the sum of the routing weights (f64 accumulation, tolerance 1e-12 relative)
+    let layer0 = m.config.moe_layers()[0];
+    let mut direct_mass = vec![0f64; all.num_experts];
+    for t in &traces {
+        let r = t.routing_of(layer0).unwrap();
+        let idx = Vec::<Vec<i64>>::try_from(&r.topk_indices).unwrap();
+        let w = Vec::<Vec<f32>>::try_from(&r.topk_weights).unwrap();
+        for (row, ws) in idx.iter().zip(&w) {
+            row.iter().zip(ws).for_each(|(&e, &x)| direct_mass[e as usize] += x as f64);
+        }
+    }
+    for (got, want) in all.weight_mass(layer0).unwrap().iter().zip(&direct_mass) {
+        assert!((got - want).abs() <= 1e-12 * want.abs().max(1.0), "mass {got} vs {want}");
+    }
     let layer = m.config.moe_layers()[0];
     let direct: i64 = traces.iter().map(|t| t.routing_of(layer).unwrap().load().unwrap()[2]).sum();
     assert_eq!(all.load[&layer][2] as i64, direct);

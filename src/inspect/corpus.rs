@@ -2,6 +2,16 @@
 //! (`add`, `merge`), so they stream in bounded memory, can be saved and
 //! resumed, and equal the sum of their parts.
 //!
+//! Every accumulator is an exact integer, so statistics are *order
+//! independent*: adding traces in any order, merging parts in any grouping
+//! (a resumed run, shards counted on different machines) gives bit-identical
+//! results. Counts are integers by nature; the routing weight mass is summed
+//! in fixed point ([`MASS_SCALE`] units of 2^-64 in an `i128`) rather than in
+//! `f64`, whose sums depend on the order of the additions. Each f32 weight of
+//! magnitude >= 2^-40 is exactly representable on that grid (smaller ones are
+//! rounded by < 2^-65, the same way whatever the order), and the total may
+//! reach 2^63 before the sum reports an overflow.
+//!
 //! ```
 //! use deepscope::prelude::*;
 //! # fn main() -> deepscope::Result<()> {
@@ -41,8 +51,10 @@ pub struct RoutingStats {
     pub docs_done: u64,
     /// Per layer: tokens routed to each expert \[E\].
     pub load: BTreeMap<usize, Vec<u64>>,
-    /// Per layer: total routing weight given to each expert \[E\].
-    pub weight_mass: BTreeMap<usize, Vec<f64>>,
+    /// Per layer: total routing weight given to each expert \[E\], in fixed
+    /// point (units of 2^-64, see the module doc); read it as f64 with
+    /// [`RoutingStats::weight_mass`].
+    pub weight_mass_q64: BTreeMap<usize, Vec<i128>>,
     /// Per layer: how often experts i and j were chosen for the same token \[E*E\].
     pub coactivation: BTreeMap<usize, Vec<u64>>,
     /// Per layer: (token id, expert) -> count.
@@ -83,14 +95,17 @@ impl RoutingStats {
             let rows = topk_rows(r)?;
             let weights = Vec::<Vec<f32>>::try_from(&r.topk_weights)?;
             let load = self.load.entry(r.layer).or_insert_with(|| vec![0; e]);
-            let mass = self.weight_mass.entry(r.layer).or_insert_with(|| vec![0.0; e]);
+            let mass = self.weight_mass_q64.entry(r.layer).or_insert_with(|| vec![0; e]);
             let co = self.coactivation.entry(r.layer).or_insert_with(|| vec![0; e * e]);
             let te = self.token_expert.entry(r.layer).or_default();
             for ((row, w), &tok) in rows.iter().zip(&weights).zip(&ids) {
                 let counts = te.entry(tok).or_insert_with(|| vec![0; e]);
                 for (&x, &wx) in row.iter().zip(w) {
                     load[x as usize] += 1;
-                    mass[x as usize] += wx as f64;
+                    let q = to_fixed(wx).ok_or_else(|| {
+                        Error::Input(format!("layer {}: routing weight {wx} of expert {x} cannot be summed (not finite, or |w| >= 2^63)", r.layer))
+                    })?;
+                    mass[x as usize] = checked_mass_add(mass[x as usize], q, r.layer)?;
                     counts[x as usize] += 1;
                     for &y in row {
                         co[x as usize * e + y as usize] += 1;
@@ -131,9 +146,11 @@ impl RoutingStats {
         }
         add_u64(&mut self.load, &other.load);
         add_u64(&mut self.coactivation, &other.coactivation);
-        for (k, v) in &other.weight_mass {
-            let t = self.weight_mass.entry(*k).or_insert_with(|| vec![0.0; v.len()]);
-            t.iter_mut().zip(v).for_each(|(x, y)| *x += y);
+        for (k, v) in &other.weight_mass_q64 {
+            let t = self.weight_mass_q64.entry(*k).or_insert_with(|| vec![0; v.len()]);
+            for (x, y) in t.iter_mut().zip(v) {
+                *x = checked_mass_add(*x, *y, *k)?;
+            }
         }
         for (k, v) in &other.transitions {
             let t = self.transitions.entry(k.clone()).or_insert_with(|| vec![0; v.len()]);
@@ -147,6 +164,16 @@ impl RoutingStats {
             }
         }
         Ok(())
+    }
+
+    /// Total routing weight given to each expert of `layer` \[E\] (the exact
+    /// fixed-point sum, rounded once to f64).
+    pub fn weight_mass(&self, layer: usize) -> Result<Vec<f64>> {
+        let q = self
+            .weight_mass_q64
+            .get(&layer)
+            .ok_or_else(|| Error::Input(format!("no statistics for layer {layer}; MoE layers seen: {:?}", self.layers())))?;
+        Ok(q.iter().map(|&x| x as f64 / MASS_SCALE).collect())
     }
 
     /// MoE layers with statistics.
@@ -267,6 +294,21 @@ impl RoutingStats {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
         serde_json::from_str(&text).map_err(|cause| Error::Json { path: path.to_path_buf(), cause })
     }
+}
+
+/// One unit of [`RoutingStats::weight_mass_q64`] is `1 / MASS_SCALE` = 2^-64.
+pub const MASS_SCALE: f64 = 18_446_744_073_709_551_616.0; // 2^64
+
+/// `w` on the 2^-64 grid (exact for |w| >= 2^-40, the nearest point below
+/// that); `None` when it is not finite or |w| >= 2^63.
+fn to_fixed(w: f32) -> Option<i128> {
+    let x = (w as f64) * MASS_SCALE; // exact: a power-of-two scale
+    (x.is_finite() && x.abs() < 2f64.powi(127)).then(|| x.round() as i128)
+}
+
+fn checked_mass_add(a: i128, b: i128, layer: usize) -> Result<i128> {
+    a.checked_add(b)
+        .ok_or_else(|| Error::Input(format!("layer {layer}: the routing weight mass overflows 2^63")))
 }
 
 impl fmt::Display for RoutingStats {
@@ -393,5 +435,59 @@ impl fmt::Display for BiasReplay {
             last,
             self.max_over_mean.len()
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Weights whose f64 sum depends on the order of the additions.
+    fn awkward_weights() -> Vec<f32> {
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        (0..2000)
+            .map(|i| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                let u = (state >> 40) as f32 / (1u64 << 24) as f32;
+                if i % 97 == 0 { u * 2.5e4 } else { u * 2.5 }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn fixed_point_mass_is_the_same_in_any_order() {
+        let w = awkward_weights();
+        let fixed = |ws: &mut dyn Iterator<Item = &f32>| ws.fold(0i128, |a, &x| a + to_fixed(x).unwrap());
+        let float = |ws: &mut dyn Iterator<Item = &f32>| ws.fold(0f64, |a, &x| a + x as f64);
+        let forward = fixed(&mut w.iter());
+        assert_eq!(forward, fixed(&mut w.iter().rev()));
+        assert_eq!(forward, fixed(&mut w.iter().step_by(2).chain(w.iter().skip(1).step_by(2))));
+        // the plain f64 sums of the same values differ in their last bits,
+        // which is why the mass is not summed in f64
+        let (f, r) = (float(&mut w.iter()), float(&mut w.iter().rev()));
+        assert_ne!(f.to_bits(), r.to_bits(), "pick weights whose f64 sums depend on order");
+        // and the fixed-point sum is as accurate as f64 accumulation
+        let exact = forward as f64 / MASS_SCALE;
+        assert!((exact - f).abs() <= 1e-12 * f.abs(), "{exact} vs {f}");
+    }
+
+    #[test]
+    fn fixed_point_rejects_what_it_cannot_sum() {
+        assert_eq!(to_fixed(1.0), Some(1i128 << 64));
+        assert_eq!(to_fixed(-0.5), Some(-(1i128 << 63)));
+        assert_eq!(to_fixed(f32::NAN), None);
+        assert_eq!(to_fixed(f32::INFINITY), None);
+        assert_eq!(to_fixed(2f32.powi(63)), None);
+        assert!(checked_mass_add(i128::MAX, 1, 3).unwrap_err().to_string().contains("layer 3"));
+    }
+
+    #[test]
+    fn weight_mass_survives_a_json_round_trip_exactly() {
+        let mut s = RoutingStats::default();
+        s.weight_mass_q64.insert(1, vec![i128::MAX - 7, -3, 1 << 100]);
+        let back: RoutingStats = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
+        assert_eq!(back, s);
     }
 }
