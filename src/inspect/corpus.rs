@@ -451,7 +451,12 @@ mod tests {
                 state ^= state >> 7;
                 state ^= state << 17;
                 let u = (state >> 40) as f32 / (1u64 << 24) as f32;
-                if i % 97 == 0 { u * 2.5e4 } else { u * 2.5 }
+                // magnitudes 21 decades apart: more than an f64 mantissa holds
+                match i % 7 {
+                    0 => u * 1e12,
+                    1 => u * 1e-9,
+                    _ => u * 2.5,
+                }
             })
             .collect()
     }
@@ -464,10 +469,15 @@ mod tests {
         let forward = fixed(&mut w.iter());
         assert_eq!(forward, fixed(&mut w.iter().rev()));
         assert_eq!(forward, fixed(&mut w.iter().step_by(2).chain(w.iter().skip(1).step_by(2))));
+        let mut sorted = w.clone();
+        sorted.sort_by(|a, b| a.total_cmp(b));
+        assert_eq!(forward, fixed(&mut sorted.iter()));
+        assert_eq!(forward, fixed(&mut sorted.iter().rev()));
         // the plain f64 sums of the same values differ in their last bits,
         // which is why the mass is not summed in f64
-        let (f, r) = (float(&mut w.iter()), float(&mut w.iter().rev()));
+        let (f, r) = (float(&mut sorted.iter()), float(&mut sorted.iter().rev()));
         assert_ne!(f.to_bits(), r.to_bits(), "pick weights whose f64 sums depend on order");
+        let f = float(&mut w.iter());
         // and the fixed-point sum is as accurate as f64 accumulation
         let exact = forward as f64 / MASS_SCALE;
         assert!((exact - f).abs() <= 1e-12 * f.abs(), "{exact} vs {f}");
