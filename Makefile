@@ -16,7 +16,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export VIRTUAL_ENV := $(CURDIR)/$(VENV)
 export LIBTORCH_USE_PYTORCH := 1
 
-.PHONY: help setup build kernel bench-kernel test fixtures corpus browser bench lab demo notebooks train-tiny gallery clean
+.PHONY: help setup build kernel bench-kernel bench-scale gpu-check test fixtures corpus browser bench lab demo notebooks train-tiny gallery clean
 
 help:
 	@echo "make lab    build DeepScope, install its Jupyter kernel, open JupyterLab on notebooks/ (main job)"
@@ -24,6 +24,8 @@ help:
 	@echo "make demo   the command-line demo on the shipped model"
 	@echo "make test   set up, build, generate reference fixtures, run all tests"
 	@echo "make bench  benchmark against transformers (writes docs/benchmarks.md)"
+	@echo "make bench-scale  streaming at real dimensions under an 8 GiB budget (~50 GB of disk, about an hour)"
+	@echo "make gpu-check  the CUDA checks (a machine with an NVIDIA GPU; never part of make test)"
 	@echo "make setup  create .venv with torch==2.13.0 and the Python dev deps"
 	@echo "make build  release build of the library and the deepscope CLI"
 	@echo "make gallery  every chart type as SVG/PNG in target/gallery"
@@ -79,6 +81,17 @@ test: build fixtures corpus kernel browser
 
 bench: build
 	$(PY) tests/bench_transformers.py --deepscope $(BIN) --out docs/benchmarks.md
+
+# real-scale streaming: random checkpoints of the published shapes (V3 cut to 4
+# layers, 17 GB FP8; V2-Lite, 31 GB bf16), written one at a time and deleted
+BENCH_BUDGET ?= 8GiB
+bench-scale: build
+	$(PY) tests/bench_scale.py --deepscope $(BIN) --out docs/benchmarks.md --budget $(BENCH_BUDGET) $(BENCH_SCALE_ARGS)
+
+# the CUDA checks: parity on the GPU, the model benchmark, V2-Lite resident in
+# bf16 against the matmul roofline, V3 with experts offloaded to the host
+gpu-check: build fixtures
+	$(PY) tests/gpu_check.py --deepscope $(BIN) --fixtures $(FIXTURES) --out docs/benchmarks.md
 
 # kernel timings; EVCXR_JUPYTER=/path/to/evcxr_jupyter adds the anchor beside them
 bench-kernel: kernel

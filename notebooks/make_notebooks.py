@@ -690,7 +690,7 @@ MLA = [
     code(r'''
     {
         let attn = &model.layers[1].self_attn;
-        let w_uk = attn.w_uk.get(0); // head 0: [qk_nope_head_dim, kv_lora_rank]
+        let w_uk = attn.w_uk()?.get(0); // head 0: [qk_nope_head_dim, kv_lora_rank]
         let q = Tensor::randn([attn.nope], (Kind::Float, Device::Cpu));
         let c = Tensor::randn([attn.kv_lora], (Kind::Float, Device::Cpu));
         let naive = q.dot(&w_uk.mv(&c)); // q . (W_UK c): expand the key, then score
@@ -720,8 +720,8 @@ MLA = [
     chart(r'''
     {
         let attn = &model.layers[1].self_attn;
-        println!("W_UK of all heads stacked ({} x {}): {}", attn.num_heads * attn.nope, attn.kv_lora, effective_rank(&attn.w_uk)?);
-        println!("W_UV of all heads stacked ({} x {}): {}", attn.num_heads * attn.v, attn.kv_lora, effective_rank(&attn.w_uv)?);
+        println!("W_UK of all heads stacked ({} x {}): {}", attn.num_heads * attn.nope, attn.kv_lora, effective_rank(&attn.w_uk()?)?);
+        println!("W_UV of all heads stacked ({} x {}): {}", attn.num_heads * attn.v, attn.kv_lora, effective_rank(&attn.w_uv()?)?);
     }
     let spectra: LatentSpectra = model.latent_spectra(1)?;
     spectra
@@ -1305,328 +1305,277 @@ PROTOTYPING = [
 
 REAL = [
     md(r'''
-    # Real checkpoints
+    # Real checkpoints at real scale
 
     DeepScope loads Hugging Face checkpoints of the DeepSeek-V2/V3 family (`config.json`, safetensors
     weights, single or sharded, bf16/f16/f32 or block-scaled FP8, and `tokenizer.json` when present) and
-    matches `transformers` numerically. This notebook shows
+    matches `transformers` numerically. The models people want to look inside are far larger than the
+    memory of the machines they have, so DeepScope does not need the whole model in memory:
 
-    1. what DeepSeek-V2-Lite, Moonlight-16B-A3B and DeepSeek-V3 need in memory, from their configs alone;
-    2. what fits on one GPU, and how to load only the first layers of a model too large for it;
-    3. how to load real weights on CUDA, and the analyses of notebooks 01 to 05 on them.
+    - **FP8 stays FP8**: block-scaled FP8 weights keep one byte per parameter and are dequantized per
+      matrix product, a bounded chunk at a time;
+    - **a memory budget**: weights that do not fit stay in the checkpoint files and are read when a pass
+      needs them, dense weights layer by layer, routed experts only when the router picks them, kept in an
+      LRU cache within the budget;
+    - **a plan before anything loads**: where each part will live and what a token costs in reads.
 
-    **Without weights (the default) every cell runs and skips cleanly**, saying what it would do. To use
-    real weights, download a checkpoint and set environment variables before starting Jupyter:
+    This notebook shows the plans of the published models from their configs alone, then loads a
+    checkpoint under a budget smaller than it, traces it, and reads the cost counters.
+
+    **Which checkpoint.** With `DEEPSCOPE_REAL_CHECKPOINT` set to a downloaded checkpoint, the cells use
+    it. Without it, the notebook writes a *synthetic* checkpoint: random weights with the real shapes and
+    storage layout of DeepSeek-V2-Lite, cut to its first two layers (one dense, one MoE with all 64
+    experts) so that it runs in a minute on a laptop. The same cells run unchanged on a real download:
 
     ```sh
-    huggingface-cli download deepseek-ai/DeepSeek-V2-Lite --local-dir /data/DeepSeek-V2-Lite
-    export DEEPSCOPE_REAL_CHECKPOINT=/data/DeepSeek-V2-Lite
-    export DEEPSCOPE_REAL_DEVICE=cuda:0   # optional; default `auto` (CUDA when present)
-    export DEEPSCOPE_REAL_LAYERS=6        # optional: only the first 6 layers (DeepSeek-V3; see section 2)
+    huggingface-cli download deepseek-ai/DeepSeek-V3 --local-dir /data/DeepSeek-V3
+    export DEEPSCOPE_REAL_CHECKPOINT=/data/DeepSeek-V3
+    export DEEPSCOPE_REAL_BUDGET=8GiB       # optional: the memory budget (default: auto)
+    export DEEPSCOPE_REAL_DEVICE=cuda:0     # optional; default cpu
     make lab
     ```
 
-    Other checkpoints: `moonshotai/Moonlight-16B-A3B`, `deepseek-ai/DeepSeek-V3` (FP8, 61 layers).
+    To rehearse DeepSeek-V3 without the download, write a random checkpoint of its real shape (17 GB
+    for the first 4 layers) and point the variable at it:
+    `target/release/deepscope synth --like published:deepseek-v3 --layers 4 --out /data/v3-synth`.
     '''),
     code(r'''
+    use deepscope::model::plan::{Plan, PlanOptions, Tier};
+    use deepscope::model::{MemoryBudget, ForwardCost};
     use deepscope::plot::{Cell, Heatmap};
     use deepscope::stats::{human_bytes, human_count};
     use std::path::{Path, PathBuf};
     // The published config.json files of the real models ship with the library.
     let published: Vec<(&str, Config)> = deepscope::model::published::all()?;
     for (name, c) in &published {
-        println!("{name:<18} {:?} family, {} layers ({} MoE), {} + {} experts, top-{}, {:?} / {:?}, q_lora_rank {:?}",
+        println!("{name:<18} {:?} family, {} layers ({} MoE), {} + {} experts, top-{}, {} groups, FP8: {}",
             c.family, c.num_hidden_layers, c.moe_layers().len(), c.n_routed_experts, c.n_shared_experts,
-            c.num_experts_per_tok, c.scoring_func, c.topk_method, c.q_lora_rank);
+            c.num_experts_per_tok, c.n_group, c.quantization.is_some());
     }
     '''),
     md(r'''
-    ## 1. Memory, from the config
+    ## 1. What each model weighs, from its config
 
-    `ParamCounts::of(&config)` counts parameters from the shapes alone: the total, and those active per
-    token (everything but the routed experts a token is not sent to, and the embedding lookup).
-    DeepScope keeps the weights in the dtype you load them in, bf16 here (2 bytes per parameter; FP8
-    weights are dequantized to it on load), so weights take about twice the parameter count in bytes. The
-    KV cache is the MLA arithmetic of notebook 03.
+    `ParamCounts::of(&config)` counts parameters from the shapes alone; `Plan::for_config` adds how the
+    published checkpoint stores them (FP8 projections with f32 block scales where the config has a
+    `quantization_config`, bf16 elsewhere). The KV cache is the MLA arithmetic of notebook 03.
     '''),
     code(r'''
-    let mut sizes: Table = Table::new(["model", "parameters", "active / token", "weights in bf16", "KV cache / token", "KV cache, 32K tokens"])
+    let unlimited = |kind: Kind| PlanOptions { memory_budget: MemoryBudget::Unlimited, kind, ..Default::default() };
+    let mut sizes: Table = Table::new(["model", "parameters", "active / token", "as published", "all in bf16", "KV cache / token"])
         .caption("What each model needs (from config.json alone)");
     for (name, c) in &published {
         let p = ParamCounts::of(c);
+        let stored = Plan::for_config(c, Kind::BFloat16, &unlimited(Kind::BFloat16))?.stored_bytes();
         let (kv, _, _) = CacheFootprint::of(c, 2).bytes_per_token();
         sizes.add_row([(*name).into(), human_count(p.total).into(), human_count(p.active_per_token).into(),
-            human_bytes(2 * p.total).into(), human_bytes(kv).into(), human_bytes(kv * 32_768).into()])?;
+            human_bytes(stored).into(), human_bytes(2 * p.total).into(), human_bytes(kv).into()])?;
     }
     sizes
     '''),
     md(r'''
-    ## 2. What fits on one GPU
+    ## 2. Plans under a memory budget
 
-    DeepScope places a whole model on one device. DeepSeek-V2-Lite and Moonlight fit on one 48 GB or
-    80 GB GPU; DeepSeek-V3 (about 1.3 TB in bf16) fits on none. But the routing in layer $l$ depends only
-    on layers $0..l$, so a model cut after its first $N$ layers gives *exact* traces of those layers: same
-    router inputs, same choices, same attention. DeepScope loads such a cut when `num_hidden_layers` in
-    `config.json` is $N$: it skips the tensors of later layers and says so in `model.load_notes`. (Its
-    logits are then a logit lens of layer $N-1$, not the model's predictions.)
+    A plan fills the budget in the order that saves the most reads per byte held: norms and routers
+    (always), room for the largest weight being read, then attention, dense MLPs and shared experts layer
+    by layer and `lm_head` (all read by every pass), then the routed experts (each read by only k/E of the
+    tokens): all of them if they fit, otherwise the rest of the budget becomes their cache. The embedding
+    stays on disk when streaming: a pass reads only its tokens' rows.
 
-    The table gives the largest $N$ whose bf16 weights fit in 90% of each memory size, leaving the rest
-    for activations, the cache and captures.
+    The table gives, for each model and a few budgets on the CPU (bf16 compute), whether everything is
+    resident, and otherwise the bytes a decoded token reads from disk: the worst case (no expert found in
+    the cache) and the estimate for a cache used uniformly (real routing is skewed, so a real cache does
+    better than uniform).
     '''),
     code(r'''
-    /// The most leading layers of `c` whose bf16 weights fit in 90% of `gib` GiB.
-    fn layers_that_fit(c: &Config, gib: f64) -> usize {
-        let budget = 0.9 * gib * (1u64 << 30) as f64;
-        (1..=c.num_hidden_layers)
-            .rev()
-            .find(|&n| {
-                let mut cut = c.clone();
-                cut.num_hidden_layers = n;
-                2.0 * ParamCounts::of(&cut).total as f64 <= budget
-            })
-            .unwrap_or(0)
-    }
-    let memory_sizes: Vec<f64> = vec![24.0, 48.0, 80.0, 140.0];
+    let budgets = ["8GiB", "24GiB", "128GiB"];
     let mut headers: Vec<String> = vec!["model".into()];
-    headers.extend(memory_sizes.iter().map(|g| format!("{g} GiB")));
-    let mut fit: Table = Table::new(headers).caption("Leading layers whose bf16 weights fit in 90% of one device's memory");
+    headers.extend(budgets.iter().map(|b| format!("budget {b}")));
+    let mut plans: Table = Table::new(headers).caption("Disk bytes per decoded token: no cache hits / uniformly used cache");
     for (name, c) in &published {
         let mut row: Vec<Cell> = vec![(*name).into()];
-        for &gib in &memory_sizes {
-            let n = layers_that_fit(c, gib);
-            row.push(Cell::text(match n {
-                0 => "none".to_string(),
-                n if n == c.num_hidden_layers => format!("all {n}"),
-                n => format!("first {n} of {}", c.num_hidden_layers),
+        for b in budgets {
+            let o = PlanOptions { memory_budget: b.parse()?, kind: Kind::BFloat16, ..Default::default() };
+            row.push(Cell::text(match Plan::for_config(c, Kind::BFloat16, &o) {
+                Ok(p) if !p.streaming() => "all resident".to_string(),
+                Ok(p) => format!("{} / {}", human_bytes(p.traffic(1, false).disk), human_bytes(p.traffic(1, true).disk)),
+                Err(e) => format!("does not load: {e}"),
             }));
         }
-        fit.add_row(row)?;
+        plans.add_row(row)?;
     }
-    fit
+    plans
+    '''),
+    md(r'''
+    DeepSeek-V3 under 8 GiB in detail: one row per part, where it lives, and what it takes in memory.
+    '''),
+    code(r'''
+    let v3 = deepscope::model::published::deepseek_v3()?;
+    let v3_plan = Plan::for_config(&v3, Kind::BFloat16, &PlanOptions { memory_budget: "8GiB".parse()?, kind: Kind::BFloat16, ..Default::default() })?;
+    v3_plan
     '''),
     md(r'''
     ## 3. The checkpoint
 
-    The cells from here on use the checkpoint named by `DEEPSCOPE_REAL_CHECKPOINT`. Each one skips, with
-    a line saying so, when there is none.
+    The one named by `DEEPSCOPE_REAL_CHECKPOINT`, or a synthetic one written now (kept in the temporary
+    folder, so the next run reuses it).
     '''),
     code(r'''
-    let real_dir: Option<PathBuf> = std::env::var_os("DEEPSCOPE_REAL_CHECKPOINT")
-        .map(PathBuf::from)
-        .filter(|d| d.join("config.json").is_file());
-    let real_layers: Option<usize> = std::env::var("DEEPSCOPE_REAL_LAYERS").ok().and_then(|s| s.parse().ok());
-    let real_device: Device = deepscope::model::parse_device(&std::env::var("DEEPSCOPE_REAL_DEVICE").unwrap_or_else(|_| "auto".to_string()))?;
-    match &real_dir {
+    let real_device: Device = deepscope::model::parse_device(&std::env::var("DEEPSCOPE_REAL_DEVICE").unwrap_or_else(|_| "cpu".to_string()))?;
+    let real_given: Option<PathBuf> = std::env::var_os("DEEPSCOPE_REAL_CHECKPOINT").map(PathBuf::from).filter(|d| d.join("config.json").is_file());
+    let synthetic = real_given.is_none();
+    let real_dir: PathBuf = match real_given {
+        Some(dir) => dir,
         None => {
-            markdown("**No checkpoint**: `DEEPSCOPE_REAL_CHECKPOINT` is not set, or names a folder without `config.json`. \
-                The cells below say what they would do and skip.");
-        }
-        Some(dir) => {
-            let c = Config::from_dir(dir)?;
-            let p = ParamCounts::of(&c);
-            let n = real_layers.unwrap_or(c.num_hidden_layers).min(c.num_hidden_layers);
-            let mut cut = c.clone();
-            cut.num_hidden_layers = n;
-            println!("{}: {:?} family, {} layers, {} parameters ({} active per token)",
-                dir.display(), c.family, c.num_hidden_layers, human_count(p.total), human_count(p.active_per_token));
-            println!("loading {n} of {} layers in bf16 on {real_device:?} needs about {} for the weights",
-                c.num_hidden_layers, human_bytes(2 * ParamCounts::of(&cut).total));
-            println!("{}", CacheFootprint::of(&c, 2));
-            if real_device == Device::Cpu {
-                println!("no CUDA device: loading on the CPU needs that much RAM, and every pass is slow");
+            let dir = std::env::temp_dir().join("deepscope-synth-v2-lite-2-layers");
+            if !dir.join("model.safetensors.index.json").is_file() {
+                let started = std::time::Instant::now();
+                let (v2_lite, _) = deepscope::model::published::by_name("deepseek-v2-lite")?;
+                let opts = deepscope::model::synth::SynthOptions {
+                    layers: Some(2), dtype: deepscope::model::synth::SynthDtype::Bf16, seed: 1, shard_bytes: 1 << 30 };
+                let r = deepscope::model::synth::synth(&v2_lite, &dir, &opts, |_, _, _| {})?;
+                println!("wrote {} ({} in {} shards) in {:.0} s", dir.display(), human_bytes(r.bytes), r.shards.len(),
+                    started.elapsed().as_secs_f64());
             }
-        }
-    }
-    '''),
-    md(r'''
-    Loading: `Model::load(dir, LoadOptions { device, kind })`. Weights are memory-mapped and copied once,
-    tensor by tensor, to the device in `kind`; router weights and the bias stay f32. With
-    `DEEPSCOPE_REAL_LAYERS=N`, `first_layers` builds a folder that links every file of the checkpoint and
-    holds a `config.json` with `num_hidden_layers` set to `N`.
-    '''),
-    code(r'''
-    /// A folder showing `dir`'s checkpoint with only its first `n` layers: links to
-    /// every file, and a copy of config.json with `num_hidden_layers` set to `n`.
-    fn first_layers(dir: &Path, n: usize) -> std::io::Result<PathBuf> {
-        let name = dir.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-        let out = std::env::temp_dir().join(format!("deepscope-{name}-first-{n}-layers"));
-        std::fs::create_dir_all(&out)?;
-        for entry in std::fs::read_dir(dir)? {
-            let path = entry?.path();
-            let link = out.join(path.file_name().unwrap());
-            if path.file_name().unwrap() != "config.json" && link.symlink_metadata().is_err() {
-                std::os::unix::fs::symlink(&path, &link)?;
-            }
-        }
-        let config = std::fs::read_to_string(dir.join("config.json"))?;
-        let key = config.find("\"num_hidden_layers\"").expect("config.json has num_hidden_layers");
-        let start = key + config[key..].find(|c: char| c.is_ascii_digit()).unwrap();
-        let end = start + config[start..].find(|c: char| !c.is_ascii_digit()).unwrap();
-        std::fs::write(out.join("config.json"), format!("{}{n}{}", &config[..start], &config[end..]))?;
-        Ok(out)
-    }
-
-    let real: Option<Model> = match &real_dir {
-        None => {
-            println!("skipped: no checkpoint to load");
-            None
-        }
-        Some(dir) => {
-            let load_dir = match real_layers {
-                Some(n) => first_layers(dir, n).map_err(|e| Error::Input(format!("cannot prepare the first {n} layers of {}: {e}", dir.display())))?,
-                None => dir.clone(),
-            };
-            let started = std::time::Instant::now();
-            let m = Model::load(&load_dir, LoadOptions { device: real_device, kind: Kind::BFloat16 })?;
-            println!("loaded {} layers on {:?} in {:.0} s: {} of weights",
-                m.layers.len(), m.device, started.elapsed().as_secs_f64(), human_bytes(m.weight_bytes() as u64));
-            for note in &m.load_notes {
-                println!("note: {note}");
-            }
-            if m.tokenizer.is_none() {
-                println!("no tokenizer.json: set DEEPSCOPE_REAL_IDS to comma-separated token ids for the cells below");
-            }
-            Some(m)
+            dir
         }
     };
+    let real_config = Config::from_dir(&real_dir)?;
+    println!("{}: {:?} family, {} layers ({} MoE), {} routed experts per MoE layer",
+        real_dir.display(), real_config.family, real_config.num_hidden_layers, real_config.moe_layers().len(), real_config.n_routed_experts);
     '''),
     md(r'''
-    ## 4. Routing on real weights
+    ## 4. A load under a budget smaller than the checkpoint
 
-    A trace of one prompt, capturing routing only: the default `Capture` also keeps every layer's
-    attention pattern (`[heads, tokens, tokens]` in f32 on the CPU, 128 heads x 61 layers for DeepSeek-V3),
-    which adds up on long inputs. Then the router for the last token in the last loaded MoE layer, and
-    that layer's routing heatmap.
+    `Model::plan(dir, &options)` reads only the safetensors headers and says where every weight will go;
+    `Model::load` follows that plan exactly. Without `DEEPSCOPE_REAL_BUDGET`, the budget is half of
+    what the synthetic checkpoint stores, so that part of it has to stream (for a checkpoint you
+    downloaded it is `auto`: what this machine has available, less a margin).
+    '''),
+    code(r'''
+    let stored_bytes = Model::plan(&real_dir, &LoadOptions { memory_budget: MemoryBudget::Unlimited, ..LoadOptions::new(real_device, Kind::BFloat16) })?.stored_bytes();
+    let budget: MemoryBudget = match std::env::var("DEEPSCOPE_REAL_BUDGET") {
+        Ok(b) => b.parse()?,
+        Err(_) if synthetic => MemoryBudget::Bytes(stored_bytes / 2),
+        Err(_) => MemoryBudget::Auto,
+    };
+    let real_opts = LoadOptions { memory_budget: budget, ..LoadOptions::new(real_device, Kind::BFloat16) };
+    let real_plan = Model::plan(&real_dir, &real_opts)?;
+    println!("budget {budget} for {} stored: {}", human_bytes(stored_bytes),
+        if real_plan.streaming() { "streaming" } else { "everything resident" });
+    real_plan
+    '''),
+    code(r'''
+    let started = std::time::Instant::now();
+    let real: Model = Model::load(&real_dir, real_opts.clone())?;
+    println!("loaded in {:.1} s", started.elapsed().as_secs_f64());
+    for note in &real.load_notes {
+        println!("note: {note}");
+    }
+    real
+    '''),
+    md(r'''
+    ## 5. A trace, and what it cost
+
+    Every pass records its cost (`trace.cost`, `ForwardOutput::cost`): time, bytes read from disk, and
+    the expert cache's hits, misses and evictions. The prompt is the tokenizer's encoding of a sentence
+    when the checkpoint has a `tokenizer.json`, else fixed token ids. The second trace of the same
+    prompt finds in the cache whatever the first one left there.
     '''),
     code(r'''
     const REAL_PROMPT: &str = "The capital of France is Paris. The capital of Japan is";
-
-    /// The prompt as the model takes it: encoded text when the checkpoint has a
-    /// tokenizer.json, else the ids in DEEPSCOPE_REAL_IDS (comma-separated).
-    fn prompt_ids(m: &Model, text: &str) -> deepscope::Result<Vec<i64>> {
-        if m.tokenizer.is_some() {
-            return m.encode(text);
-        }
-        let ids = std::env::var("DEEPSCOPE_REAL_IDS")
-            .map_err(|_| Error::Input("no tokenizer.json: set DEEPSCOPE_REAL_IDS to comma-separated token ids".into()))?;
-        ids.split(',').map(|s| s.trim().parse::<i64>().map_err(|e| Error::Input(format!("DEEPSCOPE_REAL_IDS: {e}")))).collect()
+    let real_ids: Vec<i64> = if real.tokenizer.is_some() {
+        real.encode(REAL_PROMPT)?
+    } else {
+        (0..16).map(|i| (i * 7919 + 13) % real.config.vocab_size as i64).collect()
+    };
+    let first = real.trace_with(real_ids.clone(), &Capture::routing_only(), &Interventions::new())?;
+    let second = real.trace_with(real_ids.clone(), &Capture::routing_only(), &Interventions::new())?;
+    let mut costs: Table = Table::new(["pass", "seconds", "loading", "read from disk", "expert hits", "misses", "evictions"])
+        .caption(format!("Two traces of the same {} tokens", real_ids.len()));
+    for (name, c) in [("first", &first.cost), ("second", &second.cost)] {
+        let t = &c.traffic;
+        costs.add_row([name.into(), Cell::number(c.seconds, 2), Cell::number(t.load_seconds, 2), human_bytes(t.disk_bytes).into(),
+            t.expert_hits.to_string().into(), t.expert_misses.to_string().into(), t.expert_evictions.to_string().into()])?;
     }
-
-    match &real {
-        None => println!("skipped: with weights, this traces {REAL_PROMPT:?}, shows the router of its last token and the routing heatmap"),
-        Some(m) => {
-            let t = m.trace_with(prompt_ids(m, REAL_PROMPT)?, &Capture::routing_only(), &Interventions::new())?;
-            println!("{t}");
-            let layer = *m.config.moe_layers().last().unwrap();
-            show(&t.router_step(layer, t.seq_len() as usize - 1)?);
-            let map = t.routing_map()?;
-            let (l, weights) = map.layers.last().unwrap();
-            show(&Heatmap::new(weights)
-                .y_labels(map.tokens.iter().map(|s| deepscope::plot::readable_token(s)))
-                .title(format!("Routing weights, layer {l} (tokens x {} experts)", m.config.n_routed_experts))
-                .x_title("expert")
-                .y_title("token")
-                .value_name("weight")
-                .render()?);
-        }
+    costs
+    '''),
+    md(r'''
+    Streaming changes where the weights live, not the numbers: the same prompt through a fully resident
+    load (when it fits in this machine's memory) gives the same logits and the same experts.
+    '''),
+    code(r'''
+    let resident_plan = Model::plan(&real_dir, &LoadOptions { memory_budget: MemoryBudget::Auto, ..real_opts.clone() })?;
+    if resident_plan.streaming() {
+        println!("skipped: the whole checkpoint does not fit in this machine's available memory");
+    } else {
+        let resident = Model::load(&real_dir, LoadOptions { memory_budget: MemoryBudget::Auto, ..real_opts.clone() })?;
+        let again = resident.trace_with(real_ids.clone(), &Capture::routing_only(), &Interventions::new())?;
+        let diff = (&again.logits - &first.logits).abs().max().double_value(&[]);
+        let layer = *real.config.moe_layers().last().unwrap();
+        let same = again.routing_of(layer)?.topk_indices.sort(-1, false).0.equal(&first.routing_of(layer)?.topk_indices.sort(-1, false).0);
+        println!("resident vs streamed: max |logit difference| = {diff:e}; same experts in layer {layer}: {same}");
     }
     '''),
     md(r'''
-    ## 5. Generation and the cache
-
-    Greedy generation in bf16 on the device; the cache holds `kv_lora_rank + qk_rope_head_dim` numbers per
-    position and layer, 2 bytes each.
+    The routing of the last MoE layer: which of its experts each token went to, the experts the reads
+    above brought in.
     '''),
-    code(r'''
-    match &real {
-        None => println!("skipped: with weights, this generates 16 tokens after {REAL_PROMPT:?} and checks the cache size"),
-        Some(m) => {
-            let g = m.generate(&prompt_ids(m, REAL_PROMPT)?, &GenerateOptions::greedy(m, 16), |_| true)?;
-            match m.tokenizer.as_ref() {
-                Some(tok) => println!("{REAL_PROMPT}{}", tok.decode(&g.tokens)?),
-                None => println!("new token ids: {:?}", g.tokens),
-            }
-            println!("cache: {} positions in {} ({} per position by the formula)",
-                g.cache_len, human_bytes(g.cache_bytes as u64), human_bytes(m.cache_footprint(2).bytes_per_token().0));
-            if real_layers.is_some() {
-                println!("(only the first layers are loaded: these tokens follow a logit lens, not the model)");
-            }
-        }
-    }
+    chart(r'''
+    let layer = *real.config.moe_layers().last().unwrap();
+    let map = first.routing_map()?;
+    let (l, weights) = map.layers.last().unwrap();
+    let routing_figure = Heatmap::new(weights)
+        .y_labels(map.tokens.iter().map(|s| deepscope::plot::readable_token(s)))
+        .title(format!("Routing weights, layer {l} (tokens x {} experts)", real.config.n_routed_experts))
+        .x_title("expert")
+        .y_title("token")
+        .value_name("weight")
+        .render()?;
+    routing_figure
     '''),
     md(r'''
-    ## 6. MLA on real weights
+    ## 6. Decoding: the cache at work
 
-    The checks of notebook 03: the naive and absorbed paths agree within bf16 rounding (tolerance 3e-2
-    relative), and the effective ranks of the stacked $W_{UK}$ / $W_{UV}$ and of $c_{kv}$ (512 dimensions in
-    all three models).
+    Greedy decoding, one token per pass over the compressed KV cache. A decoded token reads the
+    weights the plan left on disk and the experts it is routed to that are not in the cache; the table
+    shows each step's cost.
     '''),
     code(r'''
-    const REAL_LONG: &str = "In 1905 Albert Einstein published four papers that changed physics: on the photoelectric effect, \
-        on Brownian motion, on special relativity, and on the equivalence of mass and energy. The third showed that \
-        the laws of physics are the same in every inertial frame and that the speed of light in vacuum is constant; \
-        the fourth derived the relation between the energy and the mass of a body. Each would have made a career.";
-    match &real {
-        None => println!("skipped: with weights, this checks naive == absorbed attention and the effective ranks of W_UK, W_UV and c_kv"),
-        Some(m) => {
-            let ids = prompt_ids(m, REAL_LONG)?;
-            println!("{}", m.attention_path_check(ids.clone())?);
-            let layer = m.layers.len() - 1;
-            let attn = &m.layers[layer].self_attn;
-            println!("layer {layer}: W_UK stacked {}", deepscope::inspect::effective_rank(&attn.w_uk)?);
-            println!("layer {layer}: W_UV stacked {}", deepscope::inspect::effective_rank(&attn.w_uv)?);
-            println!("layer {layer}: c_kv over {} tokens {}", ids.len(), m.latent_effective_rank(ids.clone(), layer)?);
-        }
+    let mut kv = real.new_cache();
+    let prompt = Tensor::from_slice(&real_ids).view([1, -1]);
+    let out = real.forward_with(&prompt, Some(&mut kv), ForwardOptions::default())?;
+    let mut next = out.logits.select(1, -1).argmax(-1, true);
+    let mut steps: Table = Table::new(["step", "token", "ms", "read from disk", "expert hits", "misses"]).caption("Greedy decoding under the budget");
+    for step in 0..6 {
+        let out = real.forward_with(&next, Some(&mut kv), ForwardOptions::default())?;
+        let t = out.cost.traffic;
+        steps.add_row([step.to_string().into(), next.int64_value(&[0, 0]).to_string().into(), Cell::number(1e3 * out.cost.seconds, 0),
+            human_bytes(t.disk_bytes).into(), t.expert_hits.to_string().into(), t.expert_misses.to_string().into()])?;
+        next = out.logits.select(1, -1).argmax(-1, true);
     }
+    steps
     '''),
     md(r'''
-    ## 7. Load, activations and a what-if
-
-    Expert load over a few varied texts (a real corpus run is the loop of notebook 02), massive
-    activations in the residual stream, and the effect of banning the two busiest experts of the last
-    loaded MoE layer.
+    The model's own display sums up the weights in memory and all the traffic so far:
     '''),
     code(r'''
-    const REAL_DOCS: [&str; 4] = [
-        "def fibonacci(n):\n    a, b = 0, 1\n    for _ in range(n):\n        a, b = b, a + b\n    return a\n",
-        "The integral of x squared from 0 to 3 is 9, since the antiderivative x^3/3 equals 9 at 3 and 0 at 0.",
-        "It was a bright cold day in April, and the clocks were striking thirteen.",
-        "Photosynthesis converts light energy into chemical energy stored in glucose.",
-    ];
-    match &real {
-        None => println!("skipped: with weights, this counts expert load over {} texts, lists massive activations and bans two experts", REAL_DOCS.len()),
-        Some(m) if m.tokenizer.is_none() => println!("skipped: these texts need a tokenizer.json"),
-        Some(m) => {
-            let mut stats = RoutingStats::default();
-            m.routing_stats(&REAL_DOCS, &mut stats, CorpusRun::default())?;
-            show(&stats.imbalance_table()?);
-            let report = m.activation_report(REAL_DOCS[2], 100.0)?;
-            println!("{} residual entries above 100x their layer's median |x|", report.massive.len());
-            for a in report.massive.iter().take(5) {
-                println!("  layer {} position {} dimension {}: {:.1} ({:.0}x the median)", a.layer, a.position, a.dim, a.value, a.ratio_to_median);
-            }
-            let layer = *m.config.moe_layers().last().unwrap();
-            let load = &stats.load[&layer];
-            let mut busiest: Vec<usize> = (0..load.len()).collect();
-            busiest.sort_by_key(|&e| std::cmp::Reverse(load[e]));
-            let base = m.trace_with(REAL_DOCS[2], &Capture::routing_only(), &Interventions::new())?;
-            let banned = m.trace_with(REAL_DOCS[2], &Capture::routing_only(), &Interventions::new().ban_experts(layer, &busiest[..2]))?;
-            println!("ban experts {:?} of layer {layer}: {}", &busiest[..2], compare(&base, &banned)?);
-        }
-    }
+    real
     '''),
     md(r'''
     ## What to try next
 
-    - Set `DEEPSCOPE_REAL_CHECKPOINT` to DeepSeek-V2-Lite (softmax router, no bias, no group limit) and to
-      Moonlight (sigmoid router with bias, one group) and compare their routing statistics with the
-      shipped model's.
-    - For DeepSeek-V3, set `DEEPSCOPE_REAL_LAYERS` to the count the table of section 2 gives for your GPU:
-      the 3 dense layers and the first few MoE layers, enough for exact routing traces of those layers.
+    - `deepscope plan --model published:deepseek-v3 --memory-budget 8GiB` prints section 2's plan in a
+      terminal; `--device cuda` plans for a GPU (experts that do not fit in its memory go to host memory
+      and are copied over on demand), `--device-map balanced` splits the layers over several GPUs.
+    - Set `DEEPSCOPE_REAL_BUDGET` lower and watch the disk reads and the cache hit rate change; with
+      `DEEPSCOPE_REAL_CHECKPOINT` on a real download the hit rate is itself a routing statistic: how
+      concentrated the experts a text uses are.
+    - `make bench-scale` measures streaming at real dimensions (the DeepSeek-V3 shape cut to 4 layers,
+      and the whole DeepSeek-V2-Lite shape) against the disk's own read speed; the figures are in
+      `docs/benchmarks.md`.
     - Any analysis of notebooks 02 to 05 runs on `real` as on the tiny model; keep inputs short and
       captures small (`Capture::routing_only()`, `Capture::none().with(point)`).
-    - `DEEPSCOPE_MODEL=/path/to/checkpoint` makes `Model::load_default()` (and `%model`) load another
-      model, on the CPU in f32.
     '''),
 ]
 

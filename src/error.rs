@@ -58,6 +58,18 @@ pub enum Error {
         examples: String,
     },
 
+    #[error(
+        "memory budget {} on {device} is too small: tensor `{tensor}` alone takes {}, and loading needs at least {} (the largest weight read at once, room to convert it, and every norm and router)",
+        crate::stats::human_bytes(*budget), crate::stats::human_bytes(*tensor_bytes), crate::stats::human_bytes(*needed)
+    )]
+    BudgetTooSmall {
+        device: String,
+        budget: u64,
+        needed: u64,
+        tensor: String,
+        tensor_bytes: u64,
+    },
+
     #[error("{file}: {message}")]
     Tokenizer { file: PathBuf, message: String },
 

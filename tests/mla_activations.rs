@@ -42,7 +42,7 @@ fn spectra_of_a_kv_b_proj_with_known_singular_values_are_recovered() {
         let (u, _) = Tensor::linalg_qr(&Tensor::randn([nope, nope], (Kind::Float, Device::Cpu)), "reduced");
         let (v, _) = Tensor::linalg_qr(&Tensor::randn([kv, nope], (Kind::Float, Device::Cpu)), "reduced");
         let w = u.matmul(&Tensor::from_slice(&known).diag(0)).matmul(&v.transpose(0, 1));
-        a.w_uk.get(head).copy_(&w); // w_uk is a view into kv_b_proj.weight
+        a.w_uk().unwrap().get(head).copy_(&w); // w_uk is a view into kv_b_proj.weight
     }
     let s = m.latent_spectra(1).unwrap();
     for head in 0..h as usize {

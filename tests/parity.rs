@@ -91,7 +91,7 @@ fn bf16_compute_stays_close_to_f32() {
     let r = reference(&case);
     let model = deepscope::model::Model::load(
         &case.dir,
-        deepscope::model::LoadOptions { device: tch::Device::Cpu, kind: Kind::BFloat16 },
+        deepscope::model::LoadOptions::new(tch::Device::Cpu, Kind::BFloat16),
     )
     .expect("load bf16");
     let out = model.forward(&r["input_ids"]).expect("forward");

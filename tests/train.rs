@@ -30,7 +30,7 @@ fn small_config(vocab: usize) -> Config {
 }
 
 fn load(dir: &std::path::Path) -> Model {
-    Model::load(dir, LoadOptions { device: Device::Cpu, kind: Kind::Float }).unwrap()
+    Model::load(dir, LoadOptions::new(Device::Cpu, Kind::Float)).unwrap()
 }
 
 #[test]

@@ -12,7 +12,8 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use deepscope::model::tokenizer::StreamDecoder;
 use deepscope::model::{
-    parse_device, parse_dtype, AttnImpl, ForwardOptions, GenerateOptions, LoadOptions, Model, Sampling, StopReason,
+    parse_device, parse_dtype, AttnImpl, Config, DeviceMap, ForwardOptions, GenerateOptions, LoadOptions, MemoryBudget, Model,
+    Plan, Sampling, StopReason,
 };
 use deepscope::stats::{human_bytes, CacheFootprint, ParamCounts};
 use tch::{Kind, Tensor};
@@ -35,14 +36,48 @@ struct ModelArgs {
     /// Compute dtype: f32, bf16 or f16.
     #[arg(long, default_value = "f32")]
     dtype: String,
+    #[command(flatten)]
+    memory: MemoryArgs,
+}
+
+/// Where weights live: budget, host offload, FP8, devices.
+#[derive(clap::Args)]
+struct MemoryArgs {
+    /// Memory the weights may take on each device: auto (what is free, less a
+    /// margin), unlimited, or a size such as 8GiB or 512MiB. Weights beyond it
+    /// stay on disk and are read as passes need them.
+    #[arg(long, default_value = "auto")]
+    memory_budget: String,
+    /// Host memory for weights offloaded from GPUs (auto, unlimited or a size).
+    #[arg(long, default_value = "auto")]
+    host_budget: String,
+    /// Expand FP8 weights to the compute dtype at load (instead of per use).
+    #[arg(long)]
+    dequantize: bool,
+    /// Layers per device: single (all on --device), auto, balanced, or
+    /// ranges such as 0-29=cuda:0,30-60=cuda:1.
+    #[arg(long, default_value = "single")]
+    device_map: String,
+    /// Drop streamed weights from the page cache after reading them
+    /// (benchmarks: behave like a checkpoint larger than RAM).
+    #[arg(long)]
+    drop_page_cache: bool,
+}
+
+impl MemoryArgs {
+    fn apply(&self, mut o: LoadOptions) -> Result<LoadOptions> {
+        o.memory_budget = self.memory_budget.parse::<MemoryBudget>()?;
+        o.host_budget = self.host_budget.parse::<MemoryBudget>()?;
+        o.dequantize = self.dequantize;
+        o.device_map = self.device_map.parse::<DeviceMap>()?;
+        o.drop_page_cache = self.drop_page_cache;
+        Ok(o)
+    }
 }
 
 impl ModelArgs {
     fn options(&self) -> Result<LoadOptions> {
-        Ok(LoadOptions {
-            device: parse_device(&self.device)?,
-            kind: parse_dtype(&self.dtype)?,
-        })
+        self.memory.apply(LoadOptions::new(parse_device(&self.device)?, parse_dtype(&self.dtype)?))
     }
 
     fn load(&self) -> Result<Model> {
@@ -99,14 +134,79 @@ enum Command {
         #[arg(long, default_value = "absorbed")]
         attn: String,
     },
-    /// Summarise a model: config, parameter counts, KV-cache bytes per token.
+    /// Summarise a model: config, parameter counts, KV-cache bytes per token,
+    /// and where its weights would live (the plan for --device auto and an
+    /// automatic budget).
     Info {
-        /// Checkpoint directory (only config.json is read).
+        /// Checkpoint directory (config.json and the weights' headers are
+        /// read), or published:NAME (deepseek-v3, deepseek-r1, kimi-k2,
+        /// deepseek-v2-lite, moonlight-16b-a3b).
         #[arg(long)]
-        model: PathBuf,
+        model: String,
         /// Bytes per cached element for the cache figures (2 = bf16).
         #[arg(long, default_value_t = 2)]
         cache_bytes_per_elem: usize,
+    },
+    /// Where each part of a model would live under a memory budget, the bytes
+    /// per token read from each tier, and whether it fits, before loading
+    /// anything.
+    Plan {
+        /// Checkpoint directory, or published:NAME.
+        #[arg(long)]
+        model: String,
+        /// cpu, cuda, cuda:N or auto.
+        #[arg(long, default_value = "auto")]
+        device: String,
+        /// Compute dtype: f32, bf16 or f16.
+        #[arg(long, default_value = "f32")]
+        dtype: String,
+        #[command(flatten)]
+        memory: MemoryArgs,
+        /// Print the plan as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Plan for this many GPUs (default: the ones this machine has; a
+        /// plan for GPUs it lacks needs an explicit --memory-budget).
+        #[arg(long)]
+        gpus: Option<usize>,
+    },
+    /// Write a random checkpoint with a real model's dimensions and storage
+    /// layout (FP8 with block scales, shards and index), shard by shard.
+    Synth {
+        /// published:NAME, or a checkpoint directory whose config.json to copy.
+        #[arg(long)]
+        like: String,
+        /// Keep only the first N layers.
+        #[arg(long)]
+        layers: Option<usize>,
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// How matrices are stored: fp8, bf16 or f32 (default: fp8 when the
+        /// model is published in FP8, else bf16).
+        #[arg(long)]
+        dtype: Option<String>,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Largest shard file.
+        #[arg(long, default_value = "4GiB")]
+        shard_size: String,
+    },
+    /// Streaming benchmark: load under a budget, prefill a prompt of random
+    /// token ids, decode greedily; prints one JSON line with time, weight
+    /// traffic and peak resident memory.
+    BenchStream {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[arg(long, default_value_t = 0)]
+        threads: i32,
+        #[arg(long = "prompt-len", default_value_t = 32)]
+        prompt_len: i64,
+        /// Greedy decode steps after the prompt.
+        #[arg(long, default_value_t = 16)]
+        decode: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: i64,
     },
     /// Train a DeepSeek-V3-shaped model on the Debian corpus (bible-kjv,
     /// fortunes, jargon-text); writes OUT/model in the Hugging Face layout.
@@ -268,6 +368,24 @@ fn run(cli: Cli) -> Result<()> {
             model,
             cache_bytes_per_elem,
         } => info(&model, cache_bytes_per_elem),
+        Command::Plan { model, device, dtype, memory, json, gpus } => {
+            let device = match device.as_str() {
+                "auto" => tch::Device::cuda_if_available(),
+                d => deepscope::model::budget::parse_device_name(d).map_err(|e| anyhow::anyhow!("--device `{d}` {e}"))?,
+            };
+            let opts = memory.apply(LoadOptions::new(device, parse_dtype(&dtype)?))?;
+            let mut popts = opts.plan_options();
+            popts.gpus = gpus;
+            let plan = plan_of(&model, &popts)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&plan.to_json())?);
+            } else {
+                println!("{plan}");
+            }
+            Ok(())
+        }
+        Command::Synth { like, layers, out, dtype, seed, shard_size } => synth(&like, layers, &out, dtype.as_deref(), seed, &shard_size),
+        Command::BenchStream { model, threads, prompt_len, decode, seed } => bench_stream(&model, threads, prompt_len, decode, seed),
         #[cfg(feature = "kernel")]
         Command::Kernel { connection_file, prebuild } => {
             if prebuild {
@@ -470,12 +588,83 @@ fn generate(
     Ok(())
 }
 
-fn info(dir: &PathBuf, bytes_per_elem: usize) -> Result<()> {
-    let cfg = deepscope::model::Config::from_dir(dir)?;
+/// A checkpoint directory or `published:NAME`.
+enum ModelSource {
+    Dir(PathBuf),
+    Published(String),
+}
+
+fn model_source(s: &str) -> ModelSource {
+    match s.strip_prefix("published:") {
+        Some(name) => ModelSource::Published(name.to_string()),
+        None => ModelSource::Dir(PathBuf::from(s)),
+    }
+}
+
+/// The config of `s` and the dtype its non-FP8 weights are stored in
+/// (`torch_dtype` of config.json; bf16 when absent).
+fn config_of(s: &str) -> Result<(Config, Kind)> {
+    match model_source(s) {
+        ModelSource::Published(name) => Ok(deepscope::model::published::by_name(&name)?),
+        ModelSource::Dir(dir) => {
+            let cfg = Config::from_dir(&dir)?;
+            let text = std::fs::read_to_string(dir.join("config.json"))?;
+            let raw: serde_json::Value = serde_json::from_str(&text)?;
+            let dtype = raw.get("torch_dtype").or_else(|| raw.get("dtype")).and_then(|v| v.as_str()).unwrap_or("bfloat16");
+            Ok((cfg, parse_dtype(dtype).unwrap_or(Kind::BFloat16)))
+        }
+    }
+}
+
+/// The plan for `s`: from the weights' headers when the directory has
+/// weights, else from its config (storage assumed as published).
+fn plan_of(s: &str, opts: &deepscope::model::PlanOptions) -> Result<Plan> {
+    if let ModelSource::Dir(dir) = model_source(s) {
+        let has_weights = dir.join("model.safetensors").exists() || dir.join("model.safetensors.index.json").exists();
+        if has_weights {
+            return Ok(Model::plan_with(&dir, opts)?);
+        }
+    }
+    let (cfg, dtype) = config_of(s)?;
+    Ok(Plan::for_config(&cfg, dtype, opts)?)
+}
+
+fn synth(like: &str, layers: Option<usize>, out: &PathBuf, dtype: Option<&str>, seed: u64, shard_size: &str) -> Result<()> {
+    use deepscope::model::synth::{synth as write, SynthDtype, SynthOptions};
+    let (cfg, _) = config_of(like)?;
+    let dtype = match dtype {
+        Some(d) => d.parse::<SynthDtype>()?,
+        None if cfg.quantization.is_some() => SynthDtype::Fp8,
+        None => SynthDtype::Bf16,
+    };
+    let shard_bytes = match shard_size.parse::<MemoryBudget>()? {
+        MemoryBudget::Bytes(b) => b,
+        _ => bail!("--shard-size needs a size such as 4GiB, got `{shard_size}`"),
+    };
+    let opts = SynthOptions { layers, dtype, seed, shard_bytes };
+    let started = Instant::now();
+    let report = write(&cfg, out, &opts, |path, done, total| {
+        eprintln!("wrote {} ({} of {})", path.display(), human_bytes(done), human_bytes(total));
+    })?;
+    eprintln!(
+        "{}: {} tensors in {} shard(s), {} in {:.0} s ({} layers, {:?})",
+        report.dir.display(),
+        report.tensors,
+        report.shards.len(),
+        human_bytes(report.bytes),
+        started.elapsed().as_secs_f64(),
+        report.config.num_hidden_layers,
+        dtype
+    );
+    Ok(())
+}
+
+fn info(model: &str, bytes_per_elem: usize) -> Result<()> {
+    let (cfg, _) = config_of(model)?;
     let p = ParamCounts::of(&cfg);
     let c = CacheFootprint::of(&cfg, bytes_per_elem);
     let moe = cfg.moe_layers();
-    println!("model        {} ({:?} family)", dir.display(), cfg.family);
+    println!("model        {model} ({:?} family)", cfg.family);
     println!(
         "layers       {} ({} dense, {} MoE), hidden {}, vocab {}",
         cfg.num_hidden_layers,
@@ -519,6 +708,11 @@ fn info(dir: &PathBuf, bytes_per_elem: usize) -> Result<()> {
     println!("  mla absorbed  {:>12} B  ({} elements/layer)", a, c.absorbed_elems);
     println!("  naive         {:>12} B  ({} elements/layer, {:.1}x)", n, c.naive_elems, c.naive_ratio());
     println!("  plain mha     {:>12} B  ({} elements/layer, {:.1}x)", m, c.mha_elems, c.mha_ratio());
+    let opts = LoadOptions::new(tch::Device::cuda_if_available(), Kind::BFloat16);
+    match plan_of(model, &opts.plan_options()) {
+        Ok(plan) => println!("\n{plan}"),
+        Err(e) => println!("\nplan (bf16 compute, automatic budget): {e}"),
+    }
     Ok(())
 }
 
@@ -642,6 +836,75 @@ fn bench(
             "plain_forward_ms": tp * 1e3,
             "trace_default_ms": td * 1e3,
             "trace_routing_only_ms": tr * 1e3,
+        })
+    );
+    Ok(())
+}
+
+/// `deepscope bench-stream`: load under the budget, then a prefill and greedy
+/// decode steps, with the weight traffic of each and the peak RSS.
+fn bench_stream(args: &ModelArgs, threads: i32, prompt_len: i64, decode: usize, seed: i64) -> Result<()> {
+    if threads > 0 {
+        tch::set_num_threads(threads);
+    }
+    let opts = args.options()?;
+    let _ = Tensor::ones([1 << 20], (Kind::Float, opts.device)).sum(Kind::Float).double_value(&[]);
+    let (baseline, _) = rss();
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+    let started = Instant::now();
+    let model = args.load_with(opts.clone())?;
+    let load_s = started.elapsed().as_secs_f64();
+    let (after_load, load_peak) = rss();
+    let _guard = tch::no_grad_guard();
+    tch::manual_seed(seed);
+    let vocab = model.config.vocab_size as i64;
+    let prompt = Tensor::randint(vocab, [1, prompt_len], (Kind::Int64, tch::Device::Cpu));
+    let mut cache = model.new_cache();
+    let out = model.forward_with(&prompt, Some(&mut cache), ForwardOptions::default())?;
+    let prefill = out.cost;
+    let mut next = out.logits.select(1, -1).argmax(-1, true);
+    let mut steps = Vec::new();
+    for _ in 0..decode {
+        let out = model.forward_with(&next, Some(&mut cache), ForwardOptions::default())?;
+        next = out.logits.select(1, -1).argmax(-1, true);
+        steps.push(out.cost);
+    }
+    let (_, peak) = rss();
+    let sum = |f: &dyn Fn(&deepscope::model::ForwardCost) -> f64| steps.iter().map(f).sum::<f64>();
+    let decode_s = sum(&|c| c.seconds);
+    let plan = &model.plan;
+    println!(
+        "{}",
+        serde_json::json!({
+            "model": args.model.display().to_string(),
+            "memory_budget": opts.memory_budget.to_string(),
+            "budget_bytes": plan.devices.first().and_then(|d| d.budget),
+            "streaming": plan.streaming(),
+            "stored_bytes": plan.stored_bytes(),
+            "planned_resident_bytes": plan.resident_bytes(),
+            "cache_capacity_bytes": plan.devices.first().map_or(0, |d| d.cache_capacity),
+            "threads": tch::get_num_threads(),
+            "load_seconds": load_s,
+            "baseline_rss_bytes": baseline,
+            "rss_after_load_bytes": after_load,
+            "peak_rss_load_bytes": load_peak,
+            "peak_rss_bytes": peak,
+            "prefill_tokens": prompt_len,
+            "prefill_seconds": prefill.seconds,
+            "prefill_tokens_per_s": prompt_len as f64 / prefill.seconds.max(1e-9),
+            "prefill_disk_bytes": prefill.traffic.disk_bytes,
+            "prefill_load_seconds": prefill.traffic.load_seconds,
+            "prefill_expert_hits": prefill.traffic.expert_hits,
+            "prefill_expert_misses": prefill.traffic.expert_misses,
+            "decode_steps": decode,
+            "decode_seconds": decode_s,
+            "decode_tokens_per_s": decode as f64 / decode_s.max(1e-9),
+            "decode_disk_bytes": sum(&|c| c.traffic.disk_bytes as f64),
+            "decode_load_seconds": sum(&|c| c.traffic.load_seconds),
+            "decode_expert_hits": sum(&|c| c.traffic.expert_hits as f64),
+            "decode_expert_misses": sum(&|c| c.traffic.expert_misses as f64),
+            "decode_expert_evictions": sum(&|c| c.traffic.expert_evictions as f64),
+            "weight_bytes_after": model.weight_bytes(),
         })
     );
     Ok(())

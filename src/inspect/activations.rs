@@ -144,7 +144,8 @@ impl Model {
 
     fn lens(&self, h: &Tensor) -> Result<Vec<(String, f32)>> {
         let h = h.f_to_device(self.device)?.f_to_kind(self.kind)?;
-        let logits = self.norm.forward(&h)?.f_linear(&self.lm_head, None::<Tensor>)?.f_to_kind(Kind::Float)?;
+        let h = self.norm.forward(&h.f_to_device(self.norm.weight.device())?)?.f_to_device(self.lm_head.device)?;
+        let logits = self.lm_head.linear(&h)?.f_to_kind(Kind::Float)?;
         let probs = logits.f_softmax(-1, Kind::Float)?.f_select(0, 0)?; // [T, V]
         let (p, idx) = probs.f_max_dim(-1, false)?;
         let p = Vec::<f32>::try_from(p.f_to_device(Device::Cpu)?)?;

@@ -4,6 +4,9 @@
 //! `evcxr_display()` (the method evcxr calls on a cell's last expression).
 
 use crate::error::Result;
+use crate::model::plan::Plan;
+use crate::model::ForwardCost;
+use crate::stats::human_bytes;
 use crate::plot::{
     readable_token, AttentionGrid, BarChart, BarMode, Cell, Colormap, Figure, Heatmap, LineChart, MimeBundle, MimeType,
     Table, TokenStrip,
@@ -125,8 +128,17 @@ impl Trace {
             .title("Next-token loss per token"))
     }
 
+    /// What the pass cost: time, weights read from disk or copied from host
+    /// memory, expert-cache hits and misses.
+    pub fn cost_table(&self) -> Result<Table> {
+        cost_table(&self.cost)
+    }
+
     pub fn mime_bundle(&self) -> MimeBundle {
         let mut parts = vec![Ok(format!("<p><b>{}</b></p>", crate::plot::svg::escape(&self.to_string())))];
+        if self.cost.traffic.disk_reads + self.cost.traffic.host_to_device_bytes > 0 {
+            parts.push(self.cost_table().map(|t| t.to_html()));
+        }
         let moe: Vec<usize> = self.routing.iter().flatten().map(|r| r.layer).collect();
         if let Some(&last) = moe.last() {
             parts.push(self.routing_strip(last).map(|s| s.to_html()));
@@ -419,6 +431,36 @@ impl crate::model::Model {
             "KV cache / token / layer",
             format!("{} elements (MLA, absorbed) vs {} (plain MHA)", c.absorbed_elems, c.mha_elems),
         )?;
+        let plan = &self.plan;
+        row(
+            "weights",
+            format!(
+                "{} stored, {} in memory now{}",
+                human_bytes(plan.stored_bytes()),
+                human_bytes(self.weight_bytes() as u64),
+                if plan.streaming() { " (streaming under the memory budget: see model.plan)" } else { " (all resident)" }
+            ),
+        )?;
+        if let Some(s) = &self.streamer {
+            for d in plan.devices.iter().filter(|d| d.cache_capacity > 0) {
+                let (used, cap, n) = s.cache_usage(d.device);
+                row("expert cache", format!("{n} experts, {} of {} on {:?}", human_bytes(used as u64), human_bytes(cap as u64), d.device))?;
+            }
+            let tr = self.traffic();
+            row(
+                "weight traffic so far",
+                format!(
+                    "{} read from disk in {} reads ({:.2} s), {} copied from host; expert cache {} hits / {} misses, {} evictions",
+                    human_bytes(tr.disk_bytes),
+                    tr.disk_reads,
+                    tr.load_seconds,
+                    human_bytes(tr.host_to_device_bytes),
+                    tr.expert_hits,
+                    tr.expert_misses,
+                    tr.expert_evictions
+                ),
+            )?;
+        }
         Ok(t.caption("DeepScope model"))
     }
 
@@ -454,5 +496,99 @@ impl std::fmt::Display for crate::model::Model {
 impl crate::kernel::cell::RichDisplay for crate::model::Model {
     fn mime_bundle(&self) -> MimeBundle {
         crate::model::Model::mime_bundle(self)
+    }
+}
+
+/// A pass's cost as a two-column table.
+fn cost_table(c: &ForwardCost) -> Result<Table> {
+    let t_ = &c.traffic;
+    let mut t = Table::new(["", ""]);
+    let mut row = |k: &str, v: String| t.add_row([k.into(), v.into()]).map(|_| ());
+    row("tokens", c.tokens.to_string())?;
+    row("time", format!("{:.3} s: {:.3} s loading weights, {:.3} s computing", c.seconds, t_.load_seconds, c.compute_seconds()))?;
+    row("read from disk", format!("{} in {} reads ({} per token)", human_bytes(t_.disk_bytes), t_.disk_reads, human_bytes(c.disk_bytes_per_token() as u64)))?;
+    if t_.host_to_device_bytes > 0 {
+        row("copied from host memory", human_bytes(t_.host_to_device_bytes))?;
+    }
+    row(
+        "expert cache",
+        format!("{} hits, {} misses ({:.0}% hits), {} evictions; {} held", t_.expert_hits, t_.expert_misses, 100.0 * t_.hit_rate(), t_.expert_evictions, human_bytes(c.cache_bytes)),
+    )?;
+    row("weights in memory", human_bytes(c.resident_bytes))?;
+    Ok(t.caption("Cost of the pass"))
+}
+
+impl Plan {
+    /// Where each part of the model lives: one row per part, tier and device.
+    pub fn table(&self) -> Result<Table> {
+        let mut t = Table::new(["part", "layers", "count", "stored", "in memory", "device", "where"]);
+        for r in self.rows() {
+            t.add_row([
+                r.part.into(),
+                r.layer_text().into(),
+                if r.units.is_empty() { String::new() } else { r.units.len().to_string() }.into(),
+                human_bytes(r.stored).into(),
+                human_bytes(r.memory).into(),
+                format!("{:?}", r.device).to_lowercase().into(),
+                r.place.clone().into(),
+            ])?;
+        }
+        let per = self.traffic(1, false);
+        let cached = self.traffic(1, true);
+        let budgets: Vec<String> = self
+            .devices
+            .iter()
+            .map(|d| {
+                format!(
+                    "{:?}: budget {}, {} resident{}",
+                    d.device,
+                    d.budget.map_or("unlimited".into(), human_bytes),
+                    human_bytes(d.resident),
+                    if d.streaming { format!(", expert cache {}", human_bytes(d.cache_capacity)) } else { String::new() }
+                )
+            })
+            .collect();
+        Ok(t.caption(format!(
+            "Plan ({}): per decoded token {} from disk with no cache hits, about {} with a uniformly used cache",
+            budgets.join("; "),
+            human_bytes(per.disk),
+            human_bytes(cached.disk)
+        )))
+    }
+
+    pub fn mime_bundle(&self) -> MimeBundle {
+        bundle(self.to_string(), vec![self.table().map(|t| t.to_html())])
+    }
+
+    /// Shows the plan table inline in a notebook.
+    pub fn evcxr_display(&self) {
+        self.mime_bundle().evcxr_display();
+    }
+}
+
+impl crate::kernel::cell::RichDisplay for Plan {
+    fn mime_bundle(&self) -> MimeBundle {
+        Plan::mime_bundle(self)
+    }
+}
+
+impl ForwardCost {
+    pub fn table(&self) -> Result<Table> {
+        cost_table(self)
+    }
+
+    pub fn mime_bundle(&self) -> MimeBundle {
+        bundle(self.to_string(), vec![self.table().map(|t| t.to_html())])
+    }
+
+    /// Shows the cost table inline in a notebook.
+    pub fn evcxr_display(&self) {
+        self.mime_bundle().evcxr_display();
+    }
+}
+
+impl crate::kernel::cell::RichDisplay for ForwardCost {
+    fn mime_bundle(&self) -> MimeBundle {
+        ForwardCost::mime_bundle(self)
     }
 }

@@ -280,7 +280,7 @@ impl Interventions {
                                 if bias.len() != e {
                                     return Err(Error::Input(format!("{iv}: bias has {} entries, layer {l} has {e} experts", bias.len())));
                                 }
-                                ed.bias = BiasEdit::Replace(Tensor::f_from_slice(bias)?.f_to_device(model.device)?);
+                                ed.bias = BiasEdit::Replace(Tensor::f_from_slice(bias)?.f_to_device(model.layers[l].device)?);
                             }
                             ZeroBias { .. } => ed.bias = BiasEdit::Zero,
                             SetScoring { scoring, .. } => settings.scoring = *scoring,

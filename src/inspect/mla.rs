@@ -150,7 +150,8 @@ impl Model {
             let (_, s, _) = w.f_to_kind(Kind::Float)?.f_to_device(Device::Cpu)?.f_svd(true, false)?; // s [H, min]
             Ok(Vec::<Vec<f32>>::try_from(&s)?)
         };
-        Ok(LatentSpectra { layer, w_uk: svals(&a.w_uk)?, w_uv: svals(&a.w_uv)? })
+        let (w_uk, w_uv) = a.absorbed_weights()?;
+        Ok(LatentSpectra { layer, w_uk: svals(&w_uk)?, w_uv: svals(&w_uv)? })
     }
 
     /// Effective rank of the cached latent `c_kv` of `layer` over `input`.
@@ -173,7 +174,7 @@ impl Model {
         let angles = self.rope.angles(0, len, self.kind)?;
         let (q_nope, q_pe) = a.queries(&x, &self.rope, &angles, &mut NoHooks, layer)?;
         let (c_kv, k_pe) = a.latents(&x, &self.rope, &angles, &mut NoHooks, layer)?;
-        let q_lat = q_nope.f_matmul(&a.w_uk.f_unsqueeze(0)?)?; // [B, H, T, kv_lora]
+        let q_lat = q_nope.f_matmul(&a.w_uk()?.f_unsqueeze(0)?)?; // [B, H, T, kv_lora]
         let content = q_lat.f_matmul(&c_kv.f_unsqueeze(1)?.f_transpose(-1, -2)?)?;
         let position = q_pe.f_matmul(&k_pe.f_unsqueeze(1)?.f_transpose(-1, -2)?)?;
         let keep = Tensor::f_ones([len, len], (Kind::Float, self.device))?.f_tril(0)?;

@@ -123,6 +123,9 @@ pub struct Trace {
     pub config: Config,
     /// Descriptions of the interventions applied.
     pub interventions: Vec<String>,
+    /// Time and weight traffic of the pass (disk reads, expert-cache hits
+    /// and misses when weights stream).
+    pub cost: crate::model::ForwardCost,
 }
 
 /// The [`Hooks`] of a traced pass: applies interventions, records captures.
@@ -239,6 +242,7 @@ impl Model {
             tensors: probe.tensors,
             config: self.config.clone(),
             interventions: interventions.list.iter().map(|i| i.to_string()).collect(),
+            cost: out.cost,
         })
     }
 
@@ -446,6 +450,9 @@ impl fmt::Display for Trace {
         )?;
         if !self.interventions.is_empty() {
             write!(f, "; interventions: {}", self.interventions.join("; "))?;
+        }
+        if self.cost.traffic.disk_reads + self.cost.traffic.host_to_device_bytes > 0 {
+            write!(f, "; cost: {}", self.cost)?;
         }
         Ok(())
     }

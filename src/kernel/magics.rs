@@ -16,9 +16,12 @@ DeepScope magics (each is a shortcut for the Rust shown after =>):
 
   %model                     => let model = Model::load_default()?; model
   %model default             => the same
-  %model load PATH [DEVICE] [DTYPE]
-                             => let model = Model::load(PATH, LoadOptions { device, kind })?; model
-                                (DEVICE: auto | cpu | cuda | cuda:N, DTYPE: f32 | bf16 | f16)
+  %model load PATH [DEVICE] [DTYPE] [--memory-budget SIZE]
+                             => let model = Model::load(PATH, LoadOptions { device, kind,
+                                    memory_budget, ..Default::default() })?; model
+                                (DEVICE: auto | cpu | cuda | cuda:N, DTYPE: f32 | bf16 | f16,
+                                 SIZE: auto | unlimited | 8GiB | 512MiB ...: weights beyond it
+                                 stay on disk and stream in as passes need them)
   %trace TEXT                => let trace = model.trace(TEXT)?; trace
   %routing                   => trace.routing_map()?
   %routing LAYER             => trace.routing_strip(LAYER)?
@@ -61,17 +64,36 @@ pub fn expand(cell: &str) -> Result<Option<Magic>, String> {
             let words: Vec<&str> = args.split_whitespace().collect();
             match words.as_slice() {
                 [] | ["default"] => "let model = Model::load_default()?;\nmodel".to_string(),
-                ["load", path, more @ ..] if more.len() <= 2 => {
-                    let device = more.first().copied().unwrap_or("auto");
-                    let dtype = more.get(1).copied().unwrap_or("f32");
+                ["load", path, rest @ ..] => {
+                    let usage = || format!("%model: cannot read `{args}`; use `%model`, `%model default` or `%model load PATH [DEVICE] [DTYPE] [--memory-budget SIZE]`");
+                    let mut positional = Vec::new();
+                    let mut budget = "auto".to_string();
+                    let mut i = 0;
+                    while i < rest.len() {
+                        if let Some(v) = rest[i].strip_prefix("--memory-budget=") {
+                            budget = v.to_string();
+                        } else if rest[i] == "--memory-budget" {
+                            i += 1;
+                            budget = rest.get(i).ok_or_else(|| "%model: --memory-budget needs a size, e.g. 8GiB".to_string())?.to_string();
+                        } else {
+                            positional.push(rest[i]);
+                        }
+                        i += 1;
+                    }
+                    if positional.len() > 2 {
+                        return Err(usage());
+                    }
+                    let device = positional.first().copied().unwrap_or("auto");
+                    let dtype = positional.get(1).copied().unwrap_or("f32");
                     format!(
-                        "let model = Model::load({}, LoadOptions {{ device: deepscope::model::parse_device({})?, kind: deepscope::model::parse_dtype({})? }})?;\nmodel",
+                        "let model = Model::load({}, LoadOptions {{ device: deepscope::model::parse_device({})?, kind: deepscope::model::parse_dtype({})?, memory_budget: {}.parse::<deepscope::model::MemoryBudget>()?, ..Default::default() }})?;\nmodel",
                         raw_literal(path),
                         raw_literal(device),
-                        raw_literal(dtype)
+                        raw_literal(dtype),
+                        raw_literal(&budget)
                     )
                 }
-                _ => return Err(format!("%model: cannot read `{args}`; use `%model`, `%model default` or `%model load PATH [DEVICE] [DTYPE]`")),
+                _ => return Err(format!("%model: cannot read `{args}`; use `%model`, `%model default` or `%model load PATH [DEVICE] [DTYPE] [--memory-budget SIZE]`")),
             }
         }
         "trace" => {
@@ -106,6 +128,10 @@ mod tests {
         assert_eq!(code, "let trace = model.trace(r##\"He said \"#hi\"\"##)?;\ntrace");
         let Some(Magic::Rust(code)) = expand("%model load /m cpu bf16").unwrap() else { panic!() };
         assert!(code.contains("Model::load(r#\"/m\"#") && code.contains("parse_dtype(r#\"bf16\"#)"));
+        let Some(Magic::Rust(code)) = expand("%model load /m cpu --memory-budget 8GiB").unwrap() else { panic!() };
+        assert!(code.contains("r#\"8GiB\"#.parse::<deepscope::model::MemoryBudget>()?") && code.contains("parse_dtype(r#\"f32\"#)"), "{code}");
+        let Some(Magic::Rust(code)) = expand("%model load /m --memory-budget=512MiB").unwrap() else { panic!() };
+        assert!(code.contains("r#\"512MiB\"#") && code.contains("parse_device(r#\"auto\"#)"), "{code}");
         assert_eq!(expand("%routing 2").unwrap(), Some(Magic::Rust("trace.routing_strip(2)?".into())));
     }
 
@@ -115,5 +141,7 @@ mod tests {
         assert!(expand("%bogus").unwrap_err().contains("unknown magic `%bogus`"));
         assert!(expand("%trace").unwrap_err().contains("needs the text"));
         assert!(expand("%model load").unwrap_err().contains("%model"));
+        assert!(expand("%model load /m cpu f32 extra").unwrap_err().contains("--memory-budget SIZE"));
+        assert!(expand("%model load /m --memory-budget").unwrap_err().contains("needs a size"));
     }
 }

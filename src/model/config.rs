@@ -214,6 +214,78 @@ impl Config {
     }
 }
 
+impl Config {
+    /// `config.json` in the Hugging Face layout (`model_type: deepseek_v3` /
+    /// `deepseek_v2`) for plain weights stored in `kind`; no
+    /// `quantization_config` and no multi-token-prediction layers.
+    pub fn to_hf_json(&self, kind: tch::Kind) -> serde_json::Value {
+        use serde_json::json;
+        use tch::Kind;
+        let rope = match &self.rope_scaling {
+            RopeScaling::Default => json!({"rope_type": "default", "rope_theta": self.rope_theta}),
+            RopeScaling::Yarn {
+                factor,
+                original_max_position_embeddings,
+                beta_fast,
+                beta_slow,
+                mscale,
+                mscale_all_dim,
+                attention_factor,
+                truncate,
+            } => json!({
+                "rope_type": "yarn", "rope_theta": self.rope_theta, "factor": factor,
+                "original_max_position_embeddings": original_max_position_embeddings,
+                "beta_fast": beta_fast, "beta_slow": beta_slow, "mscale": mscale, "mscale_all_dim": mscale_all_dim,
+                "attention_factor": attention_factor, "truncate": truncate,
+            }),
+        };
+        let v3 = self.family == Family::V3;
+        json!({
+            "architectures": [if v3 { "DeepseekV3ForCausalLM" } else { "DeepseekV2ForCausalLM" }],
+            "model_type": if v3 { "deepseek_v3" } else { "deepseek_v2" },
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "moe_intermediate_size": self.moe_intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_attention_heads,
+            "q_lora_rank": self.q_lora_rank,
+            "kv_lora_rank": self.kv_lora_rank,
+            "qk_nope_head_dim": self.qk_nope_head_dim,
+            "qk_rope_head_dim": self.qk_rope_head_dim,
+            "v_head_dim": self.v_head_dim,
+            "n_routed_experts": self.n_routed_experts,
+            "n_shared_experts": self.n_shared_experts,
+            "num_experts_per_tok": self.num_experts_per_tok,
+            "n_group": self.n_group,
+            "topk_group": self.topk_group,
+            "first_k_dense_replace": self.first_k_dense_replace,
+            "norm_topk_prob": self.norm_topk_prob,
+            "routed_scaling_factor": self.routed_scaling_factor,
+            "scoring_func": match self.scoring_func { ScoringFunc::Sigmoid => "sigmoid", _ => "softmax" },
+            "topk_method": match self.topk_method {
+                TopkMethod::NoauxTc => "noaux_tc",
+                TopkMethod::Greedy => "greedy",
+                TopkMethod::GroupLimitedGreedy => "group_limited_greedy",
+            },
+            "hidden_act": "silu",
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_parameters": rope,
+            "rope_interleave": self.rope_interleave,
+            "max_position_embeddings": self.max_position_embeddings,
+            "attention_bias": self.attention_bias,
+            "mlp_bias": self.mlp_bias,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_ids.first(),
+            "pad_token_id": self.pad_token_id,
+            "num_nextn_predict_layers": 0,
+            "torch_dtype": if kind == Kind::BFloat16 { "bfloat16" } else if kind == Kind::Half { "float16" } else { "float32" },
+        })
+    }
+}
+
 /// YaRN's magnitude correction `0.1 * mscale * ln(scale) + 1` (1 when scale <= 1).
 pub fn yarn_get_mscale(scale: f64, mscale: f64) -> f64 {
     if scale <= 1.0 {
@@ -229,12 +301,13 @@ impl RawConfig {
     pub fn validate(self, path: &Path) -> Result<Config> {
         let err = |field: &str, msg: String| Error::config(path, field, msg);
         let family = match self.model_type.as_deref() {
-            Some("deepseek_v3") => Family::V3,
+            // Kimi-K2 is the V3 architecture under its own name
+            Some("deepseek_v3") | Some("kimi_k2") => Family::V3,
             Some("deepseek_v2") => Family::V2,
             Some(other) => {
                 return Err(err(
                     "model_type",
-                    format!("`{other}` is not supported (expected `deepseek_v3` or `deepseek_v2`)"),
+                    format!("`{other}` is not supported (expected `deepseek_v3`, `kimi_k2` or `deepseek_v2`)"),
                 ))
             }
             None => return Err(err("model_type", "missing".into())),

@@ -2,14 +2,14 @@
 //! the feed-forward block is a dense SwiGLU for the first
 //! `first_k_dense_replace` layers and DeepSeekMoE after them.
 
-use tch::Tensor;
+use tch::{Device, Tensor};
 
 use super::config::Config;
-use super::loader::Checkpoint;
+use super::loader::Loader;
 use super::hooks::{HookPoint, Hooks};
 use super::mla::{AttnImpl, LatentCache, Mla};
 use super::moe::{Mlp, Moe, RouterOutput};
-use super::nn::{Placement, RmsNorm};
+use super::nn::RmsNorm;
 use super::rope::{Rope, RopeAngles};
 use crate::error::Result;
 
@@ -23,6 +23,8 @@ pub enum FeedForward {
 #[derive(Debug)]
 pub struct DecoderLayer {
     pub index: usize,
+    /// Where the layer's weights and computation live.
+    pub device: Device,
     pub input_layernorm: RmsNorm,
     pub self_attn: Mla,
     pub post_attention_layernorm: RmsNorm,
@@ -38,34 +40,78 @@ pub struct LayerOutput {
 }
 
 impl DecoderLayer {
-    pub fn load(ck: &Checkpoint, index: usize, cfg: &Config, p: Placement) -> Result<DecoderLayer> {
+    pub fn load(ld: &Loader, index: usize, cfg: &Config) -> Result<DecoderLayer> {
         let prefix = format!("model.layers.{index}");
         let d = cfg.hidden_size;
         let mlp = if cfg.is_moe_layer(index) {
-            FeedForward::Moe(Moe::load(ck, &format!("{prefix}.mlp"), cfg, p)?)
+            FeedForward::Moe(Moe::load(ld, &format!("{prefix}.mlp"), cfg)?)
         } else {
-            FeedForward::Dense(Mlp::load(
-                ck,
-                &format!("{prefix}.mlp"),
-                d,
-                cfg.intermediate_size,
-                cfg.mlp_bias,
-                p,
-            )?)
+            FeedForward::Dense(Mlp::load(ld, &format!("{prefix}.mlp"), d, cfg.intermediate_size, cfg.mlp_bias)?)
         };
         Ok(DecoderLayer {
             index,
-            input_layernorm: RmsNorm::load(ck, &format!("{prefix}.input_layernorm"), d, cfg.rms_norm_eps, p)?,
-            self_attn: Mla::load(ck, &format!("{prefix}.self_attn"), cfg, p)?,
-            post_attention_layernorm: RmsNorm::load(
-                ck,
-                &format!("{prefix}.post_attention_layernorm"),
-                d,
-                cfg.rms_norm_eps,
-                p,
-            )?,
+            device: ld.device_of_layer(Some(index)),
+            input_layernorm: RmsNorm::load(ld, &format!("{prefix}.input_layernorm"), d, cfg.rms_norm_eps)?,
+            self_attn: Mla::load(ld, &format!("{prefix}.self_attn"), cfg)?,
+            post_attention_layernorm: RmsNorm::load(ld, &format!("{prefix}.post_attention_layernorm"), d, cfg.rms_norm_eps)?,
             mlp,
         })
+    }
+
+    /// Every projection weight of the layer, routed experts included.
+    pub fn weights(&self) -> Vec<&super::weight::Weight> {
+        let mut w = self.self_attn.weights();
+        match &self.mlp {
+            FeedForward::Dense(m) => w.extend(m.weights()),
+            FeedForward::Moe(m) => {
+                for e in &m.experts {
+                    w.extend(e.weights());
+                }
+                if let Some(s) = &m.shared_experts {
+                    w.extend(s.weights());
+                }
+            }
+        }
+        w
+    }
+
+    /// The layer's small tensors: norms, router, `e_score_correction_bias`, biases.
+    pub fn small_tensors(&self) -> Vec<&Tensor> {
+        let a = &self.self_attn;
+        let mut t = vec![&self.input_layernorm.weight, &self.post_attention_layernorm.weight, &a.kv_a_layernorm.weight];
+        if let super::mla::QProj::LowRank { a: qa, norm, .. } = &a.q {
+            t.push(&norm.weight);
+            t.extend(qa.bias.as_ref());
+        }
+        t.extend(a.kv_a_proj_with_mqa.bias.as_ref());
+        t.extend(a.o_proj.bias.as_ref());
+        let mlps: Vec<&Mlp> = match &self.mlp {
+            FeedForward::Dense(m) => vec![m],
+            FeedForward::Moe(m) => {
+                t.push(&m.gate.weight);
+                t.extend(m.gate.e_score_correction_bias.as_ref());
+                m.experts.iter().chain(m.shared_experts.as_ref()).collect()
+            }
+        };
+        for m in mlps {
+            t.extend(m.gate_up.bias.as_ref());
+            t.extend(m.down_proj.bias.as_ref());
+        }
+        t
+    }
+
+    /// Asks for the layer's streamed weights to be read ahead (not the routed
+    /// experts: the router has not chosen them yet).
+    pub fn prefetch(&self) {
+        self.self_attn.weights().iter().for_each(|w| w.prefetch());
+        match &self.mlp {
+            FeedForward::Dense(m) => m.weights().iter().for_each(|w| w.prefetch()),
+            FeedForward::Moe(m) => {
+                if let Some(s) = &m.shared_experts {
+                    s.weights().iter().for_each(|w| w.prefetch());
+                }
+            }
+        }
     }
 
     pub fn moe(&self) -> Option<&Moe> {

@@ -4,18 +4,27 @@
 //! Files are memory-mapped. Each tensor is copied once, from the mapping into a
 //! libtorch tensor of the requested dtype, and the mapped pages it came from are
 //! released straight away, so peak memory stays near the size of the weights.
-//! FP8 (`float8_e4m3fn`) weights with a `weight_scale_inv` companion are
-//! dequantized block by block on load.
+//! FP8 (`float8_e4m3fn`) weights with a `weight_scale_inv` companion are kept
+//! FP8 ([`Checkpoint::packed`]) or dequantized on load ([`Checkpoint::tensor`]).
+//!
+//! A [`Loader`] builds each weight the way a [`Plan`] places it: ready,
+//! packed, in host memory, or left on disk as a [`TensorRef`] for the
+//! [`Streamer`].
 
 use std::cell::RefCell;
 use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use memmap2::{Mmap, UncheckedAdvice};
 use safetensors::tensor::{Dtype, SafeTensors, TensorInfo};
 use tch::{Device, Kind, Tensor};
 
+use super::layout::Stored;
+use super::plan::{Plan, Tier};
+use super::stream::{Streamer, TensorRef};
+use super::weight::{Mapped, Packed, Part, Store, Weight};
 use crate::error::{Error, Result};
 
 /// Margin released around each tensor read (covers the kernel's fault-around).
@@ -143,16 +152,7 @@ impl Checkpoint {
     /// dequantized to f32). The tensor `f` sees may borrow the mapped file, so
     /// `f` must copy what it keeps.
     fn with_checked<R>(&self, name: &str, shape: &[i64], f: impl FnOnce(&Tensor) -> Result<R>) -> Result<R> {
-        let (file, info) = self.info(name)?;
-        let found: Vec<i64> = info.shape.iter().map(|&d| d as i64).collect();
-        if found != shape {
-            return Err(Error::ShapeMismatch {
-                name: name.to_string(),
-                file: file.path.clone(),
-                expected: shape.to_vec(),
-                found,
-            });
-        }
+        let (_, file, info) = self.checked(name, shape)?;
         if info.dtype == Dtype::F8_E4M3 {
             let scale_name = format!("{}_scale_inv", name);
             let fp8 = self.with_view(name, file, info, |v| Ok(v.f_to_device_(Device::Cpu, v.kind(), false, true)?))?;
@@ -174,6 +174,127 @@ impl Checkpoint {
         } else {
             Ok(None)
         }
+    }
+
+    /// The shard files, in the order [`TensorRef::file`] indexes them.
+    pub fn file_paths(&self) -> Vec<PathBuf> {
+        self.files.iter().map(|f| f.path.clone()).collect()
+    }
+
+    /// How tensor `name` is stored: FP8 (with its scales) or a plain dtype.
+    pub fn stored(&self, name: &str) -> Result<Stored> {
+        let (file, info) = self.info(name)?;
+        match info.dtype {
+            Dtype::F8_E4M3 => {
+                let [br, bc] = self.fp8_block.unwrap_or([128, 128]);
+                Ok(Stored::Fp8([br as i64, bc as i64]))
+            }
+            d => kind_of(d).map(Stored::Plain).ok_or_else(|| Error::UnsupportedDtype {
+                name: name.to_string(),
+                file: file.path.clone(),
+                dtype: format!("{d:?}"),
+            }),
+        }
+    }
+
+    /// Where tensor `name` (shape `shape`) and, for FP8, its scales are in the
+    /// files; checks shape and dtype, and counts both as read.
+    pub fn locate(&self, name: &str, shape: &[i64]) -> Result<TensorRef> {
+        let (i, file, info) = self.checked(name, shape)?;
+        let kind = self.kind_checked(name, file, info)?;
+        let scale = if info.dtype == Dtype::F8_E4M3 {
+            let scale_name = format!("{name}_scale_inv");
+            let block = self.fp8_block_i64();
+            let scale_shape = self.scale_shape(name, shape)?;
+            // read in their stored dtype and converted to f32 at use, as at load
+            let s = self.locate(&scale_name, &scale_shape).map_err(|e| self.scale_error(e, name, &scale_name))?;
+            Some((Box::new(s), block))
+        } else {
+            None
+        };
+        self.used.borrow_mut().insert(name.to_string());
+        Ok(TensorRef {
+            name: name.to_string(),
+            file: i,
+            offset: (file.data_start + info.data_offsets.0) as u64,
+            shape: shape.to_vec(),
+            kind,
+            scale,
+        })
+    }
+
+    /// Tensor `name` in its stored form, copied into CPU memory: FP8 stays
+    /// FP8 (with its f32 scales), other dtypes stay as stored.
+    pub fn packed(&self, name: &str, shape: &[i64]) -> Result<Part> {
+        let (_, file, info) = self.checked(name, shape)?;
+        let own = |v: &Tensor| Ok(v.f_to_device_(Device::Cpu, v.kind(), false, true)?);
+        if info.dtype == Dtype::F8_E4M3 {
+            let scale_name = format!("{name}_scale_inv");
+            let scale_shape = self.scale_shape(name, shape)?;
+            let w = self.with_view(name, file, info, own)?;
+            let scale_inv = self
+                .tensor(&scale_name, &scale_shape, Kind::Float, Device::Cpu)
+                .map_err(|e| self.scale_error(e, name, &scale_name))?;
+            return Ok(Part::Fp8 { w, scale_inv, block: self.fp8_block_i64() });
+        }
+        Ok(Part::Plain(self.with_view(name, file, info, own)?))
+    }
+
+    fn fp8_block_i64(&self) -> [i64; 2] {
+        let [br, bc] = self.fp8_block.unwrap_or([128, 128]);
+        [br as i64, bc as i64]
+    }
+
+    fn scale_shape(&self, name: &str, shape: &[i64]) -> Result<[i64; 2]> {
+        let [br, bc] = self.fp8_block_i64();
+        match shape {
+            [r, c] => Ok([ceil_div(*r, br), ceil_div(*c, bc)]),
+            _ => {
+                let (file, info) = self.info(name)?;
+                Err(Error::UnsupportedDtype {
+                    name: name.to_string(),
+                    file: file.path.clone(),
+                    dtype: format!("{:?} with {} dimensions (FP8 weights must be 2-D)", info.dtype, info.shape.len()),
+                })
+            }
+        }
+    }
+
+    fn scale_error(&self, e: Error, name: &str, scale_name: &str) -> Error {
+        match e {
+            Error::MissingTensor { dir, .. } => Error::MissingTensor {
+                name: format!("{scale_name} (the block scales of FP8 weight `{name}`)"),
+                dir,
+            },
+            other => other,
+        }
+    }
+
+    /// File index, file and header of `name`, after checking its shape.
+    fn checked(&self, name: &str, shape: &[i64]) -> Result<(usize, &ShardFile, &TensorInfo)> {
+        let i = *self.location.get(name).ok_or_else(|| Error::MissingTensor {
+            name: name.to_string(),
+            dir: self.dir.clone(),
+        })?;
+        let (file, info) = self.info(name)?;
+        let found: Vec<i64> = info.shape.iter().map(|&d| d as i64).collect();
+        if found != shape {
+            return Err(Error::ShapeMismatch {
+                name: name.to_string(),
+                file: file.path.clone(),
+                expected: shape.to_vec(),
+                found,
+            });
+        }
+        Ok((i, file, info))
+    }
+
+    fn kind_checked(&self, name: &str, file: &ShardFile, info: &TensorInfo) -> Result<Kind> {
+        kind_of(info.dtype).ok_or_else(|| Error::UnsupportedDtype {
+            name: name.to_string(),
+            file: file.path.clone(),
+            dtype: format!("{:?}", info.dtype),
+        })
     }
 
     fn info(&self, name: &str) -> Result<(&ShardFile, &TensorInfo)> {
@@ -231,29 +352,11 @@ impl Checkpoint {
 
     /// `w = fp8 * scale_inv`, one scale per `block` rows x cols.
     fn dequantize_fp8(&self, name: &str, fp8: &Tensor, scale_name: &str, shape: &[i64]) -> Result<Tensor> {
-        let [br, bc] = self.fp8_block.unwrap_or([128, 128]);
-        let (rows, cols) = match shape {
-            [r, c] => (*r, *c),
-            _ => {
-                let (file, info) = self.info(name)?;
-                return Err(Error::UnsupportedDtype {
-                    name: name.to_string(),
-                    file: file.path.clone(),
-                    dtype: format!("{:?} with {} dimensions (FP8 weights must be 2-D)", info.dtype, info.shape.len()),
-                });
-            }
-        };
-        let scale_shape = [ceil_div(rows, br as i64), ceil_div(cols, bc as i64)];
+        let scale_shape = self.scale_shape(name, shape)?;
         let scale = self
             .tensor(scale_name, &scale_shape, Kind::Float, Device::Cpu)
-            .map_err(|e| match e {
-                Error::MissingTensor { dir, .. } => Error::MissingTensor {
-                    name: format!("{scale_name} (the block scales of FP8 weight `{name}`)"),
-                    dir,
-                },
-                other => other,
-            })?;
-        dequantize_blocks(fp8, &scale, [br, bc])
+            .map_err(|e| self.scale_error(e, name, scale_name))?;
+        super::dtype::dequantize_fp8_cpu(fp8, &scale, self.fp8_block_i64(), Kind::Float)
     }
 
     /// Names that were never read. Tensors of layers `>= num_layers`
@@ -283,15 +386,7 @@ impl Checkpoint {
 /// Dequantizes block-scaled FP8: `fp8` is [rows, cols], `scale` is
 /// [ceil(rows/br), ceil(cols/bc)]; returns f32 [rows, cols].
 pub fn dequantize_blocks(fp8: &Tensor, scale: &Tensor, block: [usize; 2]) -> Result<Tensor> {
-    let (rows, cols) = (fp8.size()[0], fp8.size()[1]);
-    let w = fp8.f_to_kind(Kind::Float)?;
-    let s = scale
-        .f_to_kind(Kind::Float)?
-        .f_repeat_interleave_self_int(block[0] as i64, Some(0), None::<i64>)?
-        .f_repeat_interleave_self_int(block[1] as i64, Some(1), None::<i64>)?
-        .f_narrow(0, 0, rows)?
-        .f_narrow(1, 0, cols)?;
-    Ok(w.f_mul(&s)?)
+    super::weight::dequantize(fp8, scale, [block[0] as i64, block[1] as i64])
 }
 
 fn ceil_div(a: i64, b: i64) -> i64 {
@@ -347,4 +442,92 @@ fn shard_paths(index: &Path) -> Result<Vec<PathBuf>> {
         }
     }
     Ok(out)
+}
+
+/// Builds each weight of a model the way its [`Plan`] places it.
+pub struct Loader<'a> {
+    pub ck: &'a Checkpoint,
+    pub plan: &'a Plan,
+    /// Present when some weight stays on disk or in host memory.
+    pub streamer: Option<Arc<Streamer>>,
+}
+
+impl Loader<'_> {
+    /// The weight the model calls `name` (e.g. `...mlp.experts.3.gate_up_proj.weight`).
+    pub fn weight(&self, name: &str) -> Result<Weight> {
+        let (i, p) = self.plan.placement_of(name).ok_or_else(|| Error::MissingTensor {
+            name: format!("{name} (not in the model's layout)"),
+            dir: self.ck.dir().to_path_buf(),
+        })?;
+        let spec = &self.plan.specs[i];
+        let kind = self.plan.kind;
+        // each source's rows: stacked sources split the rows evenly
+        let rows = spec.shape[0] / spec.sources.len() as i64;
+        let part_shape = |_: &String| -> Vec<i64> {
+            let mut s = spec.shape.clone();
+            s[0] = rows;
+            s
+        };
+        let store = match p.tier {
+            Tier::Ready if spec.sources.len() == 1 => Store::Ready(self.ck.tensor(&spec.sources[0], &spec.shape, kind, p.device)?),
+            Tier::Ready => {
+                // read each source straight into its rows of the stacked matrix
+                let w = Tensor::f_empty(spec.shape.as_slice(), (kind, p.device))?;
+                for (j, src) in spec.sources.iter().enumerate() {
+                    self.ck.tensor_into(src, &part_shape(src), &mut w.f_narrow(0, j as i64 * rows, rows)?)?;
+                }
+                Store::Ready(w)
+            }
+            Tier::Packed => {
+                let parts = spec
+                    .sources
+                    .iter()
+                    .map(|src| self.ck.packed(src, &part_shape(src))?.to_device(p.device))
+                    .collect::<Result<Vec<_>>>()?;
+                Store::Packed(Arc::new(Packed { parts }))
+            }
+            Tier::Host | Tier::Disk => {
+                let streamer = self.streamer.clone().ok_or_else(|| Error::Input(format!("weight `{name}` is planned off the device but the model has no streamer")))?;
+                let parts = spec.sources.iter().map(|src| self.ck.locate(src, &part_shape(src))).collect::<Result<Vec<_>>>()?;
+                let host = if p.tier == Tier::Host {
+                    let packed = spec.sources.iter().map(|src| self.ck.packed(src, &part_shape(src))).collect::<Result<Vec<_>>>()?;
+                    Some(Arc::new(Packed { parts: packed }))
+                } else {
+                    None
+                };
+                Store::Mapped(Mapped { parts, streamer, cached: p.cached, host })
+            }
+        };
+        Ok(Weight { name: name.to_string(), shape: spec.shape.clone(), kind, device: p.device, store })
+    }
+
+    /// A small weight (norm, router, bias) as a plain tensor of `kind` on its device.
+    pub fn small(&self, name: &str, shape: &[i64], kind: Kind) -> Result<Tensor> {
+        let device = self.plan.placement_of(name).map_or(self.device_of_layer(None), |(_, p)| p.device);
+        self.ck.tensor(name, shape, kind, device)
+    }
+
+    /// Like [`Loader::small`], `Ok(None)` when absent.
+    pub fn optional_small(&self, name: &str, shape: &[i64], kind: Kind) -> Result<Option<Tensor>> {
+        if self.ck.contains(name) {
+            self.small(name, shape, kind).map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+
+    /// The compute dtype.
+    pub fn kind(&self) -> Kind {
+        self.plan.kind
+    }
+
+    /// The device of layer `l` (`None`: the last layer's, where the head is).
+    pub fn device_of_layer(&self, l: Option<usize>) -> Device {
+        let d = &self.plan.layer_devices;
+        match l {
+            Some(l) => d.get(l).copied(),
+            None => d.last().copied(),
+        }
+        .unwrap_or(Device::Cpu)
+    }
 }

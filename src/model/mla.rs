@@ -21,8 +21,8 @@ use tch::{Kind, Tensor};
 
 use super::config::Config;
 use super::hooks::{HookPoint, Hooks};
-use super::loader::Checkpoint;
-use super::nn::{Linear, Placement, RmsNorm};
+use super::loader::Loader;
+use super::nn::{Linear, RmsNorm};
 use super::rope::{Rope, RopeAngles};
 use crate::error::{Error, Result};
 
@@ -97,10 +97,6 @@ pub struct Mla {
     pub kv_b_proj: Linear,
     /// [D, H*v]
     pub o_proj: Linear,
-    /// `W_UK` per head [H, nope, kv_lora], a view of `kv_b_proj`.
-    pub w_uk: Tensor,
-    /// `W_UV` per head [H, v, kv_lora], a view of `kv_b_proj`.
-    pub w_uv: Tensor,
     pub num_heads: i64,
     pub nope: i64,
     pub rope: i64,
@@ -110,70 +106,63 @@ pub struct Mla {
 }
 
 impl Mla {
-    pub fn load(ck: &Checkpoint, prefix: &str, cfg: &Config, p: Placement) -> Result<Mla> {
+    pub fn load(ld: &Loader, prefix: &str, cfg: &Config) -> Result<Mla> {
         let h = cfg.num_attention_heads;
-        let d = cfg.hidden_size;
-        let qk = cfg.qk_head_dim();
         let bias = cfg.attention_bias;
         let q = match cfg.q_lora_rank {
-            None => QProj::Full(Linear::load(ck, &format!("{prefix}.q_proj"), h * qk, d, false, p)?),
+            None => QProj::Full(Linear::load(ld, &format!("{prefix}.q_proj"), h * cfg.qk_head_dim(), false)?),
             Some(r) => QProj::LowRank {
-                a: Linear::load(ck, &format!("{prefix}.q_a_proj"), r, d, bias, p)?,
-                norm: RmsNorm::load(ck, &format!("{prefix}.q_a_layernorm"), r, cfg.rms_norm_eps, p)?,
-                b: Linear::load(ck, &format!("{prefix}.q_b_proj"), h * qk, r, false, p)?,
+                a: Linear::load(ld, &format!("{prefix}.q_a_proj"), r, bias)?,
+                norm: RmsNorm::load(ld, &format!("{prefix}.q_a_layernorm"), r, cfg.rms_norm_eps)?,
+                b: Linear::load(ld, &format!("{prefix}.q_b_proj"), h * cfg.qk_head_dim(), false)?,
             },
         };
-        let kv_a_proj_with_mqa = Linear::load(
-            ck,
-            &format!("{prefix}.kv_a_proj_with_mqa"),
-            cfg.kv_lora_rank + cfg.qk_rope_head_dim,
-            d,
-            bias,
-            p,
-        )?;
-        let kv_a_layernorm = RmsNorm::load(
-            ck,
-            &format!("{prefix}.kv_a_layernorm"),
-            cfg.kv_lora_rank,
-            cfg.rms_norm_eps,
-            p,
-        )?;
-        let kv_b_proj = Linear::load(
-            ck,
-            &format!("{prefix}.kv_b_proj"),
-            h * (cfg.qk_nope_head_dim + cfg.v_head_dim),
-            cfg.kv_lora_rank,
-            false,
-            p,
-        )?;
-        let o_proj = Linear::load(ck, &format!("{prefix}.o_proj"), d, h * cfg.v_head_dim, bias, p)?;
-        let (h, nope, v, kv_lora) = (
-            h as i64,
-            cfg.qk_nope_head_dim as i64,
-            cfg.v_head_dim as i64,
-            cfg.kv_lora_rank as i64,
-        );
-        // kv_b_proj rows are grouped per head: [k_nope (nope rows) | v (v rows)].
-        let per_head = kv_b_proj.weight.f_view([h, nope + v, kv_lora])?;
-        // views, not copies: they share storage with kv_b_proj, so an edit of
-        // the weight (training, interventions) reaches both paths
-        let w_uk = per_head.f_narrow(1, 0, nope)?; // [H, nope, kv_lora]
-        let w_uv = per_head.f_narrow(1, nope, v)?; // [H, v, kv_lora]
+        let kv_a_proj_with_mqa = Linear::load(ld, &format!("{prefix}.kv_a_proj_with_mqa"), cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias)?;
+        let kv_a_layernorm = RmsNorm::load(ld, &format!("{prefix}.kv_a_layernorm"), cfg.kv_lora_rank, cfg.rms_norm_eps)?;
+        let kv_b_proj = Linear::load(ld, &format!("{prefix}.kv_b_proj"), h * (cfg.qk_nope_head_dim + cfg.v_head_dim), false)?;
+        let o_proj = Linear::load(ld, &format!("{prefix}.o_proj"), cfg.hidden_size, bias)?;
         Ok(Mla {
             q,
             kv_a_proj_with_mqa,
             kv_a_layernorm,
             kv_b_proj,
             o_proj,
-            w_uk,
-            w_uv,
-            num_heads: h,
-            nope,
+            num_heads: h as i64,
+            nope: cfg.qk_nope_head_dim as i64,
             rope: cfg.qk_rope_head_dim as i64,
-            v,
-            kv_lora,
+            v: cfg.v_head_dim as i64,
+            kv_lora: cfg.kv_lora_rank as i64,
             softmax_scale: cfg.softmax_scale(),
         })
+    }
+
+    /// `W_UK` [H, nope, kv_lora] and `W_UV` [H, v, kv_lora] per head: views of
+    /// `kv_b_proj`'s weight, whose rows are grouped per head as
+    /// [k_nope (nope rows) | v (v rows)]. Views, not copies: an edit of the
+    /// weight (training, interventions) reaches both attention paths.
+    pub fn absorbed_weights(&self) -> Result<(Tensor, Tensor)> {
+        let per_head = self.kv_b_proj.weight.tensor()?.f_view([self.num_heads, self.nope + self.v, self.kv_lora])?;
+        Ok((per_head.f_narrow(1, 0, self.nope)?, per_head.f_narrow(1, self.nope, self.v)?))
+    }
+
+    /// `W_UK` per head [H, nope, kv_lora].
+    pub fn w_uk(&self) -> Result<Tensor> {
+        Ok(self.absorbed_weights()?.0)
+    }
+
+    /// `W_UV` per head [H, v, kv_lora].
+    pub fn w_uv(&self) -> Result<Tensor> {
+        Ok(self.absorbed_weights()?.1)
+    }
+
+    /// Every projection weight of the block (for prefetching).
+    pub fn weights(&self) -> Vec<&super::weight::Weight> {
+        let mut w = vec![&self.kv_a_proj_with_mqa.weight, &self.kv_b_proj.weight, &self.o_proj.weight];
+        match &self.q {
+            QProj::Full(l) => w.push(&l.weight),
+            QProj::LowRank { a, b, .. } => w.extend([&a.weight, &b.weight]),
+        }
+        w
     }
 
     /// Queries split into `(q_nope [B,H,T,nope], q_pe [B,H,T,rope])`, `q_pe` rotated.
@@ -234,17 +223,21 @@ impl Mla {
             }
             None => (new_ckv, new_kpe),
         };
-        let (q, k, v) = self.operands(&q_nope, &q_pe, &c_kv, &k_pe, attn)?;
+        let absorbed = match attn {
+            AttnImpl::Absorbed => Some(self.absorbed_weights()?),
+            AttnImpl::Naive => None,
+        };
+        let (q, k, v) = self.operands(&q_nope, &q_pe, &c_kv, &k_pe, absorbed.as_ref().map(|w| &w.0))?;
         let o = if hooks.wants(HookPoint::Pattern(layer)) {
             self.explicit_attention(&q, &k, &v, past, hooks, layer)?
         } else {
             // Absorbed: one shared latent "head" of keys and values.
             self.fused_attention(&q, &k, &v, past, attn == AttnImpl::Absorbed)?
         };
-        let heads = match attn {
-            AttnImpl::Naive => o, // [B, H, T, v]
+        let heads = match &absorbed {
+            None => o, // [B, H, T, v]
             // o_lat [B, H, T, kv_lora] -> per-head output through W_UV
-            AttnImpl::Absorbed => o.f_matmul(&self.w_uv.f_transpose(-1, -2)?.f_unsqueeze(0)?)?,
+            Some((_, w_uv)) => o.f_matmul(&w_uv.f_transpose(-1, -2)?.f_unsqueeze(0)?)?,
         };
         // [B, H, T, v] -> [B, T, H, v] -> concat heads -> o_proj
         let heads = hooks.visit(HookPoint::HeadOut(layer), heads.f_transpose(1, 2)?)?;
@@ -263,20 +256,20 @@ impl Mla {
     }
 
     /// Queries `[q_nope | q_pe]`, keys `[k_nope | k_pe]` and values `v` per head
-    /// (naive), or queries `[q_nope W_UK | q_pe]`, keys `[c_kv | k_pe]` and values
+    /// (naive, no `w_uk`), or queries `[q_nope W_UK | q_pe]`, keys `[c_kv | k_pe]` and values
     /// `c_kv` as one shared head (absorbed): either way `q . k` is the content
     /// score plus the position score.
-    fn operands(&self, q_nope: &Tensor, q_pe: &Tensor, c_kv: &Tensor, k_pe: &Tensor, attn: AttnImpl) -> Result<(Tensor, Tensor, Tensor)> {
+    fn operands(&self, q_nope: &Tensor, q_pe: &Tensor, c_kv: &Tensor, k_pe: &Tensor, w_uk: Option<&Tensor>) -> Result<(Tensor, Tensor, Tensor)> {
         let k_pe_h = k_pe.f_unsqueeze(1)?; // [B, 1, S, rope], shared by all heads
-        Ok(match attn {
-            AttnImpl::Naive => {
+        Ok(match w_uk {
+            None => {
                 let (k_nope, v) = self.expand_kv(c_kv)?;
                 let sz = k_nope.size();
                 let k_pe = k_pe_h.f_expand([sz[0], sz[1], sz[2], self.rope], false)?;
                 (Tensor::f_cat(&[q_nope, q_pe], -1)?, Tensor::f_cat(&[&k_nope, &k_pe], -1)?, v)
             }
-            AttnImpl::Absorbed => {
-                let q_lat = q_nope.f_matmul(&self.w_uk.f_unsqueeze(0)?)?; // [B, H, T, kv_lora]
+            Some(w_uk) => {
+                let q_lat = q_nope.f_matmul(&w_uk.f_unsqueeze(0)?)?; // [B, H, T, kv_lora]
                 let c_kv_h = c_kv.f_unsqueeze(1)?; // [B, 1, S, kv_lora]
                 (Tensor::f_cat(&[&q_lat, q_pe], -1)?, Tensor::f_cat(&[&c_kv_h, &k_pe_h], -1)?, c_kv_h)
             }

@@ -1,35 +1,89 @@
 //! The whole network: embeddings, decoder layers, final norm, LM head.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
 
 use tch::{Device, Kind, Tensor};
 
+use super::budget::{DeviceMap, MemoryBudget};
 use super::config::Config;
 use super::decoder::{DecoderLayer, FeedForward};
-use super::loader::Checkpoint;
 use super::hooks::{HookPoint, Hooks, NoHooks};
+use super::layout::weight_specs;
+use super::loader::{Checkpoint, Loader};
 use super::mla::{AttnImpl, LatentCache};
 use super::moe::RouterOutput;
-use super::nn::{Placement, RmsNorm};
-use super::rope::Rope;
+use super::nn::RmsNorm;
+use super::plan::{Plan, PlanOptions, Tier};
+use super::rope::{Rope, RopeAngles};
+use super::stream::{ForwardCost, Streamer, Traffic};
 use super::tokenizer::Tokenizer;
+use super::weight::Weight;
 use crate::error::{Error, Result};
+use crate::stats::human_bytes;
 
-/// Where to put the model and in which dtype.
-#[derive(Debug, Clone, Copy)]
+/// Where to put the model, in which dtype, and how much memory it may take.
+#[derive(Debug, Clone, PartialEq)]
 pub struct LoadOptions {
     pub device: Device,
     /// Compute dtype of the weights (`Float`, `BFloat16` or `Half`). Router
     /// weights and `e_score_correction_bias` stay f32.
     pub kind: Kind,
+    /// Memory the weights may take on each compute device. `Auto` (the
+    /// default): everything resident when the model fits in what is
+    /// available, else streaming within it. See [`super::plan`].
+    pub memory_budget: MemoryBudget,
+    /// Host memory for weights offloaded from GPUs (unused on the CPU).
+    pub host_budget: MemoryBudget,
+    /// Expand FP8 weights to the compute dtype at load, as DeepScope did
+    /// before weights were kept FP8 (4x the memory in f32, 2x in bf16).
+    pub dequantize: bool,
+    /// Which device each layer runs on (several GPUs).
+    pub device_map: DeviceMap,
+    /// Drop streamed weights from the operating system's page cache after
+    /// reading them, so a checkpoint that fits in RAM behaves like one that
+    /// does not (benchmarks).
+    pub drop_page_cache: bool,
 }
 
 impl Default for LoadOptions {
-    /// CUDA when available, else CPU; f32.
+    /// CUDA when available, else CPU; f32; automatic budget; FP8 kept.
     fn default() -> Self {
         LoadOptions {
             device: Device::cuda_if_available(),
             kind: Kind::Float,
+            memory_budget: MemoryBudget::Auto,
+            host_budget: MemoryBudget::Auto,
+            dequantize: false,
+            device_map: DeviceMap::Single,
+            drop_page_cache: false,
+        }
+    }
+}
+
+impl LoadOptions {
+    /// `device` and `kind`, everything else default.
+    pub fn new(device: Device, kind: Kind) -> LoadOptions {
+        LoadOptions { device, kind, ..Default::default() }
+    }
+
+    /// The same options with a memory budget.
+    pub fn with_budget(mut self, budget: MemoryBudget) -> LoadOptions {
+        self.memory_budget = budget;
+        self
+    }
+
+    /// What the plan needs of these options.
+    pub fn plan_options(&self) -> PlanOptions {
+        PlanOptions {
+            device: self.device,
+            kind: self.kind,
+            memory_budget: self.memory_budget,
+            host_budget: self.host_budget,
+            dequantize: self.dequantize,
+            device_map: self.device_map.clone(),
+            gpus: None,
         }
     }
 }
@@ -114,17 +168,25 @@ pub struct ForwardOutput {
     pub logits: Tensor,
     /// Per layer: the router's decisions (MoE layers only).
     pub routing: Vec<Option<RouterOutput>>,
+    /// Time and weight traffic of this pass.
+    pub cost: ForwardCost,
 }
 
 #[derive(Debug)]
 pub struct Model {
     pub config: Config,
-    pub embed_tokens: Tensor,
+    /// [V, D]
+    pub embed_tokens: Weight,
     pub layers: Vec<DecoderLayer>,
     pub norm: RmsNorm,
     /// [V, D]; the embedding matrix itself when `tie_word_embeddings`.
-    pub lm_head: Tensor,
+    pub lm_head: Weight,
     pub rope: Rope,
+    /// Where every weight lives (see [`Model::plan`]).
+    pub plan: Plan,
+    /// Reads streamed weights and counts the traffic; `None` when every
+    /// weight is resident.
+    pub streamer: Option<Arc<Streamer>>,
     pub tokenizer: Option<Tokenizer>,
     pub device: Device,
     pub kind: Kind,
@@ -146,26 +208,28 @@ impl Model {
         }
         let config = Config::from_dir(dir)?;
         let ck = Checkpoint::open(dir, config.quantization.as_ref().map(|q| q.weight_block_size))?;
-        let p = Placement {
-            device: opts.device,
-            kind: opts.kind,
-        };
-        let _guard = tch::no_grad_guard();
-        let (v, d) = (config.vocab_size as i64, config.hidden_size as i64);
-        let embed_tokens = ck.tensor("model.embed_tokens.weight", &[v, d], p.kind, p.device)?;
-        let layers = (0..config.num_hidden_layers)
-            .map(|i| DecoderLayer::load(&ck, i, &config, p))
-            .collect::<Result<Vec<_>>>()?;
-        let norm = RmsNorm::load(&ck, "model.norm", config.hidden_size, config.rms_norm_eps, p)?;
-        let lm_head = match ck.optional("lm_head.weight", &[v, d], p.kind, p.device)? {
-            Some(w) => w,
-            None if config.tie_word_embeddings => embed_tokens.shallow_clone(),
-            None => {
-                return Err(Error::MissingTensor {
-                    name: "lm_head.weight".into(),
-                    dir: dir.to_path_buf(),
-                })
+        let plan = Model::plan_checkpoint(&ck, &config, &opts.plan_options())?;
+        let streamer = if plan.placements.iter().any(|p| matches!(p.tier, Tier::Disk | Tier::Host)) {
+            let s = Arc::new(Streamer::open(&ck.file_paths(), opts.drop_page_cache)?);
+            for d in &plan.devices {
+                s.set_cache_capacity(d.device, d.cache_capacity as usize);
             }
+            Some(s)
+        } else {
+            None
+        };
+        let ld = Loader { ck: &ck, plan: &plan, streamer: streamer.clone() };
+        let _guard = tch::no_grad_guard();
+        let embed_tokens = ld.weight("model.embed_tokens.weight")?;
+        let layers = (0..config.num_hidden_layers)
+            .map(|i| DecoderLayer::load(&ld, i, &config))
+            .collect::<Result<Vec<_>>>()?;
+        let norm = RmsNorm::load(&ld, "model.norm", config.hidden_size, config.rms_norm_eps)?;
+        // a tied model's own lm_head.weight, when the checkpoint has one, is used as before
+        let lm_head = if plan.placement_of("lm_head.weight").is_some() {
+            ld.weight("lm_head.weight")?
+        } else {
+            embed_tokens.share("lm_head.weight")
         };
         let (unexpected, extra) = ck.unread(config.num_hidden_layers);
         if !unexpected.is_empty() {
@@ -183,8 +247,30 @@ impl Model {
                 config.num_hidden_layers
             ));
         }
+        if plan.streaming() {
+            let disk: u64 = plan
+                .specs
+                .iter()
+                .zip(&plan.placements)
+                .zip(&plan.stored)
+                .filter(|((_, p), _)| p.tier == Tier::Disk)
+                .map(|((s, _), st)| st.bytes(&s.shape))
+                .sum();
+            for d in plan.devices.iter().filter(|d| d.streaming) {
+                load_notes.push(format!(
+                    "streaming on {}: the model ({} stored) does not fit the memory budget ({}); {} of weights resident, {} read from disk as passes need them, expert cache {}",
+                    format!("{:?}", d.device).to_lowercase(),
+                    human_bytes(plan.stored_bytes()),
+                    d.budget.map_or("unlimited".into(), human_bytes),
+                    human_bytes(d.resident),
+                    human_bytes(disk),
+                    human_bytes(d.cache_capacity)
+                ));
+            }
+        }
         let tokenizer = Tokenizer::from_dir(dir)?;
-        let rope = Rope::new(&config, opts.device)?;
+        let main = plan.layer_devices.first().copied().unwrap_or(opts.device);
+        let rope = Rope::new(&config, main)?;
         Ok(Model {
             config,
             embed_tokens,
@@ -192,36 +278,69 @@ impl Model {
             norm,
             lm_head,
             rope,
+            plan,
+            streamer,
             tokenizer,
-            device: opts.device,
+            device: main,
             kind: opts.kind,
             dir: dir.to_path_buf(),
             load_notes,
         })
     }
 
+    /// Where `Model::load(dir, opts)` would put every weight, from the
+    /// checkpoint's headers alone (nothing is read).
+    pub fn plan(dir: impl AsRef<Path>, opts: &LoadOptions) -> Result<Plan> {
+        Model::plan_with(dir, &opts.plan_options())
+    }
+
+    /// Like [`Model::plan`], with plan options (e.g. for GPUs this machine
+    /// does not have).
+    pub fn plan_with(dir: impl AsRef<Path>, opts: &PlanOptions) -> Result<Plan> {
+        let dir = dir.as_ref();
+        let config = Config::from_dir(dir)?;
+        let ck = Checkpoint::open(dir, config.quantization.as_ref().map(|q| q.weight_block_size))?;
+        Model::plan_checkpoint(&ck, &config, opts)
+    }
+
+    fn plan_checkpoint(ck: &Checkpoint, config: &Config, opts: &PlanOptions) -> Result<Plan> {
+        let mut specs = weight_specs(config);
+        if config.tie_word_embeddings && ck.contains("lm_head.weight") {
+            let (v, d) = (config.vocab_size as i64, config.hidden_size as i64);
+            specs.push(super::layout::WeightSpec {
+                name: "lm_head.weight".into(),
+                sources: vec!["lm_head.weight".into()],
+                shape: vec![v, d],
+                unit: super::layout::Unit::LmHead,
+                matrix: true,
+            });
+        }
+        let stored = specs
+            .iter()
+            .map(|s| match s.sources.iter().find(|n| !ck.contains(n)) {
+                Some(missing) => Err(Error::MissingTensor { name: missing.clone(), dir: ck.dir().to_path_buf() }),
+                None => ck.stored(&s.sources[0]),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Plan::new(config, specs, stored, opts)
+    }
+
     /// Loads the shipped default model (`models/deepscope-tiny`, or the
     /// directory named by `$DEEPSCOPE_MODEL`) on the CPU in f32.
     pub fn load_default() -> Result<Model> {
-        Model::load(
-            default_model_dir(),
-            LoadOptions {
-                device: Device::Cpu,
-                kind: Kind::Float,
-            },
-        )
+        Model::load(default_model_dir(), LoadOptions::new(Device::Cpu, Kind::Float))
     }
 
     /// An empty cache for this model.
     pub fn new_cache(&self) -> KvCache {
-        let empty = || Tensor::empty([0], (self.kind, self.device));
+        let empty = |d: Device| Tensor::empty([0], (self.kind, d));
         KvCache {
             layers: self
                 .layers
                 .iter()
-                .map(|_| LatentCache {
-                    c_kv: empty(),
-                    k_pe: empty(),
+                .map(|l| LatentCache {
+                    c_kv: empty(l.device),
+                    k_pe: empty(l.device),
                 })
                 .collect(),
         }
@@ -273,6 +392,8 @@ impl Model {
         hooks: &mut dyn Hooks,
     ) -> Result<ForwardOutput> {
         self.check_ids(ids)?;
+        let started = Instant::now();
+        let before = self.traffic();
         let _guard = (!opts.grad).then(tch::no_grad_guard);
         let ids = ids.f_to_kind(Kind::Int64)?.f_to_device(self.device)?;
         let t = ids.size()[1];
@@ -294,70 +415,138 @@ impl Model {
                 )));
             }
         }
-        let angles = self.rope.angles(past, t, self.kind)?;
-        let mut h = hooks.visit(HookPoint::Embed, Tensor::f_embedding(&self.embed_tokens, &ids, -1, false, false)?)?;
+        let mut angles_on: Vec<(Device, RopeAngles)> = vec![(self.device, self.rope.angles(past, t, self.kind)?)];
+        let mut h = hooks.visit(HookPoint::Embed, self.embed_tokens.embedding(&ids)?)?;
         let mut routing = Vec::with_capacity(self.layers.len());
+        if let Some(first) = self.layers.first() {
+            first.prefetch();
+        }
         for (i, layer) in self.layers.iter().enumerate() {
+            // read the next layer's streamed weights while this one computes
+            if let Some(next) = self.layers.get(i + 1) {
+                next.prefetch();
+            }
+            if h.device() != layer.device {
+                h = h.f_to_device(layer.device)?;
+            }
+            if !angles_on.iter().any(|(d, _)| *d == layer.device) {
+                let a = angles_on[0].1.to_device(layer.device)?;
+                angles_on.push((layer.device, a));
+            }
+            let angles = &angles_on.iter().find(|(d, _)| *d == layer.device).ok_or_else(|| Error::Input("no RoPE angles".into()))?.1;
             let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            let out = layer.forward(&h, &self.rope, &angles, layer_cache, opts.attn, hooks)?;
+            let out = layer.forward(&h, &self.rope, angles, layer_cache, opts.attn, hooks)?;
             h = out.hidden;
             routing.push(out.routing);
         }
-        let h = hooks.visit(HookPoint::FinalNorm, self.norm.forward(&h)?)?;
-        let logits = hooks.visit(HookPoint::Logits, h.f_linear(&self.lm_head, None::<Tensor>)?)?;
-        Ok(ForwardOutput { logits, routing })
+        let norm_device = self.norm.weight.device();
+        if h.device() != norm_device {
+            h = h.f_to_device(norm_device)?;
+        }
+        let mut h = hooks.visit(HookPoint::FinalNorm, self.norm.forward(&h)?)?;
+        if h.device() != self.lm_head.device {
+            h = h.f_to_device(self.lm_head.device)?;
+        }
+        let logits = hooks.visit(HookPoint::Logits, self.lm_head.linear(&h)?)?;
+        let cost = self.cost_since(started, &before, ids.numel() as u64);
+        Ok(ForwardOutput { logits, routing, cost })
     }
 
-    /// Bytes of the weights as loaded (tied matrices counted once).
+    /// The traffic counters of the model's streamer so far (zeros when every
+    /// weight is resident).
+    pub fn traffic(&self) -> Traffic {
+        self.streamer.as_ref().map(|s| s.traffic()).unwrap_or_default()
+    }
+
+    fn cost_since(&self, started: Instant, before: &Traffic, tokens: u64) -> ForwardCost {
+        ForwardCost {
+            tokens,
+            seconds: started.elapsed().as_secs_f64(),
+            traffic: self.traffic().since(before),
+            resident_bytes: self.weight_bytes() as u64,
+            cache_bytes: self.streamer.as_ref().map_or(0, |s| s.cached_bytes() as u64),
+        }
+    }
+
+    /// Parameters of the loaded weights, however they are stored (tied
+    /// matrices counted once).
+    pub fn parameter_count(&self) -> u64 {
+        let numel = |shape: &[i64]| shape.iter().product::<i64>().max(0) as u64;
+        let mut n = numel(&self.embed_tokens.shape) + self.norm.weight.numel() as u64;
+        if !self.config.tie_word_embeddings {
+            n += numel(&self.lm_head.shape);
+        }
+        for l in &self.layers {
+            n += l.weights().iter().map(|w| numel(&w.shape)).sum::<u64>();
+            n += l.small_tensors().iter().map(|t| t.numel() as u64).sum::<u64>();
+        }
+        n
+    }
+
+    /// Bytes of the weights held in memory now (tied matrices counted once),
+    /// expert cache included.
     pub fn weight_bytes(&self) -> usize {
-        self.named_weights()
-            .iter()
-            .map(|(_, t)| t.numel() * t.kind().elt_size_in_bytes())
-            .sum()
+        let mut total = self.embed_tokens.resident_bytes();
+        if !self.config.tie_word_embeddings {
+            total += self.lm_head.resident_bytes();
+        }
+        total += self.norm.weight.numel() * self.norm.weight.kind().elt_size_in_bytes();
+        for l in &self.layers {
+            for w in l.weights() {
+                total += w.resident_bytes();
+            }
+            for t in l.small_tensors() {
+                total += t.numel() * t.kind().elt_size_in_bytes();
+            }
+        }
+        total + self.streamer.as_ref().map_or(0, |s| s.cached_bytes())
     }
 
     /// Every weight tensor under its checkpoint name (gate and up projections
-    /// appear as their stacked matrix `...gate_up_proj.weight`).
-    pub fn named_weights(&self) -> Vec<(String, &Tensor)> {
-        let mut out: Vec<(String, &Tensor)> = vec![("model.embed_tokens.weight".into(), &self.embed_tokens)];
+    /// appear as their stacked matrix `...gate_up_proj.weight`). Fails, naming
+    /// the first such weight, when a weight is not a plain resident tensor
+    /// (FP8 kept packed, or streamed): load with `dequantize` and an
+    /// unlimited budget for training or saving.
+    pub fn named_weights(&self) -> Result<Vec<(String, &Tensor)>> {
+        let mut out: Vec<(String, &Tensor)> = vec![("model.embed_tokens.weight".into(), self.embed_tokens.ready_or_err()?)];
         for l in &self.layers {
             let p = format!("model.layers.{}", l.index);
             out.push((format!("{p}.input_layernorm.weight"), &l.input_layernorm.weight));
             out.push((format!("{p}.post_attention_layernorm.weight"), &l.post_attention_layernorm.weight));
             let a = &l.self_attn;
-            push_linear(&mut out, format!("{p}.self_attn.kv_a_proj_with_mqa"), &a.kv_a_proj_with_mqa);
-            push_linear(&mut out, format!("{p}.self_attn.kv_b_proj"), &a.kv_b_proj);
-            push_linear(&mut out, format!("{p}.self_attn.o_proj"), &a.o_proj);
+            push_linear(&mut out, format!("{p}.self_attn.kv_a_proj_with_mqa"), &a.kv_a_proj_with_mqa)?;
+            push_linear(&mut out, format!("{p}.self_attn.kv_b_proj"), &a.kv_b_proj)?;
+            push_linear(&mut out, format!("{p}.self_attn.o_proj"), &a.o_proj)?;
             out.push((format!("{p}.self_attn.kv_a_layernorm.weight"), &a.kv_a_layernorm.weight));
             match &a.q {
-                super::mla::QProj::Full(q) => push_linear(&mut out, format!("{p}.self_attn.q_proj"), q),
+                super::mla::QProj::Full(q) => push_linear(&mut out, format!("{p}.self_attn.q_proj"), q)?,
                 super::mla::QProj::LowRank { a: qa, norm, b } => {
-                    push_linear(&mut out, format!("{p}.self_attn.q_a_proj"), qa);
+                    push_linear(&mut out, format!("{p}.self_attn.q_a_proj"), qa)?;
                     out.push((format!("{p}.self_attn.q_a_layernorm.weight"), &norm.weight));
-                    push_linear(&mut out, format!("{p}.self_attn.q_b_proj"), b);
+                    push_linear(&mut out, format!("{p}.self_attn.q_b_proj"), b)?;
                 }
             }
             match &l.mlp {
-                FeedForward::Dense(m) => push_mlp(&mut out, format!("{p}.mlp"), m),
+                FeedForward::Dense(m) => push_mlp(&mut out, format!("{p}.mlp"), m)?,
                 FeedForward::Moe(m) => {
                     out.push((format!("{p}.mlp.gate.weight"), &m.gate.weight));
                     if let Some(b) = &m.gate.e_score_correction_bias {
                         out.push((format!("{p}.mlp.gate.e_score_correction_bias"), b));
                     }
                     for (e, x) in m.experts.iter().enumerate() {
-                        push_mlp(&mut out, format!("{p}.mlp.experts.{e}"), x);
+                        push_mlp(&mut out, format!("{p}.mlp.experts.{e}"), x)?;
                     }
                     if let Some(s) = &m.shared_experts {
-                        push_mlp(&mut out, format!("{p}.mlp.shared_experts"), s);
+                        push_mlp(&mut out, format!("{p}.mlp.shared_experts"), s)?;
                     }
                 }
             }
         }
         out.push(("model.norm.weight".into(), &self.norm.weight));
         if !self.config.tie_word_embeddings {
-            out.push(("lm_head.weight".into(), &self.lm_head));
+            out.push(("lm_head.weight".into(), self.lm_head.ready_or_err()?));
         }
-        out
+        Ok(out)
     }
 
     /// Encodes text with the model's tokenizer.
@@ -376,14 +565,15 @@ impl Model {
     }
 }
 
-fn push_linear<'a>(out: &mut Vec<(String, &'a Tensor)>, name: String, l: &'a super::nn::Linear) {
-    out.push((format!("{name}.weight"), &l.weight));
+fn push_linear<'a>(out: &mut Vec<(String, &'a Tensor)>, name: String, l: &'a super::nn::Linear) -> Result<()> {
+    out.push((format!("{name}.weight"), l.weight.ready_or_err()?));
     if let Some(b) = &l.bias {
         out.push((format!("{name}.bias"), b));
     }
+    Ok(())
 }
 
-fn push_mlp<'a>(out: &mut Vec<(String, &'a Tensor)>, name: String, m: &'a super::moe::Mlp) {
-    push_linear(out, format!("{name}.gate_up_proj"), &m.gate_up);
-    push_linear(out, format!("{name}.down_proj"), &m.down_proj);
+fn push_mlp<'a>(out: &mut Vec<(String, &'a Tensor)>, name: String, m: &'a super::moe::Mlp) -> Result<()> {
+    push_linear(out, format!("{name}.gate_up_proj"), &m.gate_up)?;
+    push_linear(out, format!("{name}.down_proj"), &m.down_proj)
 }

@@ -15,9 +15,10 @@
 use tch::{Device, Kind, Tensor};
 
 use super::config::{Config, ScoringFunc, TopkMethod};
-use super::loader::Checkpoint;
+use super::loader::Loader;
 use super::hooks::{HookPoint, Hooks, NoHooks};
-use super::nn::{Linear, Placement};
+use super::nn::Linear;
+use super::weight::Weight;
 use crate::error::{Error, Result};
 
 /// A SwiGLU feed-forward block `down(silu(gate(x)) * up(x))`. Gate and up are
@@ -31,28 +32,30 @@ pub struct Mlp {
 }
 
 impl Mlp {
-    pub fn load(ck: &Checkpoint, prefix: &str, hidden: usize, inter: usize, bias: bool, p: Placement) -> Result<Mlp> {
-        let (i, d) = (inter as i64, hidden as i64);
-        // read gate and up straight into their stacked matrix: no second copy
-        let weight = Tensor::f_empty([2 * i, d], (p.kind, p.device))?;
-        ck.tensor_into(&format!("{prefix}.gate_proj.weight"), &[i, d], &mut weight.f_narrow(0, 0, i)?)?;
-        ck.tensor_into(&format!("{prefix}.up_proj.weight"), &[i, d], &mut weight.f_narrow(0, i, i)?)?;
-        let has_bias = bias;
-        let bias = if has_bias {
-            let b = Tensor::f_empty([2 * i], (p.kind, p.device))?;
-            ck.tensor_into(&format!("{prefix}.gate_proj.bias"), &[i], &mut b.f_narrow(0, 0, i)?)?;
-            ck.tensor_into(&format!("{prefix}.up_proj.bias"), &[i], &mut b.f_narrow(0, i, i)?)?;
-            Some(b)
+    /// Loads `{prefix}.{gate,up,down}_proj`; gate and up become the stacked
+    /// weight `{prefix}.gate_up_proj.weight`.
+    pub fn load(ld: &Loader, prefix: &str, hidden: usize, inter: usize, bias: bool) -> Result<Mlp> {
+        let weight = ld.weight(&format!("{prefix}.gate_up_proj.weight"))?;
+        let bias_t = if bias {
+            let i = [inter as i64];
+            let g = ld.small(&format!("{prefix}.gate_proj.bias"), &i, ld.kind())?;
+            let u = ld.small(&format!("{prefix}.up_proj.bias"), &i, ld.kind())?;
+            Some(Tensor::f_cat(&[g, u], 0)?)
         } else {
             None
         };
-        let gate_up = Linear { weight, bias };
-        let down_proj = Linear::load(ck, &format!("{prefix}.down_proj"), hidden, inter, has_bias, p)?;
+        let gate_up = Linear { weight, bias: bias_t };
+        let down_proj = Linear::load(ld, &format!("{prefix}.down_proj"), hidden, bias)?;
         Ok(Mlp {
             gate_up,
             down_proj,
             intermediate: inter as i64,
         })
+    }
+
+    /// Both weights (for prefetching and accounting).
+    pub fn weights(&self) -> [&Weight; 2] {
+        [&self.gate_up.weight, &self.down_proj.weight]
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -62,14 +65,14 @@ impl Mlp {
         self.down_proj.forward(&gate.f_silu()?.f_mul(&up)?)
     }
 
-    /// `gate_proj.weight` [I, D], a view into the stacked matrix.
+    /// `gate_proj.weight` [I, D] (a view into the stacked matrix when it is resident).
     pub fn gate_proj_weight(&self) -> Result<Tensor> {
-        Ok(self.gate_up.weight.f_narrow(0, 0, self.intermediate)?)
+        Ok(self.gate_up.weight.tensor()?.f_narrow(0, 0, self.intermediate)?)
     }
 
-    /// `up_proj.weight` [I, D], a view into the stacked matrix.
+    /// `up_proj.weight` [I, D] (a view into the stacked matrix when it is resident).
     pub fn up_proj_weight(&self) -> Result<Tensor> {
-        Ok(self.gate_up.weight.f_narrow(0, self.intermediate, self.intermediate)?)
+        Ok(self.gate_up.weight.tensor()?.f_narrow(0, self.intermediate, self.intermediate)?)
     }
 }
 
@@ -216,17 +219,12 @@ pub struct Selection {
 }
 
 impl Router {
-    pub fn load(ck: &Checkpoint, prefix: &str, cfg: &Config, device: Device) -> Result<Router> {
+    pub fn load(ld: &Loader, prefix: &str, cfg: &Config) -> Result<Router> {
         let e = cfg.n_routed_experts as i64;
-        let weight = ck.tensor(
-            &format!("{prefix}.weight"),
-            &[e, cfg.hidden_size as i64],
-            Kind::Float,
-            device,
-        )?;
+        let weight = ld.small(&format!("{prefix}.weight"), &[e, cfg.hidden_size as i64], Kind::Float)?;
         let bias_name = format!("{prefix}.e_score_correction_bias");
         let e_score_correction_bias = match cfg.topk_method {
-            TopkMethod::NoauxTc => Some(ck.tensor(&bias_name, &[e], Kind::Float, device)?),
+            TopkMethod::NoauxTc => Some(ld.small(&bias_name, &[e], Kind::Float)?),
             _ => None,
         };
         Ok(Router {
@@ -441,29 +439,14 @@ pub struct MoeOutput {
 }
 
 impl Moe {
-    pub fn load(ck: &Checkpoint, prefix: &str, cfg: &Config, p: Placement) -> Result<Moe> {
-        let gate = Router::load(ck, &format!("{prefix}.gate"), cfg, p.device)?;
+    pub fn load(ld: &Loader, prefix: &str, cfg: &Config) -> Result<Moe> {
+        let gate = Router::load(ld, &format!("{prefix}.gate"), cfg)?;
+        let (d, im, bias) = (cfg.hidden_size, cfg.moe_intermediate_size, cfg.mlp_bias);
         let experts = (0..cfg.n_routed_experts)
-            .map(|e| {
-                Mlp::load(
-                    ck,
-                    &format!("{prefix}.experts.{e}"),
-                    cfg.hidden_size,
-                    cfg.moe_intermediate_size,
-                    cfg.mlp_bias,
-                    p,
-                )
-            })
+            .map(|e| Mlp::load(ld, &format!("{prefix}.experts.{e}"), d, im, bias))
             .collect::<Result<Vec<_>>>()?;
         let shared_experts = if cfg.n_shared_experts > 0 {
-            Some(Mlp::load(
-                ck,
-                &format!("{prefix}.shared_experts"),
-                cfg.hidden_size,
-                cfg.moe_intermediate_size * cfg.n_shared_experts,
-                cfg.mlp_bias,
-                p,
-            )?)
+            Some(Mlp::load(ld, &format!("{prefix}.shared_experts"), d, im * cfg.n_shared_experts, bias)?)
         } else {
             None
         };
@@ -534,6 +517,13 @@ impl Moe {
         let slot_w = weights.f_reshape([n * k])?.f_index_select(0, &order)?; // [N*k]
         let counts = Vec::<i64>::try_from(flat_idx.f_bincount(None::<Tensor>, e)?.f_to_device(Device::Cpu)?)?;
         let xs = x.f_index_select(0, &token_of)?; // [N*k, D]
+        // experts off the device: ask for all the chosen ones at once, so their
+        // reads overlap with the computation of the first
+        for (expert, &c) in self.experts.iter().zip(&counts) {
+            if c > 0 {
+                expert.weights().iter().for_each(|w| w.prefetch());
+            }
+        }
         let mut parts = Vec::with_capacity(self.experts.len());
         let mut offset = 0;
         for (expert, &c) in self.experts.iter().zip(&counts) {

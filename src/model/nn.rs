@@ -1,44 +1,35 @@
 //! The two basic blocks every other block is made of: a bias-optional linear
 //! map and RMSNorm, each built from checkpoint names.
 
-use tch::{Device, Kind, Tensor};
+use tch::{Kind, Tensor};
 
-use super::loader::Checkpoint;
+use super::loader::Loader;
+use super::weight::Weight;
 use crate::error::Result;
 
-/// Where and in which dtype weights are placed.
-#[derive(Debug, Clone, Copy)]
-pub struct Placement {
-    pub device: Device,
-    pub kind: Kind,
-}
-
-/// `y = x W^T (+ b)`; `weight` is [out, in] as in the checkpoint.
+/// `y = x W^T (+ b)`; `weight` is [out, in] as in the checkpoint, stored
+/// however the plan placed it (see [`Weight`]).
 #[derive(Debug)]
 pub struct Linear {
-    pub weight: Tensor,
+    pub weight: Weight,
     pub bias: Option<Tensor>,
 }
 
 impl Linear {
     /// Loads `{prefix}.weight` \[out, in\] and, when `bias`, `{prefix}.bias` \[out\].
-    pub fn load(ck: &Checkpoint, prefix: &str, out: usize, inp: usize, bias: bool, p: Placement) -> Result<Linear> {
-        let weight = ck.tensor(&format!("{prefix}.weight"), &[out as i64, inp as i64], p.kind, p.device)?;
-        let bias = if bias {
-            Some(ck.tensor(&format!("{prefix}.bias"), &[out as i64], p.kind, p.device)?)
-        } else {
-            None
-        };
+    pub fn load(ld: &Loader, prefix: &str, out: usize, bias: bool) -> Result<Linear> {
+        let weight = ld.weight(&format!("{prefix}.weight"))?;
+        let bias = if bias { Some(ld.small(&format!("{prefix}.bias"), &[out as i64], ld.kind())?) } else { None };
         Ok(Linear { weight, bias })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(x.f_linear(&self.weight, self.bias.as_ref())?)
+        self.weight.linear_with_bias(x, self.bias.as_ref())
     }
 
     /// Output features.
     pub fn out_features(&self) -> i64 {
-        self.weight.size()[0]
+        self.weight.shape[0]
     }
 }
 
@@ -50,8 +41,8 @@ pub struct RmsNorm {
 }
 
 impl RmsNorm {
-    pub fn load(ck: &Checkpoint, name: &str, dim: usize, eps: f64, p: Placement) -> Result<RmsNorm> {
-        let weight = ck.tensor(&format!("{name}.weight"), &[dim as i64], p.kind, p.device)?;
+    pub fn load(ld: &Loader, name: &str, dim: usize, eps: f64) -> Result<RmsNorm> {
+        let weight = ld.small(&format!("{name}.weight"), &[dim as i64], ld.kind())?;
         Ok(RmsNorm { weight, eps })
     }
 

@@ -30,6 +30,13 @@ pub struct RopeAngles {
     pub sin: Tensor,
 }
 
+impl RopeAngles {
+    /// The same angles on `device` (layers split across GPUs).
+    pub fn to_device(&self, device: Device) -> Result<RopeAngles> {
+        Ok(RopeAngles { cos: self.cos.f_to_device(device)?, sin: self.sin.f_to_device(device)? })
+    }
+}
+
 impl Rope {
     pub fn new(cfg: &Config, device: Device) -> Result<Rope> {
         let dim = cfg.qk_rope_head_dim;

@@ -95,7 +95,7 @@ pub fn run(job: &TrainJob) -> Result<()> {
         checkpoint::init_checkpoint(&cfg, &ckpt, job.init_std, job.settings.seed as i64)?;
     }
     std::fs::copy(&tok_path, ckpt.join("tokenizer.json")).map_err(|e| Error::io(&ckpt, e))?;
-    let model = Model::load(&ckpt, LoadOptions { device: job.device, kind: Kind::Float })?;
+    let model = Model::load(&ckpt, LoadOptions::new(job.device, Kind::Float))?;
     let mut trainer = Trainer::new(&model, job.settings.clone())?;
     if resuming {
         trainer.restore(&ckpt)?;
@@ -122,7 +122,7 @@ pub fn run(job: &TrainJob) -> Result<()> {
     std::fs::copy(&tok_path, final_dir.join("tokenizer.json")).map_err(|e| Error::io(&final_dir, e))?;
     drop(trainer);
     drop(model);
-    let shipped = Model::load(&final_dir, LoadOptions { device: job.device, kind: Kind::Float })?;
+    let shipped = Model::load(&final_dir, LoadOptions::new(job.device, Kind::Float))?;
     eprintln!("evaluating the shipped model on the whole held-out split...");
     let mut figures = heldout_report(&shipped, &stream, &heldout, vocab, seq)?;
     if let Some(obj) = figures.as_object_mut() {
@@ -167,7 +167,7 @@ pub fn heldout_report(model: &Model, stream: &TrainStream, heldout: &[TokenDoc],
 /// Evaluates a trained model (directory with tokenizer.json) on the held-out
 /// split of the corpus, with the figures of [`heldout_report`].
 pub fn evaluate_model(dir: &Path, seq: usize, device: Device, sources: &CorpusSources) -> Result<serde_json::Value> {
-    let model = Model::load(dir, LoadOptions { device, kind: Kind::Float })?;
+    let model = Model::load(dir, LoadOptions::new(device, Kind::Float))?;
     let tok = model.tokenizer()?;
     let eos = tok.token_id(bpe::EOS).ok_or_else(|| Error::Input("tokenizer has no <|eos|>".into()))?;
     let corpus = Corpus::load(sources)?;

@@ -147,7 +147,7 @@ impl<'a> Trainer<'a> {
             )));
         }
         let mut params = Vec::new();
-        for (name, t) in model.named_weights() {
+        for (name, t) in model.named_weights()? {
             if name.ends_with("e_score_correction_bias") {
                 continue;
             }

@@ -73,10 +73,7 @@ pub fn read(path: &Path) -> HashMap<String, Tensor> {
 pub fn load_cpu(dir: &Path) -> Model {
     Model::load(
         dir,
-        LoadOptions {
-            device: Device::Cpu,
-            kind: Kind::Float,
-        },
+        LoadOptions::new(Device::Cpu, Kind::Float),
     )
     .unwrap_or_else(|e| panic!("loading {}: {e}", dir.display()))
 }

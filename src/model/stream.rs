@@ -1,0 +1,470 @@
+//! Reading weights from the checkpoint files while the model runs, under a
+//! memory budget.
+//!
+//! A [`Streamer`] owns open handles on the checkpoint's safetensors files.
+//! Weights the plan leaves on disk ([`Store::Mapped`](super::weight::Store))
+//! are read at each use with large positioned reads (`pread`) into fresh
+//! tensors, used, and dropped; routed experts are kept afterwards in an LRU
+//! cache whose size the plan fixed, so a hot expert is read once. Every read
+//! is counted ([`Traffic`]): bytes, reads, seconds spent loading, cache hits,
+//! misses and evictions.
+//!
+//! Why `pread` and not the memory mapping the loader uses for resident
+//! weights: pages of a mapping that a pass touched stay in the process's
+//! resident set until released, so the budget would depend on the kernel's
+//! fault-around and readahead; a read into a tensor we own makes the bytes in
+//! memory exactly the bytes we hold. `posix_fadvise` hints start reads ahead
+//! (`WILLNEED`, the next layer's weights and a layer's chosen experts) and,
+//! on request, drop what was read from the page cache (`DONTNEED`), which
+//! makes a checkpoint on this machine behave like one larger than its RAM
+//! (benchmarks measure disk reads, not page-cache copies).
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use serde::Serialize;
+use tch::{Device, Kind, Tensor};
+
+use super::weight::{Mapped, Packed, Part, Weight};
+use crate::error::{Error, Result};
+
+/// Where one checkpoint tensor's bytes are.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TensorRef {
+    /// Checkpoint name.
+    pub name: String,
+    /// Index into the streamer's files.
+    pub file: usize,
+    /// Absolute byte offset in that file.
+    pub offset: u64,
+    pub shape: Vec<i64>,
+    /// Stored dtype.
+    pub kind: Kind,
+    /// FP8 weights: their `weight_scale_inv` and the block size.
+    pub scale: Option<(Box<TensorRef>, [i64; 2])>,
+}
+
+impl TensorRef {
+    /// Bytes of the stored values (scales not included).
+    pub fn len(&self) -> u64 {
+        self.shape.iter().product::<i64>().max(0) as u64 * self.kind.elt_size_in_bytes() as u64
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Bytes with the scales.
+    pub fn total_len(&self) -> u64 {
+        self.len() + self.scale.as_ref().map_or(0, |(s, _)| s.len())
+    }
+}
+
+/// Cumulative weight traffic of a model (see [`Streamer::traffic`]); the
+/// difference of two snapshots is the traffic between them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct Traffic {
+    /// Bytes read from the checkpoint files.
+    pub disk_bytes: u64,
+    /// Positioned reads issued.
+    pub disk_reads: u64,
+    /// Bytes copied from host memory to a GPU (offloaded weights).
+    pub host_to_device_bytes: u64,
+    /// Seconds spent bringing weights in (reads, copies), out of the pass.
+    pub load_seconds: f64,
+    /// Routed-expert weights found in the cache. Each expert is two weights
+    /// (`gate_up_proj`, `down_proj`), each looked up once per pass that uses
+    /// the expert.
+    pub expert_hits: u64,
+    /// Routed-expert weights that had to be read.
+    pub expert_misses: u64,
+    /// Routed-expert weights dropped from the cache to make room.
+    pub expert_evictions: u64,
+}
+
+impl Traffic {
+    /// `self - earlier`.
+    pub fn since(&self, earlier: &Traffic) -> Traffic {
+        Traffic {
+            disk_bytes: self.disk_bytes - earlier.disk_bytes,
+            disk_reads: self.disk_reads - earlier.disk_reads,
+            host_to_device_bytes: self.host_to_device_bytes - earlier.host_to_device_bytes,
+            load_seconds: self.load_seconds - earlier.load_seconds,
+            expert_hits: self.expert_hits - earlier.expert_hits,
+            expert_misses: self.expert_misses - earlier.expert_misses,
+            expert_evictions: self.expert_evictions - earlier.expert_evictions,
+        }
+    }
+
+    /// Hits / lookups (0 when there were none).
+    pub fn hit_rate(&self) -> f64 {
+        let n = self.expert_hits + self.expert_misses;
+        if n == 0 {
+            0.0
+        } else {
+            self.expert_hits as f64 / n as f64
+        }
+    }
+}
+
+/// The cost of one forward pass: time, and what it cost in weight traffic.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct ForwardCost {
+    /// Tokens in the pass (batch x sequence).
+    pub tokens: u64,
+    /// Wall time of the pass.
+    pub seconds: f64,
+    /// Weights brought in during the pass.
+    pub traffic: Traffic,
+    /// Weight bytes in memory after the pass (expert cache included).
+    pub resident_bytes: u64,
+    /// Bytes of the expert cache after the pass.
+    pub cache_bytes: u64,
+}
+
+impl ForwardCost {
+    /// Seconds not spent bringing weights in.
+    pub fn compute_seconds(&self) -> f64 {
+        (self.seconds - self.traffic.load_seconds).max(0.0)
+    }
+
+    /// Bytes read from disk per token.
+    pub fn disk_bytes_per_token(&self) -> f64 {
+        self.traffic.disk_bytes as f64 / self.tokens.max(1) as f64
+    }
+}
+
+impl std::fmt::Display for ForwardCost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use crate::stats::human_bytes;
+        let t = &self.traffic;
+        write!(
+            f,
+            "{} tokens in {:.3} s ({:.3} s loading weights, {:.3} s computing); read {} from disk in {} reads",
+            self.tokens,
+            self.seconds,
+            t.load_seconds,
+            self.compute_seconds(),
+            human_bytes(t.disk_bytes),
+            t.disk_reads
+        )?;
+        if t.host_to_device_bytes > 0 {
+            write!(f, ", copied {} from host memory", human_bytes(t.host_to_device_bytes))?;
+        }
+        if t.expert_hits + t.expert_misses > 0 {
+            write!(
+                f,
+                "; expert cache {} hits, {} misses ({:.0}% hits), {} evictions",
+                t.expert_hits,
+                t.expert_misses,
+                100.0 * t.hit_rate(),
+                t.expert_evictions
+            )?;
+        }
+        write!(f, "; {} of weights in memory", human_bytes(self.resident_bytes))
+    }
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    disk_bytes: AtomicU64,
+    disk_reads: AtomicU64,
+    h2d_bytes: AtomicU64,
+    load_ns: AtomicU64,
+    hits: AtomicU64,
+    misses: AtomicU64,
+    evictions: AtomicU64,
+}
+
+/// A least-recently-used cache of packed weights, bounded in bytes.
+#[derive(Debug, Default)]
+struct Lru {
+    capacity: usize,
+    used: usize,
+    clock: u64,
+    entries: HashMap<String, (Arc<Packed>, usize, u64)>,
+}
+
+impl Lru {
+    fn get(&mut self, key: &str) -> Option<Arc<Packed>> {
+        self.clock += 1;
+        let clock = self.clock;
+        self.entries.get_mut(key).map(|e| {
+            e.2 = clock;
+            e.0.clone()
+        })
+    }
+
+    /// Inserts, evicting the least recently used entries; returns the number
+    /// evicted. An entry larger than the whole cache is not kept.
+    fn insert(&mut self, key: &str, value: Arc<Packed>, bytes: usize) -> u64 {
+        if bytes > self.capacity {
+            return 0;
+        }
+        let mut evicted = 0;
+        while self.used + bytes > self.capacity {
+            let Some(oldest) = self.entries.iter().min_by_key(|(_, e)| e.2).map(|(k, _)| k.clone()) else {
+                break;
+            };
+            if let Some((_, b, _)) = self.entries.remove(&oldest) {
+                self.used -= b;
+                evicted += 1;
+            }
+        }
+        self.clock += 1;
+        if let Some((_, old, _)) = self.entries.insert(key.to_string(), (value, bytes, self.clock)) {
+            self.used -= old;
+        }
+        self.used += bytes;
+        evicted
+    }
+}
+
+/// Open checkpoint files, the expert caches (one per device) and the traffic
+/// counters of one loaded model.
+#[derive(Debug)]
+pub struct Streamer {
+    files: Vec<(PathBuf, File)>,
+    caches: Mutex<HashMap<Device, Lru>>,
+    counters: Counters,
+    drop_page_cache: bool,
+}
+
+impl Streamer {
+    /// Opens `paths` (the checkpoint's shards, in the order [`TensorRef::file`] indexes).
+    pub fn open(paths: &[PathBuf], drop_page_cache: bool) -> Result<Streamer> {
+        let files = paths
+            .iter()
+            .map(|p| Ok((p.clone(), File::open(p).map_err(|e| Error::io(p, e))?)))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Streamer { files, caches: Mutex::new(HashMap::new()), counters: Counters::default(), drop_page_cache })
+    }
+
+    /// Sets the byte capacity of the expert cache on `device`.
+    pub fn set_cache_capacity(&self, device: Device, bytes: usize) {
+        if let Ok(mut c) = self.caches.lock() {
+            c.entry(device).or_default().capacity = bytes;
+        }
+    }
+
+    /// `(bytes held, capacity, entries)` of the expert cache on `device`.
+    pub fn cache_usage(&self, device: Device) -> (usize, usize, usize) {
+        self.caches
+            .lock()
+            .ok()
+            .and_then(|c| c.get(&device).map(|l| (l.used, l.capacity, l.entries.len())))
+            .unwrap_or((0, 0, 0))
+    }
+
+    /// Bytes held by every expert cache.
+    pub fn cached_bytes(&self) -> usize {
+        self.caches.lock().map(|c| c.values().map(|l| l.used).sum()).unwrap_or(0)
+    }
+
+    /// Empties every expert cache (the counters keep their totals).
+    pub fn clear_cache(&self) {
+        if let Ok(mut c) = self.caches.lock() {
+            for l in c.values_mut() {
+                l.entries.clear();
+                l.used = 0;
+            }
+        }
+    }
+
+    /// The cumulative traffic so far.
+    pub fn traffic(&self) -> Traffic {
+        let c = &self.counters;
+        Traffic {
+            disk_bytes: c.disk_bytes.load(Ordering::Relaxed),
+            disk_reads: c.disk_reads.load(Ordering::Relaxed),
+            host_to_device_bytes: c.h2d_bytes.load(Ordering::Relaxed),
+            load_seconds: c.load_ns.load(Ordering::Relaxed) as f64 * 1e-9,
+            expert_hits: c.hits.load(Ordering::Relaxed),
+            expert_misses: c.misses.load(Ordering::Relaxed),
+            expert_evictions: c.evictions.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The weight in packed form on its compute device: from the expert cache,
+    /// the host copy, or the files.
+    pub fn fetch(&self, w: &Weight, m: &Mapped) -> Result<Arc<Packed>> {
+        if m.cached {
+            let hit = self.caches.lock().ok().and_then(|mut c| c.entry(w.device).or_default().get(&w.name));
+            if let Some(p) = hit {
+                self.counters.hits.fetch_add(1, Ordering::Relaxed);
+                return Ok(p);
+            }
+            self.counters.misses.fetch_add(1, Ordering::Relaxed);
+        }
+        let started = Instant::now();
+        let packed = match &m.host {
+            Some(host) => {
+                let parts = host.parts.iter().map(|p| p.to_device(w.device)).collect::<Result<Vec<_>>>()?;
+                self.counters.h2d_bytes.fetch_add(host.bytes() as u64, Ordering::Relaxed);
+                Packed { parts }
+            }
+            None => {
+                let parts = m
+                    .parts
+                    .iter()
+                    .map(|r| self.read_part(r)?.to_device(w.device))
+                    .collect::<Result<Vec<_>>>()?;
+                Packed { parts }
+            }
+        };
+        let packed = Arc::new(packed);
+        self.counters.load_ns.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        if m.cached {
+            let bytes = packed.bytes();
+            if let Ok(mut c) = self.caches.lock() {
+                let evicted = c.entry(w.device).or_default().insert(&w.name, packed.clone(), bytes);
+                self.counters.evictions.fetch_add(evicted, Ordering::Relaxed);
+            }
+        }
+        Ok(packed)
+    }
+
+    /// Embedding rows `ids` [B, T] of a mapped weight, reading only those rows.
+    pub fn gather_rows(&self, w: &Weight, m: &Mapped, ids: &Tensor) -> Result<Tensor> {
+        let single_plain = matches!(m.parts.as_slice(), [r] if r.scale.is_none() && r.shape.len() == 2);
+        if !single_plain || m.host.is_some() {
+            return self.fetch(w, m)?.gather(ids, w.kind, w.device);
+        }
+        let r = &m.parts[0];
+        let cols = r.shape[1];
+        let ids_cpu = ids.f_to_device(Device::Cpu)?.f_to_kind(Kind::Int64)?;
+        let flat = Vec::<i64>::try_from(ids_cpu.f_flatten(0, -1)?)?;
+        let mut unique = flat.clone();
+        unique.sort_unstable();
+        unique.dedup();
+        let started = Instant::now();
+        let rows = Tensor::f_empty([unique.len() as i64, cols], (r.kind, Device::Cpu))?;
+        let row_bytes = cols as u64 * r.kind.elt_size_in_bytes() as u64;
+        for (i, &id) in unique.iter().enumerate() {
+            if id < 0 || id >= r.shape[0] {
+                let position = flat.iter().position(|&x| x == id).unwrap_or(0);
+                return Err(Error::TokenOutOfRange { id, position, vocab_size: r.shape[0] as usize });
+            }
+            let row = rows.f_select(0, i as i64)?;
+            let offset = r.offset + id as u64 * row_bytes;
+            self.read_into(r.file, offset, &row, &r.name)?;
+            if self.drop_page_cache {
+                self.advise_range(r.file, offset, row_bytes, libc::POSIX_FADV_DONTNEED);
+            }
+        }
+        self.counters.load_ns.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        // position of each id in `unique`
+        let pos: Vec<i64> = flat.iter().map(|id| unique.binary_search(id).unwrap_or(0) as i64).collect();
+        let picked = rows.f_index_select(0, &Tensor::f_from_slice(&pos)?)?;
+        let mut shape = ids.size();
+        shape.push(cols);
+        Ok(picked.f_view(shape.as_slice())?.f_to_device(w.device)?.f_to_kind(w.kind)?)
+    }
+
+    /// Asks the operating system to start reading `w` (unless it is cached).
+    pub fn prefetch(&self, w: &Weight, m: &Mapped) {
+        if m.host.is_some() {
+            return;
+        }
+        if m.cached {
+            let cached = self.caches.lock().map(|c| c.get(&w.device).is_some_and(|l| l.entries.contains_key(&w.name)));
+            if cached.unwrap_or(false) {
+                return;
+            }
+        }
+        for r in &m.parts {
+            self.advise(r, libc::POSIX_FADV_WILLNEED);
+            if let Some((s, _)) = &r.scale {
+                self.advise(s, libc::POSIX_FADV_WILLNEED);
+            }
+        }
+    }
+
+    fn advise(&self, r: &TensorRef, advice: libc::c_int) {
+        self.advise_range(r.file, r.offset, r.len(), advice);
+    }
+
+    fn advise_range(&self, file: usize, offset: u64, len: u64, advice: libc::c_int) {
+        if len == 0 {
+            return; // a length of 0 would mean "to the end of the file"
+        }
+        if let Some((_, f)) = self.files.get(file) {
+            // SAFETY: a plain system call on an open descriptor; it only hints.
+            unsafe {
+                libc::posix_fadvise(f.as_raw_fd(), offset as libc::off_t, len as libc::off_t, advice);
+            }
+        }
+    }
+
+    /// Reads one checkpoint tensor (and its scales) into CPU memory.
+    fn read_part(&self, r: &TensorRef) -> Result<Part> {
+        let w = self.read_tensor(r)?;
+        Ok(match &r.scale {
+            None => Part::Plain(w),
+            Some((s, block)) => Part::Fp8 { w, scale_inv: self.read_tensor(s)?, block: *block },
+        })
+    }
+
+    fn read_tensor(&self, r: &TensorRef) -> Result<Tensor> {
+        let t = Tensor::f_empty(r.shape.as_slice(), (r.kind, Device::Cpu))?;
+        self.read_into(r.file, r.offset, &t, &r.name)?;
+        if self.drop_page_cache {
+            self.advise(r, libc::POSIX_FADV_DONTNEED);
+        }
+        Ok(t)
+    }
+
+    /// Fills the contiguous CPU tensor `dst` with the bytes at `offset`.
+    fn read_into(&self, file: usize, offset: u64, dst: &Tensor, name: &str) -> Result<()> {
+        let (path, f) = self
+            .files
+            .get(file)
+            .ok_or_else(|| Error::Input(format!("tensor `{name}` refers to checkpoint file #{file}, which is not open")))?;
+        let n = dst.numel() * dst.kind().elt_size_in_bytes();
+        if n == 0 {
+            return Ok(());
+        }
+        // SAFETY: `dst` is a contiguous CPU tensor this function's caller
+        // created and owns; its storage holds exactly `n` bytes.
+        let buf = unsafe { std::slice::from_raw_parts_mut(dst.data_ptr() as *mut u8, n) };
+        f.read_exact_at(buf, offset).map_err(|e| Error::Io {
+            path: path.clone(),
+            cause: std::io::Error::new(e.kind(), format!("reading tensor `{name}` ({n} bytes at offset {offset}): {e}")),
+        })?;
+        self.counters.disk_bytes.fetch_add(n as u64, Ordering::Relaxed);
+        self.counters.disk_reads.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn packed(n: i64) -> Arc<Packed> {
+        Arc::new(Packed { parts: vec![Part::Plain(Tensor::zeros([n], (Kind::Uint8, Device::Cpu)))] })
+    }
+
+    #[test]
+    fn lru_keeps_the_recently_used_within_its_capacity() {
+        let mut lru = Lru { capacity: 300, ..Default::default() };
+        assert_eq!(lru.insert("a", packed(100), 100), 0);
+        assert_eq!(lru.insert("b", packed(100), 100), 0);
+        assert_eq!(lru.insert("c", packed(100), 100), 0);
+        assert!(lru.get("a").is_some()); // a is now the most recent
+        assert_eq!(lru.insert("d", packed(100), 100), 1); // evicts b
+        assert!(lru.get("b").is_none());
+        assert!(lru.get("a").is_some() && lru.get("c").is_some() && lru.get("d").is_some());
+        assert_eq!(lru.used, 300);
+        assert_eq!(lru.insert("huge", packed(400), 400), 0, "larger than the cache: not kept");
+        assert!(lru.get("huge").is_none());
+        assert_eq!(lru.insert("e", packed(250), 250), 3);
+        assert_eq!((lru.used, lru.entries.len()), (250, 1));
+    }
+}
