@@ -1361,12 +1361,12 @@ REAL = [
     `quantization_config`, bf16 elsewhere). The KV cache is the MLA arithmetic of notebook 03.
     '''),
     code(r'''
-    let unlimited = |kind: Kind| PlanOptions { memory_budget: MemoryBudget::Unlimited, kind, ..Default::default() };
+    let unlimited = PlanOptions { memory_budget: MemoryBudget::Unlimited, kind: Kind::BFloat16, ..Default::default() };
     let mut sizes: Table = Table::new(["model", "parameters", "active / token", "as published", "all in bf16", "KV cache / token"])
         .caption("What each model needs (from config.json alone)");
     for (name, c) in &published {
         let p = ParamCounts::of(c);
-        let stored = Plan::for_config(c, Kind::BFloat16, &unlimited(Kind::BFloat16))?.stored_bytes();
+        let stored = Plan::for_config(c, Kind::BFloat16, &unlimited)?.stored_bytes();
         let (kv, _, _) = CacheFootprint::of(c, 2).bytes_per_token();
         sizes.add_row([(*name).into(), human_count(p.total).into(), human_count(p.active_per_token).into(),
             human_bytes(stored).into(), human_bytes(2 * p.total).into(), human_bytes(kv).into()])?;
@@ -1478,9 +1478,14 @@ REAL = [
     ## 5. A trace, and what it cost
 
     Every pass records its cost (`trace.cost`, `ForwardOutput::cost`): time, bytes read from disk, and
-    the expert cache's hits, misses and evictions. The prompt is the tokenizer's encoding of a sentence
-    when the checkpoint has a `tokenizer.json`, else fixed token ids. The second trace of the same
-    prompt finds in the cache whatever the first one left there.
+    the expert cache's hits, misses and evictions (counted per expert weight: each routed expert is two,
+    `gate_up_proj` and `down_proj`). The prompt is the tokenizer's encoding of a sentence when the
+    checkpoint has a `tokenizer.json`, else fixed token ids.
+
+    The cache keeps what a pass uses while there is room, and a pass never evicts what it has itself
+    used: when one pass needs more experts than fit, the overflow is read and dropped. A second trace of
+    the same prompt then finds the expert weights the first one kept (the cell prints how many), less
+    any that its own misses displaced, least recently used first.
     '''),
     code(r'''
     const REAL_PROMPT: &str = "The capital of France is Paris. The capital of Japan is";
@@ -1490,6 +1495,8 @@ REAL = [
         (0..16).map(|i| (i * 7919 + 13) % real.config.vocab_size as i64).collect()
     };
     let first = real.trace_with(real_ids.clone(), &Capture::routing_only(), &Interventions::new())?;
+    let (_, _, kept) = real.streamer.as_ref().map_or((0, 0, 0), |s| s.cache_usage(real.device));
+    println!("expert weights in the cache after the first trace: {kept}");
     let second = real.trace_with(real_ids.clone(), &Capture::routing_only(), &Interventions::new())?;
     let mut costs: Table = Table::new(["pass", "seconds", "loading", "read from disk", "expert hits", "misses", "evictions"])
         .caption(format!("Two traces of the same {} tokens", real_ids.len()));
@@ -1522,16 +1529,17 @@ REAL = [
     above brought in.
     '''),
     chart(r'''
-    let layer = *real.config.moe_layers().last().unwrap();
-    let map = first.routing_map()?;
-    let (l, weights) = map.layers.last().unwrap();
-    let routing_figure = Heatmap::new(weights)
-        .y_labels(map.tokens.iter().map(|s| deepscope::plot::readable_token(s)))
-        .title(format!("Routing weights, layer {l} (tokens x {} experts)", real.config.n_routed_experts))
-        .x_title("expert")
-        .y_title("token")
-        .value_name("weight")
-        .render()?;
+    let routing_figure = {
+        let map = first.routing_map()?;
+        let (l, weights) = map.layers.last().unwrap();
+        Heatmap::new(weights)
+            .y_labels(map.tokens.iter().map(|s| deepscope::plot::readable_token(s)))
+            .title(format!("Routing weights, layer {l} (tokens x {} experts)", real.config.n_routed_experts))
+            .x_title("expert")
+            .y_title("token")
+            .value_name("weight")
+            .render()?
+    };
     routing_figure
     '''),
     md(r'''

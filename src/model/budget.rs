@@ -23,6 +23,10 @@ pub enum MemoryBudget {
     Auto,
     /// No limit: every weight resident (the load fails if memory runs out).
     Unlimited,
+    /// The least the model loads with: norms and routers resident, every
+    /// other weight read from disk at each use, no expert cache (rehearsing
+    /// the worst case; tests).
+    Minimum,
     /// At most this many bytes.
     Bytes(u64),
 }
@@ -34,7 +38,7 @@ pub const AUTO_MARGIN: u64 = 2 << 30;
 impl FromStr for MemoryBudget {
     type Err = Error;
 
-    /// `auto`, `unlimited`/`none`, or a number with an optional unit: `B`,
+    /// `auto`, `unlimited`/`none`, `minimum`, or a number with an optional unit: `B`,
     /// `K`/`KiB`, `M`/`MiB`, `G`/`GiB`, `T`/`TiB` (powers of 1024) or `KB`,
     /// `MB`, `GB`, `TB` (powers of 1000); case-insensitive, e.g. `8GiB`, `1.5g`.
     fn from_str(s: &str) -> Result<Self> {
@@ -43,6 +47,7 @@ impl FromStr for MemoryBudget {
         match lower.as_str() {
             "auto" => return Ok(MemoryBudget::Auto),
             "unlimited" | "none" | "inf" => return Ok(MemoryBudget::Unlimited),
+            "minimum" | "min" => return Ok(MemoryBudget::Minimum),
             _ => {}
         }
         let bad = |why: &str| {
@@ -81,16 +86,19 @@ impl fmt::Display for MemoryBudget {
         match self {
             MemoryBudget::Auto => write!(f, "auto"),
             MemoryBudget::Unlimited => write!(f, "unlimited"),
+            MemoryBudget::Minimum => write!(f, "minimum"),
             MemoryBudget::Bytes(b) => write!(f, "{}", crate::stats::human_bytes(*b)),
         }
     }
 }
 
 impl MemoryBudget {
-    /// The budget in bytes on `device` (`None`: unlimited).
+    /// The budget in bytes on `device` (`None`: unlimited; `Some(0)` for
+    /// `Minimum`, which the plan turns into the least that loads).
     pub fn resolve(&self, device: Device) -> Result<Option<u64>> {
         match self {
             MemoryBudget::Unlimited => Ok(None),
+            MemoryBudget::Minimum => Ok(Some(0)),
             MemoryBudget::Bytes(b) => Ok(Some(*b)),
             MemoryBudget::Auto => {
                 let avail = available_memory(device)?;
@@ -321,6 +329,7 @@ mod tests {
         assert_eq!(b(" 1000 "), MemoryBudget::Bytes(1000));
         assert_eq!(b("auto"), MemoryBudget::Auto);
         assert_eq!(b("Unlimited"), MemoryBudget::Unlimited);
+        assert_eq!(b("minimum"), MemoryBudget::Minimum);
     }
 
     #[test]

@@ -394,6 +394,9 @@ impl Model {
         self.check_ids(ids)?;
         let started = Instant::now();
         let before = self.traffic();
+        if let Some(s) = &self.streamer {
+            s.begin_pass();
+        }
         let _guard = (!opts.grad).then(tch::no_grad_guard);
         let ids = ids.f_to_kind(Kind::Int64)?.f_to_device(self.device)?;
         let t = ids.size()[1];

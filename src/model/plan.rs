@@ -205,26 +205,27 @@ impl Plan {
                 device_plans.push(DevicePlan { device: dev, budget, resident: all, reserve: 0, cache_capacity: 0, streaming: false });
                 continue;
             }
-            let budget_bytes = budget.unwrap_or(u64::MAX);
+            let minimum = opts.memory_budget == MemoryBudget::Minimum;
+            let mut budget_bytes = budget.unwrap_or(u64::MAX);
             // streaming: compact forms, small weights first, then the reserve
             for &i in &mine {
                 placements[i].tier = resident_bytes(i, true).0;
             }
             let small: u64 = mine.iter().filter(|&&i| !specs[i].matrix).map(|&i| resident_bytes(i, true).1).sum();
             let (largest_i, largest, chunk) = read_whole_reserve(&specs, &stored, &mine, tied);
-            let reserve = largest + chunk;
-            if budget_bytes < small + reserve {
+            if minimum {
+                budget_bytes = small + largest + chunk;
+            }
+            if budget_bytes < small + largest + chunk {
                 let s = &specs[largest_i];
                 return Err(Error::BudgetTooSmall {
                     device: format!("{dev:?}").to_lowercase(),
                     budget: budget_bytes,
-                    needed: small + reserve,
+                    needed: small + largest + chunk,
                     tensor: s.sources.join(" + "),
                     tensor_bytes: largest,
                 });
             }
-            let mut left = budget_bytes - small - reserve;
-            let mut resident = small;
             let offload = |i: usize, host_left: &mut u64, host_resident: &mut u64, p: &mut Placement| {
                 let b = specs[i].stored_bytes(stored[i]);
                 if dev != Device::Cpu && b <= *host_left {
@@ -235,30 +236,44 @@ impl Plan {
                     p.tier = Tier::Disk;
                 }
             };
+            // The reserve is for the largest weight still read whole: each
+            // weight made resident may shrink it, and what it frees is room.
+            let mut on_device: Vec<bool> = vec![false; specs.len()];
+            let reserve_without = |on_device: &[bool], skip: Option<usize>| -> u64 {
+                let streamed: Vec<usize> = mine.iter().copied().filter(|&i| !on_device[i] && Some(i) != skip).collect();
+                let (_, largest, chunk) = read_whole_reserve(&specs, &stored, &streamed, tied);
+                largest + chunk
+            };
+            let mut resident = small;
             // every-pass weights in layer order, lm_head last
             let mut dense: Vec<usize> = mine.iter().copied().filter(|&i| every_pass(specs[i].unit)).collect();
             dense.sort_by_key(|&i| (matches!(specs[i].unit, Unit::LmHead | Unit::Embed), specs[i].unit.layer()));
             for i in dense {
                 let b = resident_bytes(i, true).1;
-                if b <= left {
-                    left -= b;
+                if !minimum && resident + b + reserve_without(&on_device, Some(i)) <= budget_bytes {
                     resident += b;
+                    on_device[i] = true;
                 } else {
                     offload(i, &mut host_left, &mut host_resident, &mut placements[i]);
                 }
             }
             let experts: Vec<usize> = mine.iter().copied().filter(|&i| matches!(specs[i].unit, Unit::Expert(..))).collect();
             let expert_bytes: u64 = experts.iter().map(|&i| resident_bytes(i, true).1).sum();
+            let mut with_experts = on_device.clone();
+            experts.iter().for_each(|&i| with_experts[i] = true);
             let mut cache_capacity = 0;
-            if expert_bytes <= left {
+            let reserve = if !minimum && resident + expert_bytes + reserve_without(&with_experts, None) <= budget_bytes {
                 resident += expert_bytes;
+                reserve_without(&with_experts, None)
             } else {
-                cache_capacity = left;
+                let r = reserve_without(&on_device, None);
+                cache_capacity = budget_bytes.saturating_sub(resident + r);
                 for &i in &experts {
                     offload(i, &mut host_left, &mut host_resident, &mut placements[i]);
                     placements[i].cached = true;
                 }
-            }
+                r
+            };
             if !tied {
                 for &i in &mine {
                     if specs[i].unit == Unit::Embed {
@@ -266,6 +281,7 @@ impl Plan {
                     }
                 }
             }
+            let budget = Some(budget_bytes);
             device_plans.push(DevicePlan { device: dev, budget, resident, reserve, cache_capacity, streaming: true });
         }
         let index = specs.iter().enumerate().map(|(i, s)| (s.name.clone(), i)).collect();

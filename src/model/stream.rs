@@ -182,43 +182,57 @@ struct Counters {
     evictions: AtomicU64,
 }
 
-/// A least-recently-used cache of packed weights, bounded in bytes.
+/// A least-recently-used cache of packed weights, bounded in bytes, that
+/// never evicts for a pass what the same pass already used.
+///
+/// Plain LRU fails exactly when it matters: a prefill that touches more
+/// experts than fit, repeated, evicts each expert just before it is needed
+/// again (0 hits). Here an entry used in the current pass is protected; when
+/// nothing older is left to evict, the new weight is used and not kept. A
+/// repeated pass then finds everything the earlier one kept, and decoding
+/// (a few experts per pass) still evicts the least recently used.
 #[derive(Debug, Default)]
 struct Lru {
     capacity: usize,
     used: usize,
     clock: u64,
-    entries: HashMap<String, (Arc<Packed>, usize, u64)>,
+    /// The current pass (see [`Streamer::begin_pass`]).
+    pass: u64,
+    /// key -> (weight, bytes, last use, pass of last use)
+    entries: HashMap<String, (Arc<Packed>, usize, u64, u64)>,
 }
 
 impl Lru {
     fn get(&mut self, key: &str) -> Option<Arc<Packed>> {
         self.clock += 1;
-        let clock = self.clock;
+        let (clock, pass) = (self.clock, self.pass);
         self.entries.get_mut(key).map(|e| {
             e.2 = clock;
+            e.3 = pass;
             e.0.clone()
         })
     }
 
-    /// Inserts, evicting the least recently used entries; returns the number
-    /// evicted. An entry larger than the whole cache is not kept.
+    /// Inserts, evicting the least recently used entries of earlier passes;
+    /// returns the number evicted. An entry that does not fit (larger than
+    /// the cache, or the cache full of this pass's entries) is not kept.
     fn insert(&mut self, key: &str, value: Arc<Packed>, bytes: usize) -> u64 {
         if bytes > self.capacity {
             return 0;
         }
         let mut evicted = 0;
         while self.used + bytes > self.capacity {
-            let Some(oldest) = self.entries.iter().min_by_key(|(_, e)| e.2).map(|(k, _)| k.clone()) else {
-                break;
+            let pass = self.pass;
+            let Some(oldest) = self.entries.iter().filter(|(_, e)| e.3 < pass).min_by_key(|(_, e)| e.2).map(|(k, _)| k.clone()) else {
+                return evicted; // everything cached is in use by this pass
             };
-            if let Some((_, b, _)) = self.entries.remove(&oldest) {
+            if let Some((_, b, _, _)) = self.entries.remove(&oldest) {
                 self.used -= b;
                 evicted += 1;
             }
         }
         self.clock += 1;
-        if let Some((_, old, _)) = self.entries.insert(key.to_string(), (value, bytes, self.clock)) {
+        if let Some((_, old, _, _)) = self.entries.insert(key.to_string(), (value, bytes, self.clock, self.pass)) {
             self.used -= old;
         }
         self.used += bytes;
@@ -244,6 +258,14 @@ impl Streamer {
             .map(|p| Ok((p.clone(), File::open(p).map_err(|e| Error::io(p, e))?)))
             .collect::<Result<Vec<_>>>()?;
         Ok(Streamer { files, caches: Mutex::new(HashMap::new()), counters: Counters::default(), drop_page_cache })
+    }
+
+    /// Starts a forward pass: what the cache holds from now on is protected
+    /// from eviction until the next pass (see [`Lru`]).
+    pub fn begin_pass(&self) {
+        if let Ok(mut c) = self.caches.lock() {
+            c.values_mut().for_each(|l| l.pass += 1);
+        }
     }
 
     /// Sets the byte capacity of the expert cache on `device`.
@@ -457,6 +479,10 @@ mod tests {
         assert_eq!(lru.insert("a", packed(100), 100), 0);
         assert_eq!(lru.insert("b", packed(100), 100), 0);
         assert_eq!(lru.insert("c", packed(100), 100), 0);
+        // within the pass that cached them, the three are protected: d is not kept
+        assert_eq!(lru.insert("d", packed(100), 100), 0);
+        assert!(lru.get("d").is_none());
+        lru.pass += 1;
         assert!(lru.get("a").is_some()); // a is now the most recent
         assert_eq!(lru.insert("d", packed(100), 100), 1); // evicts b
         assert!(lru.get("b").is_none());
@@ -464,6 +490,7 @@ mod tests {
         assert_eq!(lru.used, 300);
         assert_eq!(lru.insert("huge", packed(400), 400), 0, "larger than the cache: not kept");
         assert!(lru.get("huge").is_none());
+        lru.pass += 1;
         assert_eq!(lru.insert("e", packed(250), 250), 3);
         assert_eq!((lru.used, lru.entries.len()), (250, 1));
     }
