@@ -177,7 +177,7 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--work", default="target/bench-scale")
     ap.add_argument("--budget", default="8GiB")
-    ap.add_argument("--dtype", default="f32")
+    ap.add_argument("--dtype", default="bf16")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--decode", type=int, default=16)

@@ -337,7 +337,7 @@ fn peak_resident_memory_stays_within_the_budget_plus_the_documented_overhead() {
     let peak = j["peak_rss_bytes"].as_u64().unwrap();
     // environment.md documents this overhead: activations, the KV cache,
     // allocator slack beyond the weights the budget covers
-    let overhead: u64 = 160 << 20;
+    let overhead: u64 = 192 << 20;
     assert!(peak <= base + budget + overhead, "peak {} MiB over a baseline of {} MiB (budget 96 MiB)", (peak - base) >> 20, base >> 20);
     assert!(j["decode_expert_misses"].as_f64().unwrap() > 0.0);
     assert!(j["prefill_disk_bytes"].as_u64().unwrap() > 0);

@@ -103,19 +103,19 @@ pub fn dequantize_fp8_cpu(w: &Tensor, scale: &Tensor, block: [i64; 2], kind: Kin
                 std::slice::from_raw_parts(s.data_ptr() as *const f32, nbr as usize * nbc as usize),
             )
         };
-        let table = e4m3_table();
-        let threads = (tch::get_num_threads().max(1) as usize).min(rows.div_ceil(br)).max(1);
+        // a thread per million elements at most: spawning costs tens of microseconds
+        let threads = (tch::get_num_threads().max(1) as usize).min(rows.div_ceil(br)).min(n.div_ceil(1 << 20)).max(1);
         // whole row blocks per thread
         let rows_per = rows.div_ceil(br).div_ceil(threads) * br;
         let nbc = nbc as usize;
+        let shape = Shape { cols, br, bc, nbc };
         match out_kind {
             Kind::BFloat16 => {
                 // SAFETY: as above; bf16 is two bytes per element
                 let dst = unsafe { std::slice::from_raw_parts_mut(out.data_ptr() as *mut u16, n) };
                 std::thread::scope(|scope| {
                     for (t, chunk) in dst.chunks_mut(rows_per * cols).enumerate() {
-                        let r0 = t * rows_per;
-                        scope.spawn(move || fill(chunk, r0, src, sc, cols, br, bc, nbc, &table, f32_to_bf16));
+                        scope.spawn(move || fill_bf16(chunk, t * rows_per, src, sc, shape));
                     }
                 });
             }
@@ -124,8 +124,7 @@ pub fn dequantize_fp8_cpu(w: &Tensor, scale: &Tensor, block: [i64; 2], kind: Kin
                 let dst = unsafe { std::slice::from_raw_parts_mut(out.data_ptr() as *mut f32, n) };
                 std::thread::scope(|scope| {
                     for (t, chunk) in dst.chunks_mut(rows_per * cols).enumerate() {
-                        let r0 = t * rows_per;
-                        scope.spawn(move || fill(chunk, r0, src, sc, cols, br, bc, nbc, &table, |x| x));
+                        scope.spawn(move || fill_f32(chunk, t * rows_per, src, sc, shape));
                     }
                 });
             }
@@ -134,20 +133,91 @@ pub fn dequantize_fp8_cpu(w: &Tensor, scale: &Tensor, block: [i64; 2], kind: Kin
     Ok(if out_kind == kind { out } else { out.f_to_kind(kind)? })
 }
 
-/// Rows `r0..` of the output: `dst[i] = cast(table[src[i]] * scale[block of i])`.
-#[allow(clippy::too_many_arguments)]
-fn fill<T>(dst: &mut [T], r0: usize, src: &[u8], sc: &[f32], cols: usize, br: usize, bc: usize, nbc: usize, table: &[f32; 256], cast: impl Fn(f32) -> T) {
-    for (i, row) in dst.chunks_mut(cols).enumerate() {
+/// The geometry of one dequantization: columns, block size, scale columns.
+#[derive(Clone, Copy)]
+struct Shape {
+    cols: usize,
+    br: usize,
+    bc: usize,
+    nbc: usize,
+}
+
+/// The value of code `c`, branch-free so that the loops below vectorize:
+/// normal codes become f32 bits directly (exponent + 120, mantissa << 20),
+/// subnormal ones `m * 2^-9`.
+#[inline(always)]
+fn decode(c: u8) -> f32 {
+    let c = c as u32;
+    let sign = (c & 0x80) << 24;
+    let em = c & 0x7f;
+    let normal = f32::from_bits(sign | ((em << 20) + (120 << 23)));
+    let sub = f32::from_bits((em as f32 * (1.0 / 512.0)).to_bits() | sign);
+    let v = if em < 8 { sub } else { normal };
+    if em == 0x7f {
+        f32::NAN
+    } else {
+        v
+    }
+}
+
+/// [`f32_to_bf16`] without a branch.
+#[inline(always)]
+fn bf16_bits(x: f32) -> u16 {
+    let b = x.to_bits();
+    let r = ((b.wrapping_add(0x7fff + ((b >> 16) & 1))) >> 16) as u16;
+    if x.is_nan() {
+        0x7fc0
+    } else {
+        r
+    }
+}
+
+/// Rows `r0..` of the output: `dst[i] = cast(decode(src[i]) * scale[block of i])`.
+#[inline(always)]
+fn fill_rows<T>(dst: &mut [T], r0: usize, src: &[u8], sc: &[f32], g: Shape, cast: impl Fn(f32) -> T) {
+    for (i, row) in dst.chunks_mut(g.cols).enumerate() {
         let r = r0 + i;
-        let codes = &src[r * cols..(r + 1) * cols];
-        let scales = &sc[(r / br) * nbc..(r / br + 1) * nbc];
-        for ((out, code), &s) in row.chunks_mut(bc).zip(codes.chunks(bc)).zip(scales) {
+        let codes = &src[r * g.cols..(r + 1) * g.cols];
+        let scales = &sc[(r / g.br) * g.nbc..(r / g.br + 1) * g.nbc];
+        for ((out, code), &s) in row.chunks_mut(g.bc).zip(codes.chunks(g.bc)).zip(scales) {
             for (o, &c) in out.iter_mut().zip(code) {
-                *o = cast(table[c as usize] * s);
+                *o = cast(decode(c) * s);
             }
         }
     }
 }
+
+/// The same loop compiled for AVX-512 or AVX2 when the CPU has them (found
+/// at run time), else for the baseline.
+macro_rules! dispatch {
+    ($name:ident, $t:ty, $cast:expr) => {
+        fn $name(dst: &mut [$t], r0: usize, src: &[u8], sc: &[f32], g: Shape) {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
+                unsafe fn avx512(dst: &mut [$t], r0: usize, src: &[u8], sc: &[f32], g: Shape) {
+                    fill_rows(dst, r0, src, sc, g, $cast)
+                }
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn avx2(dst: &mut [$t], r0: usize, src: &[u8], sc: &[f32], g: Shape) {
+                    fill_rows(dst, r0, src, sc, g, $cast)
+                }
+                if is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("avx512vl") {
+                    // SAFETY: the CPU has the features the function is compiled for
+                    return unsafe { avx512(dst, r0, src, sc, g) };
+                }
+                if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                    // SAFETY: as above
+                    return unsafe { avx2(dst, r0, src, sc, g) };
+                }
+            }
+            fill_rows(dst, r0, src, sc, g, $cast)
+        }
+    };
+}
+
+dispatch!(fill_bf16, u16, bf16_bits);
+dispatch!(fill_f32, f32, |x: f32| x);
 
 #[cfg(test)]
 mod tests {
@@ -179,6 +249,11 @@ mod tests {
         let theirs = Vec::<f32>::try_from(&t).unwrap();
         for (c, (a, b)) in e4m3_table().iter().zip(&theirs).enumerate() {
             assert!(a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan()), "code {c:#04x}: {a} vs {b}");
+            let d = decode(c as u8);
+            assert!(d.to_bits() == b.to_bits() || (d.is_nan() && b.is_nan()), "decode {c:#04x}: {d} vs {b}");
+        }
+        for x in [0.0f32, -0.0, 1.0, 3.0e38, f32::NAN, -f32::NAN, 1e-40, 65504.0, 0.1] {
+            assert_eq!(bf16_bits(x), f32_to_bf16(x), "{x}");
         }
     }
 

@@ -484,14 +484,14 @@ impl Loader<'_> {
                     .iter()
                     .map(|src| self.ck.packed(src, &part_shape(src))?.to_device(p.device))
                     .collect::<Result<Vec<_>>>()?;
-                Store::Packed(Arc::new(Packed { parts }))
+                Store::Packed(Arc::new(Packed::new(parts)))
             }
             Tier::Host | Tier::Disk => {
                 let streamer = self.streamer.clone().ok_or_else(|| Error::Input(format!("weight `{name}` is planned off the device but the model has no streamer")))?;
                 let parts = spec.sources.iter().map(|src| self.ck.locate(src, &part_shape(src))).collect::<Result<Vec<_>>>()?;
                 let host = if p.tier == Tier::Host {
                     let packed = spec.sources.iter().map(|src| self.ck.packed(src, &part_shape(src))).collect::<Result<Vec<_>>>()?;
-                    Some(Arc::new(Packed { parts: packed }))
+                    Some(Arc::new(Packed::new(packed)))
                 } else {
                     None
                 };

@@ -214,6 +214,8 @@ impl Model {
             for d in &plan.devices {
                 s.set_cache_capacity(d.device, d.cache_capacity as usize);
             }
+            // reused read buffers: half the reserve, the rest for reads in flight
+            s.set_pool_limit(plan.devices.iter().map(|d| d.reserve / 2).max().unwrap_or(0) as usize);
             Some(s)
         } else {
             None
@@ -451,6 +453,9 @@ impl Model {
             h = h.f_to_device(self.lm_head.device)?;
         }
         let logits = hooks.visit(HookPoint::Logits, self.lm_head.linear(&h)?)?;
+        if let Some(s) = &self.streamer {
+            s.end_pass();
+        }
         let cost = self.cost_since(started, &before, ids.numel() as u64);
         Ok(ForwardOutput { logits, routing, cost })
     }
@@ -487,6 +492,7 @@ impl Model {
     }
 
     /// Bytes of the weights held in memory now (tied matrices counted once),
+    /// read buffers kept for reuse included,
     /// expert cache included.
     pub fn weight_bytes(&self) -> usize {
         let mut total = self.embed_tokens.resident_bytes();
@@ -502,7 +508,7 @@ impl Model {
                 total += t.numel() * t.kind().elt_size_in_bytes();
             }
         }
-        total + self.streamer.as_ref().map_or(0, |s| s.cached_bytes())
+        total + self.streamer.as_ref().map_or(0, |s| s.cached_bytes() + s.pooled_bytes())
     }
 
     /// Every weight tensor under its checkpoint name (gate and up projections

@@ -528,15 +528,22 @@ impl PlanRow {
     }
 }
 
-/// The reserve for reading one weight whole: (index of the largest weight
-/// read at once, its stored bytes, room for converting one chunk of it: an
-/// f32 chunk and its cast). A streamed embedding is read a row at a time, so
+/// The reserve for reading weights whole: (index of the largest weight read
+/// at once, its stored bytes, the rest: room for converting one chunk of it,
+/// an f32 chunk and its cast, and for the experts a reader thread holds ahead
+/// of their use). A streamed embedding is read a row at a time, so
 /// it counts only when it is also the (tied) `lm_head`.
 fn read_whole_reserve(specs: &[WeightSpec], stored: &[Stored], mine: &[usize], tied: bool) -> (usize, u64, u64) {
     let whole = || mine.iter().copied().filter(|&i| specs[i].matrix && (tied || specs[i].unit != Unit::Embed));
     let (largest_i, largest) = whole().map(|i| (i, specs[i].stored_bytes(stored[i]))).max_by_key(|x| x.1).unwrap_or((0, 0));
     let chunk = whole().map(|i| (specs[i].numel().max(0) as u64 * 4).min(CHUNK_BYTES as u64)).max().unwrap_or(0);
-    (largest_i, largest, 2 * chunk)
+    // streamed experts: the reader threads hold up to READERS * (READ_AHEAD + 1) of them
+    let mut expert: std::collections::HashMap<Unit, u64> = Default::default();
+    for i in whole().filter(|&i| matches!(specs[i].unit, Unit::Expert(..))) {
+        *expert.entry(specs[i].unit).or_default() += specs[i].stored_bytes(stored[i]);
+    }
+    let ahead = expert.values().copied().max().unwrap_or(0) * (super::moe::READERS * (super::moe::READ_AHEAD + 1)) as u64;
+    (largest_i, largest, 2 * chunk + ahead)
 }
 
 /// The in-memory form of a resident weight: (tier, bytes).

@@ -29,7 +29,7 @@ use crate::error::{Error, Result};
 /// Largest f32 temporary one dequantized or converted chunk of a weight may
 /// take (a bf16 compute dtype adds its cast, half as large); larger weights
 /// are applied chunk by chunk.
-pub const CHUNK_BYTES: usize = 64 << 20;
+pub const CHUNK_BYTES: usize = 16 << 20;
 
 /// One row segment of a weight in its checkpoint form.
 #[derive(Debug)]
@@ -105,9 +105,48 @@ impl Part {
 #[derive(Debug)]
 pub struct Packed {
     pub parts: Vec<Part>,
+    /// Memory the parts' tensors were read into (streamed weights): mapped
+    /// anonymously, outside malloc's heap, so that dropping a weight returns
+    /// its pages at once. Declared after `parts`, so it is dropped after them.
+    memory: Vec<memmap2::MmapMut>,
+    /// Where `memory` goes back to when this is dropped.
+    pool: Option<Arc<super::stream::BufferPool>>,
 }
 
+impl Drop for Packed {
+    fn drop(&mut self) {
+        // the tensors view `memory`: they go first
+        self.parts.clear();
+        if let Some(pool) = &self.pool {
+            pool.give(std::mem::take(&mut self.memory));
+        }
+    }
+}
+
+// SAFETY: a Packed is never changed after it is made: its tensors are only
+// read (views, conversions and products create new tensors), and libtorch's
+// reference counts are atomic, so sharing one between threads (the expert
+// cache, the reader thread's results) is sound. tch marks Tensor !Sync
+// because a tensor can be written in place; these never are.
+unsafe impl Sync for Packed {}
+
 impl Packed {
+    pub fn new(parts: Vec<Part>) -> Packed {
+        Packed { parts, memory: Vec::new(), pool: None }
+    }
+
+    /// Parts whose tensors view `memory`, which returns to `pool` when this
+    /// is dropped (see [`Packed::memory`]).
+    pub(crate) fn with_memory(parts: Vec<Part>, memory: Vec<memmap2::MmapMut>, pool: Arc<super::stream::BufferPool>) -> Packed {
+        Packed { parts, memory, pool: Some(pool) }
+    }
+
+    /// True when the parts view memory this value owns: tensors taken from
+    /// them must be copied before they outlive it.
+    pub fn borrows_memory(&self) -> bool {
+        !self.memory.is_empty()
+    }
+
     pub fn bytes(&self) -> usize {
         self.parts.iter().map(Part::bytes).sum()
     }
@@ -195,6 +234,13 @@ pub struct Mapped {
     pub host: Option<Arc<Packed>>,
 }
 
+/// The checkpoint tensors of one weight, to be read on another thread
+/// ([`Streamer::read_job`](super::stream::Streamer::read_job)).
+#[derive(Debug, Clone)]
+pub struct FetchJob {
+    pub parts: Vec<TensorRef>,
+}
+
 /// What a weight is for, to group residency decisions and statistics.
 #[derive(Debug)]
 pub struct Weight {
@@ -247,7 +293,18 @@ impl Weight {
         match &self.store {
             Store::Ready(w) => Ok(w.shallow_clone()),
             Store::Packed(p) => p.dense(self.kind, self.device),
-            Store::Mapped(m) => m.streamer.fetch(self, m)?.dense(self.kind, self.device),
+            Store::Mapped(m) => {
+                let p = m.streamer.fetch(self, m)?;
+                let t = p.dense(self.kind, self.device)?;
+                // a dense form in the stored dtype may view the read buffer,
+                // which goes when `p` does
+                if !p.borrows_memory() {
+                    return Ok(t);
+                }
+                let mut owned = t.f_empty_like()?;
+                owned.f_copy_(&t)?;
+                Ok(owned)
+            }
         }
     }
 
@@ -302,6 +359,31 @@ impl Weight {
             Store::Mapped(m) => Store::Mapped(m.clone()),
         };
         Weight { name: name.into(), shape: self.shape.clone(), kind: self.kind, device: self.device, store }
+    }
+
+    /// The read another thread can do for this weight ahead of its use:
+    /// `Some` for a weight on disk, computed on the CPU and not in the
+    /// expert cache.
+    pub fn fetch_job(&self) -> Option<FetchJob> {
+        match &self.store {
+            Store::Mapped(m) if m.host.is_none() && self.device == Device::Cpu && !m.streamer.is_cached(self) => {
+                Some(FetchJob { parts: m.parts.clone() })
+            }
+            _ => None,
+        }
+    }
+
+    /// `x W^T + b` with the weight a [`FetchJob`] read (counted and cached
+    /// as a read of this weight), or as [`Weight::linear_with_bias`] without.
+    pub fn linear_fetched(&self, x: &Tensor, fetched: Option<Packed>, bias: Option<&Tensor>) -> Result<Tensor> {
+        let (Some(p), Store::Mapped(m)) = (fetched, &self.store) else {
+            return self.linear_with_bias(x, bias);
+        };
+        let y = m.streamer.adopt(self, m, p).linear(x, self.kind, self.device)?;
+        Ok(match bias {
+            Some(b) => y.f_add(b)?,
+            None => y,
+        })
     }
 
     /// Hints the operating system to start reading a mapped weight now.
@@ -414,7 +496,7 @@ mod tests {
     fn packed_linear_in_chunks_equals_one_matmul() {
         let w = Tensor::randn([2 * 128 + 64, 96], (Kind::Float, Device::Cpu)).to_kind(Kind::BFloat16);
         let x = Tensor::randn([3, 96], (Kind::Float, Device::Cpu));
-        let p = Packed { parts: vec![Part::Plain(w.narrow(0, 0, 128)), Part::Plain(w.narrow(0, 128, 192))] };
+        let p = Packed::new(vec![Part::Plain(w.narrow(0, 0, 128)), Part::Plain(w.narrow(0, 128, 192))]);
         let want = x.linear(&w.to_kind(Kind::Float), None::<Tensor>);
         let whole = p.linear(&x, Kind::Float, Device::Cpu).unwrap();
         assert!(whole.equal(&want), "one product, as a ready weight");
@@ -424,7 +506,7 @@ mod tests {
         // FP8 in chunks of whole 128-row blocks, one of them partial
         let w8 = (Tensor::randn([300, 256], (Kind::Float, Device::Cpu)) * 40.0).to_kind(Kind::Float8e4m3fn);
         let s8 = Tensor::rand([3, 2], (Kind::Float, Device::Cpu));
-        let p8 = Packed { parts: vec![Part::Fp8 { w: w8.shallow_clone(), scale_inv: s8.shallow_clone(), block: [128, 128] }] };
+        let p8 = Packed::new(vec![Part::Fp8 { w: w8.shallow_clone(), scale_inv: s8.shallow_clone(), block: [128, 128] }]);
         let x8 = Tensor::randn([5, 256], (Kind::Float, Device::Cpu));
         let want8 = x8.linear(&dequantize(&w8, &s8, [128, 128]).unwrap(), None::<Tensor>);
         let got8 = p8.linear_in_chunks(&x8, Kind::Float, Device::Cpu, 128 * 256 * 4).unwrap();
