@@ -58,19 +58,22 @@ impl DecoderLayer {
         })
     }
 
-    /// Every projection weight of the layer, routed experts included.
-    pub fn weights(&self) -> Vec<&super::weight::Weight> {
+    /// The projection weights every pass reads: attention, the dense MLP or
+    /// the shared experts (not the routed experts).
+    pub fn every_pass_weights(&self) -> Vec<&super::weight::Weight> {
         let mut w = self.self_attn.weights();
         match &self.mlp {
             FeedForward::Dense(m) => w.extend(m.weights()),
-            FeedForward::Moe(m) => {
-                for e in &m.experts {
-                    w.extend(e.weights());
-                }
-                if let Some(s) = &m.shared_experts {
-                    w.extend(s.weights());
-                }
-            }
+            FeedForward::Moe(m) => w.extend(m.shared_experts.iter().flat_map(|s| s.weights())),
+        }
+        w
+    }
+
+    /// Every projection weight of the layer, routed experts included.
+    pub fn weights(&self) -> Vec<&super::weight::Weight> {
+        let mut w = self.every_pass_weights();
+        if let Some(m) = self.moe() {
+            w.extend(m.experts.iter().flat_map(|e| e.weights()));
         }
         w
     }
@@ -103,15 +106,7 @@ impl DecoderLayer {
     /// Asks for the layer's streamed weights to be read ahead (not the routed
     /// experts: the router has not chosen them yet).
     pub fn prefetch(&self) {
-        self.self_attn.weights().iter().for_each(|w| w.prefetch());
-        match &self.mlp {
-            FeedForward::Dense(m) => m.weights().iter().for_each(|w| w.prefetch()),
-            FeedForward::Moe(m) => {
-                if let Some(s) = &m.shared_experts {
-                    s.weights().iter().for_each(|w| w.prefetch());
-                }
-            }
-        }
+        self.every_pass_weights().iter().for_each(|w| w.prefetch());
     }
 
     pub fn moe(&self) -> Option<&Moe> {

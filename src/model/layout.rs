@@ -13,14 +13,8 @@ pub fn weight_shapes(cfg: &Config) -> Vec<(String, Vec<i64>)> {
     weight_specs(cfg)
         .into_iter()
         .flat_map(|s| {
-            let split = s.sources.len() == 2;
-            s.sources.into_iter().map(move |n| {
-                let mut shape = s.shape.clone();
-                if split {
-                    shape[0] /= 2;
-                }
-                (n, shape)
-            })
+            let shape = s.source_shape();
+            s.sources.into_iter().map(move |n| (n, shape.clone()))
         })
         .collect()
 }

@@ -461,20 +461,15 @@ impl Loader<'_> {
         })?;
         let spec = &self.plan.specs[i];
         let kind = self.plan.kind;
-        // each source's rows: stacked sources split the rows evenly
-        let rows = spec.shape[0] / spec.sources.len() as i64;
-        let part_shape = |_: &String| -> Vec<i64> {
-            let mut s = spec.shape.clone();
-            s[0] = rows;
-            s
-        };
+        let part_shape = spec.source_shape();
+        let rows = part_shape[0];
         let store = match p.tier {
             Tier::Ready if spec.sources.len() == 1 => Store::Ready(self.ck.tensor(&spec.sources[0], &spec.shape, kind, p.device)?),
             Tier::Ready => {
                 // read each source straight into its rows of the stacked matrix
                 let w = Tensor::f_empty(spec.shape.as_slice(), (kind, p.device))?;
                 for (j, src) in spec.sources.iter().enumerate() {
-                    self.ck.tensor_into(src, &part_shape(src), &mut w.f_narrow(0, j as i64 * rows, rows)?)?;
+                    self.ck.tensor_into(src, &part_shape, &mut w.f_narrow(0, j as i64 * rows, rows)?)?;
                 }
                 Store::Ready(w)
             }
@@ -482,15 +477,15 @@ impl Loader<'_> {
                 let parts = spec
                     .sources
                     .iter()
-                    .map(|src| self.ck.packed(src, &part_shape(src))?.to_device(p.device))
+                    .map(|src| self.ck.packed(src, &part_shape)?.to_device(p.device))
                     .collect::<Result<Vec<_>>>()?;
                 Store::Packed(Arc::new(Packed::new(parts)))
             }
             Tier::Host | Tier::Disk => {
                 let streamer = self.streamer.clone().ok_or_else(|| Error::Input(format!("weight `{name}` is planned off the device but the model has no streamer")))?;
-                let parts = spec.sources.iter().map(|src| self.ck.locate(src, &part_shape(src))).collect::<Result<Vec<_>>>()?;
+                let parts = spec.sources.iter().map(|src| self.ck.locate(src, &part_shape)).collect::<Result<Vec<_>>>()?;
                 let host = if p.tier == Tier::Host {
-                    let packed = spec.sources.iter().map(|src| self.ck.packed(src, &part_shape(src))).collect::<Result<Vec<_>>>()?;
+                    let packed = spec.sources.iter().map(|src| self.ck.packed(src, &part_shape)).collect::<Result<Vec<_>>>()?;
                     Some(Arc::new(Packed::new(packed)))
                 } else {
                     None
@@ -507,14 +502,6 @@ impl Loader<'_> {
         self.ck.tensor(name, shape, kind, device)
     }
 
-    /// Like [`Loader::small`], `Ok(None)` when absent.
-    pub fn optional_small(&self, name: &str, shape: &[i64], kind: Kind) -> Result<Option<Tensor>> {
-        if self.ck.contains(name) {
-            self.small(name, shape, kind).map(Some)
-        } else {
-            Ok(None)
-        }
-    }
 
     /// The compute dtype.
     pub fn kind(&self) -> Kind {

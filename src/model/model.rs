@@ -193,6 +193,10 @@ pub struct Model {
     pub dir: PathBuf,
     /// Things worth telling the user about the load (skipped tensors...).
     pub load_notes: Vec<String>,
+    /// Bytes of the weights the load left in memory, counted once after it
+    /// (they do not change; the expert cache and read buffers are added in
+    /// [`Model::weight_bytes`]).
+    loaded_bytes: usize,
 }
 
 impl Model {
@@ -273,7 +277,9 @@ impl Model {
         let tokenizer = Tokenizer::from_dir(dir)?;
         let main = plan.layer_devices.first().copied().unwrap_or(opts.device);
         let rope = Rope::new(&config, main)?;
+        let loaded_bytes = loaded_bytes(&config, &embed_tokens, &lm_head, &norm, &layers);
         Ok(Model {
+            loaded_bytes,
             config,
             embed_tokens,
             layers,
@@ -492,23 +498,9 @@ impl Model {
     }
 
     /// Bytes of the weights held in memory now (tied matrices counted once),
-    /// read buffers kept for reuse included,
-    /// expert cache included.
+    /// the expert cache and the read buffers kept for reuse included.
     pub fn weight_bytes(&self) -> usize {
-        let mut total = self.embed_tokens.resident_bytes();
-        if !self.config.tie_word_embeddings {
-            total += self.lm_head.resident_bytes();
-        }
-        total += self.norm.weight.numel() * self.norm.weight.kind().elt_size_in_bytes();
-        for l in &self.layers {
-            for w in l.weights() {
-                total += w.resident_bytes();
-            }
-            for t in l.small_tensors() {
-                total += t.numel() * t.kind().elt_size_in_bytes();
-            }
-        }
-        total + self.streamer.as_ref().map_or(0, |s| s.cached_bytes() + s.pooled_bytes())
+        self.loaded_bytes + self.streamer.as_ref().map_or(0, |s| s.cached_bytes() + s.pooled_bytes())
     }
 
     /// Every weight tensor under its checkpoint name (gate and up projections
@@ -572,6 +564,20 @@ impl Model {
             ))
         })
     }
+}
+
+/// Bytes of the weights a load left in memory (tied matrices counted once).
+fn loaded_bytes(config: &Config, embed_tokens: &Weight, lm_head: &Weight, norm: &RmsNorm, layers: &[DecoderLayer]) -> usize {
+    let tensor = |t: &Tensor| t.numel() * t.kind().elt_size_in_bytes();
+    let mut total = embed_tokens.resident_bytes() + tensor(&norm.weight);
+    if !config.tie_word_embeddings {
+        total += lm_head.resident_bytes();
+    }
+    for l in layers {
+        total += l.weights().iter().map(|w| w.resident_bytes()).sum::<usize>();
+        total += l.small_tensors().into_iter().map(tensor).sum::<usize>();
+    }
+    total
 }
 
 fn push_linear<'a>(out: &mut Vec<(String, &'a Tensor)>, name: String, l: &'a super::nn::Linear) -> Result<()> {

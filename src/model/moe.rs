@@ -18,7 +18,8 @@ use super::config::{Config, ScoringFunc, TopkMethod};
 use super::loader::Loader;
 use super::hooks::{HookPoint, Hooks, NoHooks};
 use super::nn::Linear;
-use super::weight::Weight;
+use super::stream::read_ahead;
+use super::weight::{FetchJob, Packed, Weight};
 use crate::error::{Error, Result};
 
 /// A SwiGLU feed-forward block `down(silu(gate(x)) * up(x))`. Gate and up are
@@ -59,13 +60,15 @@ impl Mlp {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.forward_fetched(x, [None, None])
+        self.forward_fetched(x, Vec::new())
     }
 
     /// The forward pass with weights already read on another thread
-    /// (`[gate_up, down]`, see [`Weight::fetch_job`]).
-    pub fn forward_fetched(&self, x: &Tensor, fetched: [Option<super::weight::Packed>; 2]) -> Result<Tensor> {
-        let [gu_w, down_w] = fetched;
+    /// (`[gate_up, down]` in the order of [`Mlp::weights`], see
+    /// [`Weight::fetch_job`]).
+    pub fn forward_fetched(&self, x: &Tensor, fetched: Vec<Option<Packed>>) -> Result<Tensor> {
+        let mut fetched = fetched.into_iter();
+        let (gu_w, down_w) = (fetched.next().flatten(), fetched.next().flatten());
         let gu = self.gate_up.weight.linear_fetched(x, gu_w, self.gate_up.bias.as_ref())?;
         let gate = gu.f_narrow(-1, 0, self.intermediate)?;
         let up = gu.f_narrow(-1, self.intermediate, self.intermediate)?;
@@ -429,19 +432,6 @@ fn check_expert_ids(idx: &Tensor, e: i64, layer: usize) -> Result<()> {
     Ok(())
 }
 
-/// Threads reading the chosen experts of a MoE layer from disk while the
-/// computation goes on: two keep a disk's queue busier than one.
-pub const READERS: usize = 2;
-
-/// Experts each reader may have read and not yet handed over; with the one
-/// it is reading, `READERS * (READ_AHEAD + 1)` experts can be in memory ahead
-/// of their use (the plan's reserve counts them).
-pub const READ_AHEAD: usize = 1;
-
-/// Experts whose reads are requested from the operating system (into the
-/// page cache, not counted in the process's memory) ahead of the reader.
-const ADVISE_AHEAD: usize = 4;
-
 /// Routed experts + shared experts.
 #[derive(Debug)]
 pub struct Moe {
@@ -538,67 +528,18 @@ impl Moe {
         let counts = Vec::<i64>::try_from(flat_idx.f_bincount(None::<Tensor>, e)?.f_to_device(Device::Cpu)?)?;
         let xs = x.f_index_select(0, &token_of)?; // [N*k, D]
         let chosen: Vec<usize> = counts.iter().enumerate().filter(|(_, &c)| c > 0).map(|(e, _)| e).collect();
-        // experts on disk: a reader thread reads the next chosen ones while
-        // this thread computes (at most READ_AHEAD experts ahead)
-        let jobs: Vec<[Option<super::weight::FetchJob>; 2]> =
-            chosen.iter().map(|&e| self.experts[e].weights().map(|w| w.fetch_job())).collect();
-        let streamer = self.experts.iter().find_map(|m| match &m.gate_up.weight.store {
-            super::weight::Store::Mapped(m) => Some(m.streamer.clone()),
-            _ => None,
-        });
-        let mut parts = Vec::with_capacity(self.experts.len());
+        // experts on disk are read by reader threads while the ones already read compute
+        let jobs: Vec<Vec<Option<FetchJob>>> = chosen.iter().map(|&e| self.experts[e].weights().iter().map(|w| w.fetch_job()).collect()).collect();
+        let mut parts = Vec::with_capacity(chosen.len());
         let mut offset = 0;
-        let mut run = |e: usize, fetched: [Option<super::weight::Packed>; 2]| -> Result<()> {
-            let c = counts[e];
+        read_ahead(&jobs, |i, fetched| {
+            let c = counts[chosen[i]];
             let seg = xs.f_narrow(0, offset, c)?;
             let w = slot_w.f_narrow(0, offset, c)?.f_unsqueeze(1)?;
-            parts.push(self.experts[e].forward_fetched(&seg, fetched)?.f_mul(&w)?.f_to_kind(x.kind())?);
+            parts.push(self.experts[chosen[i]].forward_fetched(&seg, fetched)?.f_mul(&w)?.f_to_kind(x.kind())?);
             offset += c;
             Ok(())
-        };
-        match streamer {
-            Some(streamer) if jobs.iter().flatten().any(|j| j.is_some()) => {
-                type Fetched = Result<[Option<super::weight::Packed>; 2]>;
-                let jobs = &jobs;
-                std::thread::scope(|scope| -> Result<()> {
-                    // READERS threads, reader r taking experts r, r + READERS, ...;
-                    // each holds at most READ_AHEAD read experts it has not handed over
-                    let receivers: Vec<std::sync::mpsc::Receiver<Fetched>> = (0..READERS)
-                        .map(|r| {
-                            let (tx, rx) = std::sync::mpsc::sync_channel::<Fetched>(READ_AHEAD);
-                            let reader = streamer.clone();
-                            scope.spawn(move || {
-                                let advise = |j: usize| jobs.get(j).into_iter().flatten().flatten().for_each(|job| reader.advise_job(job));
-                                for i in (r..jobs.len()).step_by(READERS) {
-                                    // the disk works on later experts while this one is read
-                                    advise(i + ADVISE_AHEAD);
-                                    let read = |j: &Option<super::weight::FetchJob>| j.as_ref().map(|j| reader.read_job(j)).transpose();
-                                    let [a, b] = &jobs[i];
-                                    let fetched = read(a).and_then(|a| Ok([a, read(b)?]));
-                                    if tx.send(fetched).is_err() {
-                                        break; // the computation stopped
-                                    }
-                                }
-                            });
-                            rx
-                        })
-                        .collect();
-                    (0..ADVISE_AHEAD).for_each(|j| jobs.get(j).into_iter().flatten().flatten().for_each(|job| streamer.advise_job(job)));
-                    for (i, &e) in chosen.iter().enumerate() {
-                        let waited = std::time::Instant::now();
-                        let fetched = receivers[i % READERS].recv().map_err(|_| Error::Input("the expert reader stopped".into()))??;
-                        streamer.add_load_time(waited.elapsed());
-                        run(e, fetched)?;
-                    }
-                    Ok(())
-                })?;
-            }
-            _ => {
-                for &e in &chosen {
-                    run(e, [None, None])?;
-                }
-            }
-        }
+        })?;
         let ys = Tensor::f_cat(&parts, 0)?; // [N*k, D]
         Ok(x.f_zeros_like()?.f_index_add(0, &token_of, &ys)?)
     }

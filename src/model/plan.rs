@@ -212,7 +212,9 @@ impl Plan {
                 placements[i].tier = resident_bytes(i, true).0;
             }
             let small: u64 = mine.iter().filter(|&&i| !specs[i].matrix).map(|&i| resident_bytes(i, true).1).sum();
-            let (largest_i, largest, chunk) = read_whole_reserve(&specs, &stored, &mine, tied);
+            let reserves = Reserve::new(&specs, &stored, &mine, tied);
+            let none = vec![false; specs.len()];
+            let (largest_i, largest, chunk) = reserves.need(&none, None);
             if minimum {
                 budget_bytes = small + largest + chunk;
             }
@@ -238,11 +240,10 @@ impl Plan {
             };
             // The reserve is for the largest weight still read whole: each
             // weight made resident may shrink it, and what it frees is room.
-            let mut on_device: Vec<bool> = vec![false; specs.len()];
+            let mut on_device = none;
             let reserve_without = |on_device: &[bool], skip: Option<usize>| -> u64 {
-                let streamed: Vec<usize> = mine.iter().copied().filter(|&i| !on_device[i] && Some(i) != skip).collect();
-                let (_, largest, chunk) = read_whole_reserve(&specs, &stored, &streamed, tied);
-                largest + chunk
+                let (_, largest, rest) = reserves.need(on_device, skip);
+                largest + rest
             };
             let mut resident = small;
             // every-pass weights in layer order, lm_head last
@@ -324,8 +325,8 @@ impl Plan {
             .filter(|&&i| !self.specs[i].matrix)
             .map(|&i| resident_form(&self.specs[i], self.stored[i], self.kind, false, true).1)
             .sum();
-        let (_, largest, chunk) = read_whole_reserve(&self.specs, &self.stored, &mine, self.tied);
-        small + largest + chunk
+        let (_, largest, rest) = Reserve::new(&self.specs, &self.stored, &mine, self.tied).need(&vec![false; self.specs.len()], None);
+        small + largest + rest
     }
 
     /// Bytes a pass over `tokens` new tokens reads from each tier, assuming
@@ -528,22 +529,50 @@ impl PlanRow {
     }
 }
 
-/// The reserve for reading weights whole: (index of the largest weight read
-/// at once, its stored bytes, the rest: room for converting one chunk of it,
-/// an f32 chunk and its cast, and for the experts a reader thread holds ahead
-/// of their use). A streamed embedding is read a row at a time, so
-/// it counts only when it is also the (tied) `lm_head`.
-fn read_whole_reserve(specs: &[WeightSpec], stored: &[Stored], mine: &[usize], tied: bool) -> (usize, u64, u64) {
-    let whole = || mine.iter().copied().filter(|&i| specs[i].matrix && (tied || specs[i].unit != Unit::Embed));
-    let (largest_i, largest) = whole().map(|i| (i, specs[i].stored_bytes(stored[i]))).max_by_key(|x| x.1).unwrap_or((0, 0));
-    let chunk = whole().map(|i| (specs[i].numel().max(0) as u64 * 4).min(CHUNK_BYTES as u64)).max().unwrap_or(0);
-    // streamed experts: the reader threads hold up to READERS * (READ_AHEAD + 1) of them
-    let mut expert: std::collections::HashMap<Unit, u64> = Default::default();
-    for i in whole().filter(|&i| matches!(specs[i].unit, Unit::Expert(..))) {
-        *expert.entry(specs[i].unit).or_default() += specs[i].stored_bytes(stored[i]);
+/// What reading weights whole needs beyond the resident ones: the largest
+/// weight still read at once, room for converting one chunk of it (an f32
+/// chunk and its cast), and the experts the reader threads hold ahead of
+/// their use. A streamed embedding is read a row at a time, so it counts only
+/// when it is also the (tied) `lm_head`. The candidates are sorted once, so
+/// that asking again as weights become resident costs little.
+struct Reserve {
+    /// (stored bytes, index), largest first.
+    bytes: Vec<(u64, usize)>,
+    /// (f32 chunk bytes, index), largest first.
+    chunks: Vec<(u64, usize)>,
+    /// Routed-expert weights among the candidates.
+    experts: Vec<usize>,
+    /// Bytes the reader threads may hold while experts stream.
+    ahead: u64,
+}
+
+impl Reserve {
+    fn new(specs: &[WeightSpec], stored: &[Stored], mine: &[usize], tied: bool) -> Reserve {
+        let whole: Vec<usize> = mine.iter().copied().filter(|&i| specs[i].matrix && (tied || specs[i].unit != Unit::Embed)).collect();
+        let mut bytes: Vec<(u64, usize)> = whole.iter().map(|&i| (specs[i].stored_bytes(stored[i]), i)).collect();
+        let mut chunks: Vec<(u64, usize)> = whole.iter().map(|&i| ((specs[i].numel().max(0) as u64 * 4).min(CHUNK_BYTES as u64), i)).collect();
+        bytes.sort_unstable_by(|a, b| b.cmp(a));
+        chunks.sort_unstable_by(|a, b| b.cmp(a));
+        let experts: Vec<usize> = whole.iter().copied().filter(|&i| matches!(specs[i].unit, Unit::Expert(..))).collect();
+        let mut per_expert: std::collections::HashMap<Unit, u64> = Default::default();
+        for &i in &experts {
+            *per_expert.entry(specs[i].unit).or_default() += specs[i].stored_bytes(stored[i]);
+        }
+        let readers = (super::stream::READERS * (super::stream::READ_AHEAD + 1)) as u64;
+        Reserve { bytes, chunks, experts, ahead: per_expert.values().copied().max().unwrap_or(0) * readers }
     }
-    let ahead = expert.values().copied().max().unwrap_or(0) * (super::moe::READERS * (super::moe::READ_AHEAD + 1)) as u64;
-    (largest_i, largest, 2 * chunk + ahead)
+
+    /// (index of the largest weight read whole, its bytes, the rest of the
+    /// reserve) when the weights marked in `resident` (and `skip`) are not read.
+    fn need(&self, resident: &[bool], skip: Option<usize>) -> (usize, u64, u64) {
+        let streamed = |i: usize| !resident[i] && Some(i) != skip;
+        let first = |v: &[(u64, usize)]| v.iter().copied().find(|&(_, i)| streamed(i));
+        let (largest, largest_i) = first(&self.bytes).unwrap_or((0, 0));
+        let chunk = first(&self.chunks).map_or(0, |c| c.0);
+        // experts stream all or none
+        let ahead = if self.experts.iter().any(|&i| streamed(i)) { self.ahead } else { 0 };
+        (largest_i, largest, 2 * chunk + ahead)
+    }
 }
 
 /// The in-memory form of a resident weight: (tier, bytes).

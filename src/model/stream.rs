@@ -17,9 +17,9 @@
 //! (see `read_tensor`), so a dropped weight returns its pages at once.
 //!
 //! Overlap: the routed experts a MoE layer chose are read by reader threads
-//! ([`crate::model::moe::READERS`]) while the layer computes the ones already
-//! read ([`Streamer::read_job`], [`Streamer::adopt`]); the time a pass counts
-//! as loading is the time its computation waited for them. `posix_fadvise`
+//! ([`READERS`], [`read_ahead`]) while the layer computes the ones already
+//! read ([`Streamer::adopt`]); the time a pass counts as loading is the time
+//! its computation waited for them. `posix_fadvise`
 //! hints start reads further ahead (`WILLNEED`: the next layer's weights, the
 //! next experts) and, on request, drop what was read from the page cache
 //! (`DONTNEED`), which makes a checkpoint on this machine behave like one
@@ -388,16 +388,6 @@ impl Streamer {
         self.caches.lock().map(|c| c.values().map(|l| l.used).sum()).unwrap_or(0)
     }
 
-    /// Empties every expert cache (the counters keep their totals).
-    pub fn clear_cache(&self) {
-        if let Ok(mut c) = self.caches.lock() {
-            for l in c.values_mut() {
-                l.entries.clear();
-                l.used = 0;
-            }
-        }
-    }
-
     /// The cumulative traffic so far.
     pub fn traffic(&self) -> Traffic {
         let c = &self.counters;
@@ -417,18 +407,17 @@ impl Streamer {
         self.caches.lock().map(|c| c.get(&w.device).is_some_and(|l| l.entries.contains_key(&w.name))).unwrap_or(false)
     }
 
-    /// Reads a weight's checkpoint tensors into CPU memory (any thread);
-    /// counts the bytes, not the time (the caller counts the time it waits).
-    pub fn read_job(&self, job: &FetchJob) -> Result<Packed> {
+    /// Reads checkpoint tensors into CPU memory (any thread); counts the
+    /// bytes, not the time (the callers count the time they wait).
+    fn read_parts(&self, refs: &[TensorRef]) -> Result<Packed> {
         let mut memory = Vec::new();
-        let parts = job.parts.iter().map(|r| self.read_part(r, &mut memory)).collect::<Result<Vec<_>>>()?;
+        let parts = refs.iter().map(|r| self.read_part(r, &mut memory)).collect::<Result<Vec<_>>>()?;
         Ok(Packed::with_memory(parts, memory, self.pool.clone()))
     }
 
-    /// Asks the operating system to start reading a job's tensors (keeps the
-    /// disk's queue full while the reader thread reads the job before it).
-    pub fn advise_job(&self, job: &FetchJob) {
-        for r in &job.parts {
+    /// Asks the operating system to start reading `refs` and their scales.
+    fn advise_parts(&self, refs: &[TensorRef]) {
+        for r in refs {
             self.advise(r, libc::POSIX_FADV_WILLNEED);
             if let Some((s, _)) = &r.scale {
                 self.advise(s, libc::POSIX_FADV_WILLNEED);
@@ -436,12 +425,19 @@ impl Streamer {
         }
     }
 
-    /// Takes a weight read by [`Streamer::read_job`]: counted as a cache miss
-    /// of a routed expert and kept in the cache like [`Streamer::fetch`] would.
+    /// Takes a weight read by [`read_ahead`]: counted as a cache miss of a
+    /// routed expert and kept in the cache, as [`Streamer::fetch`] does.
     pub fn adopt(&self, w: &Weight, m: &Mapped, p: Packed) -> Arc<Packed> {
-        let packed = Arc::new(p);
         if m.cached {
             self.counters.misses.fetch_add(1, Ordering::Relaxed);
+        }
+        self.keep(w, m, Arc::new(p))
+    }
+
+    /// Puts a weight just read into its device's expert cache (routed
+    /// experts only) and returns it.
+    fn keep(&self, w: &Weight, m: &Mapped, packed: Arc<Packed>) -> Arc<Packed> {
+        if m.cached {
             let bytes = packed.bytes();
             if let Ok(mut c) = self.caches.lock() {
                 let evicted = c.entry(w.device).or_default().insert(&w.name, packed.clone(), bytes);
@@ -449,11 +445,6 @@ impl Streamer {
             }
         }
         packed
-    }
-
-    /// Adds time the computation spent waiting for weights read elsewhere.
-    pub fn add_load_time(&self, d: std::time::Duration) {
-        self.counters.load_ns.fetch_add(d.as_nanos() as u64, Ordering::Relaxed);
     }
 
     /// The weight in packed form on its compute device: from the expert cache,
@@ -469,37 +460,26 @@ impl Streamer {
         }
         let started = Instant::now();
         let packed = match &m.host {
-            Some(host) => {
-                let parts = host.parts.iter().map(|p| p.to_device(w.device)).collect::<Result<Vec<_>>>()?;
-                self.counters.h2d_bytes.fetch_add(host.bytes() as u64, Ordering::Relaxed);
-                Packed::new(parts)
-            }
-            None if w.device == Device::Cpu => {
-                let mut memory = Vec::new();
-                let parts = m.parts.iter().map(|r| self.read_part(r, &mut memory)).collect::<Result<Vec<_>>>()?;
-                Packed::with_memory(parts, memory, self.pool.clone())
-            }
-            None => {
-                // read into host memory, then copy to the GPU; the host buffers go here
-                let mut memory = Vec::new();
-                let parts = m
-                    .parts
-                    .iter()
-                    .map(|r| self.read_part(r, &mut memory)?.to_device(w.device))
-                    .collect::<Result<Vec<_>>>()?;
-                Packed::new(parts)
+            None if w.device == Device::Cpu => self.read_parts(&m.parts)?,
+            // to a GPU: from the host copy, or from the files through host
+            // memory (whose buffers go back to the pool after the copy)
+            host => {
+                let read;
+                let src = match host {
+                    Some(h) => {
+                        self.counters.h2d_bytes.fetch_add(h.bytes() as u64, Ordering::Relaxed);
+                        h.as_ref()
+                    }
+                    None => {
+                        read = self.read_parts(&m.parts)?;
+                        &read
+                    }
+                };
+                Packed::new(src.parts.iter().map(|p| p.to_device(w.device)).collect::<Result<Vec<_>>>()?)
             }
         };
-        let packed = Arc::new(packed);
         self.counters.load_ns.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
-        if m.cached {
-            let bytes = packed.bytes();
-            if let Ok(mut c) = self.caches.lock() {
-                let evicted = c.entry(w.device).or_default().insert(&w.name, packed.clone(), bytes);
-                self.counters.evictions.fetch_add(evicted, Ordering::Relaxed);
-            }
-        }
-        Ok(packed)
+        Ok(self.keep(w, m, Arc::new(packed)))
     }
 
     /// Embedding rows `ids` [B, T] of a mapped weight, reading only those rows.
@@ -541,20 +521,8 @@ impl Streamer {
 
     /// Asks the operating system to start reading `w` (unless it is cached).
     pub fn prefetch(&self, w: &Weight, m: &Mapped) {
-        if m.host.is_some() {
-            return;
-        }
-        if m.cached {
-            let cached = self.caches.lock().map(|c| c.get(&w.device).is_some_and(|l| l.entries.contains_key(&w.name)));
-            if cached.unwrap_or(false) {
-                return;
-            }
-        }
-        for r in &m.parts {
-            self.advise(r, libc::POSIX_FADV_WILLNEED);
-            if let Some((s, _)) = &r.scale {
-                self.advise(s, libc::POSIX_FADV_WILLNEED);
-            }
+        if m.host.is_none() && !(m.cached && self.is_cached(w)) {
+            self.advise_parts(&m.parts);
         }
     }
 
@@ -692,6 +660,60 @@ impl Streamer {
         self.counters.disk_reads.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
+}
+
+/// Threads reading the chosen experts of a MoE layer from disk while the
+/// computation goes on: two keep a disk's queue busier than one.
+pub const READERS: usize = 2;
+
+/// Items each reader may have read and not yet handed over; with the one it
+/// is reading, `READERS * (READ_AHEAD + 1)` items can be in memory ahead of
+/// their use (the plan's reserve counts them).
+pub const READ_AHEAD: usize = 1;
+
+/// Items whose reads are requested from the operating system (into the page
+/// cache, not counted in the process's memory) ahead of the readers.
+const ADVISE_AHEAD: usize = 4;
+
+/// Calls `compute(i, weights)` for each item of `jobs` in order (a routed
+/// expert: the reads of its weights, `None` for a weight that needs none),
+/// with the reads done by [`READERS`] threads ahead of the computation. The
+/// time `compute` waits for a read counts as loading time of its streamer.
+/// Without any read to do, no thread is started.
+pub fn read_ahead(jobs: &[Vec<Option<FetchJob>>], mut compute: impl FnMut(usize, Vec<Option<Packed>>) -> Result<()>) -> Result<()> {
+    let streamer = |i: usize| jobs.get(i).and_then(|js| js.iter().flatten().next()).map(|j| j.streamer.clone());
+    let Some(first) = (0..jobs.len()).find_map(streamer) else {
+        return (0..jobs.len()).try_for_each(|i| compute(i, jobs[i].iter().map(|_| None).collect()));
+    };
+    let advise = |i: usize| jobs.get(i).into_iter().flatten().flatten().for_each(|j| j.streamer.advise_parts(&j.parts));
+    std::thread::scope(|scope| -> Result<()> {
+        // reader r reads items r, r + READERS, ...
+        let receivers: Vec<std::sync::mpsc::Receiver<Result<Vec<Option<Packed>>>>> = (0..READERS)
+            .map(|r| {
+                let (tx, rx) = std::sync::mpsc::sync_channel(READ_AHEAD);
+                scope.spawn(move || {
+                    for i in (r..jobs.len()).step_by(READERS) {
+                        // the disk works on later items while this one is read
+                        advise(i + ADVISE_AHEAD);
+                        let read = jobs[i].iter().map(|j| j.as_ref().map(|j| j.streamer.read_parts(&j.parts)).transpose()).collect();
+                        if tx.send(read).is_err() {
+                            break; // the computation stopped
+                        }
+                    }
+                });
+                rx
+            })
+            .collect();
+        (0..ADVISE_AHEAD).for_each(advise);
+        for i in 0..jobs.len() {
+            let waited = Instant::now();
+            let read = receivers[i % READERS].recv().map_err(|_| Error::Input("the expert reader stopped".into()))??;
+            let s = streamer(i).unwrap_or_else(|| first.clone());
+            s.counters.load_ns.fetch_add(waited.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            compute(i, read)?;
+        }
+        Ok(())
+    })
 }
 
 #[cfg(test)]

@@ -207,10 +207,10 @@ fn planned_tensors(c: &Config, dtype: SynthDtype) -> Vec<Planned> {
     let mut out = Vec::new();
     for spec in weight_specs(c) {
         let stored = assumed_storage(c, &spec, plain);
-        let rows = spec.shape[0] as usize / spec.sources.len();
+        let shape: Vec<usize> = spec.source_shape().iter().map(|&d| d as usize).collect();
+        let rows = shape[0];
         for src in &spec.sources {
-            let mut shape: Vec<usize> = spec.shape.iter().map(|&d| d as usize).collect();
-            shape[0] = rows;
+            let shape = shape.clone();
             let fan_in = shape.get(1).copied().unwrap_or(1).max(1) as f32;
             let std = if spec.name == "model.embed_tokens.weight" { 1.0 } else { fan_in.powf(-0.5) };
             let fill = if src.ends_with("norm.weight") {

@@ -151,14 +151,6 @@ impl Packed {
         self.parts.iter().map(Part::bytes).sum()
     }
 
-    pub fn device(&self) -> Device {
-        match self.parts.first() {
-            Some(Part::Plain(t)) => t.device(),
-            Some(Part::Fp8 { w, .. }) => w.device(),
-            None => Device::Cpu,
-        }
-    }
-
     /// `x W^T`, converting at most [`CHUNK_BYTES`] of `W` at a time. A weight
     /// that fits one chunk is converted whole and applied in one product, the
     /// same product a ready weight computes.
@@ -234,11 +226,12 @@ pub struct Mapped {
     pub host: Option<Arc<Packed>>,
 }
 
-/// The checkpoint tensors of one weight, to be read on another thread
-/// ([`Streamer::read_job`](super::stream::Streamer::read_job)).
+/// The checkpoint tensors of one weight and the streamer that reads them,
+/// for a read on another thread ([`read_ahead`](super::stream::read_ahead)).
 #[derive(Debug, Clone)]
 pub struct FetchJob {
     pub parts: Vec<TensorRef>,
+    pub streamer: Arc<Streamer>,
 }
 
 /// What a weight is for, to group residency decisions and statistics.
@@ -255,11 +248,6 @@ pub struct Weight {
 }
 
 impl Weight {
-    /// A weight already in compute form.
-    pub fn ready(name: impl Into<String>, t: Tensor) -> Weight {
-        Weight { name: name.into(), shape: t.size(), kind: t.kind(), device: t.device(), store: Store::Ready(t) }
-    }
-
     /// `x W^T` (no bias) for `x` [.., in] -> [.., out].
     pub fn linear(&self, x: &Tensor) -> Result<Tensor> {
         self.linear_with_bias(x, None)
@@ -268,15 +256,7 @@ impl Weight {
     /// `x W^T + b`: one fused product when the weight is ready, as before
     /// weights had stores.
     pub fn linear_with_bias(&self, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-        let y = match &self.store {
-            Store::Ready(w) => return Ok(x.f_linear(w, bias)?),
-            Store::Packed(p) => p.linear(x, self.kind, self.device)?,
-            Store::Mapped(m) => m.streamer.fetch(self, m)?.linear(x, self.kind, self.device)?,
-        };
-        Ok(match bias {
-            Some(b) => y.f_add(b)?,
-            None => y,
-        })
+        self.linear_fetched(x, None, bias)
     }
 
     /// Embedding rows for `ids` [B, T] -> [B, T, cols].
@@ -367,19 +347,22 @@ impl Weight {
     pub fn fetch_job(&self) -> Option<FetchJob> {
         match &self.store {
             Store::Mapped(m) if m.host.is_none() && self.device == Device::Cpu && !m.streamer.is_cached(self) => {
-                Some(FetchJob { parts: m.parts.clone() })
+                Some(FetchJob { parts: m.parts.clone(), streamer: m.streamer.clone() })
             }
             _ => None,
         }
     }
 
-    /// `x W^T + b` with the weight a [`FetchJob`] read (counted and cached
-    /// as a read of this weight), or as [`Weight::linear_with_bias`] without.
+    /// `x W^T + b`, with a mapped weight taken from `fetched` when a
+    /// [`FetchJob`] has read it (counted and cached as a read of this
+    /// weight), else from the streamer.
     pub fn linear_fetched(&self, x: &Tensor, fetched: Option<Packed>, bias: Option<&Tensor>) -> Result<Tensor> {
-        let (Some(p), Store::Mapped(m)) = (fetched, &self.store) else {
-            return self.linear_with_bias(x, bias);
+        let y = match (&self.store, fetched) {
+            (Store::Ready(w), _) => return Ok(x.f_linear(w, bias)?),
+            (Store::Packed(p), _) => p.linear(x, self.kind, self.device)?,
+            (Store::Mapped(m), Some(p)) => m.streamer.adopt(self, m, p).linear(x, self.kind, self.device)?,
+            (Store::Mapped(m), None) => m.streamer.fetch(self, m)?.linear(x, self.kind, self.device)?,
         };
-        let y = m.streamer.adopt(self, m, p).linear(x, self.kind, self.device)?;
         Ok(match bias {
             Some(b) => y.f_add(b)?,
             None => y,
@@ -393,9 +376,6 @@ impl Weight {
         }
     }
 
-    pub fn is_mapped(&self) -> bool {
-        matches!(self.store, Store::Mapped(_))
-    }
 }
 
 /// `w` [rows, cols] FP8 times its block scales `s` [ceil(rows/br), ceil(cols/bc)],
