@@ -159,6 +159,9 @@ impl Packed {
     }
 
     fn linear_in_chunks(&self, x: &Tensor, kind: Kind, device: Device, chunk_bytes: usize) -> Result<Tensor> {
+        if let Some(y) = self.fused_fp8(x, kind, device)? {
+            return Ok(y);
+        }
         let numel: i64 = self.parts.iter().map(|p| p.rows() * p.cols()).sum();
         if numel as usize * 4 <= chunk_bytes {
             return Ok(x.f_linear(&self.dense(kind, device)?, None::<Tensor>)?);
@@ -172,6 +175,27 @@ impl Packed {
             }
         }
         cat_last(outs)
+    }
+
+    /// `x W^T` straight from the FP8 codes ([`fp8_linear_cpu`](super::dtype::fp8_linear_cpu)),
+    /// when every part is FP8 on the CPU, the product is computed there and
+    /// `x` has at most [`FUSED_MAX_ROWS`](super::dtype::FUSED_MAX_ROWS) rows.
+    fn fused_fp8(&self, x: &Tensor, kind: Kind, device: Device) -> Result<Option<Tensor>> {
+        let cols = x.size().last().copied().unwrap_or(0);
+        let rows = if cols > 0 { x.numel() as i64 / cols } else { 0 };
+        if device != Device::Cpu || rows == 0 || rows > super::dtype::FUSED_MAX_ROWS {
+            return Ok(None);
+        }
+        let mut outs = Vec::with_capacity(self.parts.len());
+        for part in &self.parts {
+            match part {
+                Part::Fp8 { w, scale_inv, block } if w.device() == Device::Cpu && block[1] <= 256 => {
+                    outs.push(super::dtype::fp8_linear_cpu(x, w, scale_inv, *block)?)
+                }
+                _ => return Ok(None),
+            }
+        }
+        Ok(Some(cat_last(outs)?.f_to_kind(kind)?))
     }
 
     /// The whole matrix as `kind` on `device`.
@@ -487,9 +511,19 @@ mod tests {
         let w8 = (Tensor::randn([300, 256], (Kind::Float, Device::Cpu)) * 40.0).to_kind(Kind::Float8e4m3fn);
         let s8 = Tensor::rand([3, 2], (Kind::Float, Device::Cpu));
         let p8 = Packed::new(vec![Part::Fp8 { w: w8.shallow_clone(), scale_inv: s8.shallow_clone(), block: [128, 128] }]);
-        let x8 = Tensor::randn([5, 256], (Kind::Float, Device::Cpu));
+        // 12 rows: more than the fused product takes, so dequantized chunks
+        let x8 = Tensor::randn([12, 256], (Kind::Float, Device::Cpu));
         let want8 = x8.linear(&dequantize(&w8, &s8, [128, 128]).unwrap(), None::<Tensor>);
         let got8 = p8.linear_in_chunks(&x8, Kind::Float, Device::Cpu, 128 * 256 * 4).unwrap();
-        assert!((got8 - want8).abs().max().double_value(&[]) < 1e-4);
+        assert!((got8 - &want8).abs().max().double_value(&[]) < 1e-4);
+        // 5 rows: the fused product, straight from the codes, in any chunk size
+        let x5 = x8.narrow(0, 0, 5);
+        assert!(p8.fused_fp8(&x5, Kind::Float, Device::Cpu).unwrap().is_some());
+        assert!(p8.fused_fp8(&x8, Kind::Float, Device::Cpu).unwrap().is_none());
+        let got5 = p8.linear_in_chunks(&x5, Kind::Float, Device::Cpu, 128 * 256 * 4).unwrap();
+        // another summation order than the GEMM's: equal to f32 rounding
+        let want5 = want8.narrow(0, 0, 5);
+        let rel = (got5 - &want5).abs().max().double_value(&[]) / want5.abs().max().double_value(&[]);
+        assert!(rel < 1e-6, "relative difference {rel}");
     }
 }
