@@ -1,5 +1,6 @@
-//! Number formats of checkpoints: `float8_e4m3fn` and bf16 conversions, and
-//! block-scaled FP8 dequantization on the CPU.
+//! Number formats of checkpoints: `float8_e4m3fn` and bf16 conversions,
+//! block-scaled FP8 dequantization on the CPU, and the fused FP8 product
+//! ([`fp8_linear_cpu`]) for the few tokens of a routed expert or a decode step.
 //!
 //! Hand-written because libtorch's CPU conversion from FP8 is scalar:
 //! measured here (torch 2.13, 2 threads) at 5.6 ns per element, 82 ms for

@@ -274,6 +274,29 @@ impl Model {
                 ));
             }
         }
+        if let Some(s) = &streamer {
+            // the routed experts' read buffers, made ready while nothing computes
+            let refs: Vec<&super::stream::TensorRef> = layers
+                .iter()
+                .flat_map(|l| l.weights())
+                .filter_map(|w| match &w.store {
+                    super::weight::Store::Mapped(m) if m.cached && m.host.is_none() && w.device == Device::Cpu => Some(m.parts.iter()),
+                    _ => None,
+                })
+                .flatten()
+                .collect();
+            if !refs.is_empty() {
+                let t = Instant::now();
+                let bytes = s.prefault_cache(&refs)?;
+                if bytes > 0 {
+                    load_notes.push(format!(
+                        "expert cache: {} of read buffers made ready at load ({:.1} s), so that first passes do not wait for fresh memory",
+                        human_bytes(bytes as u64),
+                        t.elapsed().as_secs_f64()
+                    ));
+                }
+            }
+        }
         let tokenizer = Tokenizer::from_dir(dir)?;
         let main = plan.layer_devices.first().copied().unwrap_or(opts.device);
         let rope = Rope::new(&config, main)?;

@@ -43,11 +43,15 @@ use crate::error::{Error, Result};
 /// Anonymous mappings of read buffers kept for the next reads of the same
 /// size: a fresh mapping costs the kernel zeroing every page (measured here:
 /// a quarter of the CPU time of a DeepSeek-V3-shaped prefill), a reused one
-/// nothing. Bounded: beyond `limit` bytes, returned buffers are unmapped.
+/// nothing. Bounded: beyond `limit` bytes plus what the CPU expert cache
+/// may still take (`spare`), returned buffers are unmapped, so buffers held
+/// here and weights held in the cache stay within the plan's cache and
+/// reserve together.
 #[derive(Debug, Default)]
 pub struct BufferPool {
     free: Mutex<Vec<memmap2::MmapMut>>,
     limit: AtomicU64,
+    spare: AtomicU64,
 }
 
 impl BufferPool {
@@ -61,9 +65,9 @@ impl BufferPool {
         memmap2::MmapMut::map_anon(bytes)
     }
 
-    /// Takes buffers back, keeping at most `limit` bytes in all.
+    /// Takes buffers back, keeping at most `limit + spare` bytes in all.
     pub fn give(&self, regions: Vec<memmap2::MmapMut>) {
-        let limit = self.limit.load(Ordering::Relaxed) as usize;
+        let limit = (self.limit.load(Ordering::Relaxed) + self.spare.load(Ordering::Relaxed)) as usize;
         if let Ok(mut free) = self.free.lock() {
             let mut held: usize = free.iter().map(|m| m.len()).sum();
             for r in regions {
@@ -73,6 +77,67 @@ impl BufferPool {
                 }
             }
         }
+    }
+
+    /// Maps buffers of `sizes` (in turn) up to `bytes` in all and touches
+    /// every page, on 2 threads, so that the reads that later fill the expert
+    /// cache find their memory ready. Why: first touching fresh anonymous
+    /// memory makes the kernel zero it, which took 35-45% of the CPU time of
+    /// a cold DeepSeek-V3-shaped prefill here (`perf`, `clear_page_erms`
+    /// under `pread`), on the same 2 cores that compute; at load the disk is
+    /// the bottleneck and the CPU mostly waits.
+    fn prefault(&self, sizes: &[usize], bytes: usize) -> std::io::Result<usize> {
+        let mut plan = Vec::new();
+        let mut total = 0;
+        'fill: loop {
+            let mut added = false;
+            for &n in sizes {
+                if n == 0 || total + n > bytes {
+                    continue;
+                }
+                total += n;
+                plan.push(n);
+                added = true;
+                if plan.len() >= 1 << 20 {
+                    break 'fill;
+                }
+            }
+            if !added {
+                break;
+            }
+        }
+        let made: Vec<std::io::Result<Vec<memmap2::MmapMut>>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = [0usize, 1]
+                .into_iter()
+                .map(|t| {
+                    let mine: Vec<usize> = plan.iter().skip(t).step_by(2).copied().collect();
+                    scope.spawn(move || {
+                        mine.into_iter()
+                            .map(|n| {
+                                let mut m = memmap2::MmapMut::map_anon(n)?;
+                                for i in (0..n).step_by(4096) {
+                                    m[i] = 0;
+                                }
+                                Ok(m)
+                            })
+                            .collect::<std::io::Result<Vec<_>>>()
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|_| Err(std::io::Error::other("a prefault thread panicked"))))
+                .collect()
+        });
+        let mut done = 0;
+        for r in made {
+            let bufs = r?;
+            done += bufs.iter().map(|m| m.len()).sum::<usize>();
+            if let Ok(mut free) = self.free.lock() {
+                free.extend(bufs);
+            }
+        }
+        Ok(done)
     }
 
     /// Bytes held for reuse.
@@ -264,6 +329,9 @@ struct Lru {
     pass: u64,
     /// key -> (weight, bytes, last use, pass of last use)
     entries: HashMap<String, (Arc<Packed>, usize, u64, u64)>,
+    /// Entries evicted by the last inserts, dropped by the caller once the
+    /// buffer pool knows the room they leave (see [`BufferPool::give`]).
+    evicted: Vec<Arc<Packed>>,
 }
 
 impl Lru {
@@ -290,18 +358,27 @@ impl Lru {
             let Some(oldest) = self.entries.iter().filter(|(_, e)| e.3 < pass).min_by_key(|(_, e)| e.2).map(|(k, _)| k.clone()) else {
                 return evicted; // everything cached is in use by this pass
             };
-            if let Some((_, b, _, _)) = self.entries.remove(&oldest) {
+            if let Some((p, b, _, _)) = self.entries.remove(&oldest) {
                 self.used -= b;
                 evicted += 1;
+                self.evicted.push(p);
             }
         }
         self.clock += 1;
-        if let Some((_, old, _, _)) = self.entries.insert(key.to_string(), (value, bytes, self.clock, self.pass)) {
+        if let Some((p, old, _, _)) = self.entries.insert(key.to_string(), (value, bytes, self.clock, self.pass)) {
             self.used -= old;
+            self.evicted.push(p);
         }
         self.used += bytes;
         evicted
     }
+}
+
+/// The buffer an `O_DIRECT` read of `bytes` takes: whole pages, and one more
+/// for the tensor's offset within its first page, so that every tensor of a
+/// size takes the same buffer size, whatever its offset (reuse in the pool).
+fn direct_buffer_bytes(bytes: usize) -> usize {
+    bytes.next_multiple_of(4096) + 4096
 }
 
 /// Open checkpoint files, the expert caches (one per device) and the traffic
@@ -356,6 +433,28 @@ impl Streamer {
         }
     }
 
+    /// Fills the buffer pool, up to the CPU expert cache's capacity, with
+    /// ready (touched) buffers of the sizes reads of `refs` take; returns the
+    /// bytes mapped. See [`BufferPool::prefault`].
+    pub fn prefault_cache(&self, refs: &[&TensorRef]) -> Result<usize> {
+        let (_, capacity, _) = self.cache_usage(Device::Cpu);
+        let mut sizes: Vec<usize> = refs.iter().filter_map(|r| self.buffer_bytes(r)).collect();
+        sizes.sort_unstable();
+        sizes.dedup();
+        self.pool.prefault(&sizes, capacity).map_err(|e| Error::io(&self.files[0].0, e))
+    }
+
+    /// The size of the pooled buffer a read of `r` takes (`None`: a small
+    /// tensor read into an ordinary one).
+    fn buffer_bytes(&self, r: &TensorRef) -> Option<usize> {
+        let bytes = r.len() as usize;
+        if bytes < MAPPED_READ_MIN {
+            return None;
+        }
+        let direct = self.direct.get(r.file).is_some_and(|d| d.is_some()) && r.offset % 4096 % r.kind.elt_size_in_bytes() as u64 == 0;
+        Some(if direct { direct_buffer_bytes(bytes) } else { bytes })
+    }
+
     /// Sets how many bytes of read buffers are kept for reuse (part of the
     /// plan's reserve).
     pub fn set_pool_limit(&self, bytes: usize) {
@@ -370,7 +469,11 @@ impl Streamer {
     /// Sets the byte capacity of the expert cache on `device`.
     pub fn set_cache_capacity(&self, device: Device, bytes: usize) {
         if let Ok(mut c) = self.caches.lock() {
-            c.entry(device).or_default().capacity = bytes;
+            let lru = c.entry(device).or_default();
+            lru.capacity = bytes;
+            if device == Device::Cpu {
+                self.pool.spare.store(bytes.saturating_sub(lru.used) as u64, Ordering::Relaxed);
+            }
         }
     }
 
@@ -439,10 +542,18 @@ impl Streamer {
     fn keep(&self, w: &Weight, m: &Mapped, packed: Arc<Packed>) -> Arc<Packed> {
         if m.cached {
             let bytes = packed.bytes();
+            let mut dropped = Vec::new();
             if let Ok(mut c) = self.caches.lock() {
-                let evicted = c.entry(w.device).or_default().insert(&w.name, packed.clone(), bytes);
+                let lru = c.entry(w.device).or_default();
+                let evicted = lru.insert(&w.name, packed.clone(), bytes);
                 self.counters.evictions.fetch_add(evicted, Ordering::Relaxed);
+                dropped = std::mem::take(&mut lru.evicted);
+                if w.device == Device::Cpu {
+                    self.pool.spare.store(lru.capacity.saturating_sub(lru.used) as u64, Ordering::Relaxed);
+                }
             }
+            // their buffers go back to the pool, which now knows the room left
+            drop(dropped);
         }
         packed
     }
@@ -605,7 +716,7 @@ impl Streamer {
         if lead % r.kind.elt_size_in_bytes() != 0 {
             return Ok(None);
         }
-        let total = (lead + bytes).next_multiple_of(ALIGN as usize);
+        let total = direct_buffer_bytes(bytes);
         let path = &self.files[r.file].0;
         let mut region = self.pool.take(total).map_err(|e| Error::io(path, e))?;
         let mut done = 0usize;
@@ -722,6 +833,27 @@ mod tests {
 
     fn packed(n: i64) -> Arc<Packed> {
         Arc::new(Packed::new(vec![Part::Plain(Tensor::zeros([n], (Kind::Uint8, Device::Cpu)))]))
+    }
+
+    #[test]
+    fn the_buffer_pool_is_filled_ahead_and_holds_no_more_than_its_room() {
+        let pool = BufferPool::default();
+        // sizes in turn while they fit: 4096 + 8192 + 4096 + 4096 = 20480
+        assert_eq!(pool.prefault(&[4096, 8192], 20480).unwrap(), 20480);
+        assert_eq!(pool.held(), 20480);
+        let b = pool.take(8192).unwrap();
+        assert_eq!((b.len(), pool.held()), (8192, 12288));
+        // nothing left for it: limit 8192, no room in the cache
+        pool.limit.store(8192, Ordering::Relaxed);
+        pool.give(vec![b]);
+        assert_eq!(pool.held(), 12288);
+        // room left in the cache lets the pool keep it
+        pool.spare.store(16384, Ordering::Relaxed);
+        pool.give(vec![pool.take(4096).unwrap(), memmap2::MmapMut::map_anon(8192).unwrap()]);
+        assert_eq!(pool.held(), 20480);
+        // every tensor of a size takes one buffer size, whatever its offset
+        assert_eq!(direct_buffer_bytes(14_680_064), 14_680_064 + 4096);
+        assert_eq!(direct_buffer_bytes(1000), 8192);
     }
 
     #[test]

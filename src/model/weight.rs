@@ -17,7 +17,10 @@
 //!
 //! Dequantization is `w = fp8 * scale_inv` per 128x128 block, computed in f32
 //! and then cast to the compute dtype: the same arithmetic, in the same
-//! order, as dequantizing at load, so both give bit-identical weights.
+//! order, as dequantizing at load, so both give bit-identical weights. A
+//! product with few input rows on the CPU skips the dequantized copy
+//! ([`fp8_linear_cpu`](super::dtype::fp8_linear_cpu)): same weights, sums in
+//! another order, so equal to rounding.
 
 use std::sync::Arc;
 
