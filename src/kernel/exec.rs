@@ -115,13 +115,54 @@ pub(crate) fn take_slot() -> Result<Slot> {
         if rc == 0 {
             let dir = root.join(format!("slot-{n}"));
             std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-            if n > 0 {
+            let origin = build_origin();
+            forget_other_builds(&dir, &origin);
+            if n > 0 && stamp_of(&root.join("slot-0")).as_deref() == Some(origin.as_str()) {
                 seed_slot(&root.join("slot-0"), &dir);
             }
+            let stamp = dir.join(STAMP);
+            std::fs::write(&stamp, &origin).map_err(|e| Error::io(&stamp, e))?;
             return Ok(Slot { dir, _lock: file });
         }
     }
     Err(Error::Kernel(format!("all 64 build slots under {} are in use", root.display())))
+}
+
+/// The file in a slot that names the DeepScope source and the libtorch its
+/// build was made from.
+const STAMP: &str = "origin";
+
+/// What a slot's compiled dependencies depend on beyond their own sources:
+/// the DeepScope source directory and the venv (torch-sys records where
+/// libtorch was when its build script ran, and cargo does not run it again
+/// when only that place changes).
+fn build_origin() -> String {
+    format!(
+        "source {}\nvenv {}\nlibtorch {}\n",
+        super::install::source_dir().display(),
+        super::install::venv_dir().map_or("-".into(), |v| v.display().to_string()),
+        option_env!("DEEPSCOPE_LIBTORCH_LIB").unwrap_or("-"),
+    )
+}
+
+fn stamp_of(slot: &std::path::Path) -> Option<String> {
+    std::fs::read_to_string(slot.join(STAMP)).ok()
+}
+
+/// Removes a slot's build made for another source or venv: measured, a slot
+/// built from a clone whose venv was then deleted kept linking cells against
+/// the deleted libtorch (`rust-lld: unable to find library -ltorch_cpu`)
+/// until the slot was removed by hand. Returns whether it removed one.
+fn forget_other_builds(slot: &std::path::Path, origin: &str) -> bool {
+    let target = slot.join("target");
+    let stale = match stamp_of(slot) {
+        Some(s) => s != origin,
+        None => target.exists(),
+    };
+    if stale {
+        let _ = std::fs::remove_dir_all(&target);
+    }
+    stale
 }
 
 /// A second kernel running at the same time gets its own slot. An empty one
@@ -432,5 +473,28 @@ pub(crate) mod evcxr_input_request {
     pub struct Req {
         pub prompt: String,
         pub password: bool,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_slot_built_for_another_source_or_venv_is_rebuilt() {
+        let slot = std::env::temp_dir().join(format!("deepscope-slot-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&slot);
+        std::fs::create_dir_all(slot.join("target/debug")).unwrap();
+        // a build without a stamp (made before stamps) is not trusted
+        assert!(forget_other_builds(&slot, "source a\n"));
+        assert!(!slot.join("target").exists());
+        // the same origin keeps its build, another one loses it
+        std::fs::create_dir_all(slot.join("target/debug")).unwrap();
+        std::fs::write(slot.join(STAMP), "source a\n").unwrap();
+        assert!(!forget_other_builds(&slot, "source a\n"));
+        assert!(slot.join("target/debug").exists());
+        assert!(forget_other_builds(&slot, "source b\n"));
+        assert!(!slot.join("target").exists());
+        let _ = std::fs::remove_dir_all(&slot);
     }
 }
