@@ -116,9 +116,15 @@ pub(crate) fn take_slot() -> Result<Slot> {
             let dir = root.join(format!("slot-{n}"));
             std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
             let origin = build_origin();
-            forget_other_builds(&dir, &origin);
-            if n > 0 && stamp_of(&root.join("slot-0")).as_deref() == Some(origin.as_str()) {
-                seed_slot(&root.join("slot-0"), &dir);
+            forget_other_builds(&dir, &origin)?;
+            let slot0 = root.join("slot-0");
+            if n > 0 && stamp_of(&slot0).as_deref() == Some(origin.as_str()) {
+                seed_slot(&slot0, &dir);
+                // slot 0 may have been rebuilt for another origin meanwhile
+                if stamp_of(&slot0).as_deref() != Some(origin.as_str()) {
+                    let target = dir.join("target");
+                    std::fs::remove_dir_all(&target).map_err(|e| Error::io(&target, e))?;
+                }
             }
             let stamp = dir.join(STAMP);
             std::fs::write(&stamp, &origin).map_err(|e| Error::io(&stamp, e))?;
@@ -152,17 +158,19 @@ fn stamp_of(slot: &std::path::Path) -> Option<String> {
 /// Removes a slot's build made for another source or venv: measured, a slot
 /// built from a clone whose venv was then deleted kept linking cells against
 /// the deleted libtorch (`rust-lld: unable to find library -ltorch_cpu`)
-/// until the slot was removed by hand. Returns whether it removed one.
-fn forget_other_builds(slot: &std::path::Path, origin: &str) -> bool {
+/// until the slot was removed by hand. Returns whether it removed one; a
+/// build it cannot remove is an error (and loses its stamp), never trusted.
+fn forget_other_builds(slot: &std::path::Path, origin: &str) -> Result<bool> {
     let target = slot.join("target");
     let stale = match stamp_of(slot) {
         Some(s) => s != origin,
         None => target.exists(),
     };
-    if stale {
-        let _ = std::fs::remove_dir_all(&target);
+    if stale && target.exists() {
+        let _ = std::fs::remove_file(slot.join(STAMP));
+        std::fs::remove_dir_all(&target).map_err(|e| Error::io(&target, e))?;
     }
-    stale
+    Ok(stale)
 }
 
 /// A second kernel running at the same time gets its own slot. An empty one
@@ -486,15 +494,16 @@ mod tests {
         let _ = std::fs::remove_dir_all(&slot);
         std::fs::create_dir_all(slot.join("target/debug")).unwrap();
         // a build without a stamp (made before stamps) is not trusted
-        assert!(forget_other_builds(&slot, "source a\n"));
+        assert!(forget_other_builds(&slot, "source a\n").unwrap());
         assert!(!slot.join("target").exists());
         // the same origin keeps its build, another one loses it
         std::fs::create_dir_all(slot.join("target/debug")).unwrap();
         std::fs::write(slot.join(STAMP), "source a\n").unwrap();
-        assert!(!forget_other_builds(&slot, "source a\n"));
+        assert!(!forget_other_builds(&slot, "source a\n").unwrap());
         assert!(slot.join("target/debug").exists());
-        assert!(forget_other_builds(&slot, "source b\n"));
+        assert!(forget_other_builds(&slot, "source b\n").unwrap());
         assert!(!slot.join("target").exists());
+        assert!(stamp_of(&slot).is_none(), "the old stamp goes with its build");
         let _ = std::fs::remove_dir_all(&slot);
     }
 }

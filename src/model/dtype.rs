@@ -61,7 +61,7 @@ pub fn dequantize_fp8_cpu(w: &Tensor, scale: &Tensor, block: [i64; 2], kind: Kin
     };
     let [br, bc] = block;
     let (nbr, nbc) = ((rows + br - 1) / br, (cols + bc - 1) / bc);
-    if scale.size() != [nbr, nbc] || w.kind() != Kind::Float8e4m3fn || w.device() != Device::Cpu {
+    if scale.size() != [nbr, nbc] || w.kind() != Kind::Float8e4m3fn || w.device() != Device::Cpu || scale.device() != Device::Cpu {
         return Err(Error::Input(format!(
             "dequantize_fp8_cpu needs a CPU float8_e4m3fn [{rows}, {cols}] weight and [{nbr}, {nbc}] scales, got {:?} on {:?} and {:?}",
             w.kind(),
@@ -128,8 +128,10 @@ pub const FUSED_MAX_ROWS: i64 = 8;
 /// which is what makes it faster than a dequantize-then-matmul for the few
 /// tokens a routed expert or a decode step sees: that path writes and
 /// re-reads a bf16/f32 copy of every weight. The sums run in another order
-/// than a GEMM's, so results agree with it to rounding (f32: relative 1e-6),
-/// not bit for bit.
+/// than a GEMM's, so in f32 results agree with it to rounding (relative
+/// 1e-6), not bit for bit; under a bf16 compute dtype the weights here are
+/// the unrounded f32 products, where the GEMM path rounds them to bf16 first,
+/// so the two differ at bf16 precision (the parity tests check top-k).
 pub fn fp8_linear_cpu(x: &Tensor, w: &Tensor, scale: &Tensor, block: [i64; 2]) -> Result<Tensor> {
     let (n, k) = match w.size().as_slice() {
         [r, c] => (*r, *c),
@@ -141,14 +143,18 @@ pub fn fp8_linear_cpu(x: &Tensor, w: &Tensor, scale: &Tensor, block: [i64; 2]) -
     if scale.size() != [nbr, nbc]
         || w.kind() != Kind::Float8e4m3fn
         || w.device() != Device::Cpu
+        || scale.device() != Device::Cpu
+        || x.device() != Device::Cpu
         || xs.last() != Some(&k)
         || bc as usize > MAX_BLOCK
     {
         return Err(Error::Input(format!(
-            "fp8_linear_cpu needs a CPU float8_e4m3fn [{n}, {k}] weight, [{nbr}, {nbc}] scales, blocks of at most {MAX_BLOCK} columns and an input [.., {k}], got {:?} on {:?}, {:?}, {block:?} and {xs:?}",
+            "fp8_linear_cpu needs a float8_e4m3fn [{n}, {k}] weight, [{nbr}, {nbc}] scales, blocks of at most {MAX_BLOCK} columns and an input [.., {k}], all on the CPU; got {:?} on {:?}, {:?} on {:?}, {block:?} and {xs:?} on {:?}",
             w.kind(),
             w.device(),
-            scale.size()
+            scale.size(),
+            scale.device(),
+            x.device()
         )));
     }
     let m = xs[..xs.len() - 1].iter().product::<i64>();

@@ -287,7 +287,7 @@ impl Model {
                 .collect();
             if !refs.is_empty() {
                 let t = Instant::now();
-                let bytes = s.prefault_cache(&refs)?;
+                let bytes = s.prefault_cache(&refs);
                 if bytes > 0 {
                     load_notes.push(format!(
                         "expert cache: {} of read buffers made ready at load ({:.1} s), so that first passes do not wait for fresh memory",

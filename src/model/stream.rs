@@ -86,7 +86,8 @@ impl BufferPool {
     /// a cold DeepSeek-V3-shaped prefill here (`perf`, `clear_page_erms`
     /// under `pread`), on the same 2 cores that compute; at load the disk is
     /// the bottleneck and the CPU mostly waits.
-    fn prefault(&self, sizes: &[usize], bytes: usize) -> std::io::Result<usize> {
+    fn prefault(&self, sizes: &[usize], bytes: usize) -> usize {
+        let bytes = bytes.saturating_sub(self.held());
         let mut plan = Vec::new();
         let mut total = 0;
         'fill: loop {
@@ -106,38 +107,59 @@ impl BufferPool {
                 break;
             }
         }
-        let made: Vec<std::io::Result<Vec<memmap2::MmapMut>>> = std::thread::scope(|scope| {
+        // best effort: a thread stops at its first failed mapping and keeps
+        // what it made; reads map their own buffers as before
+        let made: Vec<Vec<memmap2::MmapMut>> = std::thread::scope(|scope| {
             let handles: Vec<_> = [0usize, 1]
                 .into_iter()
                 .map(|t| {
                     let mine: Vec<usize> = plan.iter().skip(t).step_by(2).copied().collect();
                     scope.spawn(move || {
-                        mine.into_iter()
-                            .map(|n| {
-                                let mut m = memmap2::MmapMut::map_anon(n)?;
-                                for i in (0..n).step_by(4096) {
-                                    m[i] = 0;
-                                }
-                                Ok(m)
-                            })
-                            .collect::<std::io::Result<Vec<_>>>()
+                        let mut out = Vec::new();
+                        for n in mine {
+                            let Ok(mut m) = memmap2::MmapMut::map_anon(n) else { break };
+                            for i in (0..n).step_by(4096) {
+                                m[i] = 0;
+                            }
+                            out.push(m);
+                        }
+                        out
                     })
                 })
                 .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().unwrap_or_else(|_| Err(std::io::Error::other("a prefault thread panicked"))))
-                .collect()
+            handles.into_iter().map(|h| h.join().unwrap_or_default()).collect()
         });
         let mut done = 0;
-        for r in made {
-            let bufs = r?;
+        for bufs in made {
             done += bufs.iter().map(|m| m.len()).sum::<usize>();
             if let Ok(mut free) = self.free.lock() {
                 free.extend(bufs);
             }
         }
-        Ok(done)
+        done
+    }
+
+    /// Unmaps held buffers beyond `limit + spare` (the cache took room).
+    fn trim(&self) {
+        let limit = (self.limit.load(Ordering::Relaxed) + self.spare.load(Ordering::Relaxed)) as usize;
+        let extra: Vec<memmap2::MmapMut> = match self.free.lock() {
+            Ok(mut free) => {
+                let mut held: usize = free.iter().map(|m| m.len()).sum();
+                let mut out = Vec::new();
+                while held > limit {
+                    match free.pop() {
+                        Some(m) => {
+                            held -= m.len();
+                            out.push(m);
+                        }
+                        None => break,
+                    }
+                }
+                out
+            }
+            Err(_) => Vec::new(),
+        };
+        drop(extra);
     }
 
     /// Bytes held for reuse.
@@ -436,12 +458,11 @@ impl Streamer {
     /// Fills the buffer pool, up to the CPU expert cache's capacity, with
     /// ready (touched) buffers of the sizes reads of `refs` take; returns the
     /// bytes mapped. See [`BufferPool::prefault`].
-    pub fn prefault_cache(&self, refs: &[&TensorRef]) -> Result<usize> {
-        let (_, capacity, _) = self.cache_usage(Device::Cpu);
-        let mut sizes: Vec<usize> = refs.iter().filter_map(|r| self.buffer_bytes(r)).collect();
-        sizes.sort_unstable();
-        sizes.dedup();
-        self.pool.prefault(&sizes, capacity).map_err(|e| Error::io(&self.files[0].0, e))
+    pub fn prefault_cache(&self, refs: &[&TensorRef]) -> usize {
+        let (used, capacity, _) = self.cache_usage(Device::Cpu);
+        // one entry per read, so the mix of sizes follows the mix of reads
+        let sizes: Vec<usize> = refs.iter().filter_map(|r| self.buffer_bytes(r)).collect();
+        self.pool.prefault(&sizes, capacity.saturating_sub(used))
     }
 
     /// The size of the pooled buffer a read of `r` takes (`None`: a small
@@ -552,8 +573,10 @@ impl Streamer {
                     self.pool.spare.store(lru.capacity.saturating_sub(lru.used) as u64, Ordering::Relaxed);
                 }
             }
-            // their buffers go back to the pool, which now knows the room left
+            // their buffers go back to the pool, which now knows the room left;
+            // buffers it held for room the cache has now taken are unmapped
             drop(dropped);
+            self.pool.trim();
         }
         packed
     }
@@ -839,7 +862,9 @@ mod tests {
     fn the_buffer_pool_is_filled_ahead_and_holds_no_more_than_its_room() {
         let pool = BufferPool::default();
         // sizes in turn while they fit: 4096 + 8192 + 4096 + 4096 = 20480
-        assert_eq!(pool.prefault(&[4096, 8192], 20480).unwrap(), 20480);
+        assert_eq!(pool.prefault(&[4096, 8192], 20480), 20480);
+        // what the pool holds counts: nothing more fits
+        assert_eq!(pool.prefault(&[4096], 20480), 0);
         assert_eq!(pool.held(), 20480);
         let b = pool.take(8192).unwrap();
         assert_eq!((b.len(), pool.held()), (8192, 12288));
@@ -851,6 +876,10 @@ mod tests {
         pool.spare.store(16384, Ordering::Relaxed);
         pool.give(vec![pool.take(4096).unwrap(), memmap2::MmapMut::map_anon(8192).unwrap()]);
         assert_eq!(pool.held(), 20480);
+        // the cache takes room: the pool gives back what no longer fits
+        pool.spare.store(4096, Ordering::Relaxed);
+        pool.trim();
+        assert!(pool.held() <= 8192 + 4096, "{}", pool.held());
         // every tensor of a size takes one buffer size, whatever its offset
         assert_eq!(direct_buffer_bytes(14_680_064), 14_680_064 + 4096);
         assert_eq!(direct_buffer_bytes(1000), 8192);

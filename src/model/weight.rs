@@ -19,8 +19,9 @@
 //! and then cast to the compute dtype: the same arithmetic, in the same
 //! order, as dequantizing at load, so both give bit-identical weights. A
 //! product with few input rows on the CPU skips the dequantized copy
-//! ([`fp8_linear_cpu`](super::dtype::fp8_linear_cpu)): same weights, sums in
-//! another order, so equal to rounding.
+//! ([`fp8_linear_cpu`](super::dtype::fp8_linear_cpu)): in f32 the same
+//! weights with sums in another order, so equal to rounding; under bf16 the
+//! weights are not rounded to bf16 first, so equal to bf16 precision.
 
 use std::sync::Arc;
 
@@ -192,7 +193,7 @@ impl Packed {
         let mut outs = Vec::with_capacity(self.parts.len());
         for part in &self.parts {
             match part {
-                Part::Fp8 { w, scale_inv, block } if w.device() == Device::Cpu && block[1] <= 256 => {
+                Part::Fp8 { w, scale_inv, block } if w.device() == Device::Cpu && scale_inv.device() == Device::Cpu && x.device() == Device::Cpu && block[1] <= 256 => {
                     outs.push(super::dtype::fp8_linear_cpu(x, w, scale_inv, *block)?)
                 }
                 _ => return Ok(None),
