@@ -265,8 +265,44 @@ pub(crate) fn start_context(slot: &Slot) -> Result<(CommandContext, evcxr::EvalC
     let dep = format!("{{ path = \"{}\", default-features = false }}", src.display());
     state.add_dep("deepscope", &dep).map_err(|e| Error::Kernel(format!("adding the deepscope library ({dep}): {e}")))?;
     ctx.eval_with_state(SETUP_CODE, state)
-        .map_err(|e| Error::Kernel(format!("building the DeepScope library inside evcxr (in {}): {e}", slot.dir.display())))?;
+        .map_err(|e| Error::Kernel(format!("building the DeepScope library inside evcxr (in {}): {}", slot.dir.display(), build_failure(&e))))?;
     Ok((CommandContext::with_eval_context(ctx), outputs, t0.elapsed()))
+}
+
+/// What a failed build of the library says, with the cause: evcxr's
+/// `Display` gives each diagnostic's first line only, which for a failed
+/// link is "linking with `cc` failed" without the linker's own messages
+/// (e.g. `unable to find library -ltorch_cpu`).
+fn build_failure(e: &evcxr::Error) -> String {
+    match e {
+        evcxr::Error::CompilationErrors(errors) => errors
+            .iter()
+            .map(|c| {
+                let mut out = c.message();
+                for line in diagnostic_detail(&c.rendered()) {
+                    out.push_str("\n  ");
+                    out.push_str(&line);
+                }
+                out
+            })
+            .collect::<Vec<_>>()
+            .join("\n"),
+        other => other.to_string(),
+    }
+}
+
+/// The lines of a rendered rustc diagnostic after its headline, without the
+/// linker command line (thousands of characters of arguments), each cut to
+/// 300 characters, at most 20.
+fn diagnostic_detail(rendered: &str) -> Vec<String> {
+    rendered
+        .lines()
+        .skip(1)
+        .map(|l| l.trim().trim_start_matches("= note:").trim())
+        .filter(|l| !l.is_empty() && *l != "|" && !l.starts_with("\"cc\"") && !l.starts_with("some arguments are omitted"))
+        .map(|l| l.chars().take(300).collect())
+        .take(20)
+        .collect()
 }
 
 /// Drains a runner output channel into iopub; answers flush requests once
@@ -487,6 +523,15 @@ pub(crate) mod evcxr_input_request {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_failed_link_says_what_the_linker_said() {
+        // the shape of rustc's rendered diagnostic for a failed link
+        let rendered = "error: linking with `cc` failed: exit status: 1\n  |\n  = note:  \"cc\" \"-Wl,--version-script\" \"-m64\" \"-ltorch_cpu\"\n  = note: some arguments are omitted. use `--verbose` to show all linker arguments\n  = note: rust-lld: error: unable to find library -ltorch_cpu\n          collect2: error: ld returned 1 exit status\n\n";
+        let lines = diagnostic_detail(rendered);
+        assert_eq!(lines, vec!["rust-lld: error: unable to find library -ltorch_cpu", "collect2: error: ld returned 1 exit status"]);
+        assert!(diagnostic_detail("error: one line only").is_empty());
+    }
 
     #[test]
     fn a_slot_built_for_another_source_or_venv_is_rebuilt() {
