@@ -140,14 +140,7 @@ pub fn fp8_linear_cpu(x: &Tensor, w: &Tensor, scale: &Tensor, block: [i64; 2]) -
     let [br, bc] = block;
     let (nbr, nbc) = ((n + br - 1) / br, (k + bc - 1) / bc);
     let xs = x.size();
-    if scale.size() != [nbr, nbc]
-        || w.kind() != Kind::Float8e4m3fn
-        || w.device() != Device::Cpu
-        || scale.device() != Device::Cpu
-        || x.device() != Device::Cpu
-        || xs.last() != Some(&k)
-        || bc as usize > MAX_BLOCK
-    {
+    if scale.size() != [nbr, nbc] || w.kind() != Kind::Float8e4m3fn || xs.last() != Some(&k) || !fp8_linear_cpu_takes(x, w, scale, block) {
         return Err(Error::Input(format!(
             "fp8_linear_cpu needs a float8_e4m3fn [{n}, {k}] weight, [{nbr}, {nbc}] scales, blocks of at most {MAX_BLOCK} columns and an input [.., {k}], all on the CPU; got {:?} on {:?}, {:?} on {:?}, {block:?} and {xs:?} on {:?}",
             w.kind(),
@@ -195,6 +188,13 @@ pub fn fp8_linear_cpu(x: &Tensor, w: &Tensor, scale: &Tensor, block: [i64; 2]) -
     Ok(out.f_tr()?.f_contiguous()?.f_view(shape.as_slice())?)
 }
 
+/// Whether [`fp8_linear_cpu`] takes operands on these devices with these
+/// blocks (all on the CPU, scale blocks of at most 256 columns); shapes and
+/// dtypes it checks itself.
+pub fn fp8_linear_cpu_takes(x: &Tensor, w: &Tensor, scale: &Tensor, block: [i64; 2]) -> bool {
+    [x, w, scale].iter().all(|t| t.device() == Device::Cpu) && block[1] as usize <= MAX_BLOCK
+}
+
 /// Widest scale block [`fp8_linear_cpu`] accepts.
 const MAX_BLOCK: usize = 256;
 /// f32 lanes per accumulator: one AVX-512 register, two AVX2 ones.
@@ -210,23 +210,32 @@ struct Gemv {
     nbc: usize,
 }
 
-/// Output rows `n0..` of W (`dst` is [rows, m]), a tile of up to 4 rows of
-/// `x` at a time.
+/// For each output row `n0..` of W (`dst` is [rows, m]), `tile(out, m0,
+/// rows left, codes, scales)` over tiles of `x`'s rows until all `m` are
+/// done: `out` is the row's `m` results, `codes` its FP8 codes, `scales` those
+/// of its row block; `tile` returns how many rows it took.
 #[inline(always)]
-fn fused_rows_with(dst: &mut [f32], n0: usize, x: &[f32], src: &[u8], sc: &[f32], g: Gemv, fma: impl Fn(f32, f32, f32) -> f32 + Copy) {
+fn for_each_tile(dst: &mut [f32], n0: usize, src: &[u8], sc: &[f32], g: Gemv, mut tile: impl FnMut(&mut [f32], usize, usize, &[u8], &[f32]) -> usize) {
     for (i, out) in dst.chunks_mut(g.m).enumerate() {
         let r = n0 + i;
         let codes = &src[r * g.k..(r + 1) * g.k];
         let scales = &sc[(r / g.br) * g.nbc..(r / g.br + 1) * g.nbc];
         let mut m0 = 0;
         while m0 < g.m {
-            m0 += match g.m - m0 {
-                l if l >= 4 => tile::<4>(out, m0, x, codes, scales, g, fma),
-                l if l >= 2 => tile::<2>(out, m0, x, codes, scales, g, fma),
-                _ => tile::<1>(out, m0, x, codes, scales, g, fma),
-            };
+            m0 += tile(out, m0, g.m - m0, codes, scales);
         }
     }
+}
+
+/// Output rows `n0..` of W (`dst` is [rows, m]), a tile of up to 4 rows of
+/// `x` at a time.
+#[inline(always)]
+fn fused_rows_with(dst: &mut [f32], n0: usize, x: &[f32], src: &[u8], sc: &[f32], g: Gemv, fma: impl Fn(f32, f32, f32) -> f32 + Copy) {
+    for_each_tile(dst, n0, src, sc, g, |out, m0, left, codes, scales| match left {
+        l if l >= 4 => tile::<4>(out, m0, x, codes, scales, g, fma),
+        l if l >= 2 => tile::<2>(out, m0, x, codes, scales, g, fma),
+        _ => tile::<1>(out, m0, x, codes, scales, g, fma),
+    })
 }
 
 /// `out[m0..m0+T] = x[m0..m0+T] . w` for one row `w` of W (its codes and
@@ -272,7 +281,7 @@ fn tile<const T: usize>(out: &mut [f32], m0: usize, x: &[f32], codes: &[u8], sca
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::needless_range_loop)]
 mod avx512 {
-    use super::{decode, Gemv};
+    use super::{decode, for_each_tile, Gemv};
     use std::arch::x86_64::*;
 
     /// 16 FP8 codes at `p` decoded (as [`decode`]) and times `s`.
@@ -346,22 +355,16 @@ mod avx512 {
     /// The CPU has AVX-512F.
     #[target_feature(enable = "avx512f")]
     pub unsafe fn rows(dst: &mut [f32], n0: usize, x: &[f32], src: &[u8], sc: &[f32], g: Gemv) {
-        for (i, out) in dst.chunks_mut(g.m).enumerate() {
-            let r = n0 + i;
-            let codes = &src[r * g.k..(r + 1) * g.k];
-            let scales = &sc[(r / g.br) * g.nbc..(r / g.br + 1) * g.nbc];
-            let mut m0 = 0;
-            while m0 < g.m {
-                // SAFETY: as this function's; the slices are in bounds
-                m0 += unsafe {
-                    match g.m - m0 {
-                        l if l >= 4 => tile::<4, 2>(out, m0, x, codes, scales, g),
-                        l if l >= 2 => tile::<2, 4>(out, m0, x, codes, scales, g),
-                        _ => tile::<1, 8>(out, m0, x, codes, scales, g),
-                    }
-                };
+        for_each_tile(dst, n0, src, sc, g, |out, m0, left, codes, scales| {
+            // SAFETY: as this function's; the slices are in bounds
+            unsafe {
+                match left {
+                    l if l >= 4 => tile::<4, 2>(out, m0, x, codes, scales, g),
+                    l if l >= 2 => tile::<2, 4>(out, m0, x, codes, scales, g),
+                    _ => tile::<1, 8>(out, m0, x, codes, scales, g),
+                }
             }
-        }
+        })
     }
 }
 

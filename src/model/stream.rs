@@ -65,9 +65,14 @@ impl BufferPool {
         memmap2::MmapMut::map_anon(bytes)
     }
 
-    /// Takes buffers back, keeping at most `limit + spare` bytes in all.
+    /// Bytes of buffers this pool may hold: `limit + spare`.
+    fn room(&self) -> usize {
+        (self.limit.load(Ordering::Relaxed) + self.spare.load(Ordering::Relaxed)) as usize
+    }
+
+    /// Takes buffers back, keeping at most [`BufferPool::room`] bytes in all.
     pub fn give(&self, regions: Vec<memmap2::MmapMut>) {
-        let limit = (self.limit.load(Ordering::Relaxed) + self.spare.load(Ordering::Relaxed)) as usize;
+        let limit = self.room();
         if let Ok(mut free) = self.free.lock() {
             let mut held: usize = free.iter().map(|m| m.len()).sum();
             for r in regions {
@@ -139,9 +144,9 @@ impl BufferPool {
         done
     }
 
-    /// Unmaps held buffers beyond `limit + spare` (the cache took room).
+    /// Unmaps held buffers beyond [`BufferPool::room`] (the cache took room).
     fn trim(&self) {
-        let limit = (self.limit.load(Ordering::Relaxed) + self.spare.load(Ordering::Relaxed)) as usize;
+        let limit = self.room();
         let extra: Vec<memmap2::MmapMut> = match self.free.lock() {
             Ok(mut free) => {
                 let mut held: usize = free.iter().map(|m| m.len()).sum();
@@ -396,6 +401,13 @@ impl Lru {
     }
 }
 
+/// Whether `r` starts, within its page, at a multiple of its element size:
+/// an `O_DIRECT` read puts the page's start at the buffer's, so the tensor
+/// can view the buffer only then.
+fn starts_aligned(r: &TensorRef) -> bool {
+    (r.offset % 4096).is_multiple_of(r.kind.elt_size_in_bytes() as u64)
+}
+
 /// The buffer an `O_DIRECT` read of `bytes` takes: whole pages, and one more
 /// for the tensor's offset within its first page, so that every tensor of a
 /// size takes the same buffer size, whatever its offset (reuse in the pool).
@@ -472,8 +484,14 @@ impl Streamer {
         if bytes < MAPPED_READ_MIN {
             return None;
         }
-        let direct = self.direct.get(r.file).is_some_and(|d| d.is_some()) && r.offset % 4096 % r.kind.elt_size_in_bytes() as u64 == 0;
+        let direct = self.direct_file(r).is_some() && starts_aligned(r);
         Some(if direct { direct_buffer_bytes(bytes) } else { bytes })
+    }
+
+    /// The `O_DIRECT` handle a read of `r` goes through, when its file has
+    /// one and `r` is large enough to take a mapped buffer.
+    fn direct_file(&self, r: &TensorRef) -> Option<&File> {
+        self.direct.get(r.file).and_then(Option::as_ref).filter(|_| r.len() as usize >= MAPPED_READ_MIN)
     }
 
     /// Sets how many bytes of read buffers are kept for reuse (part of the
@@ -662,8 +680,7 @@ impl Streamer {
 
     fn advise(&self, r: &TensorRef, advice: libc::c_int) {
         // a tensor read with O_DIRECT bypasses the page cache: filling it ahead would read it twice
-        let direct = self.direct.get(r.file).is_some_and(|d| d.is_some()) && r.len() as usize >= MAPPED_READ_MIN;
-        if advice == libc::POSIX_FADV_WILLNEED && direct {
+        if advice == libc::POSIX_FADV_WILLNEED && self.direct_file(r).is_some() {
             return;
         }
         self.advise_range(r.file, r.offset, r.len(), advice);
@@ -732,11 +749,11 @@ impl Streamer {
     /// handle, a start not aligned for the dtype, or the file system refuses).
     fn read_direct(&self, r: &TensorRef, memory: &mut Vec<memmap2::MmapMut>) -> Result<Option<Tensor>> {
         const ALIGN: u64 = 4096;
-        let Some(Some(f)) = self.direct.get(r.file) else { return Ok(None) };
+        let Some(f) = self.direct_file(r) else { return Ok(None) };
         let bytes = r.len() as usize;
         let start = r.offset & !(ALIGN - 1);
         let lead = (r.offset - start) as usize;
-        if lead % r.kind.elt_size_in_bytes() != 0 {
+        if !starts_aligned(r) {
             return Ok(None);
         }
         let total = direct_buffer_bytes(bytes);

@@ -193,7 +193,7 @@ impl Packed {
         let mut outs = Vec::with_capacity(self.parts.len());
         for part in &self.parts {
             match part {
-                Part::Fp8 { w, scale_inv, block } if w.device() == Device::Cpu && scale_inv.device() == Device::Cpu && x.device() == Device::Cpu && block[1] <= 256 => {
+                Part::Fp8 { w, scale_inv, block } if super::dtype::fp8_linear_cpu_takes(x, w, scale_inv, *block) => {
                     outs.push(super::dtype::fp8_linear_cpu(x, w, scale_inv, *block)?)
                 }
                 _ => return Ok(None),
