@@ -103,6 +103,32 @@ pub enum Error {
 }
 
 impl Error {
+    /// The variant's name (`"Input"`, `"MissingTensor"`, ...): what the
+    /// kernel reports as a failed cell's `ename`.
+    pub fn variant(&self) -> &'static str {
+        match self {
+            Error::Io { .. } => "Io",
+            Error::Json { .. } => "Json",
+            Error::Config { .. } => "Config",
+            Error::BadCheckpointFile { .. } => "BadCheckpointFile",
+            Error::NoWeights { .. } => "NoWeights",
+            Error::MissingTensor { .. } => "MissingTensor",
+            Error::ShapeMismatch { .. } => "ShapeMismatch",
+            Error::UnsupportedDtype { .. } => "UnsupportedDtype",
+            Error::UnexpectedTensors { .. } => "UnexpectedTensors",
+            Error::BudgetTooSmall { .. } => "BudgetTooSmall",
+            Error::Tokenizer { .. } => "Tokenizer",
+            Error::Input(_) => "Input",
+            Error::TokenOutOfRange { .. } => "TokenOutOfRange",
+            Error::Device(..) => "Device",
+            Error::Interrupted => "Interrupted",
+            Error::Protocol(_) => "Protocol",
+            Error::Kernel(_) => "Kernel",
+            Error::Plot(_) => "Plot",
+            Error::Torch(_) => "Torch",
+        }
+    }
+
     pub(crate) fn io(path: impl Into<PathBuf>, cause: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),

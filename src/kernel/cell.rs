@@ -6,11 +6,15 @@
 //! library with default features off), so it depends on nothing but `std`,
 //! `serde_json` and `libc`.
 //!
+//! Errors returned through `?` in a cell reach the kernel through
+//! [`report_cell_error`] (see [`super::cell_error`]).
+//!
 //! # Display messages
 //! A cell's stdout is a pipe to the kernel. A line that starts with
 //! [`MESSAGE_PREFIX`] followed by one JSON object is a message for the
 //! kernel rather than text for the user: a `display_data`, an
-//! `update_display_data`, a `clear_output` or a panic report. The kernel turns
+//! `update_display_data`, a `clear_output`, a panic report or an error
+//! returned through `?`. The kernel turns
 //! it into the matching Jupyter message the moment it arrives, so charts and
 //! progress bars show *while* the cell runs. Outside the kernel (environment
 //! variable `DEEPSCOPE_KERNEL` unset) the helpers print plain text instead.
@@ -21,6 +25,8 @@ use serde_json::{json, Value};
 
 pub use crate::interrupt::{check_interrupt, reset_interrupt, Interrupt, INTERRUPT_COUNT_SYMBOL, INTERRUPT_SEEN_SYMBOL};
 use crate::plot::{Figure, MimeBundle, MimeType, Table};
+
+pub use super::cell_error::report_cell_error;
 
 /// Marks a stdout line as a message for the kernel.
 pub const MESSAGE_PREFIX: &str = "\u{1b}[deepscope-msg]";
@@ -61,7 +67,7 @@ pub fn in_kernel() -> bool {
     std::env::var_os(KERNEL_ENV).is_some()
 }
 
-fn send(message: Value) {
+pub(crate) fn send(message: Value) {
     use std::io::Write;
     let line = format!("{MESSAGE_PREFIX}{message}\n");
     let stdout = std::io::stdout();

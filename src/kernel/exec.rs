@@ -1,7 +1,8 @@
 //! Running cells: one worker thread owns evcxr's `CommandContext`; two
 //! forwarder threads turn the runner's stdout and stderr into iopub
 //! messages as they arrive (stdout lines that carry a cell message become
-//! `display_data`, `update_display_data`, `clear_output` or a panic report).
+//! `display_data`, `update_display_data`, `clear_output`, or a panic or `?`
+//! error report that the cell's reply then carries).
 use std::fs::File;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -13,6 +14,7 @@ use evcxr::{CommandContext, EvalCallbacks, EvalContext};
 use serde_json::{json, Value};
 
 use super::cell;
+use super::cell_error::CellError;
 use super::messages::{ClearOutput, DisplayData, ErrorContent, Stream, UpdateDisplayData};
 use super::wire::Message;
 use crate::error::{Error, Result};
@@ -47,6 +49,9 @@ pub(crate) struct Shared {
     pub publisher: Publisher,
     /// A panic reported by the running cell: (message, location).
     pub panic: Mutex<Option<(String, Option<String>)>>,
+    /// An error the running cell returned through `?` (reported by
+    /// `cell_error::report_cell_error`).
+    pub user_error: Mutex<Option<CellError>>,
     /// The runner process (valid across evcxr's restarts of it).
     pub runner: Mutex<Option<Arc<Mutex<std::process::Child>>>>,
     /// A cell is running now.
@@ -253,6 +258,9 @@ impl Toolchain {
     }
 }
 
+/// The function the code evcxr generates for `?` calls (patches/evcxr/PATCH.md).
+const ERROR_REPORTER: &str = "deepscope::kernel::cell::report_cell_error";
+
 const SETUP_CODE: &str = "use deepscope::prelude::*;\ndeepscope::kernel::cell::install_panic_hook();";
 
 /// Creates the evaluation context with the DeepScope library and prelude.
@@ -261,6 +269,8 @@ pub(crate) fn start_context(slot: &Slot) -> Result<(CommandContext, evcxr::EvalC
     std::env::set_var("EVCXR_TMPDIR", &slot.dir);
     let (mut ctx, outputs) = EvalContext::new().map_err(|e| Error::Kernel(format!("starting evcxr: {e}")))?;
     let mut state = ctx.state();
+    // patched evcxr: `?` in a cell calls this instead of printing to stderr
+    state.set_error_reporter(Some(ERROR_REPORTER.to_string()));
     let src = super::install::source_dir();
     let dep = format!("{{ path = \"{}\", default-features = false }}", src.display());
     state.add_dep("deepscope", &dep).map_err(|e| Error::Kernel(format!("adding the deepscope library ({dep}): {e}")))?;
@@ -371,6 +381,14 @@ fn forward(shared: &Shared, name: &'static str, batch: Vec<String>) {
                 }
             }
             Some("clear_output") => p.publish_current(&ClearOutput { wait: m["wait"].as_bool().unwrap_or(false) }),
+            Some("error") => {
+                let text = |v: &Value| v.as_str().unwrap_or_default().to_string();
+                let causes = m["causes"].as_array().map(|a| a.iter().map(text).collect()).unwrap_or_default();
+                let e = CellError { ename: text(&m["ename"]), evalue: text(&m["evalue"]), causes };
+                if let Ok(mut slot) = shared.user_error.lock() {
+                    *slot = Some(e);
+                }
+            }
             Some("panic") => {
                 let message = m["message"].as_str().unwrap_or("panic").to_string();
                 let location = m["location"].as_str().map(str::to_string);
@@ -396,6 +414,33 @@ fn error(ename: &str, evalue: impl Into<String>, traceback: Vec<String>) -> Erro
     let evalue = evalue.into();
     let traceback = if traceback.is_empty() { vec![format!("{ename}: {evalue}")] } else { traceback };
     ErrorContent { ename: ename.into(), evalue, traceback }
+}
+
+const RED: &str = "\u{1b}[0;31m";
+const DIM: &str = "\u{1b}[2m";
+const RESET: &str = "\u{1b}[0m";
+
+/// The sentence that says which of the cell's values were lost.
+fn not_stored(how: &str, names: &[String]) -> String {
+    let mut names: Vec<&str> = names.iter().map(String::as_str).collect();
+    names.sort_unstable();
+    let lost = match names.as_slice() {
+        [] => String::new(),
+        [one] => format!(" `{one}`, defined in this cell, was not stored."),
+        many => format!(" {}, defined in this cell, were not stored.", many.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ")),
+    };
+    format!("{DIM}The cell {how}, so it stopped there.{lost} Values from earlier cells are kept.{RESET}")
+}
+
+/// The reply for an error a cell returned through `?`: its name, message and
+/// causes, coloured like other kernels' tracebacks.
+fn returned_error(e: CellError, unstored: &[String]) -> ErrorContent {
+    let mut tb = vec![format!("{RED}{}{RESET}: {}", e.ename, e.evalue)];
+    for cause in &e.causes {
+        tb.push(format!("  caused by: {cause}"));
+    }
+    tb.push(not_stored("returned an error through `?`", unstored));
+    ErrorContent { ename: e.ename, evalue: e.evalue, traceback: tb }
 }
 
 fn compile_error(errors: &[evcxr::CompilationError]) -> ErrorContent {
@@ -440,6 +485,9 @@ impl Worker {
         if let Ok(mut p) = self.shared.panic.lock() {
             *p = None;
         }
+        if let Ok(mut e) = self.shared.user_error.lock() {
+            *e = None;
+        }
         self.shared.runner_killed.store(false, Ordering::SeqCst);
         let serial = self.shared.cell_serial.fetch_add(1, Ordering::SeqCst) + 1;
         self.shared.running.store(true, Ordering::SeqCst);
@@ -451,6 +499,7 @@ impl Worker {
         let interrupted = self.shared.interrupted.load(Ordering::SeqCst) == serial;
         let killed = self.shared.runner_killed.load(Ordering::SeqCst);
         let panic = self.shared.panic.lock().ok().and_then(|mut p| p.take());
+        let user_error = self.shared.user_error.lock().ok().and_then(|mut e| e.take());
         let outcome = match result {
             Err(evcxr::Error::CompilationErrors(errors)) => CellOutcome { result: Value::Null, error: Some(compile_error(&errors)) },
             Err(evcxr::Error::SubprocessTerminated(msg)) => {
@@ -477,12 +526,19 @@ impl Worker {
                     data.insert(mime.clone(), Value::String(content.clone()));
                 }
                 let err = if let Some((message, location)) = panic {
-                    let mut tb = vec![format!("panicked: {message}")];
+                    let mut tb = vec![format!("{RED}Panic{RESET}: {message}")];
                     if let Some(l) = location {
                         tb.push(format!("  at {l}"));
                     }
-                    tb.push("Values defined in earlier cells are kept; values first defined in this cell are not.".into());
+                    tb.push(not_stored("panicked", &outputs.unstored_variables));
                     Some(error("Panic", message, tb))
+                } else if user_error.is_some() || outputs.user_error {
+                    let e = user_error.unwrap_or_else(|| CellError {
+                        ename: "Error".into(),
+                        evalue: "the cell returned an error through `?`; its message is in the stderr output above".into(),
+                        causes: Vec::new(),
+                    });
+                    Some(returned_error(e, &outputs.unstored_variables))
                 } else if interrupted {
                     Some(error("Interrupted", "interrupted: the cell stopped at the interrupt request; values defined before it are kept", vec![]))
                 } else {

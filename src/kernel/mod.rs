@@ -1,13 +1,14 @@
 //! The DeepScope Jupyter kernel.
 //!
 //! - [`cell`]: what code inside a cell uses (display helpers, progress bars,
-//!   the interrupt check). Always compiled: cells load the library with
-//!   default features off.
+//!   the interrupt check) and [`cell_error`] (errors returned through `?`).
+//!   Always compiled: cells load the library with default features off.
 //! - With the `kernel` feature: the connection file and message signing
 //!   (`connection`), framing (`wire`), typed messages (`messages`), the
 //!   channel loops (`server`), running cells with evcxr (`exec`), magics,
 //!   `is_complete` (`completeness`), history and the kernelspec (`install`).
 pub mod cell;
+pub mod cell_error;
 
 #[cfg(feature = "kernel")]
 pub mod completeness;

@@ -17,7 +17,7 @@ use super::completeness;
 use super::connection::{ConnectionInfo, Signer};
 use super::exec::{self, CellOutcome, Publisher, Shared, Worker};
 use super::history::History;
-use super::magics::{self, Magic};
+use super::magics::{self, Magic, Need};
 use super::messages::*;
 use super::wire::Message;
 use crate::error::{Error, Result};
@@ -34,9 +34,15 @@ fn log(msg: impl std::fmt::Display) {
     eprintln!("[deepscope kernel] {msg}");
 }
 
+/// The outcome of a magic that cannot run: what is wrong and what to do.
+fn magic_error(message: String) -> CellOutcome {
+    CellOutcome { result: Value::Null, error: Some(ErrorContent { ename: "MagicError".into(), evalue: message.clone(), traceback: vec![message] }) }
+}
+
 /// Work for the evcxr thread.
 enum Job {
-    Execute { code: String, msg: Box<Message>, silent: bool, allow_stdin: bool, done: oneshot::Sender<CellOutcome> },
+    /// `needs`: variables a magic's code uses, checked before it compiles.
+    Execute { code: String, needs: Vec<Need>, msg: Box<Message>, silent: bool, allow_stdin: bool, done: oneshot::Sender<CellOutcome> },
     Complete { code: String, cursor: usize, done: oneshot::Sender<CompleteReply> },
     Inspect { code: String, cursor: usize, done: oneshot::Sender<InspectReply> },
 }
@@ -150,6 +156,7 @@ async fn serve(info: ConnectionInfo, rust_version: String) -> Result<()> {
     let shared = Arc::new(Shared {
         publisher: Publisher { session: session.clone(), iopub: iopub_tx.clone(), parent: Mutex::new(None) },
         panic: Mutex::new(None),
+        user_error: Mutex::new(None),
         runner: Mutex::new(None),
         running: AtomicBool::new(false),
         cell_serial: AtomicU64::new(0),
@@ -463,16 +470,16 @@ impl Kernel {
             self.history.push(count, &r.code);
         }
         let outcome = match magics::expand(&r.code) {
-            Err(e) => CellOutcome { result: Value::Null, error: Some(ErrorContent { ename: "MagicError".into(), evalue: e.clone(), traceback: vec![e] }) },
+            Err(e) => magic_error(e),
             Ok(Some(Magic::Text(text))) => {
                 if !r.silent {
                     self.publish(msg, &Stream { name: "stdout", text: format!("{text}\n") });
                 }
                 CellOutcome { result: Value::Null, error: None }
             }
-            Ok(Some(Magic::Rust(code))) => self.run_cell(code, msg, &r).await,
+            Ok(Some(Magic::Rust { code, needs })) => self.run_cell(code, needs, msg, &r).await,
             Ok(None) if r.code.trim().is_empty() => CellOutcome { result: Value::Null, error: None },
-            Ok(None) => self.run_cell(r.code.clone(), msg, &r).await,
+            Ok(None) => self.run_cell(r.code.clone(), vec![], msg, &r).await,
         };
         if let Some(err) = &outcome.error {
             if !r.silent {
@@ -494,7 +501,7 @@ impl Kernel {
         let mut user_expressions = serde_json::Map::new();
         for (name, expr) in &r.user_expressions {
             let sub = ExecuteRequest { code: expr.clone(), silent: true, store_history: false, user_expressions: Default::default(), allow_stdin: false, stop_on_error: false };
-            let o = self.run_cell(expr.clone(), msg, &sub).await;
+            let o = self.run_cell(expr.clone(), vec![], msg, &sub).await;
             let v = match o.error {
                 Some(e) => json!({ "status": "error", "ename": e.ename, "evalue": e.evalue, "traceback": e.traceback }),
                 None => json!({ "status": "ok", "data": if o.result.is_null() { json!({}) } else { o.result }, "metadata": {} }),
@@ -521,13 +528,13 @@ impl Kernel {
         rx.await.unwrap_or(fallback)
     }
 
-    async fn run_cell(&mut self, code: String, msg: &Message, r: &ExecuteRequest) -> CellOutcome {
+    async fn run_cell(&mut self, code: String, needs: Vec<Need>, msg: &Message, r: &ExecuteRequest) -> CellOutcome {
         let lost = CellOutcome {
             result: Value::Null,
             error: Some(ErrorContent { ename: "KernelError".into(), evalue: "the evcxr worker has stopped".into(), traceback: vec![] }),
         };
         let (msg, silent, allow_stdin) = (Box::new(msg.clone()), r.silent, r.allow_stdin);
-        self.ask(|done| Job::Execute { code, msg, silent, allow_stdin, done }, lost).await
+        self.ask(|done| Job::Execute { code, needs, msg, silent, allow_stdin, done }, lost).await
     }
 }
 
@@ -570,7 +577,12 @@ fn spawn_worker(
         let mut worker = Worker { ctx, shared: shared.clone(), flush_stdout: flush_out_tx, flush_stderr: flush_err_tx };
         for job in jobs {
             match job {
-                Job::Execute { code, msg, silent, allow_stdin, done } => {
+                Job::Execute { code, needs, msg, silent, allow_stdin, done } => {
+                    let defined: Vec<&str> = worker.ctx.variables_and_types().map(|(name, _)| name).collect();
+                    if let Some(need) = needs.iter().find(|n| !defined.contains(&n.variable.as_str())) {
+                        let _ = done.send(magic_error(need.missing()));
+                        continue;
+                    }
                     let input = |req: exec::evcxr_input_request::Req| -> String {
                         if !allow_stdin {
                             return String::new();

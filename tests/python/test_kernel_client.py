@@ -283,6 +283,88 @@ def test_panic_keeps_earlier_variables(kernel):
     assert execute_ok(kc, "keep + 1").result() == "42"
 
 
+def error_of(run):
+    """The cell's error reply content, checked against its one `error` iopub message."""
+    assert run.content["status"] == "error", run.describe()
+    errors = run.of_type("error")
+    assert len(errors) == 1, run.describe()
+    for key in ("ename", "evalue", "traceback"):
+        assert errors[0]["content"][key] == run.content[key], run.describe()
+    return run.content
+
+
+def test_question_mark_errors_are_error_replies_that_keep_earlier_values(kernel):
+    km, kc = kernel
+    execute_ok(kc, "let before = 41;")
+    # a DeepScope error: its variant, its message, the values the cell lost
+    run = execute(kc, 'let fresh = 5;\nlet m = Model::load("/nonexistent/ckpt", LoadOptions::default())?;\nprintln!("not reached");')
+    err = error_of(run)
+    assert err["ename"] in ("Io", "NoWeights", "Config"), err
+    assert "/nonexistent/ckpt" in err["evalue"], err
+    tb = "\n".join(err["traceback"])
+    assert "\x1b[0;31m" in tb, f"no colour in the traceback: {tb!r}"
+    assert "`fresh`" in tb and "`m`" in tb and "not stored" in tb, tb
+    assert "not reached" not in run.stdout()
+    # earlier values are kept; the failed cell's are not
+    assert execute_ok(kc, "before + 1").result() == "42"
+    assert execute(kc, "fresh").content["ename"] == "CompileError"
+
+    # the library's checks on user input
+    execute_ok(kc, 'let m = Model::load_default()?;\nlet t = m.trace("In the beginning")?;')
+    err = error_of(execute(kc, "t.router_step(99, 0)?"))
+    assert err["ename"] == "Input" and "layer 99" in err["evalue"], err
+    err = error_of(execute(kc, "m.latent_spectra(999)?"))
+    assert err["ename"] == "Input" and "999" in err["evalue"], err
+
+    # errors of other types: std's, a string, a parse error, a boxed error with a cause
+    err = error_of(execute(kc, 'std::fs::read("/nonexistent/file")?;'))
+    assert err["ename"] == "io::Error" and "No such file" in err["evalue"], err
+    err = error_of(execute(kc, 'Err::<(), _>("plain words")?;'))
+    assert err["ename"] == "&str" and err["evalue"] == "plain words", err
+    err = error_of(execute(kc, '"x".parse::<i32>()?;'))
+    assert err["ename"] == "ParseIntError", err
+    code = ('#[derive(Debug)]\nstruct LoadFailed(std::io::Error);\n'
+            'impl std::fmt::Display for LoadFailed {\n'
+            '    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result { write!(f, "loading the tokenizer failed") }\n}\n'
+            'impl std::error::Error for LoadFailed {\n'
+            '    fn source(&self) -> Option<&(dyn std::error::Error + \'static)> { Some(&self.0) }\n}\n'
+            'let e: Box<dyn std::error::Error> = Box::new(LoadFailed(std::io::Error::other("the disk is on fire")));\n'
+            'Err::<(), _>(e)?;')
+    err = error_of(execute(kc, code))
+    assert err["ename"] == "Box<dyn Error>" and err["evalue"] == "loading the tokenizer failed", err
+    assert any("caused by: the disk is on fire" in line for line in err["traceback"]), err
+
+    # `?` on a last expression still shows its rich display when it succeeds
+    run = execute_ok(kc, "t.routing_map()?")
+    data = run.of_type("execute_result")[0]["content"]["data"]
+    assert "image/svg+xml" in data or "text/html" in data, run.describe()
+    assert execute_ok(kc, "before").result() == "41"
+
+
+def test_an_error_through_question_mark_stops_the_queued_cells(kernel):
+    km, kc = kernel
+    failing = kc.execute('Err::<(), _>("stop here")?;', allow_stdin=False, stop_on_error=True)
+    queued = kc.execute('println!("queued");', allow_stdin=False)
+    assert wait_reply(kc, failing, TIMEOUT)["content"]["status"] == "error"
+    assert wait_reply(kc, queued, TIMEOUT)["content"]["status"] == "aborted"
+    assert execute_ok(kc, "1 + 1").result() == "2"
+
+
+def test_magics_say_what_to_run_first_and_take_a_trace_name(kernel):
+    km, kc = kernel
+    run = execute(kc, "%routing 1")
+    assert run.content["status"] == "error", run.describe()
+    assert run.content["ename"] == "MagicError", run.describe()
+    assert "run `%trace TEXT` before `%routing`" in run.content["evalue"], run.content
+    err = error_of(execute(kc, "%attention 0 no_such_trace"))
+    assert "`no_such_trace` is not defined" in err["evalue"], err
+    execute_ok(kc, 'let model = Model::load_default()?;\nlet t2 = model.trace("In the beginning God")?;')
+    data = execute_ok(kc, "%routing 1 t2").of_type("execute_result")[0]["content"]["data"]
+    assert "image/svg+xml" in data or "text/html" in data, data.keys()
+    execute_ok(kc, "%trace And the earth")
+    execute_ok(kc, "%routing")
+
+
 def test_comms(kernel):
     km, kc = kernel
     msg_id = kc.comm_info()
