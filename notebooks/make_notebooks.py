@@ -458,6 +458,62 @@ ROUTING = [
     imbalance
     '''),
     md(r'''
+    **A chart of your own, with plotters.** The built-in charts cover the usual views. For anything else,
+    draw with [`plotters`](https://docs.rs/plotters) (the prelude re-exports it) and turn the drawing into
+    a `Figure` with `Figure::from_plotters(width, height, |area| ...)`; it shows inline and saves as SVG or
+    PNG like the built-in ones. Here: every expert's load on the held-out text, over its layer's mean,
+    against the router bias `e_score_correction_bias` it was trained with, one colour per MoE layer.
+    During training the balancing rule (section 5) lowered the bias of experts that were busy and raised
+    it for idle ones; the cell prints, per layer, the correlation of bias and held-out load, which is
+    what the points show.
+    '''),
+    chart(r'''
+    let bias_load: Figure = {
+        use plotters::prelude::*;
+        let colours = [RGBColor(59, 117, 175), RGBColor(230, 120, 40), RGBColor(60, 150, 60), RGBColor(150, 90, 180)];
+        let pearson = |p: &[(f64, f64)]| -> f64 {
+            let n = p.len() as f64;
+            let (mx, my) = (p.iter().map(|q| q.0).sum::<f64>() / n, p.iter().map(|q| q.1).sum::<f64>() / n);
+            let cov: f64 = p.iter().map(|q| (q.0 - mx) * (q.1 - my)).sum();
+            let (vx, vy): (f64, f64) = (p.iter().map(|q| (q.0 - mx).powi(2)).sum(), p.iter().map(|q| (q.1 - my).powi(2)).sum());
+            cov / (vx * vy).sqrt()
+        };
+        let mut series: Vec<(usize, Vec<(f64, f64)>)> = Vec::new();
+        for &l in &layers {
+            let bias = Vec::<f32>::try_from(trace.routing_of(l)?.bias.as_ref().expect("a V3 router has a bias"))?;
+            let load = &all.load[&l];
+            let mean = load.iter().sum::<u64>() as f64 / load.len() as f64;
+            let points: Vec<(f64, f64)> = bias.iter().zip(load).map(|(&b, &n)| (b as f64, n as f64 / mean)).collect();
+            println!("layer {l}: correlation of router bias and held-out load {:+.2}", pearson(&points));
+            series.push((l, points));
+        }
+        let all_points = series.iter().flat_map(|(_, p)| p.iter());
+        let (x0, x1) = all_points.clone().fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.0), b.max(p.0)));
+        let y1 = all_points.fold(0.0f64, |m, p| m.max(p.1));
+        let pad = 0.05 * (x1 - x0).max(1e-6);
+        Figure::from_plotters(640, 400, |area| {
+            area.fill(&WHITE)?;
+            let mut chart = ChartBuilder::on(area)
+                .caption("Expert load against router bias", ("sans-serif", 18))
+                .margin(12)
+                .x_label_area_size(40)
+                .y_label_area_size(50)
+                .build_cartesian_2d((x0 - pad)..(x1 + pad), 0.0..(1.1 * y1))?;
+            chart.configure_mesh().x_desc("e_score_correction_bias").y_desc("held-out load / layer mean").draw()?;
+            for (i, (l, points)) in series.iter().enumerate() {
+                let colour = colours[i % colours.len()];
+                chart
+                    .draw_series(points.iter().map(|&p| Circle::new(p, 4, colour.filled())))?
+                    .label(format!("layer {l}"))
+                    .legend(move |(x, y)| Circle::new((x, y), 4, colour.filled()));
+            }
+            chart.configure_series_labels().position(SeriesLabelPosition::LowerRight).background_style(WHITE.mix(0.8)).border_style(BLACK).draw()?;
+            Ok(())
+        })?
+    };
+    bias_load
+    '''),
+    md(r'''
     ## 3. Specialisation by domain
 
     Each row below is one domain's distribution of expert choices in one layer. The Jensen-Shannon

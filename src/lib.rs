@@ -22,6 +22,7 @@ pub mod train;
 
 pub use error::{Error, Result};
 pub use ndarray;
+pub use plotters;
 pub use tch;
 
 /// The names a notebook or script usually needs.
@@ -38,4 +39,7 @@ pub mod prelude {
     };
     pub use crate::stats::{CacheFootprint, ParamCounts};
     pub use tch::{Device, Kind, Tensor};
+    /// The plotting crate, for charts of your own: `use plotters::prelude::*;`
+    /// then [`Figure::from_plotters`].
+    pub use plotters;
 }

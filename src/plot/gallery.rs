@@ -297,6 +297,24 @@ pub fn figures() -> Result<Vec<(&'static str, Figure)>> {
         .title("Attention patterns, layer 0 (8 of 128 heads)")
         .render()?;
 
+    // a user's own chart, drawn with plotters
+    let plotters_chart = Figure::from_plotters(560, 340, |root| {
+        use plotters::prelude::*;
+        root.fill(&WHITE)?;
+        let mut chart = ChartBuilder::on(root)
+            .caption("Expert load against router bias (plotters)", ("sans-serif", 16))
+            .margin(10)
+            .x_label_area_size(36)
+            .y_label_area_size(44)
+            .build_cartesian_2d(-0.3..0.3, 0.0..2.5)?;
+        chart.configure_mesh().x_desc("router bias").y_desc("load / mean").draw()?;
+        let points: Vec<(f64, f64)> = (0..64)
+            .map(|e| ((((e * 37) % 64) as f64 / 64.0 - 0.5) * 0.5, 0.4 + ((e * 11) % 17) as f64 / 8.0))
+            .collect();
+        chart.draw_series(points.iter().map(|&p| Circle::new(p, 3, BLUE.filled())))?;
+        Ok(())
+    })?;
+
     Ok(vec![
         ("heatmap", heatmap),
         ("heatmap_load", heatmap_load),
@@ -311,6 +329,7 @@ pub fn figures() -> Result<Vec<(&'static str, Figure)>> {
         ("lines_spectrum", lines_spectrum),
         ("lines_loss", lines_loss),
         ("attention_grid", attention),
+        ("plotters", plotters_chart),
     ])
 }
 

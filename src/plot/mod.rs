@@ -26,6 +26,14 @@
 //! | one small heatmap per head | [`AttentionGrid`] | attention patterns |
 //! | coloured text | [`TokenStrip`] | loss or routing choice per token |
 //! | table | [`Table`] | any tabular summary |
+//! | anything else, drawn with `plotters` | [`Figure::from_plotters`] | your own charts |
+//!
+//! Why the built-in views are not drawn with `plotters`: they need a hover
+//! tooltip on every mark, colour bars with their scale, and one embedded font
+//! for identical SVG and PNG output, none of which plotters offers. For every
+//! other chart, plotters is the ecosystem's crate and first-class here:
+//! [`Figure::from_plotters`] turns a plotters drawing into a [`Figure`], and
+//! the prelude re-exports the `plotters` crate.
 //!
 //! ```
 //! use deepscope::plot::{Colormap, Heatmap};
@@ -76,6 +84,7 @@ pub mod heatmap;
 pub mod histogram;
 pub mod lines;
 pub mod mime;
+pub mod plotters_figure;
 pub mod table;
 pub mod theme;
 pub mod token_strip;
@@ -126,6 +135,10 @@ pub enum PlotError {
     /// The PNG encoder failed.
     #[error("cannot encode PNG: {0}")]
     Encode(String),
+
+    /// A drawing made with plotters failed (its own error, or plotters').
+    #[error("plotters drawing failed: {0}")]
+    Plotters(String),
 
     /// `save` was given a path whose extension is neither `.svg` nor `.png`
     /// (nor `.html`/`.txt` for tables and token strips).

@@ -365,6 +365,27 @@ def test_magics_say_what_to_run_first_and_take_a_trace_name(kernel):
     execute_ok(kc, "%routing")
 
 
+def test_a_plotters_chart_renders_as_svg_through_the_kernel(kernel):
+    km, kc = kernel
+    code = """let fig = Figure::from_plotters(400, 240, |area| {
+    use plotters::prelude::*;
+    area.fill(&WHITE)?;
+    let mut chart = ChartBuilder::on(area).caption("my own chart", ("sans-serif", 16))
+        .x_label_area_size(20).y_label_area_size(30).build_cartesian_2d(0..4, 0.0..1.0)?;
+    chart.configure_mesh().draw()?;
+    chart.draw_series(LineSeries::new([(0, 0.1), (1, 0.7), (2, 0.4), (3, 0.9)], &BLUE))?;
+    Ok(())
+})?;
+fig"""
+    run = execute_ok(kc, code)
+    data = run.of_type("execute_result")[0]["content"]["data"]
+    svg = data.get("image/svg+xml", "")
+    assert svg.lstrip().startswith("<svg") and "my own chart" in svg and "<polyline" in svg, run.describe()
+    # a drawing that fails is an error reply naming the cause
+    err = error_of(execute(kc, 'Figure::from_plotters(100, 100, |_| Err("no data for layer 7".into()))?'))
+    assert err["ename"] == "PlotError" and "no data for layer 7" in err["evalue"], err
+
+
 def test_comms(kernel):
     km, kc = kernel
     msg_id = kc.comm_info()
