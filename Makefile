@@ -16,7 +16,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export VIRTUAL_ENV := $(CURDIR)/$(VENV)
 export LIBTORCH_USE_PYTORCH := 1
 
-.PHONY: help setup build kernel bench-kernel bench-scale gpu-check test fixtures corpus browser bench lab demo notebooks train-tiny gallery clean
+.PHONY: help setup build kernel soak bench-kernel bench-scale gpu-check test fixtures corpus browser bench lab demo notebooks train-tiny gallery clean
 
 help:
 	@echo "make lab    build DeepScope, install its Jupyter kernel, open JupyterLab on notebooks/ (main job)"
@@ -24,6 +24,7 @@ help:
 	@echo "make demo   the command-line demo on the shipped model"
 	@echo "make test   set up, build, generate reference fixtures, run all tests"
 	@echo "make bench  benchmark against transformers (writes docs/benchmarks.md)"
+	@echo "make soak   soak and fault tests of the kernel (~25 min; figures into docs/benchmarks.md)"
 	@echo "make bench-scale  streaming at real dimensions under an 8 GiB budget (~50 GB of disk, about an hour)"
 	@echo "make gpu-check  the CUDA checks (a machine with an NVIDIA GPU; never part of make test)"
 	@echo "make setup  create .venv with torch==2.13.0 and the Python dev deps"
@@ -78,6 +79,13 @@ test: build fixtures corpus kernel browser
 	DEEPSCOPE_FIXTURES=$(CURDIR)/$(FIXTURES) cargo test --release --no-fail-fast || { status=1; echo "make test: Rust tests FAILED (the Python tests run anyway)"; }; \
 	$(PY) -m pytest -q -p no:cacheprovider tests/python || { status=1; echo "make test: Python tests FAILED"; }; \
 	exit $$status
+
+# soak and fault tests of the kernel (~25 min): 2,000 mixed cells, malformed
+# frames on every channel, processes killed mid-cell; figures into docs/benchmarks.md
+SOAK_CELLS ?= 2000
+soak: kernel
+	DEEPSCOPE_SOAK=1 DEEPSCOPE_SOAK_CELLS=$(SOAK_CELLS) DEEPSCOPE_SOAK_REPORT=$(CURDIR)/docs/benchmarks.md \
+		$(PY) -m pytest -q -p no:cacheprovider -s tests/python/test_kernel_soak.py
 
 bench: build
 	$(PY) tests/bench_transformers.py --deepscope $(BIN) --out docs/benchmarks.md

@@ -318,6 +318,28 @@ extern "C" fn on_sigint(_: libc::c_int) {
     deepscope_interrupt_count.fetch_add(1, Ordering::SeqCst);
 }
 
+/// Makes the cell runner die when the kernel does. A runner busy in a cell
+/// reads nothing from the kernel until the cell ends, so without this a
+/// kernel killed with SIGKILL left its runner computing (and holding the
+/// model's memory) until the cell finished (measured by `make soak`). The
+/// signal is tied to the kernel thread that started the runner: evcxr's
+/// worker, which lives as long as the kernel. A kernel that died before this
+/// call is caught by the parent check.
+#[cfg(all(feature = "kernel", target_os = "linux"))]
+fn die_with_the_kernel() {
+    let Some(kernel) = std::env::var("DEEPSCOPE_KERNEL_PID").ok().and_then(|p| p.parse::<i32>().ok()) else { return };
+    // SAFETY: prctl and getppid have no memory-safety preconditions.
+    unsafe {
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0);
+        if libc::getppid() != kernel {
+            std::process::exit(1);
+        }
+    }
+}
+
+#[cfg(all(feature = "kernel", not(target_os = "linux")))]
+fn die_with_the_kernel() {}
+
 fn main() {
     #[cfg(feature = "kernel")]
     {
@@ -328,6 +350,7 @@ fn main() {
             unsafe {
                 libc::signal(libc::SIGINT, on_sigint as extern "C" fn(libc::c_int) as libc::sighandler_t);
             }
+            die_with_the_kernel();
         }
         // Must come first: evcxr re-runs this executable as the cell runner
         // and as a rustc wrapper; in those roles this call never returns.

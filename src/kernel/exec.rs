@@ -231,6 +231,8 @@ pub(crate) fn prepare_environment() -> Toolchain {
         std::env::set_var("LIBTORCH_USE_PYTORCH", "1");
     }
     std::env::set_var(cell::KERNEL_ENV, "1");
+    // the runner dies with this process (src/bin/deepscope.rs, die_with_the_kernel)
+    std::env::set_var("DEEPSCOPE_KERNEL_PID", std::process::id().to_string());
     toolchain
 }
 
