@@ -88,8 +88,9 @@ def rss_mib(proc):
 
 
 def anon_mib(proc):
-    """Resident anonymous memory (heap, stacks, private copies): what a leak grows.
-    The rest of RSS is file-backed pages, e.g. the code of the cells' libraries."""
+    """Resident anonymous memory (RssAnon): the heap and stacks, and also the
+    copy-on-write pages the loader relocates in each cell's library. The rest
+    of RSS is file-backed pages, e.g. the code of the cells' libraries."""
     for line in open(f"/proc/{proc.pid}/status"):
         if line.startswith("RssAnon:"):
             return int(line.split()[1]) / 1024
@@ -232,10 +233,15 @@ def test_two_thousand_mixed_cells_keep_order_status_and_memory():
               f"of which anonymous {base[4]:.0f} -> {end[4]:.0f} MiB ({100 * growth_runner_anon:+.1f}%)")
         assert not problems, f"{len(problems)} problems, first: {problems[:10]}"
         assert growth_kernel < RSS_GROWTH_LIMIT, f"kernel RSS grew {100 * growth_kernel:.1f}% from cell {base[0]}: {samples}"
-        assert growth_runner_anon < RSS_GROWTH_LIMIT, f"runner anonymous RSS grew {100 * growth_runner_anon:.1f}% from cell {base[0]}: {samples}"
         # Each cell is a shared library that links the parts of DeepScope it
         # calls statically and is never unloaded (evcxr's design), so the code
-        # pages of every past cell stay mapped; they are file-backed and clean.
+        # of every past cell stays mapped, with its relocated pages (anonymous).
+        # Measured with smaps: the heap does not grow; the cells' libraries do
+        # (environment.md, "Memory per cell"). Linking the library dynamically
+        # is the fix (issue #15).
+        assert growth_runner_anon < RSS_GROWTH_LIMIT, (
+            f"runner anonymous RSS grew {100 * growth_runner_anon:.1f}% from cell {base[0]}: "
+            f"relocated pages of the cells' libraries; samples {samples}")
         assert growth_runner < RSS_GROWTH_LIMIT, (
             f"runner RSS grew {100 * growth_runner:.1f}% from cell {base[0]} (anonymous {100 * growth_runner_anon:+.1f}%): "
             f"file-backed pages of the cells' libraries; samples {samples}")
@@ -396,7 +402,7 @@ def test_zz_report():
              f"| problems (wrong status, lost or reordered output) | {c['problems']} |",
              f"| kernel RSS, cell {RSS_FROM} → end | {c['kernel_rss'][0]:.0f} → {c['kernel_rss'][1]:.0f} MiB ({100 * c['kernel_rss'][2]:+.1f}%; limit +10%) |",
              f"| runner RSS, cell {RSS_FROM} → end | {c['runner_rss'][0]:.0f} → {c['runner_rss'][1]:.0f} MiB ({100 * c['runner_rss'][2]:+.1f}%; limit +10%) |",
-             f"| of which anonymous (heap, stacks) | {c['runner_anon'][0]:.0f} → {c['runner_anon'][1]:.0f} MiB ({100 * c['runner_anon'][2]:+.1f}%) |"]
+             f"| of which anonymous (RssAnon: heap, stacks and the cells' libraries' relocated pages) | {c['runner_anon'][0]:.0f} → {c['runner_anon'][1]:.0f} MiB ({100 * c['runner_anon'][2]:+.1f}%) |"]
     if "frames" in REPORT:
         lines.append(f"| malformed frames per channel (shell, control, stdin, heartbeat, iopub), kernel answering after each | {FRAMES_PER_CHANNEL} |")
     if "kill" in REPORT:
