@@ -40,7 +40,7 @@ fn ids_args(ids: &Tensor) -> Vec<String> {
 fn forward_writes_logits_and_sorted_routing_matching_transformers() {
     let case = case("v3_base");
     let r = reference(&case);
-    let out = std::env::temp_dir().join(format!("deepscope-cli-forward-{}.safetensors", std::process::id()));
+    let out = Scratch::temp("deepscope-cli-forward", ".safetensors");
     for attn in ["naive", "absorbed"] {
         let mut args = vec!["forward", "--model", case.dir.to_str().unwrap(), "--out", out.to_str().unwrap(), "--device", "cpu", "--attn", attn];
         let ids = ids_args(&r["input_ids"]);
@@ -62,7 +62,7 @@ fn forward_writes_logits_and_sorted_routing_matching_transformers() {
 #[test]
 fn forward_defaults_to_the_absorbed_path_and_cpu_when_no_gpu() {
     let case = case("v2_greedy");
-    let out = std::env::temp_dir().join(format!("deepscope-cli-default-{}.safetensors", std::process::id()));
+    let out = Scratch::temp("deepscope-cli-default", ".safetensors");
     let o = deepscope(&["forward", "--model", case.dir.to_str().unwrap(), "--ids", "1,2,3", "--out", out.to_str().unwrap()]);
     assert!(o.status.success(), "stderr: {}", stderr(&o));
     assert_eq!(read(&out)["logits"].size()[..2], [1, 3]);

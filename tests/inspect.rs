@@ -233,7 +233,7 @@ fn corpus_statistics_equal_the_sum_of_their_parts() {
     assert!(co.iter().enumerate().all(|(i, r)| r[i] == 1.0 || all.load[&layer][i] == 0));
     let agreement = all.layer_agreement(m.config.moe_layers()[0], m.config.moe_layers()[1]).unwrap();
     assert!((0.0..=1.0).contains(&agreement));
-    let path = std::env::temp_dir().join(format!("deepscope-stats-{}.json", std::process::id()));
+    let path = Scratch::temp("deepscope-stats", ".json");
     all.save(&path).unwrap();
     assert_eq!(RoutingStats::load_from(&path).unwrap(), all);
 }
@@ -274,7 +274,7 @@ fn compare_sees_no_change_in_a_rerun_and_a_change_after_a_ban() {
 fn traces_export_to_safetensors_and_json() {
     let m = model();
     let t = m.trace_with(ids(8, 13), &Capture::default().with(HookPoint::CKv(1)), &Interventions::new()).unwrap();
-    let path = std::env::temp_dir().join(format!("deepscope-trace-{}.safetensors", std::process::id()));
+    let path = Scratch::temp("deepscope-trace", ".safetensors");
     t.save_safetensors(&path).unwrap();
     let back: std::collections::HashMap<String, Tensor> = Tensor::read_safetensors(&path).unwrap().into_iter().collect();
     for key in ["input_ids", "hook_logits", "blocks.1.mlp.hook_topk_indices", "blocks.0.attn.hook_pattern", "blocks.1.attn.hook_c_kv"] {

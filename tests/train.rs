@@ -3,6 +3,8 @@
 //! checkpoints round-trip. Needs the Debian corpus packages (`make test`
 //! installs them).
 
+mod common;
+use common::Scratch;
 use std::path::PathBuf;
 
 use deepscope::model::{Config, ForwardOptions, LoadOptions, Model, Tokenizer};
@@ -11,10 +13,10 @@ use deepscope::train::corpus::{Corpus, CorpusSources, Domain, HELDOUT_EVERY};
 use deepscope::train::trainer::{TrainSettings, Trainer};
 use tch::{Device, Kind, Tensor};
 
-fn tmp(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("deepscope-train-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
+/// A fresh temp folder, removed when the test ends (also when it fails).
+fn tmp(tag: &str) -> Scratch {
+    let d = Scratch::temp(&format!("deepscope-train-{tag}"), "");
+    std::fs::create_dir_all(&*d).unwrap();
     d
 }
 

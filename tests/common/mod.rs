@@ -87,13 +87,53 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
 }
 
 /// Copies a fixture checkpoint into a fresh temporary directory.
-pub fn copy_case(case: &Case, tag: &str) -> PathBuf {
-    let dst = std::env::temp_dir().join(format!("deepscope-test-{}-{}-{}", case.name, tag, std::process::id()));
-    let _ = std::fs::remove_dir_all(&dst);
-    std::fs::create_dir_all(&dst).expect("temp dir");
+pub fn copy_case(case: &Case, tag: &str) -> Scratch {
+    let dst = Scratch::temp(&format!("deepscope-test-{}-{}", case.name, tag), "");
+    std::fs::create_dir_all(&*dst).expect("temp dir");
     for entry in std::fs::read_dir(&case.dir).expect("case dir") {
         let entry = entry.expect("entry");
         std::fs::copy(entry.path(), dst.join(entry.file_name())).expect("copy");
     }
     dst
+}
+
+/// A file or folder in the temp dir that a test writes, removed when it goes
+/// out of scope, also when the test fails.
+pub struct Scratch(PathBuf);
+
+impl Scratch {
+    /// `TMP/{stem}-{pid}{ext}`, with anything already there removed.
+    pub fn temp(stem: &str, ext: &str) -> Scratch {
+        let path = std::env::temp_dir().join(format!("{stem}-{}{ext}", std::process::id()));
+        let s = Scratch(path);
+        s.remove();
+        s
+    }
+
+    fn remove(&self) {
+        if self.0.is_dir() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        } else {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+}
+
+impl std::ops::Deref for Scratch {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<Path> for Scratch {
+    fn as_ref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        self.remove();
+    }
 }
