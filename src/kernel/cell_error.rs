@@ -15,13 +15,12 @@
 //! `dyn Error`s. For those it reports the variant (for DeepScope's errors) and
 //! the chain of causes; any other type is reported by its name and message.
 
-use serde_json::json;
-
 use crate::error::Error;
 
 /// What the kernel shows for an error: its name (`ename`), the message
-/// (`evalue`) and the causes under it, outermost first.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// (`evalue`) and the causes under it, outermost first. It travels from the
+/// cell to the kernel as the fields of an `error` cell message.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct CellError {
     pub ename: String,
     pub evalue: String,
@@ -34,14 +33,11 @@ pub struct CellError {
 /// elsewhere it prints the message to stderr, as stock evcxr does.
 #[doc(hidden)]
 pub fn report_cell_error<T: ?Sized>(error: &T, message: &str) {
-    let described = describe(error, message);
     if super::cell::in_kernel() {
-        super::cell::send(json!({
-            "type": "error",
-            "ename": described.ename,
-            "evalue": described.evalue,
-            "causes": described.causes,
-        }));
+        if let Ok(serde_json::Value::Object(mut m)) = serde_json::to_value(describe(error, message)) {
+            m.insert("type".into(), "error".into());
+            super::cell::send(serde_json::Value::Object(m));
+        }
     } else {
         eprintln!("{message}");
     }

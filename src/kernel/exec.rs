@@ -384,10 +384,8 @@ fn forward(shared: &Shared, name: &'static str, batch: Vec<String>) {
             }
             Some("clear_output") => p.publish_current(&ClearOutput { wait: m["wait"].as_bool().unwrap_or(false) }),
             Some("error") => {
-                let text = |v: &Value| v.as_str().unwrap_or_default().to_string();
-                let causes = m["causes"].as_array().map(|a| a.iter().map(text).collect()).unwrap_or_default();
-                let e = CellError { ename: text(&m["ename"]), evalue: text(&m["evalue"]), causes };
-                if let Ok(mut slot) = shared.user_error.lock() {
+                // a message of another shape leaves the generic `?` error (Worker::run)
+                if let (Ok(e), Ok(mut slot)) = (serde_json::from_value::<CellError>(m.clone()), shared.user_error.lock()) {
                     *slot = Some(e);
                 }
             }
