@@ -103,7 +103,7 @@ gpu-check: build fixtures
 
 # kernel timings; EVCXR_JUPYTER=/path/to/evcxr_jupyter adds the anchor beside them
 bench-kernel: kernel
-	$(PY) tests/bench_kernel.py --deepscope $(BIN) --out docs/benchmarks.md --cold $(if $(EVCXR_JUPYTER),--evcxr-jupyter $(EVCXR_JUPYTER))
+	$(PY) tests/bench_kernel.py --deepscope $(BIN) --out docs/benchmarks.md --cold --levers $(if $(EVCXR_JUPYTER),--evcxr-jupyter $(EVCXR_JUPYTER))
 
 # --- the command-line demo on the shipped default model
 DEFAULT_MODEL := models/deepscope-tiny

@@ -19,6 +19,16 @@ fn main() {
     for sym in ["deepscope_interrupt_count", "deepscope_interrupt_seen"] {
         println!("cargo:rustc-link-arg-bin=deepscope=-Wl,--export-dynamic-symbol={sym}");
     }
+    // ... and tch's C API (torch-sys's `at*` functions and its error slot).
+    // Cells link the library as a Rust dylib (src/kernel/exec.rs,
+    // CellLinking), whose export list holds Rust symbols only; a cell that
+    // instantiates a generic tch call (e.g. `Tensor::argmax`) calls the C
+    // function itself and found it nowhere ("undefined symbol: atg_argmax").
+    // The runner is this executable, so its copy serves every cell; a call
+    // and the error read after it bind to the same copy.
+    for sym in ["at*", "get_and_reset_last_err"] {
+        println!("cargo:rustc-link-arg-bin=deepscope=-Wl,--export-dynamic-symbol={sym}");
+    }
     if let Ok(dir) = std::env::var("DEP_TCH_LIBTORCH_LIB") {
         println!("cargo:rustc-link-arg=-Wl,-rpath,{dir}");
         println!("cargo:rustc-env=DEEPSCOPE_LIBTORCH_LIB={dir}");

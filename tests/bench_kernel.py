@@ -11,7 +11,12 @@ Measures, each in the same run:
   trace cell:         median of `let t = model.trace(PROMPT)?; t` (5 cells) after
                       `let model = Model::load_default()?;`;
   --cold:             start -> first result with an empty build cache (a fresh
-                      DEEPSCOPE_CACHE_DIR): the library and tch built inside evcxr.
+                      DEEPSCOPE_CACHE_DIR): the library and tch built inside evcxr;
+  --levers:           the trivial and trace cells again under each combination of
+                      the two levers the kernel sets (src/kernel/exec.rs): how cells
+                      link the library (DEEPSCOPE_CELL_LINKING=dylib|static) and the
+                      opt-level of the cells' own code (DEEPSCOPE_CELL_OPT_LEVEL=0|2);
+                      static + 2 is evcxr's way, the kernel's before the change.
 With --evcxr-jupyter (an installed `evcxr_jupyter` binary) the same figures
 are taken for it, with the ratio beside ours. To compare like with like, its
 session first adds the DeepScope library the way a user would
@@ -91,6 +96,7 @@ def main():
     ap.add_argument("--out")
     ap.add_argument("--cold", action="store_true")
     ap.add_argument("--evcxr-jupyter")
+    ap.add_argument("--levers", action="store_true")
     a = ap.parse_args()
     prefix = tempfile.mkdtemp()
     install(os.path.abspath(a.deepscope), [], "deepscope", prefix)
@@ -100,6 +106,11 @@ def main():
 
     ours = measure("deepscope")
     cold = measure("deepscope", {"DEEPSCOPE_CACHE_DIR": tempfile.mkdtemp()}, trace=False) if a.cold else None
+    levers = []
+    if a.levers:
+        for linking, opt in (("static", "2"), ("static", "0"), ("dylib", "2"), ("dylib", "0")):
+            got = measure("deepscope", {"DEEPSCOPE_CELL_LINKING": linking, "DEEPSCOPE_CELL_OPT_LEVEL": opt})
+            levers.append((linking, opt, got))
     anchor = None
     if a.evcxr_jupyter:
         src = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -134,6 +145,15 @@ def main():
         lines.append(f"| start -> first result, cold cache (library + tch built in evcxr) | {cold['first_result_s']:.1f} s | n/a | n/a |")
     if not a.evcxr_jupyter:
         lines += ["", "evcxr_jupyter was not measured in this run (pass `--evcxr-jupyter PATH`)."]
+    if levers:
+        base = levers[0][2]
+        lines += ["", "Levers, measured in the same run (one kernel each, warm cache; `static` + opt-level 2 is evcxr's "
+                  "way and this kernel's before the change; speed-up = that time / this time):", "",
+                  "| cells link the library | cells' opt-level | trivial cell | speed-up | `model.trace` cell | speed-up |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for linking, opt, got in levers:
+            lines.append(f"| {linking} | {opt} | {got['trivial_s']:.2f} s | {base['trivial_s'] / got['trivial_s']:.2f}x "
+                         f"| {got['trace_s']:.2f} s | {base['trace_s'] / got['trace_s']:.2f}x |")
     lines += [END]
     section = "\n".join(lines)
     print(section)

@@ -260,6 +260,84 @@ impl Toolchain {
     }
 }
 
+/// How the cells get the DeepScope library (`DEEPSCOPE_CELL_LINKING`).
+///
+/// evcxr links every dependency statically into each cell's shared object,
+/// so each cell re-links the library it calls and the runner keeps every
+/// copy mapped: measured 6.6 MB per `.so` and 0.28 s of rustc per trivial
+/// cell, 0.18 s of it the link. `Dylib` (the default) builds the library
+/// once as a Rust `dylib` through a one-line wrapper crate in the slot, and
+/// each cell links only against it: 0.17 MB per `.so`, 0.16 s of rustc.
+/// evcxr's own switch for this (`:allow_static_linking 0`) turns every crate
+/// into a dylib and fails on rustc 1.95 (kernel-notes.md); one dylib for the
+/// one library is enough. `Static` keeps evcxr's way, for comparison
+/// (tests/bench_kernel.py measures both in one run).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CellLinking {
+    Dylib,
+    Static,
+}
+
+pub(crate) const CELL_LINKING_ENV: &str = "DEEPSCOPE_CELL_LINKING";
+
+impl CellLinking {
+    fn from_env() -> Result<CellLinking> {
+        match std::env::var(CELL_LINKING_ENV).as_deref() {
+            Err(_) | Ok("") | Ok("dylib") => Ok(CellLinking::Dylib),
+            Ok("static") => Ok(CellLinking::Static),
+            Ok(other) => Err(Error::Kernel(format!("{CELL_LINKING_ENV}={other:?}: expected \"dylib\" or \"static\""))),
+        }
+    }
+}
+
+/// The opt-level the library and every other dependency are built at inside
+/// evcxr (evcxr's own default, under which slots were always built).
+const DEPENDENCY_OPT_LEVEL: &str = "2";
+
+pub(crate) const CELL_OPT_LEVEL_ENV: &str = "DEEPSCOPE_CELL_OPT_LEVEL";
+
+/// The opt-level of the cells' own code: 0 unless `DEEPSCOPE_CELL_OPT_LEVEL`
+/// says otherwise. Measured on a `model.trace` cell (rustc alone, 2 cores):
+/// 1.17 s at evcxr's default 2, 0.95 s at 1, 0.33 s at 0, most of the
+/// difference LLVM's work on code that runs once. The model's work runs in
+/// the library, which stays at 2; a cell with a heavy loop of its own can
+/// ask for `:opt 2`.
+fn cell_opt_level() -> Result<String> {
+    match std::env::var(CELL_OPT_LEVEL_ENV) {
+        Err(_) => Ok("0".into()),
+        Ok(v) if ["0", "1", "2", "3", "s", "z"].contains(&v.as_str()) => Ok(v),
+        Ok(v) => Err(Error::Kernel(format!("{CELL_OPT_LEVEL_ENV}={v:?}: expected 0, 1, 2, 3, s or z"))),
+    }
+}
+
+/// The wrapper crate's package name; the cells still call it `deepscope`.
+const CELLS_CRATE: &str = "deepscope-cells";
+
+/// Writes the wrapper crate that makes the library a Rust dylib for the
+/// cells (`pub use` of the whole library, so every path a cell writes is
+/// unchanged). Files are rewritten only when their content changes, so cargo
+/// does not rebuild the dylib at every start.
+fn write_cells_crate(slot: &std::path::Path, src: &std::path::Path) -> Result<PathBuf> {
+    let dir = slot.join(CELLS_CRATE);
+    let manifest = format!(
+        "# Written by the DeepScope kernel (src/kernel/exec.rs, CellLinking): the library as one\n\
+         # Rust dylib that every cell links against, instead of a static copy per cell.\n\
+         [package]\nname = \"{CELLS_CRATE}\"\nversion = \"0.0.0\"\nedition = \"2021\"\npublish = false\n\n\
+         [lib]\nname = \"deepscope\"\ncrate-type = [\"dylib\"]\npath = \"lib.rs\"\n\n\
+         [dependencies]\ndeepscope_lib = {{ package = \"deepscope\", path = \"{}\", default-features = false }}\n",
+        src.display()
+    );
+    let lib = "pub use deepscope_lib::*;\n";
+    for (name, content) in [("Cargo.toml", manifest.as_str()), ("lib.rs", lib)] {
+        let path = dir.join(name);
+        if std::fs::read_to_string(&path).ok().as_deref() != Some(content) {
+            std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+            std::fs::write(&path, content).map_err(|e| Error::io(&path, e))?;
+        }
+    }
+    Ok(dir)
+}
+
 /// The function the code evcxr generates for `?` calls (patches/evcxr/PATCH.md).
 const ERROR_REPORTER: &str = "deepscope::kernel::cell::report_cell_error";
 
@@ -273,12 +351,35 @@ pub(crate) fn start_context(slot: &Slot) -> Result<(CommandContext, evcxr::EvalC
     let mut state = ctx.state();
     // patched evcxr: `?` in a cell calls this instead of printing to stderr
     state.set_error_reporter(Some(ERROR_REPORTER.to_string()));
+    // patched evcxr: cells are wrapped for `?` from the start, so the first
+    // cell that uses `?` is not compiled twice
+    state.set_allow_question_mark(true);
+    // The library and its dependencies stay optimised; the cells' own code is
+    // compiled at CELL_OPT_LEVEL (see there); `:opt 2` in a cell raises it.
+    state.set_dependency_opt_level(Some(DEPENDENCY_OPT_LEVEL));
+    state.set_opt_level(&cell_opt_level()?).map_err(|e| Error::Kernel(format!("{CELL_OPT_LEVEL_ENV}: {e}")))?;
     let src = super::install::source_dir();
-    let dep = format!("{{ path = \"{}\", default-features = false }}", src.display());
+    let dep = match CellLinking::from_env()? {
+        CellLinking::Dylib => {
+            let dir = write_cells_crate(&slot.dir, &src)?;
+            format!("{{ package = \"{CELLS_CRATE}\", path = \"{}\" }}", dir.display())
+        }
+        CellLinking::Static => format!("{{ path = \"{}\", default-features = false }}", src.display()),
+    };
     state.add_dep("deepscope", &dep).map_err(|e| Error::Kernel(format!("adding the deepscope library ({dep}): {e}")))?;
     ctx.eval_with_state(SETUP_CODE, state)
         .map_err(|e| Error::Kernel(format!("building the DeepScope library inside evcxr (in {}): {}", slot.dir.display(), build_failure(&e))))?;
     Ok((CommandContext::with_eval_context(ctx), outputs, t0.elapsed()))
+}
+
+/// Builds, once per slot, what evcxr's `cargo check` needs. When
+/// rust-analyzer cannot type a cell's variables (a typo, an unknown method),
+/// evcxr asks `cargo check` for the errors, and the first check in a slot
+/// builds check metadata for every dependency: measured 23-30 s for the
+/// user's first mistake. `--prebuild` pays it instead, with a cell that
+/// fails that way on purpose (an error is the expected result).
+pub(crate) fn warm_checker(mut ctx: CommandContext) {
+    let _ = ctx.execute("let deepscope_prebuild_check = deepscope_prebuild_no_such_function();");
 }
 
 /// What a failed build of the library says, with the cause: evcxr's
@@ -560,6 +661,18 @@ impl Worker {
             *p = None;
         }
         outcome
+    }
+
+    /// Loads rust-analyzer's view of the library before the first cell
+    /// needs it. evcxr asks rust-analyzer for the type of every variable a
+    /// cell defines; its first answer in a session costs 6-9 s here (the
+    /// library and its dependencies are read), which the first `let` cell
+    /// paid. A completion request on a typed variable takes that cost with
+    /// no cell run and no state changed. The worker calls this the first
+    /// time it is idle (src/kernel/server.rs).
+    pub fn warm_analyzer(&mut self) {
+        let code = "let deepscope_warm_up = Model::load_default(); deepscope_warm_up.";
+        let _ = self.ctx.completions(code, code.len());
     }
 
     fn reinstall_setup(&mut self) {

@@ -61,8 +61,11 @@ pub fn prebuild() -> Result<()> {
     let _ = exec::prepare_environment();
     let slot = exec::take_slot()?;
     eprintln!("building the DeepScope library for notebook cells in {} ...", slot.dir.display());
-    let (_ctx, _out, took) = exec::start_context(&slot)?;
+    let (ctx, _out, took) = exec::start_context(&slot)?;
     eprintln!("ready in {:.1} s", took.as_secs_f64());
+    let t = std::time::Instant::now();
+    exec::warm_checker(ctx);
+    eprintln!("compile-error checks prepared in {:.1} s", t.elapsed().as_secs_f64());
     Ok(())
 }
 
@@ -575,7 +578,27 @@ fn spawn_worker(
         exec::spawn_forwarder(shared.clone(), outputs.stdout, flush_out_rx, true);
         exec::spawn_forwarder(shared.clone(), outputs.stderr, flush_err_rx, false);
         let mut worker = Worker { ctx, shared: shared.clone(), flush_stdout: flush_out_tx, flush_stderr: flush_err_tx };
-        for job in jobs {
+        // Code analysis is warmed the first time the kernel is idle (no cell
+        // waiting), so that a user who types a `let` does not wait for it.
+        let mut analyzer_warm = false;
+        loop {
+            let job = match jobs.try_recv() {
+                Ok(job) => job,
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => break,
+                Err(std::sync::mpsc::TryRecvError::Empty) => {
+                    if !analyzer_warm {
+                        analyzer_warm = true;
+                        let t = std::time::Instant::now();
+                        worker.warm_analyzer();
+                        log(format!("code analysis warmed in {:.1} s", t.elapsed().as_secs_f64()));
+                        continue;
+                    }
+                    match jobs.recv() {
+                        Ok(job) => job,
+                        Err(_) => break,
+                    }
+                }
+            };
             match job {
                 Job::Execute { code, needs, msg, silent, allow_stdin, done } => {
                     let defined: Vec<&str> = worker.ctx.variables_and_types().map(|(name, _)| name).collect();

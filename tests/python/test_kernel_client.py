@@ -270,6 +270,36 @@ def test_compile_error(kernel):
     assert len(errors) == 1 and errors[0]["content"]["ename"] == "CompileError", run.describe()
 
 
+def test_cells_link_the_library_as_one_shared_object_and_show_values_as_before(kernel):
+    km, kc = kernel
+    # the runner maps the library once, as the dylib every cell links against
+    maps = 'std::fs::read_to_string("/proc/self/maps")?.lines().filter(|l| l.ends_with("/libdeepscope.so")).count() > 0'
+    assert execute_ok(kc, maps).result() == "true"
+    # a cell's own shared object holds only the cell's code (it was ~6.6 MB
+    # when every cell linked its own copy of the library)
+    sizes = (r'std::fs::read_to_string("/proc/self/maps")?.lines().filter_map(|l| l.split_whitespace().nth(5))'
+             r'.filter(|p| p.contains("/libcode_")).map(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)).max().unwrap_or(0)')
+    assert 0 < int(execute_ok(kc, sizes).result()) < 2_000_000
+    # final expressions: the Debug form of plain values, a type's own rich view, and
+    # for a value with neither the same compile error as stock evcxr
+    assert execute_ok(kc, 'Some(vec![1u8, 2])').result() == "Some([1, 2])"
+    assert execute_ok(kc, '"text"').result() == '"text"'
+    html = execute_ok(kc, 'Table::new(["a"])').result("text/html")
+    assert "<table" in html
+    run = execute(kc, "struct Opaque; Opaque")
+    assert run.content["status"] == "error" and run.content["ename"] == "CompileError", run.describe()
+    assert "Debug" in run.content["evalue"] or "Debug" in "".join(run.content["traceback"]), run.describe()
+
+
+def test_the_cells_opt_level_can_be_raised_and_the_model_still_runs(kernel):
+    km, kc = kernel
+    execute_ok(kc, ":opt 2")
+    try:
+        assert execute_ok(kc, "(1..=10u64).sum::<u64>()").result() == "55"
+    finally:
+        execute_ok(kc, ":opt 0")
+
+
 def test_panic_keeps_earlier_variables(kernel):
     km, kc = kernel
     execute_ok(kc, "let keep = 41;")
