@@ -147,8 +147,10 @@ def main():
         lines += ["", "evcxr_jupyter was not measured in this run (pass `--evcxr-jupyter PATH`)."]
     if levers:
         base = levers[0][2]
-        lines += ["", "Levers, measured in the same run (one kernel each, warm cache; `static` + opt-level 2 is evcxr's "
-                  "way and this kernel's before the change; speed-up = that time / this time):", "",
+        lines += ["", "Levers, measured in the same run (one kernel each, warm cache; speed-up = the first row's time / "
+                  "this row's). `static` + opt-level 2 is how cells were linked and optimised before; the patched evcxr's "
+                  "other changes (one compile per cell, the cell's rustc run without cargo, rust-analyzer only for cells "
+                  "that define variables: patches/evcxr/PATCH.md) apply to every row.", "",
                   "| cells link the library | cells' opt-level | trivial cell | speed-up | `model.trace` cell | speed-up |",
                   "|---|---:|---:|---:|---:|---:|"]
         for linking, opt, got in levers:

@@ -340,6 +340,61 @@ fn die_with_the_kernel() {
 #[cfg(all(feature = "kernel", not(target_os = "linux")))]
 fn die_with_the_kernel() {}
 
+/// In the cell runner: hands the code pages of cells that have run back to
+/// the OS. Every cell is a shared library that stays loaded for good (stored
+/// values may point into it), so its pages stayed resident: `make soak`
+/// measured the runner's RSS growing ~110 KiB per cell, almost all of it
+/// clean, file-backed code of past cells. Once a newer cell has been
+/// loaded, a thread advises the kernel (`MADV_PAGEOUT`) to reclaim the
+/// read-only mappings of the older cells' libraries. Nothing is lost: a
+/// page still needed (a stored closure, a drop) is read back from the file
+/// on its next use. Writable mappings (relocated data) are never touched.
+#[cfg(all(feature = "kernel", target_os = "linux"))]
+fn release_past_cells_code() {
+    /// `MADV_PAGEOUT` (Linux 5.4); older kernels answer EINVAL, which only
+    /// means the pages stay.
+    const MADV_PAGEOUT: libc::c_int = 21;
+    /// The number in a cell library's name: evcxr writes `libcode_N.so`.
+    fn cell_number(path: &str) -> Option<u64> {
+        let name = path.rsplit('/').next()?;
+        name.strip_prefix("libcode_")?.strip_suffix(".so")?.parse().ok()
+    }
+    let spawned = std::thread::Builder::new().name("cell-pages".into()).spawn(|| {
+        let mut released = 0u64;
+        loop {
+            std::thread::sleep(std::time::Duration::from_secs(1));
+            let Ok(maps) = std::fs::read_to_string("/proc/self/maps") else { continue };
+            let regions: Vec<(usize, usize, u64)> = maps
+                .lines()
+                .filter_map(|line| {
+                    let mut fields = line.split_whitespace();
+                    let (range, perms) = (fields.next()?, fields.next()?);
+                    let n = cell_number(fields.nth(3)?)?;
+                    let (start, end) = range.split_once('-')?;
+                    let start = usize::from_str_radix(start, 16).ok()?;
+                    let end = usize::from_str_radix(end, 16).ok()?;
+                    (!perms.contains('w')).then_some((start, end, n))
+                })
+                .collect();
+            let Some(newest) = regions.iter().map(|r| r.2).max() else { continue };
+            for &(start, end, n) in &regions {
+                if n > released && n < newest {
+                    // SAFETY: advice on whole pages of a read-only file mapping
+                    // this process holds; the kernel re-reads them on access.
+                    unsafe {
+                        libc::madvise(start as *mut libc::c_void, end - start, MADV_PAGEOUT);
+                    }
+                }
+            }
+            released = released.max(newest - 1);
+        }
+    });
+    drop(spawned);
+}
+
+#[cfg(all(feature = "kernel", not(target_os = "linux")))]
+fn release_past_cells_code() {}
+
 fn main() {
     #[cfg(feature = "kernel")]
     {
@@ -351,6 +406,7 @@ fn main() {
                 libc::signal(libc::SIGINT, on_sigint as extern "C" fn(libc::c_int) as libc::sighandler_t);
             }
             die_with_the_kernel();
+            release_past_cells_code();
         }
         // Must come first: evcxr re-runs this executable as the cell runner
         // and as a rustc wrapper; in those roles this call never returns.

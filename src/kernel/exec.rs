@@ -64,6 +64,9 @@ pub(crate) struct Shared {
     /// The runner was killed because the cell ignored an interrupt.
     pub runner_killed: AtomicBool,
     pub last_stderr: Mutex<Instant>,
+    /// How many cells' stderr has ended (the runner's end marker, see
+    /// `STDERR_END_MARKER`).
+    pub stderr_ends: AtomicU64,
 }
 
 impl Shared {
@@ -231,6 +234,8 @@ pub(crate) fn prepare_environment() -> Toolchain {
         std::env::set_var("LIBTORCH_USE_PYTORCH", "1");
     }
     std::env::set_var(cell::KERNEL_ENV, "1");
+    // patched evcxr: the runner ends each cell's stderr with this line
+    std::env::set_var(STDERR_END_MARKER_ENV, STDERR_END_MARKER);
     // the runner dies with this process (src/bin/deepscope.rs, die_with_the_kernel)
     std::env::set_var("DEEPSCOPE_KERNEL_PID", std::process::id().to_string());
     toolchain
@@ -290,6 +295,19 @@ impl CellLinking {
     }
 }
 
+/// How cells are built, from the environment; read before a slot is taken,
+/// so that a bad setting is an error at once, naming the variable.
+pub(crate) struct CellSettings {
+    pub linking: CellLinking,
+    pub opt_level: String,
+}
+
+impl CellSettings {
+    pub(crate) fn from_env() -> Result<CellSettings> {
+        Ok(CellSettings { linking: CellLinking::from_env()?, opt_level: cell_opt_level()? })
+    }
+}
+
 /// The opt-level the library and every other dependency are built at inside
 /// evcxr (evcxr's own default, under which slots were always built).
 const DEPENDENCY_OPT_LEVEL: &str = "2";
@@ -338,13 +356,25 @@ fn write_cells_crate(slot: &std::path::Path, src: &std::path::Path) -> Result<Pa
     Ok(dir)
 }
 
+/// The variable (patched evcxr, `runtime::STDERR_END_MARKER_ENV`) that makes
+/// the runner write `STDERR_END_MARKER` on stderr after each cell, before it
+/// reports the cell complete on stdout. Stdout and stderr are two pipes read
+/// by two threads, so without it a cell's last stderr lines could arrive
+/// after the reply: `make soak` found 3 of ~200 `eprintln!` cells whose line
+/// was missing (it went to the next cell or nowhere), once cells were fast.
+const STDERR_END_MARKER_ENV: &str = "EVCXR_STDERR_END_MARKER";
+const STDERR_END_MARKER: &str = "\u{1}deepscope: end of the cell's stderr\u{1}";
+
+/// How long a cell's reply waits for the end of its stderr.
+const STDERR_END_WAIT: Duration = Duration::from_secs(2);
+
 /// The function the code evcxr generates for `?` calls (patches/evcxr/PATCH.md).
 const ERROR_REPORTER: &str = "deepscope::kernel::cell::report_cell_error";
 
 const SETUP_CODE: &str = "use deepscope::prelude::*;\ndeepscope::kernel::cell::install_panic_hook();";
 
 /// Creates the evaluation context with the DeepScope library and prelude.
-pub(crate) fn start_context(slot: &Slot) -> Result<(CommandContext, evcxr::EvalContextOutputs, Duration)> {
+pub(crate) fn start_context(slot: &Slot, settings: &CellSettings) -> Result<(CommandContext, evcxr::EvalContextOutputs, Duration)> {
     let t0 = Instant::now();
     std::env::set_var("EVCXR_TMPDIR", &slot.dir);
     let (mut ctx, outputs) = EvalContext::new().map_err(|e| Error::Kernel(format!("starting evcxr: {e}")))?;
@@ -357,9 +387,9 @@ pub(crate) fn start_context(slot: &Slot) -> Result<(CommandContext, evcxr::EvalC
     // The library and its dependencies stay optimised; the cells' own code is
     // compiled at CELL_OPT_LEVEL (see there); `:opt 2` in a cell raises it.
     state.set_dependency_opt_level(Some(DEPENDENCY_OPT_LEVEL));
-    state.set_opt_level(&cell_opt_level()?).map_err(|e| Error::Kernel(format!("{CELL_OPT_LEVEL_ENV}: {e}")))?;
+    state.set_opt_level(&settings.opt_level).map_err(|e| Error::Kernel(format!("{CELL_OPT_LEVEL_ENV}: {e}")))?;
     let src = super::install::source_dir();
-    let dep = match CellLinking::from_env()? {
+    let dep = match settings.linking {
         CellLinking::Dylib => {
             let dir = write_cells_crate(&slot.dir, &src)?;
             format!("{{ package = \"{CELLS_CRATE}\", path = \"{}\" }}", dir.display())
@@ -463,6 +493,11 @@ fn forward(shared: &Shared, name: &'static str, batch: Vec<String>) {
         }
     };
     for line in batch {
+        if name == "stderr" && line == STDERR_END_MARKER {
+            flush_text(&mut text);
+            shared.stderr_ends.fetch_add(1, Ordering::SeqCst);
+            continue;
+        }
         let message = if name == "stdout" { cell::parse_message(&line) } else { None };
         let Some(m) = message else {
             text.push_str(&line);
@@ -558,16 +593,24 @@ fn compile_error(errors: &[evcxr::CompilationError]) -> ErrorContent {
 }
 
 impl Worker {
-    /// Waits until the runner's stderr has been quiet briefly, then makes
-    /// both forwarders publish everything they hold.
-    fn flush(&self) {
+    /// Waits for the end of the cell's stderr when the runner ran code
+    /// (`ends_before`: the count of ended cells before it; see
+    /// `STDERR_END_MARKER`), else until stderr has been quiet briefly; then
+    /// makes both forwarders publish everything they hold.
+    fn flush(&self, ends_before: Option<u64>) {
         let start = Instant::now();
         loop {
-            let quiet = self.shared.last_stderr.lock().map(|t| t.elapsed()).unwrap_or_default();
-            if quiet >= Duration::from_millis(15) || start.elapsed() >= Duration::from_millis(150) {
+            let done = match ends_before {
+                Some(before) => self.shared.stderr_ends.load(Ordering::SeqCst) > before || start.elapsed() >= STDERR_END_WAIT,
+                None => {
+                    let quiet = self.shared.last_stderr.lock().map(|t| t.elapsed()).unwrap_or_default();
+                    quiet >= Duration::from_millis(15) || start.elapsed() >= Duration::from_millis(150)
+                }
+            };
+            if done {
                 break;
             }
-            std::thread::sleep(Duration::from_millis(5));
+            std::thread::sleep(Duration::from_millis(1));
         }
         for f in [&self.flush_stdout, &self.flush_stderr] {
             let (tx, rx) = crossbeam_channel::bounded(1);
@@ -594,9 +637,10 @@ impl Worker {
         self.shared.running.store(true, Ordering::SeqCst);
         let mut callbacks =
             EvalCallbacks { input_reader: &|r| input(evcxr_input_request::Req { prompt: r.prompt, password: r.is_password }) };
+        let ends_before = self.shared.stderr_ends.load(Ordering::SeqCst);
         let result = self.ctx.execute_with_callbacks(code, &mut callbacks);
         self.shared.running.store(false, Ordering::SeqCst);
-        self.flush();
+        self.flush(ran_code(&result).then_some(ends_before));
         let interrupted = self.shared.interrupted.load(Ordering::SeqCst) == serial;
         let killed = self.shared.runner_killed.load(Ordering::SeqCst);
         let panic = self.shared.panic.lock().ok().and_then(|mut p| p.take());
@@ -654,8 +698,9 @@ impl Worker {
         };
         if interrupted && !killed {
             // An interrupt no check consumed must not stop a later cell.
-            let _ = self.ctx.execute("deepscope::kernel::cell::reset_interrupt();");
-            self.flush();
+            let before = self.shared.stderr_ends.load(Ordering::SeqCst);
+            let reset = self.ctx.execute("deepscope::kernel::cell::reset_interrupt();");
+            self.flush(ran_code(&reset).then_some(before));
         }
         if let Ok(mut p) = self.shared.publisher.parent.lock() {
             *p = None;
@@ -676,9 +721,17 @@ impl Worker {
     }
 
     fn reinstall_setup(&mut self) {
-        let _ = self.ctx.execute(SETUP_CODE);
-        self.flush();
+        let before = self.shared.stderr_ends.load(Ordering::SeqCst);
+        let setup = self.ctx.execute(SETUP_CODE);
+        self.flush(ran_code(&setup).then_some(before));
     }
+}
+
+/// Whether evcxr compiled and ran code for this execution (so the runner
+/// wrote the end of its stderr): not for a compile error, a crash, or a cell
+/// of `:` commands only.
+fn ran_code(result: &std::result::Result<evcxr::EvalOutputs, evcxr::Error>) -> bool {
+    result.as_ref().is_ok_and(|o| o.phases.iter().any(|p| p.name == "Final compile"))
 }
 
 /// An input request from a cell, in the kernel's terms.

@@ -59,9 +59,10 @@ fn char_offset(s: &str, bytes: usize) -> usize {
 /// `deepscope kernel --prebuild`: fills build slot 0 so that kernels start warm.
 pub fn prebuild() -> Result<()> {
     let _ = exec::prepare_environment();
+    let settings = exec::CellSettings::from_env()?;
     let slot = exec::take_slot()?;
     eprintln!("building the DeepScope library for notebook cells in {} ...", slot.dir.display());
-    let (ctx, _out, took) = exec::start_context(&slot)?;
+    let (ctx, _out, took) = exec::start_context(&slot, &settings)?;
     eprintln!("ready in {:.1} s", took.as_secs_f64());
     let t = std::time::Instant::now();
     exec::warm_checker(ctx);
@@ -166,6 +167,7 @@ async fn serve(info: ConnectionInfo, rust_version: String) -> Result<()> {
         interrupted: AtomicU64::new(0),
         runner_killed: AtomicBool::new(false),
         last_stderr: Mutex::new(Instant::now()),
+        stderr_ends: AtomicU64::new(0),
     });
     let _ = iopub_tx.send(Message::orphan(&session, &Status { execution_state: "starting" }));
 
@@ -549,7 +551,8 @@ fn spawn_worker(
     session: String,
 ) {
     std::thread::spawn(move || {
-        let started = exec::take_slot().and_then(|slot| exec::start_context(&slot).map(|c| (slot, c)));
+        let started = exec::CellSettings::from_env()
+            .and_then(|settings| exec::take_slot().and_then(|slot| exec::start_context(&slot, &settings).map(|c| (slot, c))));
         let (_slot, (ctx, outputs, took)) = match started {
             Ok(x) => x,
             Err(e) => {

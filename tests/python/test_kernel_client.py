@@ -291,6 +291,22 @@ def test_cells_link_the_library_as_one_shared_object_and_show_values_as_before(k
     assert "Debug" in run.content["evalue"] or "Debug" in "".join(run.content["traceback"]), run.describe()
 
 
+def test_a_bad_cell_setting_is_a_setup_error_that_names_it():
+    km = KernelManager(kernel_name=KERNEL_NAME)
+    km.start_kernel(env=dict(os.environ, DEEPSCOPE_CELL_LINKING="sideways"))
+    kc = km.client()
+    kc.start_channels()
+    try:
+        kc.wait_for_ready(timeout=FIRST_TIMEOUT)
+        run = execute(kc, "1 + 1", timeout=FIRST_TIMEOUT)
+        assert run.content["status"] == "error", run.describe()
+        assert run.content["ename"] == "KernelSetupError", run.describe()
+        assert "DEEPSCOPE_CELL_LINKING" in run.content["evalue"] and "sideways" in run.content["evalue"], run.describe()
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+
+
 def test_the_cells_opt_level_can_be_raised_and_the_model_still_runs(kernel):
     km, kc = kernel
     execute_ok(kc, ":opt 2")

@@ -233,12 +233,11 @@ def test_two_thousand_mixed_cells_keep_order_status_and_memory():
               f"of which anonymous {base[4]:.0f} -> {end[4]:.0f} MiB ({100 * growth_runner_anon:+.1f}%)")
         assert not problems, f"{len(problems)} problems, first: {problems[:10]}"
         assert growth_kernel < RSS_GROWTH_LIMIT, f"kernel RSS grew {100 * growth_kernel:.1f}% from cell {base[0]}: {samples}"
-        # Each cell is a shared library that links the parts of DeepScope it
-        # calls statically and is never unloaded (evcxr's design), so the code
-        # of every past cell stays mapped, with its relocated pages (anonymous).
-        # Measured with smaps: the heap does not grow; the cells' libraries do
-        # (environment.md, "Memory per cell"). Linking the library dynamically
-        # is the fix (issue #15).
+        # Each cell is a shared library that is never unloaded (evcxr's
+        # design): its relocated pages (anonymous) stay; its code pages are
+        # handed back once a newer cell runs (environment.md, "Memory per
+        # cell"). Before the library was a dylib, each cell carried a copy of
+        # the code it called and the runner grew +150% here.
         assert growth_runner_anon < RSS_GROWTH_LIMIT, (
             f"runner anonymous RSS grew {100 * growth_runner_anon:.1f}% from cell {base[0]}: "
             f"relocated pages of the cells' libraries; samples {samples}")

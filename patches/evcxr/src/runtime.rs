@@ -16,6 +16,10 @@ use std::{self};
 
 pub(crate) const EVCXR_IS_RUNTIME_VAR: &str = "EVCXR_IS_RUNTIME";
 pub(crate) const EVCXR_EXECUTION_COMPLETE: &str = "EVCXR_EXECUTION_COMPLETE";
+/// DeepScope patch: when set, the runner writes its value as a line on
+/// stderr after each cell, before the completion line on stdout (see
+/// `load_and_run`).
+pub const STDERR_END_MARKER_ENV: &str = "EVCXR_STDERR_END_MARKER";
 pub(crate) const WRAP_RUSTC_ENV: &str = "EVCXR_RUSTC_WRAPPER";
 pub(crate) const FORCE_DYLIB_ENV: &str = "EVCXR_FORCE_DYLIB";
 
@@ -81,6 +85,15 @@ impl Runtime {
             let user_fn = shared_object
                 .get::<extern "C" fn(*mut c_void) -> *mut c_void>(fn_name.as_bytes())?;
             self.variable_store_ptr = user_fn(self.variable_store_ptr);
+        }
+        // DeepScope patch: stdout and stderr are two pipes, read by two
+        // threads of the host, so a cell's last stderr lines could reach the
+        // host after it had seen the cell complete on stdout, and be shown
+        // with the next cell or not at all (`make soak`: 3 of ~200 cells
+        // that print to stderr). A marker written to stderr before the
+        // completion line lets the host wait for the cell's whole stderr.
+        if let Ok(marker) = std::env::var(STDERR_END_MARKER_ENV) {
+            eprintln!("{marker}");
         }
         println!("{EVCXR_EXECUTION_COMPLETE}");
         self.shared_objects.push(shared_object);
