@@ -698,9 +698,7 @@ impl Worker {
         };
         if interrupted && !killed {
             // An interrupt no check consumed must not stop a later cell.
-            let before = self.shared.stderr_ends.load(Ordering::SeqCst);
-            let reset = self.ctx.execute("deepscope::kernel::cell::reset_interrupt();");
-            self.flush(ran_code(&reset).then_some(before));
+            self.execute_internal("deepscope::kernel::cell::reset_interrupt();");
         }
         if let Ok(mut p) = self.shared.publisher.parent.lock() {
             *p = None;
@@ -721,9 +719,14 @@ impl Worker {
     }
 
     fn reinstall_setup(&mut self) {
+        self.execute_internal(SETUP_CODE);
+    }
+
+    /// Runs the kernel's own code in the runner and publishes what it printed.
+    fn execute_internal(&mut self, code: &str) {
         let before = self.shared.stderr_ends.load(Ordering::SeqCst);
-        let setup = self.ctx.execute(SETUP_CODE);
-        self.flush(ran_code(&setup).then_some(before));
+        let result = self.ctx.execute(code);
+        self.flush(ran_code(&result).then_some(before));
     }
 }
 

@@ -176,16 +176,13 @@ impl DirectRustc {
             .iter()
             .map(|kv| Some((kv[0].as_str()?.to_owned(), kv[1].as_str()?.to_owned())))
             .collect::<Option<Vec<_>>>()?;
-        let mut command = Command::new(json["program"].as_str()?);
-        command.args(&args);
-        let so_path = execution_so_source(&command)?;
         Some(DirectRustc {
             key,
             program: json["program"].as_str()?.to_owned(),
             args,
             env,
             cwd: PathBuf::from(json["cwd"].as_str()?),
-            so_path,
+            so_path: PathBuf::from(json["so_path"].as_str()?),
         })
     }
 
@@ -206,9 +203,9 @@ fn record_rustc(command: &Command) -> Result<()> {
     let Some(file) = std::env::var_os(RECORD_RUSTC_ENV) else {
         return Ok(());
     };
-    if execution_so_source(command).is_none() {
+    let Some(so_path) = execution_so_source(command) else {
         return Ok(());
-    }
+    };
     let text = |s: &std::ffi::OsStr| s.to_str().map(str::to_owned).ok_or_else(|| anyhow!("non-UTF-8 argument"));
     let args = command.get_args().map(text).collect::<Result<Vec<_>>>()?;
     let env: Vec<(String, String)> = std::env::vars_os()
@@ -224,6 +221,7 @@ fn record_rustc(command: &Command) -> Result<()> {
         "args": args,
         "env": env,
         "cwd": text(std::env::current_dir()?.as_os_str())?,
+        "so_path": text(so_path.as_os_str())?,
     });
     fs::write(file, record.to_string())?;
     Ok(())
@@ -307,20 +305,53 @@ impl Module {
         // DeepScope patch: replay the recorded rustc command when cargo would
         // decide nothing new (see `DirectRustc`).
         let key = if config.time_passes { None } else { DirectRustc::key(config, &command) };
-        let mut replayed = None;
-        if let Some(direct) = self.direct.as_ref().filter(|d| Some(&d.key) == key.as_ref()) {
-            match run_cargo(direct.command(), code_block) {
-                Ok(_) if direct.so_path.exists() => replayed = Some(direct.so_path.clone()),
-                Err(Error::CompilationErrors(errors)) => return Err(Error::CompilationErrors(errors)),
-                _ => {}
-            }
-            if replayed.is_none() {
-                self.direct = None;
-            }
+        let so_file = match self.replay(key.as_deref(), code_block)? {
+            Some(so_file) => so_file,
+            None => self.build_with_cargo(command, key, config, code_block, &so_path_file)?,
+        };
+
+        let copied_so_file = so_file.with_file_name(shared_object_name_from_crate_name(&format!(
+            "code_{next_build_num}"
+        )));
+
+        rename_or_copy_so_file(&so_file, &copied_so_file)?;
+        self.build_num = next_build_num;
+
+        if config.cache_bytes() > 0 {
+            crate::module::cache::cleanup(config.cache_bytes())?;
         }
-        let so_file = if let Some(so_file) = replayed {
-            so_file
-        } else {
+
+        Ok(SoFile {
+            path: copied_so_file,
+        })
+    }
+
+    /// DeepScope patch: runs the recorded rustc command if it was recorded
+    /// under `key`; `None` when there is none or it failed for a reason other
+    /// than errors in the code (the record is then dropped).
+    fn replay(&mut self, key: Option<&str>, code_block: &CodeBlock) -> Result<Option<PathBuf>, Error> {
+        let Some(direct) = self.direct.as_ref().filter(|d| Some(d.key.as_str()) == key) else {
+            return Ok(None);
+        };
+        match run_cargo(direct.command(), code_block) {
+            Ok(_) if direct.so_path.exists() => return Ok(Some(direct.so_path.clone())),
+            Err(Error::CompilationErrors(errors)) => return Err(Error::CompilationErrors(errors)),
+            _ => {}
+        }
+        self.direct = None;
+        Ok(None)
+    }
+
+    /// The build through cargo (stock evcxr's), with the rustc wrapper
+    /// recording the cell crate's command under `key` (DeepScope patch).
+    fn build_with_cargo(
+        &mut self,
+        mut command: Command,
+        key: Option<String>,
+        config: &Config,
+        code_block: &CodeBlock,
+        so_path_file: &Path,
+    ) -> Result<PathBuf, Error> {
         let record_file = config.crate_dir().join(RECORD_RUSTC_FILE);
         let _ = fs::remove_file(&record_file);
         if key.is_some() {
@@ -338,7 +369,7 @@ impl Module {
             eprintln!("{output}");
         }
 
-        let so_file = match fs::read_to_string(&so_path_file) {
+        let so_file = match fs::read_to_string(so_path_file) {
             Ok(path) => PathBuf::from(path),
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
                 compiled_so_path(&cargo_output.stdout)?
@@ -346,23 +377,7 @@ impl Module {
             Err(error) => return Err(error.into()),
         };
         self.direct = key.and_then(|key| DirectRustc::load(&record_file, key));
-        so_file
-        };
-
-        let copied_so_file = so_file.with_file_name(shared_object_name_from_crate_name(&format!(
-            "code_{next_build_num}"
-        )));
-
-        rename_or_copy_so_file(&so_file, &copied_so_file)?;
-        self.build_num = next_build_num;
-
-        if config.cache_bytes() > 0 {
-            crate::module::cache::cleanup(config.cache_bytes())?;
-        }
-
-        Ok(SoFile {
-            path: copied_so_file,
-        })
+        Ok(so_file)
     }
 
     fn write_code(&self, code_block: &CodeBlock, config: &Config) -> Result<(), Error> {
