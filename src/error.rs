@@ -70,6 +70,24 @@ pub enum Error {
         tensor_bytes: u64,
     },
 
+    /// A value handed to a hook point (a hook's result, a patch, an added
+    /// vector) does not fit the value there.
+    #[error("{point}: {what} has shape {found:?}, expected {expected:?}")]
+    HookShape {
+        point: String,
+        what: String,
+        expected: Vec<i64>,
+        found: Vec<i64>,
+    },
+
+    #[error("{point}: {what} has dtype {found}, expected {expected}")]
+    HookDtype {
+        point: String,
+        what: String,
+        expected: String,
+        found: String,
+    },
+
     #[error("{file}: {message}")]
     Tokenizer { file: PathBuf, message: String },
 
@@ -117,6 +135,8 @@ impl Error {
             Error::UnsupportedDtype { .. } => "UnsupportedDtype",
             Error::UnexpectedTensors { .. } => "UnexpectedTensors",
             Error::BudgetTooSmall { .. } => "BudgetTooSmall",
+            Error::HookShape { .. } => "HookShape",
+            Error::HookDtype { .. } => "HookDtype",
             Error::Tokenizer { .. } => "Tokenizer",
             Error::Input(_) => "Input",
             Error::TokenOutOfRange { .. } => "TokenOutOfRange",

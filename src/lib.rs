@@ -28,7 +28,10 @@ pub use tch;
 /// The names a notebook or script usually needs.
 pub mod prelude {
     pub use crate::error::{Error, Result};
-    pub use crate::inspect::{compare, ToJson, ToTensors, Capture, CorpusRun, Intervention, Interventions, Layers, RoutingStats, Trace};
+    pub use crate::inspect::{
+        compare, Capture, CorpusRun, HookCtx, Intervention, Interventions, Layers, Points, RoutingStats, ToJson, ToTensors, Trace,
+        TracedGeneration,
+    };
     pub use crate::plot::{Figure, MimeBundle, Table};
     pub use crate::model::{
         AttnImpl, Config, CustomRouter, ForwardOptions, GenerateOptions, HookPoint, LoadOptions, Model, RouterInput,

@@ -100,7 +100,13 @@ fn forced_experts_win_even_outside_the_kept_groups() {
     let t = m.trace_with(ids(30, 15), &Capture::default(), &Interventions::new().force_experts(layer, &[0, 6]).force_experts(deepscope::inspect::Layers::All, &[0])).unwrap();
     let rows = Vec::<Vec<i64>>::try_from(&t.routing_of(layer).unwrap().topk_indices).unwrap();
     assert!(rows.iter().all(|r| r.contains(&0) && r.contains(&6)), "{rows:?}");
-    let err = m.trace_with(ids(4, 15), &Capture::default(), &Interventions::new().patch(HookPoint::RouterScores(layer), &Tensor::zeros([4, 8], (Kind::Float, Device::Cpu)))).unwrap_err();
+    // the scores can be replaced: the choice is made on the patched ones
+    let scores = Tensor::zeros([4, 8], (Kind::Float, Device::Cpu)).index_fill(1, &Tensor::from_slice(&[4i64, 5]), 1.0);
+    let p = m.trace_with(ids(4, 15), &Capture::default(), &Interventions::new().patch(HookPoint::RouterScores(layer), &scores)).unwrap();
+    let rows = Vec::<Vec<i64>>::try_from(&p.routing_of(layer).unwrap().topk_indices.sort(1, false).0).unwrap();
+    assert_eq!(rows, vec![vec![4, 5]; 4]);
+    // the kept groups cannot: the choice is made before they are visited
+    let err = m.trace_with(ids(4, 15), &Capture::default(), &Interventions::new().patch(HookPoint::ChosenGroups(layer), &Tensor::zeros([4, 2], (Kind::Int64, Device::Cpu)))).unwrap_err();
     assert!(err.to_string().contains("read-only"), "{err}");
 }
 

@@ -7,13 +7,14 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
-use crate::error::Result;
-use crate::model::HookPoint;
+use super::points::Points;
+use crate::error::{Error, Result};
+use crate::model::{HookPoint, Model};
 
 /// What to record during a forward pass. The default records routing,
 /// attention patterns and activation statistics; full tensors only for the
-/// hook points named in `tensors`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// hook points named in `tensors` and those `matching` chooses.
+#[derive(Debug, Clone)]
 pub struct Capture {
     /// Router decisions of every MoE layer (logits, scores, groups, top-k,
     /// the counterfactual choice without bias).
@@ -29,6 +30,9 @@ pub struct Capture {
     pub module_stats: bool,
     /// Hook points whose full tensors are kept.
     pub tensors: BTreeSet<HookPoint>,
+    /// More points whose tensors are kept: globs over names and predicates,
+    /// resolved against the model when the pass starts.
+    pub matching: Vec<Points>,
 }
 
 impl Default for Capture {
@@ -39,6 +43,7 @@ impl Default for Capture {
             stats: true,
             module_stats: false,
             tensors: BTreeSet::new(),
+            matching: Vec::new(),
         }
     }
 }
@@ -52,6 +57,7 @@ impl Capture {
             stats: false,
             module_stats: false,
             tensors: BTreeSet::new(),
+            matching: Vec::new(),
         }
     }
 
@@ -69,12 +75,52 @@ impl Capture {
         self
     }
 
-    /// Also keep the full tensors at every point named (`blocks.1.attn.hook_c_kv`...).
+    /// Also keep the full tensors at every point named
+    /// (`blocks.1.attn.hook_c_kv`) or matched by a glob (`blocks.*.mlp.hook_router_logits`,
+    /// `blocks.3.*`: see [`Points`]).
     pub fn with_names(mut self, names: &[&str]) -> Result<Capture> {
         for n in names {
-            self.tensors.insert(n.parse()?);
+            if n.contains(['*', '?', '[']) {
+                glob::Pattern::new(n).map_err(|e| Error::Input(format!("`{n}` is not a valid hook-point pattern: {e}")))?;
+                self.matching.push(Points::from(*n));
+            } else {
+                self.tensors.insert(n.parse()?);
+            }
         }
         Ok(self)
+    }
+
+    /// The default capture plus the full tensors at every point `f` accepts:
+    /// `Capture::matching(|p| matches!(p, HookPoint::RouterLogits(_)))` keeps
+    /// every router's logits, `Capture::matching(|p| p.layer() == Some(3))`
+    /// all of layer 3.
+    pub fn matching(f: impl Fn(HookPoint) -> bool + Send + Sync + 'static) -> Capture {
+        Capture::default().with_matching(f)
+    }
+
+    /// Also keep the full tensors at every point `f` accepts.
+    pub fn with_matching(mut self, f: impl Fn(HookPoint) -> bool + Send + Sync + 'static) -> Capture {
+        self.matching.push(Points::matching(f));
+        self
+    }
+
+    /// Every point whose full tensor `model`'s pass keeps: the named ones
+    /// (each must exist in the model) and those the patterns choose.
+    pub fn points(&self, model: &Model) -> Result<BTreeSet<HookPoint>> {
+        let mut all = BTreeSet::new();
+        for p in &self.tensors {
+            if let Some(why) = model.hook_point_problem(*p) {
+                return Err(Error::Input(format!("cannot capture {p}: {why}")));
+            }
+            all.insert(*p);
+        }
+        for m in &self.matching {
+            all.extend(m.resolve(model, false).map_err(|e| match e {
+                Error::Input(msg) => Error::Input(format!("cannot capture: {msg}")),
+                other => other,
+            })?);
+        }
+        Ok(all)
     }
 
     /// Whether statistics are taken at `point`.

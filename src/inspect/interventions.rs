@@ -1,15 +1,85 @@
 //! Interventions: values that change one forward pass. They are stacked in an
-//! [`Interventions`] list passed to `Model::trace_with`; nothing is stored in
-//! the model or in a global, so removing one from the list undoes it.
+//! [`Interventions`] list passed to `Model::trace_with` or to a generation
+//! ([`GenerateOptions::interventions`](crate::model::GenerateOptions));
+//! nothing is stored in the model or in a global, so removing one from the
+//! list undoes it. The value-level ones (head ablation, latent truncation,
+//! patches, added vectors and user hooks) apply in list order at each point.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
-use std::sync::Arc;
+use std::ops::Range;
+use std::sync::{Arc, Mutex};
 
 use tch::{Kind, Tensor};
 
+use super::points::Points;
 use crate::error::{Error, Result};
-use crate::model::{BiasEdit, CustomRouter, HookPoint, Model, RouterEdits, ScoringFunc};
+use crate::model::{BiasEdit, CustomRouter, HookPoint, Layout, Model, PassInfo, RouterEdits, ScoringFunc};
+
+/// User code run at hook points (see [`Interventions::hook`]). Behind a
+/// mutex so a hook may keep state (`FnMut`) and an [`Interventions`] list
+/// can still be sent to another thread; clones of a list share the hook.
+pub type HookFn = Arc<Mutex<dyn FnMut(&HookCtx, Tensor) -> Result<Tensor> + Send>>;
+
+/// What a hook is told about the value it is given.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HookCtx {
+    pub point: HookPoint,
+    /// The point's layer (`None` for the embedding, final norm and logits).
+    pub layer: Option<usize>,
+    /// Sequences in the batch.
+    pub batch: i64,
+    /// Absolute positions of the pass's tokens: `0..T` in a trace; in a
+    /// generation `0..P` for the prompt, then `P+n-1..P+n` for the pass that
+    /// reads the n-th new token.
+    pub positions: Range<i64>,
+    /// Which forward pass: 0 in a trace; in a generation 0 is the prompt.
+    pub pass: usize,
+}
+
+impl HookCtx {
+    pub fn new(point: HookPoint, info: PassInfo, pass: usize) -> HookCtx {
+        HookCtx { point, layer: point.layer(), batch: info.batch, positions: info.past..info.past + info.tokens, pass }
+    }
+
+    /// Tokens in this pass (per sequence).
+    pub fn tokens(&self) -> i64 {
+        self.positions.end - self.positions.start
+    }
+
+    /// The absolute position of every entry of `value` (the value at this
+    /// point) along its token axis, i64, shaped to broadcast against it:
+    /// `[1, T, 1]` for `[B, T, D]`, `[1, 1, T, 1]` for `[B, H, T, S]`,
+    /// `[N, 1]` for the router's `[N, E]` rows.
+    pub fn position_ids(&self, value: &Tensor) -> Result<Tensor> {
+        let t = self.tokens();
+        let pos = Tensor::f_arange_start(self.positions.start, self.positions.end, (Kind::Int64, value.device()))?;
+        let layout = self.point.layout();
+        let (d, len, pos) = match layout {
+            Layout::Rows => (0, self.batch * t, pos.f_repeat([self.batch])?),
+            _ => (layout.time_dim() as usize, t, pos),
+        };
+        let size = value.size();
+        if size.get(d) != Some(&len) {
+            return Err(Error::HookShape {
+                point: self.point.to_string(),
+                what: format!("the value (dimension {d} should run over the {len} positions)"),
+                expected: vec![len],
+                found: size,
+            });
+        }
+        let mut shape = vec![1i64; size.len()];
+        shape[d] = len;
+        Ok(pos.f_view(shape.as_slice())?)
+    }
+
+    /// 1 where the position is at least `from`, 0 before it, in `value`'s
+    /// dtype and shaped to broadcast against it: `x + v * ctx.from_position(&x, 10)?`
+    /// adds `v` from token 10 on.
+    pub fn from_position(&self, value: &Tensor, from: i64) -> Result<Tensor> {
+        Ok(self.position_ids(value)?.f_ge(from)?.f_to_kind(value.kind())?)
+    }
+}
 
 /// Which layers an intervention applies to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -62,6 +132,12 @@ pub enum Intervention {
     /// Project `c_kv` onto its top-`rank` right singular directions (over the
     /// tokens of this forward pass) before attention and the cache.
     TruncateLatent { layers: Layers, rank: usize },
+    /// Add `vector` (as long as the value's last dimension) at the chosen
+    /// points, at positions `from_position` and later: a steering vector.
+    AddVector { points: Points, vector: Tensor, from_position: i64 },
+    /// Run user code at the chosen points: it gets the value and returns
+    /// the value the pass continues with (same shape and dtype).
+    Hook { points: Points, f: HookFn },
 }
 
 impl Clone for Intervention {
@@ -79,6 +155,10 @@ impl Clone for Intervention {
             AblateHeads { layer, heads } => AblateHeads { layer: *layer, heads: heads.clone() },
             Patch { point, value } => Patch { point: *point, value: value.shallow_clone() },
             TruncateLatent { layers, rank } => TruncateLatent { layers: layers.clone(), rank: *rank },
+            AddVector { points, vector, from_position } => {
+                AddVector { points: points.clone(), vector: vector.shallow_clone(), from_position: *from_position }
+            }
+            Hook { points, f } => Hook { points: points.clone(), f: f.clone() },
         }
     }
 }
@@ -109,6 +189,9 @@ impl fmt::Display for Intervention {
             AblateHeads { layer, heads } => write!(f, "ablate heads {heads:?} in layer {layer}"),
             Patch { point, .. } => write!(f, "patch {point}"),
             TruncateLatent { layers, rank } => write!(f, "truncate c_kv to rank {rank} in {}", l(layers)),
+            AddVector { points, from_position: 0, .. } => write!(f, "add a vector at {points}"),
+            AddVector { points, from_position, .. } => write!(f, "add a vector at {points} from position {from_position}"),
+            Hook { points, .. } => write!(f, "hook at {points}"),
         }
     }
 }
@@ -175,15 +258,37 @@ impl Interventions {
         self.push(Intervention::TruncateLatent { layers: layers.into(), rank })
     }
 
+    /// Runs `f` at `points` (a [`HookPoint`], a name, a glob such as
+    /// `blocks.*.hook_resid_post`, or [`Points::matching`]): it gets a
+    /// [`HookCtx`] and the value, and returns the value the pass continues
+    /// with, of the same shape and dtype (on any device):
+    /// `Interventions::new().hook("blocks.2.attn.hook_c_kv", |_ctx, x| Ok(x * 0.5))`.
+    /// Several hooks stack in list order; an `Err` from `f` ends the pass with
+    /// that error. Patterns skip read-only points (the kept groups and the
+    /// per-expert outputs). Hooks also run in every pass of a generation.
+    pub fn hook(self, points: impl Into<Points>, f: impl FnMut(&HookCtx, Tensor) -> Result<Tensor> + Send + 'static) -> Interventions {
+        self.push(Intervention::Hook { points: points.into(), f: Arc::new(Mutex::new(f)) })
+    }
+
+    /// Adds `vector` (as long as the value's last dimension, e.g. `[D]` for
+    /// the residual stream) at `points`, at every position.
+    pub fn add_vector(self, points: impl Into<Points>, vector: &Tensor) -> Interventions {
+        self.add_vector_from(points, vector, 0)
+    }
+
+    /// Adds `vector` at `points` from position `from_position` on: in a
+    /// generation, steering that starts at a chosen token.
+    pub fn add_vector_from(self, points: impl Into<Points>, vector: &Tensor, from_position: i64) -> Interventions {
+        self.push(Intervention::AddVector { points: points.into(), vector: vector.shallow_clone(), from_position })
+    }
+
     /// Checks every intervention against `model` and compiles the routing
     /// ones into per-layer [`RouterEdits`].
     pub fn compile(&self, model: &Model) -> Result<Compiled> {
         let cfg = &model.config;
         let n_layers = cfg.num_hidden_layers;
         let mut edits: BTreeMap<usize, RouterEdits> = BTreeMap::new();
-        let mut heads: BTreeMap<usize, Vec<i64>> = BTreeMap::new();
-        let mut patches: Vec<(HookPoint, Tensor)> = Vec::new();
-        let mut truncate: BTreeMap<usize, usize> = BTreeMap::new();
+        let mut ops: Vec<ValueOp> = Vec::new();
         let check_layer = |l: usize, what: &Intervention| -> Result<()> {
             if l >= n_layers {
                 return Err(Error::Input(format!("{what}: layer {l} out of range (the model has {n_layers} layers)")));
@@ -198,7 +303,8 @@ impl Interventions {
                     if let Some(h) = hs.iter().find(|&&h| h >= cfg.num_attention_heads) {
                         return Err(Error::Input(format!("{iv}: head {h} out of range ({} heads)", cfg.num_attention_heads)));
                     }
-                    heads.entry(*layer).or_default().extend(hs.iter().map(|&h| h as i64));
+                    let heads = hs.iter().map(|&h| h as i64).collect();
+                    ops.push(ValueOp { points: [HookPoint::HeadOut(*layer)].into(), action: Action::AblateHeads(heads) });
                 }
                 Patch { point, value } => {
                     if let Some(l) = point.layer() {
@@ -209,7 +315,7 @@ impl Interventions {
                             "{iv}: {point} is read-only (the routing is decided before it); change the router with an intervention, or patch the top-k indices/weights"
                         )));
                     }
-                    patches.push((*point, value.shallow_clone()));
+                    ops.push(ValueOp { points: [*point].into(), action: Action::Patch(value.shallow_clone()) });
                 }
                 TruncateLatent { layers, rank } => {
                     if *rank > cfg.kv_lora_rank {
@@ -219,10 +325,29 @@ impl Interventions {
                         Layers::All => (0..n_layers).collect(),
                         other => other.resolve(model),
                     };
+                    let mut points = BTreeSet::new();
                     for l in ls {
                         check_layer(l, iv)?;
-                        truncate.insert(l, *rank);
+                        points.insert(HookPoint::CKv(l));
                     }
+                    ops.push(ValueOp { points, action: Action::TruncateLatent(*rank) });
+                }
+                AddVector { points, vector, from_position } => {
+                    let chosen = points.resolve(model, true).map_err(|e| in_intervention(iv, e))?;
+                    if let Some(p) = chosen.iter().find(|p| matches!(p, HookPoint::TopkIndices(_))) {
+                        return Err(Error::Input(format!("{iv}: {p} holds expert indices; add to the router logits or scores instead")));
+                    }
+                    if vector.dim() != 1 {
+                        return Err(Error::Input(format!("{iv}: the vector must be 1-D (one entry per feature), got shape {:?}", vector.size())));
+                    }
+                    ops.push(ValueOp {
+                        points: chosen.into_iter().collect(),
+                        action: Action::AddVector { vector: vector.shallow_clone(), from: *from_position },
+                    });
+                }
+                Hook { points, f } => {
+                    let chosen = points.resolve(model, true).map_err(|e| in_intervention(iv, e))?;
+                    ops.push(ValueOp { points: chosen.into_iter().collect(), action: Action::Hook(f.clone()) });
                 }
                 routing => {
                     let layers = match routing {
@@ -298,7 +423,15 @@ impl Interventions {
                 v.dedup();
             }
         }
-        Ok(Compiled { edits, heads, patches, truncate })
+        Ok(Compiled { edits, ops })
+    }
+}
+
+/// Puts the intervention's description in front of an input error about it.
+fn in_intervention(iv: &Intervention, e: Error) -> Error {
+    match e {
+        Error::Input(m) => Error::Input(format!("{iv}: {m}")),
+        other => other,
     }
 }
 
@@ -316,38 +449,77 @@ impl fmt::Display for Interventions {
 
 /// Interventions checked against a model, ready for a forward pass.
 pub struct Compiled {
+    /// Router changes per MoE layer.
     pub edits: BTreeMap<usize, RouterEdits>,
-    pub heads: BTreeMap<usize, Vec<i64>>,
-    pub patches: Vec<(HookPoint, Tensor)>,
-    pub truncate: BTreeMap<usize, usize>,
+    /// Value-level changes, in list order.
+    ops: Vec<ValueOp>,
+}
+
+/// One value-level change and the points it applies at.
+struct ValueOp {
+    points: BTreeSet<HookPoint>,
+    action: Action,
+}
+
+enum Action {
+    /// Zero these heads of `[B, T, H, v]`.
+    AblateHeads(Vec<i64>),
+    TruncateLatent(usize),
+    Patch(Tensor),
+    AddVector { vector: Tensor, from: i64 },
+    Hook(HookFn),
 }
 
 impl Compiled {
-    /// Applies the value-level interventions at `point`.
-    pub fn apply(&self, point: HookPoint, mut value: Tensor) -> Result<Tensor> {
-        if let HookPoint::HeadOut(l) = point {
-            if let Some(hs) = self.heads.get(&l) {
-                // value [B, T, H, v]: zero the ablated heads
-                let idx = Tensor::f_from_slice(hs)?.f_to_device(value.device())?;
-                value = value.f_index_fill(2, &idx, 0.0)?;
-            }
-        }
-        if let HookPoint::CKv(l) = point {
-            if let Some(&r) = self.truncate.get(&l) {
-                value = project_top_directions(&value, r)?;
-            }
-        }
-        for (p, v) in &self.patches {
-            if *p == point {
-                if v.size() != value.size() {
-                    return Err(Error::Input(format!(
-                        "patch at {point}: the patch has shape {:?}, the activation {:?}",
-                        v.size(),
-                        value.size()
-                    )));
+    /// Whether any change applies at `point` (so a pass computes points that
+    /// cost extra, such as attention patterns, when they are changed).
+    pub fn touches(&self, point: HookPoint) -> bool {
+        self.ops.iter().any(|op| op.points.contains(&point))
+    }
+
+    /// Applies the value-level interventions at `ctx.point`, in list order.
+    pub fn apply(&self, ctx: &HookCtx, mut value: Tensor) -> Result<Tensor> {
+        let point = ctx.point;
+        for op in self.ops.iter().filter(|op| op.points.contains(&point)) {
+            value = match &op.action {
+                Action::AblateHeads(hs) => {
+                    let idx = Tensor::f_from_slice(hs)?.f_to_device(value.device())?;
+                    value.f_index_fill(2, &idx, 0.0)?
                 }
-                value = v.f_to_kind(value.kind())?.f_to_device(value.device())?;
-            }
+                Action::TruncateLatent(r) => project_top_directions(&value, *r)?,
+                Action::Patch(v) => {
+                    if v.size() != value.size() {
+                        return Err(Error::HookShape { point: point.to_string(), what: "the patch".into(), expected: value.size(), found: v.size() });
+                    }
+                    v.f_to_kind(value.kind())?.f_to_device(value.device())?
+                }
+                Action::AddVector { vector, from } => {
+                    let last = value.size().last().copied().unwrap_or(0);
+                    if vector.size() != [last] {
+                        return Err(Error::HookShape { point: point.to_string(), what: "the added vector".into(), expected: vec![last], found: vector.size() });
+                    }
+                    let v = vector.f_to_kind(value.kind())?.f_to_device(value.device())?;
+                    if ctx.positions.start >= *from {
+                        value.f_add(&v)?
+                    } else if ctx.positions.end <= *from {
+                        value
+                    } else {
+                        value.f_add(&v.f_mul(&ctx.from_position(&value, *from)?)?)?
+                    }
+                }
+                Action::Hook(f) => {
+                    let (size, kind, device) = (value.size(), value.kind(), value.device());
+                    let mut f = f.lock().map_err(|_| Error::Input(format!("the hook at {point} panicked in an earlier call; build the interventions again")))?;
+                    let out = (*f)(ctx, value)?;
+                    if out.size() != size {
+                        return Err(Error::HookShape { point: point.to_string(), what: "the hook's result".into(), expected: size, found: out.size() });
+                    }
+                    if out.kind() != kind {
+                        return Err(Error::HookDtype { point: point.to_string(), what: "the hook's result".into(), expected: format!("{kind:?}"), found: format!("{:?}", out.kind()) });
+                    }
+                    if out.device() != device { out.f_to_device(device)? } else { out }
+                }
+            };
         }
         Ok(value)
     }

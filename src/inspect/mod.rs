@@ -19,8 +19,10 @@ pub mod compare;
 pub mod corpus;
 pub mod display;
 pub mod export;
+pub mod generation;
 pub mod interventions;
 pub mod mla;
+pub mod points;
 pub mod routing;
 pub mod trace;
 
@@ -28,8 +30,10 @@ pub use activations::{histogram, massive_activations, ActivationReport, Histogra
 pub use capture::{ActStats, Capture};
 pub use compare::{compare, Comparison, PerplexityChange, RoutingChange};
 pub use export::{ToJson, ToTensors};
+pub use generation::TracedGeneration;
 pub use corpus::{BiasReplay, CorpusRun, CorpusProgress, Imbalance, RoutingStats};
-pub use interventions::{project_top_directions, Intervention, Interventions, Layers};
+pub use interventions::{project_top_directions, HookCtx, HookFn, Intervention, Interventions, Layers};
+pub use points::Points;
 pub use mla::{effective_rank, EffectiveRank, LatentSpectra, PathCheck, RankRow, RankSweep, ScoreSplit};
 pub use routing::{RouterStep, RoutingMap};
 pub use trace::{to_ndarray, Input, RoutingRecord, Trace};

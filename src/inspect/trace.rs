@@ -1,16 +1,16 @@
 //! `Model::trace`: one forward pass that returns a [`Trace`] holding what a
 //! [`Capture`] asked for, with [`Interventions`] applied.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::path::Path;
 
 use tch::{Device, Kind, Tensor};
 
 use super::capture::{ActStats, Capture};
-use super::interventions::{Compiled, Interventions};
+use super::interventions::{Compiled, HookCtx, Interventions};
 use crate::error::{Error, Result};
-use crate::model::{Config, ForwardOptions, HookPoint, Hooks, Model, RouterEdits, RouterOutput, RouterSettings};
+use crate::model::{Config, ForwardOptions, HookPoint, Hooks, Model, PassInfo, RouterEdits, RouterOutput, RouterSettings};
 
 /// What to run: text (needs the model's tokenizer), one sequence of ids, or
 /// a [B, T] batch.
@@ -128,22 +128,161 @@ pub struct Trace {
     pub cost: crate::model::ForwardCost,
 }
 
-/// The [`Hooks`] of a traced pass: applies interventions, records captures.
-struct Probe<'a> {
+/// The [`Hooks`] of a traced run: applies interventions, records captures.
+/// A run is one pass (a trace) or several over a growing cache (a
+/// generation); what each pass records is joined along the token axis at
+/// the end, so a generation's trace has the shapes of a trace of the whole
+/// sequence.
+pub(crate) struct Probe<'a> {
+    model: &'a Model,
     capture: &'a Capture,
     compiled: &'a Compiled,
-    patterns: Vec<Option<Tensor>>,
+    /// Points whose full tensors are kept.
+    keep: BTreeSet<HookPoint>,
+    /// Statistics are taken when the run ends, from the joined tensors,
+    /// instead of during each pass (a run of several passes).
+    joined_stats: bool,
+    info: PassInfo,
+    pass: usize,
+    patterns: Vec<Vec<Tensor>>,
     stats: BTreeMap<HookPoint, ActStats>,
-    tensors: BTreeMap<HookPoint, Tensor>,
+    stat_parts: BTreeMap<HookPoint, Vec<Tensor>>,
+    tensors: BTreeMap<HookPoint, Vec<Tensor>>,
+    logits: Vec<Tensor>,
+    routing: Vec<Vec<RoutingRecord>>,
+    cost: Option<crate::model::ForwardCost>,
+}
+
+impl<'a> Probe<'a> {
+    pub(crate) fn new(model: &'a Model, capture: &'a Capture, compiled: &'a Compiled, joined_stats: bool) -> Result<Probe<'a>> {
+        let n = model.layers.len();
+        Ok(Probe {
+            model,
+            capture,
+            compiled,
+            keep: capture.points(model)?,
+            joined_stats,
+            info: PassInfo::default(),
+            pass: 0,
+            patterns: (0..n).map(|_| Vec::new()).collect(),
+            stats: BTreeMap::new(),
+            stat_parts: BTreeMap::new(),
+            tensors: BTreeMap::new(),
+            logits: Vec::new(),
+            routing: (0..n).map(|_| Vec::new()).collect(),
+            cost: None,
+        })
+    }
+
+    /// Takes what a pass returned: its logits, routing and cost.
+    pub(crate) fn end_pass(&mut self, out: &crate::model::ForwardOutput) -> Result<()> {
+        let _guard = tch::no_grad_guard();
+        self.logits.push(out.logits.f_detach()?.f_to_kind(Kind::Float)?.f_to_device(Device::Cpu)?);
+        if self.capture.routing {
+            for (l, r) in out.routing.iter().enumerate() {
+                if let Some(r) = r {
+                    let rec = self.model.routing_record(l, r, self.compiled.edits.get(&l))?;
+                    self.routing[l].push(rec);
+                }
+            }
+        }
+        self.cost = Some(match &self.cost {
+            Some(c) => c.then(&out.cost),
+            None => out.cost.clone(),
+        });
+        self.pass += 1;
+        Ok(())
+    }
+
+    /// The trace of the run over `ids` (every token that went through the model).
+    pub(crate) fn finish(mut self, ids: Tensor, interventions: &Interventions) -> Result<Trace> {
+        let _guard = tch::no_grad_guard();
+        let total = ids.size()[1];
+        for (p, parts) in std::mem::take(&mut self.stat_parts) {
+            self.stats.insert(p, ActStats::of(&join(p, parts, total)?)?);
+        }
+        let patterns = std::mem::take(&mut self.patterns)
+            .into_iter()
+            .enumerate()
+            .map(|(l, parts)| if parts.is_empty() { Ok(None) } else { join(HookPoint::Pattern(l), parts, total).map(Some) })
+            .collect::<Result<Vec<_>>>()?;
+        let tensors = std::mem::take(&mut self.tensors).into_iter().map(|(p, parts)| Ok((p, join(p, parts, total)?))).collect::<Result<_>>()?;
+        let routing = std::mem::take(&mut self.routing).into_iter().map(|parts| join_routing(parts)).collect::<Result<Vec<_>>>()?;
+        let logits = Tensor::f_cat(&self.logits, 1)?;
+        let tokens = token_strings(self.model, &ids)?;
+        Ok(Trace {
+            logits,
+            ids,
+            tokens,
+            routing,
+            patterns,
+            stats: self.stats,
+            tensors,
+            config: self.model.config.clone(),
+            interventions: interventions.list.iter().map(|i| i.to_string()).collect(),
+            cost: self.cost.unwrap_or_default(),
+        })
+    }
+}
+
+/// The parts a run's passes recorded at `point`, joined along the token
+/// axis; attention patterns (`[B, H, t, S]`, S growing pass by pass) are
+/// padded with zeros on the right to the `total` keys first, which is where
+/// a causal pattern is zero anyway.
+fn join(point: HookPoint, mut parts: Vec<Tensor>, total: i64) -> Result<Tensor> {
+    if parts.len() == 1 {
+        return Ok(parts.remove(0));
+    }
+    if let HookPoint::Pattern(_) = point {
+        parts = parts
+            .into_iter()
+            .map(|p| {
+                let s = p.size()[3];
+                Ok(if s < total { p.f_constant_pad_nd([0, total - s])? } else { p })
+            })
+            .collect::<Result<_>>()?;
+    }
+    Ok(Tensor::f_cat(&parts, point.layout().time_dim())?)
+}
+
+/// One MoE layer's routing records, pass by pass, as one record.
+fn join_routing(mut parts: Vec<RoutingRecord>) -> Result<Option<RoutingRecord>> {
+    if parts.len() <= 1 {
+        return Ok(parts.pop());
+    }
+    let cat = |f: &dyn Fn(&RoutingRecord) -> &Tensor| -> Result<Tensor> { Ok(Tensor::f_cat(&parts.iter().map(f).collect::<Vec<_>>(), 0)?) };
+    let cat_opt = |f: &dyn Fn(&RoutingRecord) -> Option<&Tensor>| -> Result<Option<Tensor>> {
+        let ts: Option<Vec<&Tensor>> = parts.iter().map(f).collect();
+        Ok(match ts {
+            Some(ts) => Some(Tensor::f_cat(&ts, 0)?),
+            None => None,
+        })
+    };
+    let first = &parts[0];
+    Ok(Some(RoutingRecord {
+        layer: first.layer,
+        settings: first.settings.clone(),
+        logits: cat(&|r| &r.logits)?,
+        scores: cat(&|r| &r.scores)?,
+        choice: cat(&|r| &r.choice)?,
+        bias: first.bias.as_ref().map(|b| b.shallow_clone()),
+        group_scores: cat_opt(&|r| r.group_scores.as_ref())?,
+        chosen_groups: cat_opt(&|r| r.chosen_groups.as_ref())?,
+        topk_indices: cat(&|r| &r.topk_indices)?,
+        topk_weights: cat(&|r| &r.topk_weights)?,
+        topk_without_bias: cat_opt(&|r| r.topk_without_bias.as_ref())?,
+    }))
 }
 
 impl Hooks for Probe<'_> {
+    fn begin_pass(&mut self, info: PassInfo) {
+        self.info = info;
+    }
+
     fn wants(&self, point: HookPoint) -> bool {
         match point {
-            HookPoint::Pattern(_) => {
-                self.capture.patterns || self.capture.tensors.contains(&point) || self.compiled.patches.iter().any(|(p, _)| *p == point)
-            }
-            _ => self.capture.tensors.contains(&point),
+            HookPoint::Pattern(_) => self.capture.patterns || self.keep.contains(&point) || self.compiled.touches(point),
+            _ => self.keep.contains(&point),
         }
     }
 
@@ -152,19 +291,23 @@ impl Hooks for Probe<'_> {
     }
 
     fn visit(&mut self, point: HookPoint, value: Tensor) -> Result<Tensor> {
-        let value = self.compiled.apply(point, value)?;
+        let value = if self.compiled.touches(point) { self.compiled.apply(&HookCtx::new(point, self.info, self.pass), value)? } else { value };
         if self.capture.stats_at(point) {
-            self.stats.insert(point, ActStats::of(&value)?);
+            if self.joined_stats {
+                self.stat_parts.entry(point).or_default().push(value.f_detach()?.f_copy()?);
+            } else {
+                self.stats.insert(point, ActStats::of(&value)?);
+            }
         }
         if let HookPoint::Pattern(l) = point {
             if self.capture.patterns {
                 if let Some(slot) = self.patterns.get_mut(l) {
-                    *slot = Some(value.f_detach()?.f_to_device(Device::Cpu)?);
+                    slot.push(value.f_detach()?.f_to_device(Device::Cpu)?);
                 }
             }
         }
-        if self.capture.tensors.contains(&point) {
-            self.tensors.insert(point, value.f_detach()?.f_to_device(Device::Cpu)?.f_copy()?);
+        if self.keep.contains(&point) {
+            self.tensors.entry(point).or_default().push(value.f_detach()?.f_to_device(Device::Cpu)?.f_copy()?);
         }
         Ok(value)
     }
@@ -192,61 +335,13 @@ impl Model {
         let input = input.into();
         let ids = input.ids(self)?;
         let compiled = interventions.compile(self)?;
-        for p in &capture.tensors {
-            if let Some(l) = p.layer() {
-                if l >= self.layers.len() {
-                    return Err(Error::Input(format!("cannot capture {p}: the model has {} layers", self.layers.len())));
-                }
-                let moe = self.layers[l].moe();
-                if p.is_moe() && moe.is_none() {
-                    return Err(Error::Input(format!("cannot capture {p}: layer {l} is a dense layer")));
-                }
-                let never = match *p {
-                    HookPoint::QLatent(_) => self.config.q_lora_rank.is_none().then_some("the model has no q_lora_rank (queries come from q_proj)"),
-                    HookPoint::ChosenGroups(_) => moe
-                        .filter(|m| m.gate.settings.method == crate::model::TopkMethod::Greedy || m.gate.settings.n_group <= 1)
-                        .map(|_| "this router does not limit groups"),
-                    HookPoint::SharedOut(_) => moe.filter(|m| m.shared_experts.is_none()).map(|_| "the layer has no shared experts"),
-                    HookPoint::ExpertOut(_, e) => moe.filter(|m| e >= m.experts.len()).map(|_| "no such expert"),
-                    _ => None,
-                };
-                if let Some(why) = never {
-                    return Err(Error::Input(format!("cannot capture {p}: {why}")));
-                }
-            }
-        }
-        let mut probe = Probe {
-            capture,
-            compiled: &compiled,
-            patterns: (0..self.layers.len()).map(|_| None).collect(),
-            stats: BTreeMap::new(),
-            tensors: BTreeMap::new(),
-        };
+        let mut probe = Probe::new(self, capture, &compiled, false)?;
         let out = self.forward_hooked(&ids, None, ForwardOptions::default(), &mut probe)?;
-        let _guard = tch::no_grad_guard();
-        let mut routing = Vec::with_capacity(self.layers.len());
-        for (l, r) in out.routing.into_iter().enumerate() {
-            routing.push(match (r, capture.routing) {
-                (Some(r), true) => Some(self.routing_record(l, r, compiled.edits.get(&l))?),
-                _ => None,
-            });
-        }
-        let tokens = token_strings(self, &ids)?;
-        Ok(Trace {
-            logits: out.logits.f_to_kind(Kind::Float)?.f_to_device(Device::Cpu)?,
-            ids,
-            tokens,
-            routing,
-            patterns: probe.patterns,
-            stats: probe.stats,
-            tensors: probe.tensors,
-            config: self.config.clone(),
-            interventions: interventions.list.iter().map(|i| i.to_string()).collect(),
-            cost: out.cost,
-        })
+        probe.end_pass(&out)?;
+        probe.finish(ids, interventions)
     }
 
-    fn routing_record(&self, layer: usize, r: RouterOutput, edits: Option<&RouterEdits>) -> Result<RoutingRecord> {
+    fn routing_record(&self, layer: usize, r: &RouterOutput, edits: Option<&RouterEdits>) -> Result<RoutingRecord> {
         let gate = &self.layers[layer].moe().ok_or_else(|| Error::Input(format!("layer {layer} is dense")))?.gate;
         let settings = edits.and_then(|e| e.settings.clone()).unwrap_or_else(|| gate.settings.clone());
         let cpu = |t: &Tensor| -> Result<Tensor> { Ok(t.f_detach()?.f_to_device(Device::Cpu)?) };

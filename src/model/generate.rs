@@ -6,8 +6,9 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tch::{Kind, Tensor};
 
+use super::hooks::{Hooks, NoHooks};
 use super::mla::AttnImpl;
-use super::model::{ForwardOptions, Model};
+use super::model::{ForwardOptions, ForwardOutput, Model};
 use crate::error::{Error, Result};
 
 /// How the next token is picked from the logits.
@@ -64,10 +65,21 @@ pub struct Generation {
 impl Model {
     /// Generates after `prompt`. `on_token` sees each new token as it comes and
     /// returns `false` to stop.
-    pub fn generate(
+    pub fn generate(&self, prompt: &[i64], opts: &GenerateOptions, on_token: impl FnMut(i64) -> bool) -> Result<Generation> {
+        self.generate_hooked(prompt, opts, &mut NoHooks, |_, _| Ok(()), on_token)
+    }
+
+    /// [`generate`](Self::generate) with `hooks` observing or editing every
+    /// pass (the prompt's, then one per new token, over the cache);
+    /// `on_pass` gets the hooks back with each pass's output. What
+    /// `Model::generate_with` (interventions and a trace of the generation)
+    /// is built on.
+    pub fn generate_hooked<H: Hooks>(
         &self,
         prompt: &[i64],
         opts: &GenerateOptions,
+        hooks: &mut H,
+        mut on_pass: impl FnMut(&mut H, &ForwardOutput) -> Result<()>,
         mut on_token: impl FnMut(i64) -> bool,
     ) -> Result<Generation> {
         if prompt.is_empty() {
@@ -96,7 +108,8 @@ impl Model {
         let interrupt = crate::interrupt::Interrupt::new();
         for _ in 0..opts.max_new_tokens {
             interrupt.check()?;
-            let out = self.forward_with(&input, Some(&mut cache), fwd)?;
+            let out = self.forward_hooked(&input, Some(&mut cache), fwd, hooks)?;
+            on_pass(hooks, &out)?;
             let last = out.logits.f_select(1, -1)?.f_select(0, 0)?.f_to_kind(Kind::Float)?; // [V]
             let next = match (&opts.sampling, rng.as_mut()) {
                 (Sampling::TopP { temperature, top_p, .. }, Some(rng)) => sample_top_p(&last, *temperature, *top_p, rng)?,

@@ -9,7 +9,7 @@ use std::str::FromStr;
 
 use tch::Tensor;
 
-use super::moe::RouterEdits;
+use super::routing::RouterEdits;
 use crate::error::{Error, Result};
 
 /// A place in the forward pass. Layer-scoped points carry the layer index.
@@ -78,7 +78,19 @@ impl HookPoint {
 
     /// Points whose value can be read but not replaced (see [`Hooks::visit`]).
     pub fn is_read_only(&self) -> bool {
-        matches!(self, HookPoint::RouterLogits(_) | HookPoint::RouterScores(_) | HookPoint::ChosenGroups(_) | HookPoint::ExpertOut(..))
+        matches!(self, HookPoint::ChosenGroups(_) | HookPoint::ExpertOut(..))
+    }
+
+    /// Where the token positions run in this point's tensor.
+    pub fn layout(&self) -> Layout {
+        use HookPoint::*;
+        match self {
+            QPe(_) | Pattern(_) => Layout::BatchHeadTime,
+            RouterLogits(_) | RouterScores(_) | ChosenGroups(_) | TopkIndices(_) | TopkWeights(_) | ExpertOut(..) | SharedOut(_) => {
+                Layout::Rows
+            }
+            _ => Layout::BatchTime,
+        }
     }
 
     /// True for points that only exist in MoE layers.
@@ -89,6 +101,38 @@ impl HookPoint {
             RouterLogits(_) | RouterScores(_) | ChosenGroups(_) | TopkIndices(_) | TopkWeights(_) | ExpertOut(..) | SharedOut(_)
         )
     }
+}
+
+/// How a hook point's tensor is laid out over the batch and the positions of
+/// a pass (B sequences of T new tokens).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// `[B, T, ...]`: the residual stream, module outputs, latents, logits.
+    BatchTime,
+    /// `[B, H, T, ...]`: per-head queries and attention patterns.
+    BatchHeadTime,
+    /// `[N, ...]` with `N = B * T`, row `b * T + t`: the router and experts.
+    Rows,
+}
+
+impl Layout {
+    /// The dimension that runs over positions.
+    pub fn time_dim(self) -> i64 {
+        match self {
+            Layout::BatchTime => 1,
+            Layout::BatchHeadTime => 2,
+            Layout::Rows => 0,
+        }
+    }
+}
+
+/// What one forward pass covers: `batch` sequences of `tokens` new tokens
+/// that start at position `past` (the cached length; 0 without a cache).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PassInfo {
+    pub batch: i64,
+    pub past: i64,
+    pub tokens: i64,
 }
 
 impl fmt::Display for HookPoint {
@@ -175,11 +219,16 @@ impl FromStr for HookPoint {
 /// method has a do-nothing default, so an implementation overrides only what
 /// it needs.
 pub trait Hooks {
+    /// Called once before each forward pass, with what it covers.
+    fn begin_pass(&mut self, pass: PassInfo) {
+        let _ = pass;
+    }
+
     /// Called with the value at `point`; returns the value the forward pass
     /// continues with (the same tensor, or a replacement of the same shape).
-    /// Read-only points, whose returned value is ignored: `RouterLogits`,
-    /// `RouterScores`, `ChosenGroups` (the choice is made before they are
-    /// visited) and `ExpertOut` (only visited when wanted).
+    /// Read-only points, whose returned value is ignored: `ChosenGroups`
+    /// (the choice is made before it is visited) and `ExpertOut` (only
+    /// visited when wanted, after the experts' outputs are summed).
     fn visit(&mut self, point: HookPoint, value: Tensor) -> Result<Tensor> {
         let _ = point;
         Ok(value)

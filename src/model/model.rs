@@ -9,7 +9,7 @@ use tch::{Device, Kind, Tensor};
 use super::budget::{DeviceMap, MemoryBudget};
 use super::config::Config;
 use super::decoder::{DecoderLayer, FeedForward};
-use super::hooks::{HookPoint, Hooks, NoHooks};
+use super::hooks::{HookPoint, Hooks, NoHooks, PassInfo};
 use super::layout::weight_specs;
 use super::loader::{Checkpoint, Loader};
 use super::mla::{AttnImpl, LatentCache};
@@ -449,6 +449,7 @@ impl Model {
                 )));
             }
         }
+        hooks.begin_pass(PassInfo { batch: ids.size()[0], past, tokens: t });
         let mut angles_on: Vec<(Device, RopeAngles)> = vec![(self.device, self.rope.angles(past, t, self.kind)?)];
         let mut h = hooks.visit(HookPoint::Embed, self.embed_tokens.embedding(&ids)?)?;
         let mut routing = Vec::with_capacity(self.layers.len());
@@ -487,6 +488,47 @@ impl Model {
         }
         let cost = self.cost_since(started, &before, ids.numel() as u64);
         Ok(ForwardOutput { logits, routing, cost })
+    }
+
+    /// Why `point` does not exist in this model, or `None` when it does:
+    /// its layer is in range, an MoE point names an MoE layer, and the block
+    /// it names is there (`q_lora`, group-limited routing, shared experts,
+    /// the expert).
+    pub fn hook_point_problem(&self, point: HookPoint) -> Option<String> {
+        let l = point.layer()?;
+        if l >= self.layers.len() {
+            return Some(format!("layer {l} out of range (the model has {} layers)", self.layers.len()));
+        }
+        let moe = self.layers[l].moe();
+        if point.is_moe() && moe.is_none() {
+            return Some(format!("layer {l} is a dense layer (MoE layers: {:?})", self.config.moe_layers()));
+        }
+        let never = match point {
+            HookPoint::QLatent(_) => self.config.q_lora_rank.is_none().then_some("the model has no q_lora_rank (queries come from q_proj)"),
+            HookPoint::ChosenGroups(_) => moe
+                .filter(|m| m.gate.settings.method == super::config::TopkMethod::Greedy || m.gate.settings.n_group <= 1)
+                .map(|_| "this router does not limit groups"),
+            HookPoint::SharedOut(_) => moe.filter(|m| m.shared_experts.is_none()).map(|_| "the layer has no shared experts"),
+            HookPoint::ExpertOut(_, e) => moe.filter(|m| e >= m.experts.len()).map(|_| "no such expert"),
+            _ => None,
+        };
+        never.map(str::to_string)
+    }
+
+    /// Every hook point of this model, in the order a forward pass visits
+    /// them (per-expert outputs after the routing of their layer).
+    pub fn hook_points(&self) -> Vec<HookPoint> {
+        use HookPoint::*;
+        let mut all = vec![Embed];
+        for (l, layer) in self.layers.iter().enumerate() {
+            all.extend([ResidPre(l), AttnIn(l), QLatent(l), QPe(l), CKv(l), KPe(l), Pattern(l), HeadOut(l), AttnOut(l), ResidMid(l), MlpIn(l)]);
+            all.extend([RouterLogits(l), RouterScores(l), ChosenGroups(l), TopkIndices(l), TopkWeights(l)]);
+            all.extend((0..layer.moe().map_or(0, |m| m.experts.len())).map(|e| ExpertOut(l, e)));
+            all.extend([SharedOut(l), MlpOut(l), ResidPost(l)]);
+        }
+        all.extend([FinalNorm, Logits]);
+        all.retain(|p| self.hook_point_problem(*p).is_none());
+        all
     }
 
     /// The traffic counters of the model's streamer so far (zeros when every

@@ -15,6 +15,7 @@
 use tch::{Device, Kind, Tensor};
 
 use super::config::{Config, ScoringFunc, TopkMethod};
+use super::routing::{BiasEdit, RouterEdits, RouterInput, RouterSettings};
 use super::loader::Loader;
 use super::hooks::{HookPoint, Hooks, NoHooks};
 use super::nn::Linear;
@@ -86,33 +87,6 @@ impl Mlp {
     }
 }
 
-/// The router's settings, separate from its weights so a variant can be tried
-/// on the same weights.
-#[derive(Debug, Clone, PartialEq)]
-pub struct RouterSettings {
-    pub scoring: ScoringFunc,
-    pub method: TopkMethod,
-    pub top_k: i64,
-    pub n_group: i64,
-    pub topk_group: i64,
-    pub norm_topk_prob: bool,
-    pub routed_scaling_factor: f64,
-}
-
-impl RouterSettings {
-    pub fn from_config(cfg: &Config) -> RouterSettings {
-        RouterSettings {
-            scoring: cfg.scoring_func,
-            method: cfg.topk_method,
-            top_k: cfg.num_experts_per_tok as i64,
-            n_group: cfg.n_group as i64,
-            topk_group: cfg.topk_group as i64,
-            norm_topk_prob: cfg.norm_topk_prob,
-            routed_scaling_factor: cfg.routed_scaling_factor,
-        }
-    }
-}
-
 /// `mlp.gate`: a linear scorer [E, D] plus, for V3, `e_score_correction_bias`.
 #[derive(Debug)]
 pub struct Router {
@@ -143,80 +117,6 @@ pub struct RouterOutput {
     pub topk_indices: Tensor,
     /// Their weights [N, k] f32 (after normalisation and scaling).
     pub topk_weights: Tensor,
-}
-
-/// What happens to `e_score_correction_bias` in an edited router.
-#[derive(Debug, Default)]
-pub enum BiasEdit {
-    #[default]
-    Keep,
-    /// Route as if the bias were zero.
-    Zero,
-    /// Use this bias \[E\] instead.
-    Replace(Tensor),
-}
-
-impl Clone for BiasEdit {
-    fn clone(&self) -> Self {
-        match self {
-            BiasEdit::Keep => BiasEdit::Keep,
-            BiasEdit::Zero => BiasEdit::Zero,
-            BiasEdit::Replace(t) => BiasEdit::Replace(t.shallow_clone()),
-        }
-    }
-}
-
-/// Inputs a custom router sees.
-pub struct RouterInput<'a> {
-    /// Router input [N, D] (the MoE block's normalised input).
-    pub x: &'a Tensor,
-    /// `x W^T` [N, E] f32, from the checkpoint's gate.
-    pub logits: &'a Tensor,
-    /// The configured scores of those logits [N, E] f32.
-    pub scores: &'a Tensor,
-    pub settings: &'a RouterSettings,
-    pub layer: usize,
-}
-
-/// A user-written router: returns `(indices [N, k] i64, weights [N, k])`.
-/// Any `Fn(&RouterInput) -> Result<(Tensor, Tensor)>` is one.
-pub trait CustomRouter: Send + Sync {
-    fn route(&self, input: &RouterInput) -> Result<(Tensor, Tensor)>;
-}
-
-impl<F> CustomRouter for F
-where
-    F: Fn(&RouterInput) -> Result<(Tensor, Tensor)> + Send + Sync,
-{
-    fn route(&self, input: &RouterInput) -> Result<(Tensor, Tensor)> {
-        self(input)
-    }
-}
-
-/// Changes to one layer's router, applied for one forward pass.
-#[derive(Clone, Default)]
-pub struct RouterEdits {
-    /// Replacement settings (top-k, groups, scoring, normalisation, scale).
-    pub settings: Option<RouterSettings>,
-    pub bias: BiasEdit,
-    /// Experts that may never be chosen.
-    pub banned: Vec<i64>,
-    /// Experts chosen for every token.
-    pub forced: Vec<i64>,
-    /// Replaces the whole selection.
-    pub custom: Option<std::sync::Arc<dyn CustomRouter>>,
-}
-
-impl std::fmt::Debug for RouterEdits {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RouterEdits")
-            .field("settings", &self.settings)
-            .field("bias", &self.bias)
-            .field("banned", &self.banned)
-            .field("forced", &self.forced)
-            .field("custom", &self.custom.as_ref().map(|_| "<router>"))
-            .finish()
-    }
 }
 
 /// The result of choosing experts from scores.
@@ -255,10 +155,17 @@ impl Router {
 
     /// Routes `x` [N, D] with `edits` applied (layer is for messages).
     pub fn route_with(&self, x: &Tensor, edits: Option<&RouterEdits>, layer: usize) -> Result<RouterOutput> {
+        self.route_hooked(x, edits, &mut NoHooks, layer)
+    }
+
+    /// Routes `x` [N, D] with `edits` applied; `hooks` see (and may replace)
+    /// the logits and then the scores before the choice is made on them.
+    pub fn route_hooked(&self, x: &Tensor, edits: Option<&RouterEdits>, hooks: &mut dyn Hooks, layer: usize) -> Result<RouterOutput> {
         let st = edits.and_then(|e| e.settings.as_ref()).unwrap_or(&self.settings);
         let e = self.num_experts();
         let logits = x.f_to_kind(Kind::Float)?.f_linear(&self.weight, None::<Tensor>)?; // [N, E]
-        let scores = score(&logits, st.scoring)?;
+        let logits = hooks.visit(HookPoint::RouterLogits(layer), logits)?;
+        let scores = hooks.visit(HookPoint::RouterScores(layer), score(&logits, st.scoring)?)?;
         if let Some(custom) = edits.and_then(|e| e.custom.as_ref()) {
             let (idx, w) = custom.route(&RouterInput { x, logits: &logits, scores: &scores, settings: st, layer })?;
             let n = logits.size()[0];
@@ -478,11 +385,10 @@ impl Moe {
         let shape = x.size();
         let d = *shape.last().unwrap_or(&0);
         let flat = x.f_reshape([-1, d])?; // [N, D]
-        let mut routing = self.gate.route_with(&flat, hooks.router_edits(layer), layer)?;
-        // logits, scores and groups are read-only: the choice is already made
-        // (change routing through RouterEdits, or replace the top-k below)
-        let _ = hooks.visit(HookPoint::RouterLogits(layer), routing.logits.shallow_clone())?;
-        let _ = hooks.visit(HookPoint::RouterScores(layer), routing.scores.shallow_clone())?;
+        let edits = hooks.router_edits(layer).cloned();
+        let mut routing = self.gate.route_hooked(&flat, edits.as_ref(), hooks, layer)?;
+        // the kept groups are read-only: the choice is already made (change
+        // the scores above, or replace the top-k below)
         if let Some(g) = &routing.chosen_groups {
             let _ = hooks.visit(HookPoint::ChosenGroups(layer), g.shallow_clone())?;
         }

@@ -258,6 +258,19 @@ impl Traffic {
         }
     }
 
+    /// `self + later`: the traffic of two stretches of work together.
+    pub fn plus(&self, later: &Traffic) -> Traffic {
+        Traffic {
+            disk_bytes: self.disk_bytes + later.disk_bytes,
+            disk_reads: self.disk_reads + later.disk_reads,
+            host_to_device_bytes: self.host_to_device_bytes + later.host_to_device_bytes,
+            load_seconds: self.load_seconds + later.load_seconds,
+            expert_hits: self.expert_hits + later.expert_hits,
+            expert_misses: self.expert_misses + later.expert_misses,
+            expert_evictions: self.expert_evictions + later.expert_evictions,
+        }
+    }
+
     /// Hits / lookups (0 when there were none).
     pub fn hit_rate(&self) -> f64 {
         let n = self.expert_hits + self.expert_misses;
@@ -288,6 +301,18 @@ impl ForwardCost {
     /// Seconds not spent bringing weights in.
     pub fn compute_seconds(&self) -> f64 {
         (self.seconds - self.traffic.load_seconds).max(0.0)
+    }
+
+    /// The cost of this pass followed by `later` (tokens, time and traffic
+    /// added; memory as after `later`).
+    pub fn then(&self, later: &ForwardCost) -> ForwardCost {
+        ForwardCost {
+            tokens: self.tokens + later.tokens,
+            seconds: self.seconds + later.seconds,
+            traffic: self.traffic.plus(&later.traffic),
+            resident_bytes: later.resident_bytes,
+            cache_bytes: later.cache_bytes,
+        }
     }
 
     /// Bytes read from disk per token.
