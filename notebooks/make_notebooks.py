@@ -1092,7 +1092,8 @@ PROTOTYPING = [
     2. sweep top-k and read perplexity against compute;
     3. edit the router bias: zero it, replace it, exaggerate it;
     4. write a router in Rust: first DeepSeek-V3's own, then a variant;
-    5. compare every run in one table.
+    5. compare every run in one table;
+    6. steer a generation with a vector added to the residual stream, and check it against one pass.
 
     **How.** An `Interventions` value is a list of changes passed to one forward pass
     (`model.trace_with(input, &capture, &interventions)`); the model itself is never modified, so runs
@@ -1342,6 +1343,86 @@ PROTOTYPING = [
     runs
     '''),
     md(r'''
+    ## 6. Steering a generation
+
+    Interventions are not limited to one pass over a fixed text. `model.generate_with(prompt, &options,
+    &capture, &interventions)` applies them in every pass of a generation: the prompt's, then one pass
+    per new token over the compressed cache. It returns the new tokens and one `Trace` of every token the
+    model read, routing per generated token included.
+
+    Two kinds of intervention run *your* code or values at any hook point:
+
+    - `add_vector_from(point, &v, p)` adds `v` to the value at `point` from position `p` on (a steering
+      vector);
+    - `hook(point, |ctx, x| ...)` runs a closure on the value and continues with what it returns (same
+      shape and dtype, checked). `ctx` says the layer, the absolute positions of the pass
+      (`ctx.positions`) and which pass it is. `point` can be a `HookPoint`, a name, or a glob such as
+      `"blocks.*.mlp.hook_router_logits"`.
+
+    The steering vector here is the difference between the mean residual stream after the first MoE
+    layer on a passage of Genesis and on a few fortunes ("activation addition"). It is added from the
+    first generated position on, so the prompt is read unchanged.
+    '''),
+    code(r'''
+    let steer_point = HookPoint::ResidPost(layers[0]);
+    let mean_resid = |text: &str| -> Result<Tensor> {
+        let t = model.trace_with(text, &Capture::none().with(steer_point), &Interventions::new())?;
+        Ok(t.tensor(steer_point)?.mean_dim(&[0i64, 1][..], false, Kind::Float))
+    };
+    let genesis = "In the beginning God created the heaven and the earth. And the earth was without form, and void; \
+        and darkness was upon the face of the deep. And God said, Let there be light: and there was light.";
+    let fortunes = "You will be successful in your work. A new friend will bring you luck. \
+        Your talents will be recognized and suitably rewarded. Today is a good day to finish what you started.";
+    let direction: Tensor = mean_resid(genesis)? - mean_resid(fortunes)?;
+    let steer_prompt = "You will";
+    let prompt_len = model.encode(steer_prompt)?.len() as i64;
+    let gen_opts = GenerateOptions::greedy(&model, 24);
+    let plain_gen = model.generate_with(steer_prompt, &gen_opts, &Capture::routing_only(), &Interventions::new())?;
+    let steering = Interventions::new().add_vector_from(steer_point, &direction, prompt_len);
+    let steered_gen = model.generate_with(steer_prompt, &gen_opts, &Capture::routing_only(), &steering)?;
+    println!("direction: {} features, norm {:.2}; added from position {prompt_len}", direction.size()[0], direction.norm().double_value(&[]));
+    println!("plain:   {steer_prompt}{}", plain_gen.text.clone().unwrap_or_default());
+    println!("steered: {steer_prompt}{}", steered_gen.text.clone().unwrap_or_default());
+    let same = plain_gen.generation.tokens.iter().zip(&steered_gen.generation.tokens).take_while(|(a, b)| a == b).count();
+    println!("the two generations agree on their first {same} of {} new tokens", gen_opts.max_new_tokens);
+    '''),
+    md(r'''
+    The steered generation's trace colours each token it read by its top-1 expert in the last MoE layer,
+    prompt and generated tokens alike:
+    '''),
+    chart(r'''
+    steered_gen.trace.routing_strip(last)?
+    '''),
+    md(r'''
+    **Check.** Steering over the cache must give what the same steering gives in one pass over the whole
+    sequence the generation read. The cell runs that pass and compares logits and routing; it also
+    watches the passes with a hook that only records `ctx.positions`.
+    '''),
+    code(r'''
+    let read: Vec<i64> = Vec::<i64>::try_from(steered_gen.trace.ids.select(0, 0))?;
+    let one_pass = model.trace_with(read.clone(), &Capture::routing_only(), &steering)?;
+    let logit_diff = (&one_pass.logits - &steered_gen.trace.logits).abs().max().double_value(&[]);
+    let same_routing = layers.iter().all(|&l| match (one_pass.routing_of(l), steered_gen.trace.routing_of(l)) {
+        (Ok(a), Ok(b)) => a.topk_indices == b.topk_indices,
+        _ => false,
+    });
+    println!("{} tokens read; largest logit difference, cached passes vs one pass: {logit_diff:.1e}; same experts chosen: {same_routing}", read.len());
+    assert!(logit_diff < 1e-4 && same_routing);
+
+    let passes = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = passes.clone();
+    let watched = steering.clone().hook(steer_point, move |ctx, x| {
+        if let Ok(mut p) = log.lock() {
+            p.push(ctx.positions.clone());
+        }
+        Ok(x)
+    });
+    let _ = model.generate_with(steer_prompt, &GenerateOptions::greedy(&model, 4), &Capture::none(), &watched)?;
+    let seen: Vec<std::ops::Range<i64>> = passes.lock().map(|p| p.clone()).unwrap_or_default();
+    println!("positions of each pass: {seen:?}");
+    assert_eq!(seen.len(), 4);
+    '''),
+    md(r'''
     ## What to try next
 
     - The built-in `Interventions::new().groups(Layers::All, 1, 1)` also lifts the group limit: check
@@ -1350,6 +1431,9 @@ PROTOTYPING = [
     - Ban a whole group (`ban_experts(last, &[0, 1, 2, 3])`): its group score becomes $-\infty$, so the
       group is never kept; check `chosen_groups` in the `router_step` of a trace run with that ban.
     - Write a router with a capacity: no expert takes more than a fixed share of the tokens.
+    - Scale the steering vector (`&direction * 4.0`) or move it to another layer, and read where the two
+      generations part; hook `blocks.*.mlp.hook_router_logits` during a generation to nudge one expert
+      from a chosen position on (`ctx.from_position(&x, p)?`).
     - `Interventions::remove(i)` takes one change out of a stack; `patch(HookPoint::TopkWeights(l), &w)`
       replaces the weights while keeping the choice.
     '''),

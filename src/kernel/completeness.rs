@@ -5,6 +5,8 @@
 //! not match it, and *complete* otherwise. Magic (`%`) and evcxr command
 //! (`:`) cells are single lines and always complete.
 
+use super::messages::CompletenessStatus;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Completeness {
     Complete,
@@ -14,11 +16,11 @@ pub enum Completeness {
 }
 
 impl Completeness {
-    pub fn status(self) -> &'static str {
+    pub fn status(self) -> CompletenessStatus {
         match self {
-            Completeness::Complete => "complete",
-            Completeness::Incomplete { .. } => "incomplete",
-            Completeness::Invalid => "invalid",
+            Completeness::Complete => CompletenessStatus::Complete,
+            Completeness::Incomplete { .. } => CompletenessStatus::Incomplete,
+            Completeness::Invalid => CompletenessStatus::Invalid,
         }
     }
 

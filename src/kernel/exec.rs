@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 
 use super::cell;
 use super::cell_error::CellError;
-use super::messages::{ClearOutput, DisplayData, ErrorContent, Stream, UpdateDisplayData};
+use super::messages::{ClearOutput, DisplayData, ErrorContent, Stream, StreamName, UpdateDisplayData};
 use super::wire::Message;
 use crate::error::{Error, Result};
 
@@ -457,7 +457,7 @@ pub(crate) fn spawn_forwarder(
     is_stdout: bool,
 ) {
     std::thread::spawn(move || {
-        let name = if is_stdout { "stdout" } else { "stderr" };
+        let name = if is_stdout { StreamName::Stdout } else { StreamName::Stderr };
         loop {
             select! {
                 recv(lines) -> line => {
@@ -479,9 +479,9 @@ pub(crate) fn spawn_forwarder(
     });
 }
 
-fn forward(shared: &Shared, name: &'static str, batch: Vec<String>) {
+fn forward(shared: &Shared, name: StreamName, batch: Vec<String>) {
     let p = &shared.publisher;
-    if name == "stderr" {
+    if name == StreamName::Stderr {
         if let Ok(mut t) = shared.last_stderr.lock() {
             *t = Instant::now();
         }
@@ -493,12 +493,12 @@ fn forward(shared: &Shared, name: &'static str, batch: Vec<String>) {
         }
     };
     for line in batch {
-        if name == "stderr" && line == STDERR_END_MARKER {
+        if name == StreamName::Stderr && line == STDERR_END_MARKER {
             flush_text(&mut text);
             shared.stderr_ends.fetch_add(1, Ordering::SeqCst);
             continue;
         }
-        let message = if name == "stdout" { cell::parse_message(&line) } else { None };
+        let message = if name == StreamName::Stdout { cell::parse_message(&line) } else { None };
         let Some(m) = message else {
             text.push_str(&line);
             text.push('\n');

@@ -8,41 +8,8 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use super::wire::Message;
+use super::wire::{Header, Message};
 use crate::error::{Error, Result};
-
-pub const PROTOCOL_VERSION: &str = "5.3";
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Header {
-    pub msg_id: String,
-    #[serde(default)]
-    pub session: String,
-    #[serde(default)]
-    pub username: String,
-    #[serde(default)]
-    pub date: String,
-    pub msg_type: String,
-    #[serde(default = "default_version")]
-    pub version: String,
-}
-
-fn default_version() -> String {
-    PROTOCOL_VERSION.into()
-}
-
-impl Header {
-    pub fn new(msg_type: &str, session: &str) -> Header {
-        Header {
-            msg_id: uuid::Uuid::new_v4().to_string(),
-            session: session.to_string(),
-            username: "kernel".into(),
-            date: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
-            msg_type: msg_type.to_string(),
-            version: PROTOCOL_VERSION.into(),
-        }
-    }
-}
 
 /// A message body with a fixed wire name.
 pub trait Content: Serialize {
@@ -222,9 +189,45 @@ macro_rules! wire_name {
     )*};
 }
 
+/// `status` of a reply.
+#[derive(Serialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ReplyStatus {
+    Ok,
+    Error,
+    Aborted,
+}
+
+/// `execution_state` of a `status` broadcast.
+#[derive(Serialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ExecutionState {
+    Starting,
+    Busy,
+    Idle,
+}
+
+/// `name` of a `stream` broadcast.
+#[derive(Serialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum StreamName {
+    Stdout,
+    Stderr,
+}
+
+/// `status` of an `is_complete_reply`.
+#[derive(Serialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum CompletenessStatus {
+    Complete,
+    Incomplete,
+    Invalid,
+    Unknown,
+}
+
 #[derive(Serialize)]
 pub struct Status {
-    pub execution_state: &'static str,
+    pub execution_state: ExecutionState,
 }
 
 #[derive(Serialize)]
@@ -245,7 +248,7 @@ pub struct LanguageInfo {
 
 #[derive(Serialize)]
 pub struct KernelInfoReply {
-    pub status: &'static str,
+    pub status: ReplyStatus,
     pub protocol_version: &'static str,
     pub implementation: &'static str,
     pub implementation_version: &'static str,
@@ -263,7 +266,7 @@ pub struct ExecuteInput {
 
 #[derive(Serialize)]
 pub struct Stream {
-    pub name: &'static str,
+    pub name: StreamName,
     pub text: String,
 }
 
@@ -299,7 +302,7 @@ pub struct ErrorContent {
 
 #[derive(Serialize)]
 pub struct ExecuteReply {
-    pub status: &'static str,
+    pub status: ReplyStatus,
     pub execution_count: u32,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub user_expressions: Option<Value>,
@@ -310,7 +313,7 @@ pub struct ExecuteReply {
 
 #[derive(Serialize)]
 pub struct CompleteReply {
-    pub status: &'static str,
+    pub status: ReplyStatus,
     pub matches: Vec<String>,
     pub cursor_start: usize,
     pub cursor_end: usize,
@@ -319,7 +322,7 @@ pub struct CompleteReply {
 
 #[derive(Serialize)]
 pub struct InspectReply {
-    pub status: &'static str,
+    pub status: ReplyStatus,
     pub found: bool,
     pub data: Value,
     pub metadata: Value,
@@ -327,20 +330,20 @@ pub struct InspectReply {
 
 #[derive(Serialize)]
 pub struct IsCompleteReply {
-    pub status: &'static str,
+    pub status: CompletenessStatus,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub indent: Option<String>,
 }
 
 #[derive(Serialize)]
 pub struct HistoryReply {
-    pub status: &'static str,
+    pub status: ReplyStatus,
     pub history: Vec<Value>,
 }
 
 #[derive(Serialize)]
 pub struct CommInfoReply {
-    pub status: &'static str,
+    pub status: ReplyStatus,
     pub comms: Value,
 }
 
@@ -352,13 +355,13 @@ pub struct CommClose {
 
 #[derive(Serialize)]
 pub struct ShutdownReply {
-    pub status: &'static str,
+    pub status: ReplyStatus,
     pub restart: bool,
 }
 
 #[derive(Serialize)]
 pub struct InterruptReply {
-    pub status: &'static str,
+    pub status: ReplyStatus,
 }
 
 #[derive(Serialize)]
@@ -370,7 +373,7 @@ pub struct InputRequest {
 /// Reply to a request type the kernel does not know: status error.
 #[derive(Serialize)]
 pub struct UnknownReply {
-    pub status: &'static str,
+    pub status: ReplyStatus,
     pub ename: String,
     pub evalue: String,
     pub traceback: Vec<String>,
@@ -408,5 +411,144 @@ pub fn reply_type(request_type: &str) -> String {
     match request_type.strip_suffix("_request") {
         Some(stem) => format!("{stem}_reply"),
         None => format!("{request_type}_reply"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernel::connection::Signer;
+    use crate::kernel::wire::DELIMITER;
+    use bytes::Bytes;
+    use rand::{Rng, SeedableRng};
+
+    fn request(signer: &Signer) -> Vec<Bytes> {
+        let header = Header::new("execute_request", "client");
+        let msg = Message {
+            identities: vec![Bytes::from_static(b"peer-1")],
+            header,
+            parent_header: serde_json::json!({}),
+            metadata: serde_json::json!({}),
+            content: serde_json::json!({"code": "1 + 1", "silent": false}),
+            buffers: vec![Bytes::from_static(b"raw")],
+        };
+        msg.encode(signer)
+    }
+
+    #[test]
+    fn round_trip_keeps_identities_content_and_buffers() {
+        let signer = Signer::new("secret");
+        let frames = request(&signer);
+        let m = Message::decode(frames, &signer).unwrap();
+        assert_eq!(m.identities, vec![Bytes::from_static(b"peer-1")]);
+        assert_eq!(m.header.msg_type, "execute_request");
+        assert_eq!(m.buffers, vec![Bytes::from_static(b"raw")]);
+        let Request::Execute(e) = Request::parse(&m).unwrap() else { panic!("not an execute request") };
+        assert_eq!(e.code, "1 + 1");
+        assert!(e.store_history && e.stop_on_error, "spec defaults");
+    }
+
+    #[test]
+    fn signature_is_hex_hmac_sha256_of_the_four_frames() {
+        // RFC 4231 test case 2: key "Jefe", data "what do ya want for nothing?".
+        let s = Signer::new("Jefe");
+        let sig = s.sign([b"what do ya ", b"want ", b"for nothing", b"?"]);
+        assert_eq!(sig, "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843");
+    }
+
+    #[test]
+    fn wrong_key_missing_signature_and_tampering_are_rejected() {
+        let good = Signer::new("secret");
+        let frames = request(&Signer::new("other"));
+        let err = Message::decode(frames, &good).unwrap_err().to_string();
+        assert!(err.contains("signature does not match"), "{err}");
+
+        let frames = request(&Signer::new(""));
+        let err = Message::decode(frames, &good).unwrap_err().to_string();
+        assert!(err.contains("unsigned"), "{err}");
+
+        let mut frames = request(&good);
+        let content = frames.len() - 2; // [.., content, buffer]
+        frames[content] = Bytes::from_static(br#"{"code": "std::process::exit(1)"}"#);
+        assert!(Message::decode(frames, &good).is_err());
+
+        // Signing off (empty key): anything well-formed is accepted.
+        assert!(Message::decode(request(&Signer::new("x")), &Signer::new("")).is_ok());
+    }
+
+    #[test]
+    fn malformed_frames_name_the_problem() {
+        let s = Signer::new("");
+        let err = Message::decode(vec![Bytes::from_static(b"x")], &s).unwrap_err().to_string();
+        assert!(err.contains("delimiter"), "{err}");
+        let short = vec![Bytes::from_static(DELIMITER), Bytes::new(), Bytes::from_static(b"{}")];
+        assert!(Message::decode(short, &s).unwrap_err().to_string().contains("frames after the delimiter"));
+        let bad_json: Vec<Bytes> = [DELIMITER, b"", b"{not json", b"{}", b"{}", b"{}"].iter().map(|b| Bytes::copy_from_slice(b)).collect();
+        assert!(Message::decode(bad_json, &s).unwrap_err().to_string().contains("header frame"));
+        let no_type: Vec<Bytes> = [DELIMITER, b"", br#"{"msg_id": "1"}"#, b"{}", b"{}", b"{}"].iter().map(|b| Bytes::copy_from_slice(b)).collect();
+        assert!(Message::decode(no_type, &s).unwrap_err().to_string().contains("msg_type"));
+    }
+
+    #[test]
+    fn content_of_the_wrong_shape_is_an_error_not_a_panic() {
+        let s = Signer::new("k");
+        let mut m = Message::decode(request(&s), &s).unwrap();
+        m.content = serde_json::json!({"code": 5});
+        assert!(Request::parse(&m).unwrap_err().to_string().contains("execute_request content"));
+        m.header.msg_type = "no_such_request".into();
+        assert!(matches!(Request::parse(&m), Ok(Request::Unknown(t)) if t == "no_such_request"));
+    }
+
+    #[test]
+    fn replies_carry_the_parent_header_and_identities() {
+        let s = Signer::new("k");
+        let m = Message::decode(request(&s), &s).unwrap();
+        let r = m.reply("kernel-session", &Status { execution_state: ExecutionState::Busy });
+        assert_eq!(r.identities, m.identities);
+        assert_eq!(r.parent_header["msg_id"], serde_json::json!(m.header.msg_id));
+        assert_eq!(r.header.msg_type, "status");
+        assert_eq!(r.header.version, "5.3");
+        let c = m.child("kernel-session", &Status { execution_state: ExecutionState::Idle });
+        assert!(c.identities.is_empty());
+        assert!(Message::decode(r.encode(&s), &s).is_ok(), "what we send verifies");
+    }
+
+    /// Property test: no byte input makes decoding panic, with or without a key.
+    #[test]
+    fn random_frames_never_panic() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let valid = request(&Signer::new("k"));
+        for signer in [Signer::new(""), Signer::new("k")] {
+            for _ in 0..3000 {
+                let mut frames: Vec<Bytes> = Vec::new();
+                let n = rng.random_range(0..9);
+                for _ in 0..n {
+                    let choice = rng.random_range(0..4);
+                    let frame = match choice {
+                        0 => Bytes::from_static(DELIMITER),
+                        1 => valid[rng.random_range(0..valid.len())].clone(),
+                        _ => {
+                            let len = rng.random_range(0..64);
+                            Bytes::from((0..len).map(|_| rng.random::<u8>()).collect::<Vec<u8>>())
+                        }
+                    };
+                    frames.push(frame);
+                }
+                // Flip bytes of a valid message too.
+                if rng.random_bool(0.3) {
+                    frames = valid.clone();
+                    let i = rng.random_range(0..frames.len());
+                    let mut f = frames[i].to_vec();
+                    if !f.is_empty() {
+                        let j = rng.random_range(0..f.len());
+                        f[j] ^= rng.random::<u8>() | 1;
+                    }
+                    frames[i] = Bytes::from(f);
+                }
+                if let Ok(m) = Message::decode(frames, &signer) {
+                    let _ = Request::parse(&m);
+                }
+            }
+        }
     }
 }

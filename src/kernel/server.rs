@@ -19,7 +19,7 @@ use super::exec::{self, CellOutcome, Publisher, Shared, Worker};
 use super::history::History;
 use super::magics::{self, Magic, Need};
 use super::messages::*;
-use super::wire::Message;
+use super::wire::{Message, PROTOCOL_VERSION};
 use crate::error::{Error, Result};
 
 pub struct KernelOptions {
@@ -105,7 +105,7 @@ impl Kernel {
         self.shared.publisher.publish(parent, c);
     }
 
-    fn status(&self, parent: &Message, state: &'static str) {
+    fn status(&self, parent: &Message, state: ExecutionState) {
         self.publish(parent, &Status { execution_state: state });
     }
 }
@@ -169,7 +169,7 @@ async fn serve(info: ConnectionInfo, rust_version: String) -> Result<()> {
         last_stderr: Mutex::new(Instant::now()),
         stderr_ends: AtomicU64::new(0),
     });
-    let _ = iopub_tx.send(Message::orphan(&session, &Status { execution_state: "starting" }));
+    let _ = iopub_tx.send(Message::orphan(&session, &Status { execution_state: ExecutionState::Starting }));
 
     // stdin: input requests go out through the send half; replies come back
     // to the worker, which is blocked inside the cell waiting for them.
@@ -257,7 +257,7 @@ async fn serve(info: ConnectionInfo, rust_version: String) -> Result<()> {
                 }
             },
         };
-        kernel.status(&msg, "busy");
+        kernel.status(&msg, ExecutionState::Busy);
         let (reply, failed_execute) = kernel.handle_shell(&msg).await;
         // stop_on_error: the execute requests that were already queued when
         // the cell failed are aborted. They are collected before the error
@@ -279,24 +279,24 @@ async fn serve(info: ConnectionInfo, rust_version: String) -> Result<()> {
                 let _ = shell_send.send(z).await;
             }
         }
-        kernel.status(&msg, "idle");
+        kernel.status(&msg, ExecutionState::Idle);
         if kernel.shutdown_requested {
             shutdown(&kernel.shared).await;
         }
         for m in aborted {
-            kernel.status(&m, "busy");
-            let r = m.reply(&kernel.session, &AbortedReply { status: "aborted", execution_count: kernel.execution_count });
+            kernel.status(&m, ExecutionState::Busy);
+            let r = m.reply(&kernel.session, &AbortedReply { status: ReplyStatus::Aborted, execution_count: kernel.execution_count });
             if let Some(z) = to_zmq(r.encode(&kernel.signer)) {
                 let _ = shell_send.send(z).await;
             }
-            kernel.status(&m, "idle");
+            kernel.status(&m, ExecutionState::Idle);
         }
     }
 }
 
 #[derive(serde::Serialize)]
 struct AbortedReply {
-    status: &'static str,
+    status: ReplyStatus,
     execution_count: u32,
 }
 impl Content for AbortedReply {
@@ -305,7 +305,7 @@ impl Content for AbortedReply {
 
 fn kernel_info(rust_version: &str) -> KernelInfoReply {
     KernelInfoReply {
-        status: "ok",
+        status: ReplyStatus::Ok,
         protocol_version: PROTOCOL_VERSION,
         implementation: "deepscope",
         implementation_version: env!("CARGO_PKG_VERSION"),
@@ -340,18 +340,18 @@ struct ControlState {
 impl ControlState {
     async fn handle(&self, msg: &Message, send: &tokio::sync::Mutex<zeromq::RouterSendHalf>) {
         let p = &self.shared.publisher;
-        p.publish(msg, &Status { execution_state: "busy" });
+        p.publish(msg, &Status { execution_state: ExecutionState::Busy });
         let reply = match Request::parse(msg) {
             Ok(Request::Interrupt) => {
                 self.interrupt();
-                Some(msg.reply(&self.session, &InterruptReply { status: "ok" }))
+                Some(msg.reply(&self.session, &InterruptReply { status: ReplyStatus::Ok }))
             }
             Ok(Request::Shutdown(r)) => {
-                let reply = msg.reply(&self.session, &ShutdownReply { status: "ok", restart: r.restart });
+                let reply = msg.reply(&self.session, &ShutdownReply { status: ReplyStatus::Ok, restart: r.restart });
                 if let Some(z) = to_zmq(reply.encode(&self.signer)) {
                     let _ = send.lock().await.send(z).await;
                 }
-                p.publish(msg, &Status { execution_state: "idle" });
+                p.publish(msg, &Status { execution_state: ExecutionState::Idle });
                 shutdown(&self.shared).await
             }
             Ok(Request::KernelInfo) => Some(msg.reply(&self.session, &kernel_info(&self.rust_version))),
@@ -363,7 +363,7 @@ impl ControlState {
                 let _ = send.lock().await.send(z).await;
             }
         }
-        p.publish(msg, &Status { execution_state: "idle" });
+        p.publish(msg, &Status { execution_state: ExecutionState::Idle });
     }
 
     /// SIGINT to the runner; if the cell is still running 3 s later, the
@@ -402,7 +402,7 @@ fn unknown_reply(msg: &Message, session: &str, what: &str) -> Message {
     let mut r = msg.reply(
         session,
         &UnknownReply {
-            status: "error",
+            status: ReplyStatus::Error,
             ename: "UnsupportedRequest".into(),
             evalue: format!("the DeepScope kernel does not handle {what}"),
             traceback: vec![],
@@ -434,8 +434,8 @@ impl Kernel {
                 let c = completeness::check(&r.code);
                 (Some(msg.reply(&s, &IsCompleteReply { status: c.status(), indent: c.indent() })), false)
             }
-            Request::History(r) => (Some(msg.reply(&s, &HistoryReply { status: "ok", history: self.history.query(&r) })), false),
-            Request::CommInfo(_) => (Some(msg.reply(&s, &CommInfoReply { status: "ok", comms: json!({}) })), false),
+            Request::History(r) => (Some(msg.reply(&s, &HistoryReply { status: ReplyStatus::Ok, history: self.history.query(&r) })), false),
+            Request::CommInfo(_) => (Some(msg.reply(&s, &CommInfoReply { status: ReplyStatus::Ok, comms: json!({}) })), false),
             Request::CommOpen(c) => {
                 // No comm targets: close it again, as the spec asks.
                 self.publish(msg, &CommClose { comm_id: c.comm_id, data: json!({}) });
@@ -443,18 +443,18 @@ impl Kernel {
             }
             Request::CommMsg(_) | Request::CommClose(_) => (None, false),
             Request::Complete(r) => {
-                let fallback = CompleteReply { status: "ok", matches: vec![], cursor_start: r.cursor_pos, cursor_end: r.cursor_pos, metadata: json!({}) };
+                let fallback = CompleteReply { status: ReplyStatus::Ok, matches: vec![], cursor_start: r.cursor_pos, cursor_end: r.cursor_pos, metadata: json!({}) };
                 let reply = self.ask(|done| Job::Complete { code: r.code, cursor: r.cursor_pos, done }, fallback).await;
                 (Some(msg.reply(&s, &reply)), false)
             }
             Request::Inspect(r) => {
-                let fallback = InspectReply { status: "ok", found: false, data: json!({}), metadata: json!({}) };
+                let fallback = InspectReply { status: ReplyStatus::Ok, found: false, data: json!({}), metadata: json!({}) };
                 let reply = self.ask(|done| Job::Inspect { code: r.code, cursor: r.cursor_pos, done }, fallback).await;
                 (Some(msg.reply(&s, &reply)), false)
             }
             Request::Shutdown(r) => {
                 self.shutdown_requested = true;
-                (Some(msg.reply(&s, &ShutdownReply { status: "ok", restart: r.restart })), false)
+                (Some(msg.reply(&s, &ShutdownReply { status: ReplyStatus::Ok, restart: r.restart })), false)
             }
             Request::Interrupt | Request::InputReply(_) | Request::Unknown(_) => {
                 (Some(unknown_reply(msg, &s, &format!("`{}` on the shell channel", msg.header.msg_type))), false)
@@ -478,7 +478,7 @@ impl Kernel {
             Err(e) => magic_error(e),
             Ok(Some(Magic::Text(text))) => {
                 if !r.silent {
-                    self.publish(msg, &Stream { name: "stdout", text: format!("{text}\n") });
+                    self.publish(msg, &Stream { name: StreamName::Stdout, text: format!("{text}\n") });
                 }
                 CellOutcome { result: Value::Null, error: None }
             }
@@ -490,7 +490,7 @@ impl Kernel {
             if !r.silent {
                 self.publish(msg, &ErrorBroadcast(err.clone()));
             }
-            let reply = ExecuteReply { status: "error", execution_count: count, user_expressions: None, error: Some(err.clone()), payload: vec![] };
+            let reply = ExecuteReply { status: ReplyStatus::Error, execution_count: count, user_expressions: None, error: Some(err.clone()), payload: vec![] };
             return (msg.reply(&s, &reply), r.stop_on_error);
         }
         if !outcome.result.is_null() && !r.silent {
@@ -514,7 +514,7 @@ impl Kernel {
             user_expressions.insert(name.clone(), v);
         }
         let reply = ExecuteReply {
-            status: "ok",
+            status: ReplyStatus::Ok,
             execution_count: count,
             user_expressions: Some(Value::Object(user_expressions)),
             error: None,
@@ -634,13 +634,13 @@ fn spawn_worker(
                     let pos = byte_offset(&code, cursor);
                     let reply = match worker.ctx.completions(&code, pos) {
                         Ok(c) => CompleteReply {
-                            status: "ok",
+                            status: ReplyStatus::Ok,
                             matches: c.completions.iter().map(|m| m.code.clone()).collect(),
                             cursor_start: char_offset(&code, c.start_offset),
                             cursor_end: char_offset(&code, c.end_offset),
                             metadata: json!({}),
                         },
-                        Err(_) => CompleteReply { status: "ok", matches: vec![], cursor_start: cursor, cursor_end: cursor, metadata: json!({}) },
+                        Err(_) => CompleteReply { status: ReplyStatus::Ok, matches: vec![], cursor_start: cursor, cursor_end: cursor, metadata: json!({}) },
                     };
                     let _ = done.send(reply);
                 }
@@ -655,12 +655,12 @@ fn spawn_worker(
                     }
                     let reply = match worker.ctx.hover_at(&code, end) {
                         Ok((plain, html)) if !plain.trim().is_empty() => InspectReply {
-                            status: "ok",
+                            status: ReplyStatus::Ok,
                             found: true,
                             data: json!({ "text/plain": plain, "text/html": html }),
                             metadata: json!({}),
                         },
-                        _ => InspectReply { status: "ok", found: false, data: json!({}), metadata: json!({}) },
+                        _ => InspectReply { status: ReplyStatus::Ok, found: false, data: json!({}), metadata: json!({}) },
                     };
                     let _ = done.send(reply);
                 }
