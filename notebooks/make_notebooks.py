@@ -1364,16 +1364,17 @@ PROTOTYPING = [
     first generated position on, so the prompt is read unchanged.
     '''),
     code(r'''
+    /// The mean of the value at `point` over the tokens of `text` [D].
+    fn mean_at(model: &Model, point: HookPoint, text: &str) -> Result<Tensor> {
+        let t = model.trace_with(text, &Capture::none().with(point), &Interventions::new())?;
+        Ok(t.tensor(point)?.mean_dim(&[0i64, 1][..], false, Kind::Float))
+    }
     let steer_point = HookPoint::ResidPost(layers[0]);
-    let mean_resid = |text: &str| -> Result<Tensor> {
-        let t = model.trace_with(text, &Capture::none().with(steer_point), &Interventions::new())?;
-        Ok(t.tensor(steer_point)?.mean_dim(&[0i64, 1][..], false, Kind::Float))
-    };
     let genesis = "In the beginning God created the heaven and the earth. And the earth was without form, and void; \
         and darkness was upon the face of the deep. And God said, Let there be light: and there was light.";
     let fortunes = "You will be successful in your work. A new friend will bring you luck. \
         Your talents will be recognized and suitably rewarded. Today is a good day to finish what you started.";
-    let direction: Tensor = mean_resid(genesis)? - mean_resid(fortunes)?;
+    let direction: Tensor = mean_at(&model, steer_point, genesis)? - mean_at(&model, steer_point, fortunes)?;
     let steer_prompt = "You will";
     let prompt_len = model.encode(steer_prompt)?.len() as i64;
     let gen_opts = GenerateOptions::greedy(&model, 24);
@@ -1390,7 +1391,7 @@ PROTOTYPING = [
     The steered generation's trace colours each token it read by its top-1 expert in the last MoE layer,
     prompt and generated tokens alike:
     '''),
-    chart(r'''
+    code(r'''
     steered_gen.trace.routing_strip(last)?
     '''),
     md(r'''

@@ -387,6 +387,37 @@ def test_question_mark_errors_are_error_replies_that_keep_earlier_values(kernel)
     assert execute_ok(kc, "before").result() == "41"
 
 
+def test_hooks_written_in_cells_run_in_the_pass_and_their_errors_are_error_replies(kernel):
+    km, kc = kernel
+    execute_ok(kc, "let hm = Model::load_default()?;")
+    # a closure kept in a variable across cells, with state, run at every layer a glob chooses
+    execute_ok(kc, "let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));\n"
+                   "let log = seen.clone();\n"
+                   'let halve = Interventions::new().hook("blocks.*.attn.hook_c_kv", move |ctx, x| {\n'
+                   "    if let Ok(mut s) = log.lock() { s.push(ctx.point.to_string()); }\n"
+                   "    Ok(x * 0.5)\n"
+                   "});")
+    run = execute_ok(kc, 'let ht = hm.trace_with("In the beginning", &Capture::default(), &halve)?;\n'
+                         'println!("{:?}", seen.lock().map(|s| s.clone()).unwrap_or_default());')
+    layers = int(execute_ok(kc, "hm.config.num_hidden_layers").result())
+    assert all(f"blocks.{l}.attn.hook_c_kv" in run.stdout() for l in range(layers)), run.describe()
+    base = execute_ok(kc, 'let hb = hm.trace("In the beginning")?;\ncompare(&hb, &ht)?.mean_kl > 0.0').result()
+    assert base == "true"
+    # a hook that returns the wrong shape: an error reply that names the point; the model stays
+    err = error_of(execute(kc, 'hm.trace_with("In the beginning", &Capture::default(), '
+                               '&Interventions::new().hook("blocks.1.hook_resid_post", |_c, x| Ok(x.narrow(1, 0, 1))))?'))
+    assert err["ename"] == "HookShape" and "blocks.1.hook_resid_post" in err["evalue"] and "expected" in err["evalue"], err
+    err = error_of(execute(kc, 'hm.trace_with("x", &Capture::default(), &Interventions::new().hook("blocks.*.hook_nothing", |_c, x| Ok(x)))?'))
+    assert err["ename"] == "Input" and "matches no hook point" in err["evalue"], err
+    # steering a generation is one call; its display says what was generated
+    run = execute_ok(kc, "let v = Tensor::ones([hm.config.hidden_size as i64], (Kind::Float, Device::Cpu));\n"
+                         'let g = hm.generate_with("In the beginning", &GenerateOptions::greedy(&hm, 5), &Capture::routing_only(), '
+                         '&Interventions::new().add_vector_from("blocks.1.hook_resid_post", &v, 4))?;\ng')
+    assert "new tokens after a" in run.result(), run.describe()
+    assert "text/html" in run.of_type("execute_result")[0]["content"]["data"], run.describe()
+    assert execute_ok(kc, "ht.seq_len() > 1").result() == "true"
+
+
 def test_an_error_through_question_mark_stops_the_queued_cells(kernel):
     km, kc = kernel
     failing = kc.execute('Err::<(), _>("stop here")?;', allow_stdin=False, stop_on_error=True)
