@@ -94,6 +94,16 @@ pub enum Error {
     #[error("invalid input: {0}")]
     Input(String),
 
+    /// A layer, expert, head or position beyond what the model or trace has.
+    #[error("{context}{kind} {index} out of range (there are {len} {kind}s)")]
+    OutOfRange {
+        kind: IndexKind,
+        index: i64,
+        len: i64,
+        /// What was being done, ending in ": " (or empty).
+        context: String,
+    },
+
     #[error("token id {id} at position {position} is out of range: the vocabulary has {vocab_size} tokens")]
     TokenOutOfRange {
         id: i64,
@@ -120,7 +130,50 @@ pub enum Error {
     Torch(#[from] tch::TchError),
 }
 
+/// What an [`Error::OutOfRange`] index counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IndexKind {
+    Layer,
+    Expert,
+    Head,
+    Position,
+}
+
+impl std::fmt::Display for IndexKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            IndexKind::Layer => "layer",
+            IndexKind::Expert => "expert",
+            IndexKind::Head => "head",
+            IndexKind::Position => "position",
+        })
+    }
+}
+
 impl Error {
+    /// `index` is not below `len`.
+    pub fn out_of_range(kind: IndexKind, index: impl TryInto<i64>, len: impl TryInto<i64>) -> Error {
+        Error::OutOfRange { kind, index: index.try_into().unwrap_or(i64::MAX), len: len.try_into().unwrap_or(i64::MAX), context: String::new() }
+    }
+
+    /// Checks `index < len`.
+    pub fn check_index(kind: IndexKind, index: usize, len: usize) -> Result<()> {
+        if index < len {
+            Ok(())
+        } else {
+            Err(Error::out_of_range(kind, index, len))
+        }
+    }
+
+    /// The same error with `what` (e.g. an intervention) named in front.
+    pub fn in_context(self, what: impl std::fmt::Display) -> Error {
+        match self {
+            Error::Input(m) => Error::Input(format!("{what}: {m}")),
+            Error::OutOfRange { kind, index, len, context } => Error::OutOfRange { kind, index, len, context: format!("{what}: {context}") },
+            other => other,
+        }
+    }
+
     /// The variant's name (`"Input"`, `"MissingTensor"`, ...): what the
     /// kernel reports as a failed cell's `ename`.
     pub fn variant(&self) -> &'static str {
@@ -139,6 +192,7 @@ impl Error {
             Error::HookDtype { .. } => "HookDtype",
             Error::Tokenizer { .. } => "Tokenizer",
             Error::Input(_) => "Input",
+            Error::OutOfRange { .. } => "OutOfRange",
             Error::TokenOutOfRange { .. } => "TokenOutOfRange",
             Error::Device(..) => "Device",
             Error::Interrupted => "Interrupted",

@@ -20,14 +20,14 @@ pub mod plot;
 pub mod stats;
 pub mod train;
 
-pub use error::{Error, Result};
+pub use error::{Error, IndexKind, Result};
 pub use ndarray;
 pub use plotters;
 pub use tch;
 
 /// The names a notebook or script usually needs.
 pub mod prelude {
-    pub use crate::error::{Error, Result};
+    pub use crate::error::{Error, IndexKind, Result};
     pub use crate::inspect::{
         compare, Capture, CorpusRun, HookCtx, Intervention, Interventions, Layers, Points, RoutingStats, ToJson, ToTensors, Trace,
         TracedGeneration,

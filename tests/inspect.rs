@@ -310,6 +310,16 @@ fn bad_input_is_refused_with_a_clear_error() {
     assert!(t.router_step(0, 0).unwrap_err().to_string().contains("dense layer"));
     assert!(t.router_step(7, 0).unwrap_err().to_string().contains("out of range"));
     assert!(t.router_step(1, 99).unwrap_err().to_string().contains("out of range"));
+    // out-of-range indices are a variant callers can match, naming what and how many
+    use deepscope::{Error, IndexKind};
+    let err = |iv: Interventions| m.trace_with(x.clone(), &Capture::default(), &iv).unwrap_err();
+    assert!(matches!(t.router_step(7, 0).unwrap_err(), Error::OutOfRange { kind: IndexKind::Layer, index: 7, len: 3, .. }));
+    assert!(matches!(t.router_step(1, 99).unwrap_err(), Error::OutOfRange { kind: IndexKind::Position, index: 99, len: 6, .. }));
+    assert!(matches!(err(Interventions::new().ban_experts(1, &[8])), Error::OutOfRange { kind: IndexKind::Expert, index: 8, len: 8, .. }));
+    assert!(matches!(err(Interventions::new().ablate_heads(1, &[99])), Error::OutOfRange { kind: IndexKind::Head, index: 99, .. }));
+    assert!(matches!(err(Interventions::new().hook("blocks.7.hook_resid_post", |_c, v| Ok(v))), Error::OutOfRange { kind: IndexKind::Layer, index: 7, .. }));
+    assert!(matches!(err(Interventions::new().patch(HookPoint::ResidMid(1), &wrong)), Error::HookShape { .. }));
+    assert!(m.latent_spectra(9).is_err_and(|e| matches!(e, Error::OutOfRange { kind: IndexKind::Layer, .. })));
     assert!(t.tensor(HookPoint::CKv(1)).unwrap_err().to_string().contains("was not captured"));
     assert!(m.trace("").unwrap_err().to_string().contains("empty"));
     assert!(m.trace(Vec::<i64>::new()).unwrap_err().to_string().contains("empty"));

@@ -109,16 +109,11 @@ impl Capture {
     pub fn points(&self, model: &Model) -> Result<BTreeSet<HookPoint>> {
         let mut all = BTreeSet::new();
         for p in &self.tensors {
-            if let Some(why) = model.hook_point_problem(*p) {
-                return Err(Error::Input(format!("cannot capture {p}: {why}")));
-            }
+            model.check_hook_point(*p).map_err(|e| e.in_context(format!("cannot capture {p}")))?;
             all.insert(*p);
         }
         for m in &self.matching {
-            all.extend(m.resolve(model, false).map_err(|e| match e {
-                Error::Input(msg) => Error::Input(format!("cannot capture: {msg}")),
-                other => other,
-            })?);
+            all.extend(m.resolve(model, false).map_err(|e| e.in_context("cannot capture"))?);
         }
         Ok(all)
     }

@@ -38,7 +38,7 @@ use super::capture::Capture;
 use super::interventions::Interventions;
 use super::routing::topk_rows;
 use super::trace::Trace;
-use crate::error::{Error, Result};
+use crate::error::{Error, IndexKind, Result};
 use crate::model::Model;
 
 /// Expert usage of every MoE layer over everything added so far.
@@ -229,9 +229,7 @@ impl RoutingStats {
     /// The tokens expert `expert` of `layer` takes most: (token id, count,
     /// share of that token's occurrences routed to the expert), by count.
     pub fn top_tokens(&self, layer: usize, expert: usize, n: usize) -> Result<Vec<(i64, u32, f64)>> {
-        if expert >= self.num_experts {
-            return Err(Error::Input(format!("expert {expert} out of range ({} experts)", self.num_experts)));
-        }
+        Error::check_index(IndexKind::Expert, expert, self.num_experts)?;
         let te = self
             .token_expert
             .get(&layer)

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use tch::{Kind, Tensor};
 
 use super::points::Points;
-use crate::error::{Error, Result};
+use crate::error::{Error, IndexKind, Result};
 use crate::model::{BiasEdit, CustomRouter, HookPoint, Layout, Model, PassInfo, RouterEdits, ScoringFunc};
 
 /// User code run at hook points (see [`Interventions::hook`]). Behind a
@@ -290,18 +290,15 @@ impl Interventions {
         let mut edits: BTreeMap<usize, RouterEdits> = BTreeMap::new();
         let mut ops: Vec<ValueOp> = Vec::new();
         let check_layer = |l: usize, what: &Intervention| -> Result<()> {
-            if l >= n_layers {
-                return Err(Error::Input(format!("{what}: layer {l} out of range (the model has {n_layers} layers)")));
-            }
-            Ok(())
+            Error::check_index(IndexKind::Layer, l, n_layers).map_err(|e| e.in_context(what))
         };
         for iv in &self.list {
             use Intervention::*;
             match iv {
                 AblateHeads { layer, heads: hs } => {
                     check_layer(*layer, iv)?;
-                    if let Some(h) = hs.iter().find(|&&h| h >= cfg.num_attention_heads) {
-                        return Err(Error::Input(format!("{iv}: head {h} out of range ({} heads)", cfg.num_attention_heads)));
+                    if let Some(&h) = hs.iter().find(|&&h| h >= cfg.num_attention_heads) {
+                        return Err(Error::out_of_range(IndexKind::Head, h, cfg.num_attention_heads).in_context(iv));
                     }
                     let heads = hs.iter().map(|&h| h as i64).collect();
                     ops.push(ValueOp { points: [HookPoint::HeadOut(*layer)].into(), action: Action::AblateHeads(heads) });
@@ -333,7 +330,7 @@ impl Interventions {
                     ops.push(ValueOp { points, action: Action::TruncateLatent(*rank) });
                 }
                 AddVector { points, vector, from_position } => {
-                    let chosen = points.resolve(model, true).map_err(|e| in_intervention(iv, e))?;
+                    let chosen = points.resolve(model, true).map_err(|e| e.in_context(iv))?;
                     if let Some(p) = chosen.iter().find(|p| matches!(p, HookPoint::TopkIndices(_))) {
                         return Err(Error::Input(format!("{iv}: {p} holds expert indices; add to the router logits or scores instead")));
                     }
@@ -346,7 +343,7 @@ impl Interventions {
                     });
                 }
                 Hook { points, f } => {
-                    let chosen = points.resolve(model, true).map_err(|e| in_intervention(iv, e))?;
+                    let chosen = points.resolve(model, true).map_err(|e| e.in_context(iv))?;
                     ops.push(ValueOp { points: chosen.into_iter().collect(), action: Action::Hook(f.clone()) });
                 }
                 routing => {
@@ -375,7 +372,7 @@ impl Interventions {
                                     if x < e {
                                         Ok(x as i64)
                                     } else {
-                                        Err(Error::Input(format!("{iv}: expert {x} out of range (layer {l} has {e} experts)")))
+                                        Err(Error::out_of_range(IndexKind::Expert, x, e).in_context(format!("{iv}, layer {l}")))
                                     }
                                 })
                                 .collect()
@@ -427,13 +424,7 @@ impl Interventions {
     }
 }
 
-/// Puts the intervention's description in front of an input error about it.
-fn in_intervention(iv: &Intervention, e: Error) -> Error {
-    match e {
-        Error::Input(m) => Error::Input(format!("{iv}: {m}")),
-        other => other,
-    }
-}
+
 
 impl fmt::Display for Interventions {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

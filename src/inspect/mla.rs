@@ -29,7 +29,7 @@ use super::capture::Capture;
 use super::compare::compare;
 use super::interventions::{Interventions, Layers};
 use super::trace::Input;
-use crate::error::{Error, Result};
+use crate::error::{Error, IndexKind, Result};
 use crate::model::{AttnImpl, ForwardOptions, HookPoint, Model, NoHooks};
 use crate::stats::CacheFootprint;
 
@@ -131,10 +131,7 @@ pub fn effective_rank(x: &Tensor) -> Result<EffectiveRank> {
 
 impl Model {
     fn check_layer(&self, layer: usize) -> Result<()> {
-        if layer >= self.layers.len() {
-            return Err(Error::Input(format!("layer {layer} out of range (the model has {} layers)", self.layers.len())));
-        }
-        Ok(())
+        Error::check_index(IndexKind::Layer, layer, self.layers.len())
     }
 
     /// KV-cache size per token of this model (`bytes_per_elem`: 2 for bf16).

@@ -36,9 +36,7 @@ impl Points {
     /// naming one outright is an error.
     pub fn resolve(&self, model: &Model, writable_only: bool) -> Result<Vec<HookPoint>> {
         let one = |p: HookPoint| -> Result<Vec<HookPoint>> {
-            if let Some(why) = model.hook_point_problem(p) {
-                return Err(Error::Input(format!("{p}: {why}")));
-            }
+            model.check_hook_point(p).map_err(|e| e.in_context(p))?;
             if writable_only && p.is_read_only() {
                 return Err(Error::Input(format!(
                     "{p} is read-only: its value is used before it is visited (hook the top-k indices or weights, or the MLP output, to change what follows)"

@@ -7,7 +7,7 @@ use serde::Serialize;
 use tch::Tensor;
 
 use super::trace::{RoutingRecord, Trace};
-use crate::error::{Error, Result};
+use crate::error::{Error, IndexKind, Result};
 
 /// How the router treated one token in one layer, step by step.
 #[derive(Debug, Clone, Serialize)]
@@ -49,11 +49,10 @@ impl Trace {
     pub fn router_step_at(&self, layer: usize, row: usize, position: usize) -> Result<RouterStep> {
         let r = self.routing_of(layer)?;
         let (b, t) = (self.batch() as usize, self.seq_len() as usize);
-        if row >= b || position >= t {
-            return Err(Error::Input(format!(
-                "token ({row}, {position}) out of range: the trace holds {b} x {t} tokens"
-            )));
+        if row >= b {
+            return Err(Error::Input(format!("batch row {row} out of range: the trace holds {b} x {t} tokens")));
         }
+        Error::check_index(IndexKind::Position, position, t)?;
         let n = (row * t + position) as i64;
         let v32 = |x: &Tensor| -> Result<Vec<f32>> { Ok(Vec::<f32>::try_from(x.f_select(0, n)?)?) };
         let vi = |x: &Tensor| -> Result<Vec<i64>> { Ok(Vec::<i64>::try_from(x.f_select(0, n)?)?) };

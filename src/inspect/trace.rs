@@ -9,7 +9,7 @@ use tch::{Device, Kind, Tensor};
 
 use super::capture::{ActStats, Capture};
 use super::interventions::{Compiled, HookCtx, Interventions};
-use crate::error::{Error, Result};
+use crate::error::{Error, IndexKind, Result};
 use crate::model::{Config, ForwardOptions, HookPoint, Hooks, Model, PassInfo, RouterEdits, RouterOutput, RouterSettings};
 
 /// What to run: text (needs the model's tokenizer), one sequence of ids, or
@@ -71,22 +71,29 @@ pub fn to_ndarray(t: &Tensor) -> Result<ndarray::ArrayD<f32>> {
     Ok((&t).try_into()?)
 }
 
-/// One MoE layer's routing, as decided in a traced pass (CPU tensors, N = B*T rows).
+/// One MoE layer's routing as decided in a traced pass: the router's own
+/// [`RouterOutput`] (each field documented there with its shape; here on the
+/// CPU, with N = B*T rows, or one row per token read in a generation) plus
+/// what a trace adds. The output's fields read through the record:
+/// `record.topk_indices` is `record.output.topk_indices`.
 #[derive(Debug)]
 pub struct RoutingRecord {
     pub layer: usize,
+    /// The settings the router ran with: the model's, or an intervention's.
     pub settings: RouterSettings,
-    pub logits: Tensor,
-    pub scores: Tensor,
-    /// Scores the choice was made on (bias added, bans/forces applied) [N, E].
-    pub choice: Tensor,
-    pub bias: Option<Tensor>,
-    pub group_scores: Option<Tensor>,
-    pub chosen_groups: Option<Tensor>,
-    pub topk_indices: Tensor,
-    pub topk_weights: Tensor,
-    /// The top-k the same router would have chosen with no bias [N, k].
+    /// What the router decided: logits, scores, choice scores, bias, group
+    /// scores and kept groups, top-k indices and weights.
+    pub output: RouterOutput,
+    /// The top-k the same router would have chosen with no bias [N, k] i64
+    /// (routers with a bias and no custom router; `None` otherwise).
     pub topk_without_bias: Option<Tensor>,
+}
+
+impl std::ops::Deref for RoutingRecord {
+    type Target = RouterOutput;
+    fn deref(&self) -> &RouterOutput {
+        &self.output
+    }
 }
 
 impl RoutingRecord {
@@ -262,14 +269,16 @@ fn join_routing(mut parts: Vec<RoutingRecord>) -> Result<Option<RoutingRecord>> 
     Ok(Some(RoutingRecord {
         layer: first.layer,
         settings: first.settings.clone(),
-        logits: cat(&|r| &r.logits)?,
-        scores: cat(&|r| &r.scores)?,
-        choice: cat(&|r| &r.choice)?,
-        bias: first.bias.as_ref().map(|b| b.shallow_clone()),
-        group_scores: cat_opt(&|r| r.group_scores.as_ref())?,
-        chosen_groups: cat_opt(&|r| r.chosen_groups.as_ref())?,
-        topk_indices: cat(&|r| &r.topk_indices)?,
-        topk_weights: cat(&|r| &r.topk_weights)?,
+        output: RouterOutput {
+            logits: cat(&|r| &r.logits)?,
+            scores: cat(&|r| &r.scores)?,
+            choice: cat(&|r| &r.choice)?,
+            bias: first.bias.as_ref().map(|b| b.shallow_clone()),
+            group_scores: cat_opt(&|r| r.group_scores.as_ref())?,
+            chosen_groups: cat_opt(&|r| r.chosen_groups.as_ref())?,
+            topk_indices: cat(&|r| &r.topk_indices)?,
+            topk_weights: cat(&|r| &r.topk_weights)?,
+        },
         topk_without_bias: cat_opt(&|r| r.topk_without_bias.as_ref())?,
     }))
 }
@@ -352,19 +361,7 @@ impl Model {
             }
             _ => None,
         };
-        Ok(RoutingRecord {
-            layer,
-            settings,
-            logits: cpu(&r.logits)?,
-            scores: cpu(&r.scores)?,
-            choice: cpu(&r.choice)?,
-            bias: r.bias.as_ref().map(cpu).transpose()?,
-            group_scores: r.group_scores.as_ref().map(cpu).transpose()?,
-            chosen_groups: r.chosen_groups.as_ref().map(cpu).transpose()?,
-            topk_indices: cpu(&r.topk_indices)?,
-            topk_weights: cpu(&r.topk_weights)?,
-            topk_without_bias,
-        })
+        Ok(RoutingRecord { layer, settings, output: r.to_device(Device::Cpu)?, topk_without_bias })
     }
 }
 
@@ -406,13 +403,7 @@ impl Trace {
     }
 
     fn check_layer(&self, layer: usize) -> Result<()> {
-        if layer >= self.config.num_hidden_layers {
-            return Err(Error::Input(format!(
-                "layer {layer} out of range (the model has {} layers)",
-                self.config.num_hidden_layers
-            )));
-        }
-        Ok(())
+        Error::check_index(IndexKind::Layer, layer, self.config.num_hidden_layers)
     }
 
     /// Routing of MoE layer `layer`.

@@ -20,7 +20,7 @@ use super::rope::{Rope, RopeAngles};
 use super::stream::{ForwardCost, Streamer, Traffic};
 use super::tokenizer::Tokenizer;
 use super::weight::Weight;
-use crate::error::{Error, Result};
+use crate::error::{Error, IndexKind, Result};
 use crate::stats::human_bytes;
 
 /// Where to put the model, in which dtype, and how much memory it may take.
@@ -490,18 +490,17 @@ impl Model {
         Ok(ForwardOutput { logits, routing, cost })
     }
 
-    /// Why `point` does not exist in this model, or `None` when it does:
-    /// its layer is in range, an MoE point names an MoE layer, and the block
+    /// Checks that `point` exists in this model: its layer is in range
+    /// ([`Error::OutOfRange`]), an MoE point names an MoE layer, and the block
     /// it names is there (`q_lora`, group-limited routing, shared experts,
-    /// the expert).
-    pub fn hook_point_problem(&self, point: HookPoint) -> Option<String> {
-        let l = point.layer()?;
-        if l >= self.layers.len() {
-            return Some(format!("layer {l} out of range (the model has {} layers)", self.layers.len()));
-        }
+    /// the expert). The error does not name the point; callers add it with
+    /// [`Error::in_context`].
+    pub fn check_hook_point(&self, point: HookPoint) -> Result<()> {
+        let Some(l) = point.layer() else { return Ok(()) };
+        Error::check_index(IndexKind::Layer, l, self.layers.len())?;
         let moe = self.layers[l].moe();
         if point.is_moe() && moe.is_none() {
-            return Some(format!("layer {l} is a dense layer (MoE layers: {:?})", self.config.moe_layers()));
+            return Err(Error::Input(format!("layer {l} is a dense layer (MoE layers: {:?})", self.config.moe_layers())));
         }
         let never = match point {
             HookPoint::QLatent(_) => self.config.q_lora_rank.is_none().then_some("the model has no q_lora_rank (queries come from q_proj)"),
@@ -509,10 +508,15 @@ impl Model {
                 .filter(|m| m.gate.settings.method == super::config::TopkMethod::Greedy || m.gate.settings.n_group <= 1)
                 .map(|_| "this router does not limit groups"),
             HookPoint::SharedOut(_) => moe.filter(|m| m.shared_experts.is_none()).map(|_| "the layer has no shared experts"),
-            HookPoint::ExpertOut(_, e) => moe.filter(|m| e >= m.experts.len()).map(|_| "no such expert"),
+            HookPoint::ExpertOut(_, e) => {
+                return moe.map_or(Ok(()), |m| Error::check_index(IndexKind::Expert, e, m.experts.len()));
+            }
             _ => None,
         };
-        never.map(str::to_string)
+        match never {
+            Some(why) => Err(Error::Input(why.to_string())),
+            None => Ok(()),
+        }
     }
 
     /// Every hook point of this model, in the order a forward pass visits
@@ -527,7 +531,7 @@ impl Model {
             all.extend([SharedOut(l), MlpOut(l), ResidPost(l)]);
         }
         all.extend([FinalNorm, Logits]);
-        all.retain(|p| self.hook_point_problem(*p).is_none());
+        all.retain(|p| self.check_hook_point(*p).is_ok());
         all
     }
 

@@ -21,7 +21,7 @@ use super::hooks::{HookPoint, Hooks, NoHooks};
 use super::nn::Linear;
 use super::stream::read_ahead;
 use super::weight::{FetchJob, Packed, Weight};
-use crate::error::{Error, Result};
+use crate::error::{Error, IndexKind, Result};
 
 /// A SwiGLU feed-forward block `down(silu(gate(x)) * up(x))`. Gate and up are
 /// stacked into one [2I, D] matrix so one matmul computes both.
@@ -84,6 +84,23 @@ impl Mlp {
     /// `up_proj.weight` [I, D] (a view into the stacked matrix when it is resident).
     pub fn up_proj_weight(&self) -> Result<Tensor> {
         Ok(self.gate_up.weight.tensor()?.f_narrow(0, self.intermediate, self.intermediate)?)
+    }
+}
+
+impl RouterOutput {
+    /// Detached copies on `device` (shallow where already there).
+    pub fn to_device(&self, device: Device) -> Result<RouterOutput> {
+        let to = |t: &Tensor| -> Result<Tensor> { Ok(t.f_detach()?.f_to_device(device)?) };
+        Ok(RouterOutput {
+            logits: to(&self.logits)?,
+            scores: to(&self.scores)?,
+            choice: to(&self.choice)?,
+            bias: self.bias.as_ref().map(to).transpose()?,
+            group_scores: self.group_scores.as_ref().map(to).transpose()?,
+            chosen_groups: self.chosen_groups.as_ref().map(to).transpose()?,
+            topk_indices: to(&self.topk_indices)?,
+            topk_weights: to(&self.topk_weights)?,
+        })
     }
 }
 
@@ -331,10 +348,7 @@ fn check_expert_ids(idx: &Tensor, e: i64, layer: usize) -> Result<()> {
     }
     let (lo, hi) = (idx.f_min()?.f_int64_value(&[])?, idx.f_max()?.f_int64_value(&[])?);
     if lo < 0 || hi >= e {
-        return Err(Error::Input(format!(
-            "layer {layer}: expert index {} out of range (the layer has {e} experts)",
-            if lo < 0 { lo } else { hi }
-        )));
+        return Err(Error::out_of_range(IndexKind::Expert, if lo < 0 { lo } else { hi }, e).in_context(format!("layer {layer}")));
     }
     Ok(())
 }

@@ -358,9 +358,9 @@ def test_question_mark_errors_are_error_replies_that_keep_earlier_values(kernel)
     # the library's checks on user input
     execute_ok(kc, 'let m = Model::load_default()?;\nlet t = m.trace("In the beginning")?;')
     err = error_of(execute(kc, "t.router_step(99, 0)?"))
-    assert err["ename"] == "Input" and "layer 99" in err["evalue"], err
+    assert err["ename"] == "OutOfRange" and "layer 99 out of range" in err["evalue"], err
     err = error_of(execute(kc, "m.latent_spectra(999)?"))
-    assert err["ename"] == "Input" and "999" in err["evalue"], err
+    assert err["ename"] == "OutOfRange" and "999" in err["evalue"], err
 
     # errors of other types: std's, a string, a parse error, a boxed error with a cause
     err = error_of(execute(kc, 'std::fs::read("/nonexistent/file")?;'))
