@@ -160,3 +160,27 @@ fn missing_model_directory_is_reported() {
     let err = load(Path::new("/nonexistent/deepscope-model")).expect_err("must fail");
     assert!(err.to_string().contains("/nonexistent/deepscope-model"), "{err}");
 }
+
+#[test]
+fn the_names_the_loader_recorded_are_the_checkpoint_names() {
+    // the writer's names come from the loader's record: the same set as the
+    // checkpoint read (multi-token-prediction layers, which are skipped, aside)
+    for name in ["v3_base", "v3_sharded_noqlora", "v2_greedy"] {
+        let case = case(name);
+        let model = load(&case.dir).expect("load");
+        let ck = Checkpoint::open(&case.dir, None).expect("open");
+        let n = model.config.num_hidden_layers;
+        let beyond = |s: &str| {
+            s.strip_prefix("model.layers.").and_then(|r| r.split('.').next()).and_then(|l| l.parse::<usize>().ok()).is_some_and(|l| l >= n)
+        };
+        let mut in_checkpoint: Vec<String> = ck.names().filter(|s| !beyond(s)).cloned().collect();
+        let mut written: Vec<String> =
+            deepscope::train::checkpoint::hf_state_dict(&model).expect("state dict").into_iter().map(|(s, _)| s).collect();
+        in_checkpoint.sort();
+        written.sort();
+        assert_eq!(written, in_checkpoint, "{name}");
+        // and each recorded tensor is the model's own storage, not a copy
+        let (_, embed) = model.named_weights().unwrap().into_iter().find(|(s, _)| s == "model.embed_tokens.weight").unwrap();
+        assert_eq!(embed.data_ptr(), model.embed_tokens.ready_or_err().unwrap().data_ptr());
+    }
+}

@@ -444,15 +444,41 @@ fn shard_paths(index: &Path) -> Result<Vec<PathBuf>> {
     Ok(out)
 }
 
-/// Builds each weight of a model the way its [`Plan`] places it.
+/// Builds each weight of a model the way its [`Plan`] places it, and
+/// records every tensor it hands out under the name it was asked for: the
+/// one place names are spelled ([`Model::named_weights`](super::Model::named_weights),
+/// training's parameter list and the checkpoint writer read the record).
 pub struct Loader<'a> {
     pub ck: &'a Checkpoint,
     pub plan: &'a Plan,
     /// Present when some weight stays on disk or in host memory.
     pub streamer: Option<Arc<Streamer>>,
+    record: RefCell<Vec<NamedTensor>>,
 }
 
-impl Loader<'_> {
+/// A tensor of the model under its checkpoint name: the tensor itself
+/// (sharing storage with the model's), or why it is not a plain tensor (a
+/// weight kept packed in FP8 or left in the checkpoint files).
+#[derive(Debug)]
+pub struct NamedTensor {
+    pub name: String,
+    pub tensor: std::result::Result<Tensor, String>,
+}
+
+impl<'a> Loader<'a> {
+    pub fn new(ck: &'a Checkpoint, plan: &'a Plan, streamer: Option<Arc<Streamer>>) -> Loader<'a> {
+        Loader { ck, plan, streamer, record: RefCell::new(Vec::new()) }
+    }
+
+    /// Every tensor handed out so far, in load order.
+    pub fn into_record(self) -> Vec<NamedTensor> {
+        self.record.into_inner()
+    }
+
+    fn remember(&self, name: &str, tensor: std::result::Result<Tensor, String>) {
+        self.record.borrow_mut().push(NamedTensor { name: name.to_string(), tensor });
+    }
+
     /// The weight the model calls `name` (e.g. `...mlp.experts.3.gate_up_proj.weight`).
     pub fn weight(&self, name: &str) -> Result<Weight> {
         let (i, p) = self.plan.placement_of(name).ok_or_else(|| Error::MissingTensor {
@@ -493,13 +519,17 @@ impl Loader<'_> {
                 Store::Mapped(Mapped { parts, streamer, cached: p.cached, host })
             }
         };
-        Ok(Weight { name: name.to_string(), shape: spec.shape.clone(), kind, device: p.device, store })
+        let w = Weight { name: name.to_string(), shape: spec.shape.clone(), kind, device: p.device, store };
+        self.remember(name, w.as_ready().map(|t| t.shallow_clone()).ok_or_else(|| w.why_not_ready()));
+        Ok(w)
     }
 
     /// A small weight (norm, router, bias) as a plain tensor of `kind` on its device.
     pub fn small(&self, name: &str, shape: &[i64], kind: Kind) -> Result<Tensor> {
         let device = self.plan.placement_of(name).map_or(self.device_of_layer(None), |(_, p)| p.device);
-        self.ck.tensor(name, shape, kind, device)
+        let t = self.ck.tensor(name, shape, kind, device)?;
+        self.remember(name, Ok(t.shallow_clone()));
+        Ok(t)
     }
 
 

@@ -8,7 +8,7 @@ use tch::{Device, Kind, Tensor};
 
 use super::budget::{DeviceMap, MemoryBudget};
 use super::config::Config;
-use super::decoder::{DecoderLayer, FeedForward};
+use super::decoder::DecoderLayer;
 use super::hooks::{HookPoint, Hooks, NoHooks, PassInfo};
 use super::layout::weight_specs;
 use super::loader::{Checkpoint, Loader};
@@ -197,6 +197,8 @@ pub struct Model {
     /// (they do not change; the expert cache and read buffers are added in
     /// [`Model::weight_bytes`]).
     loaded_bytes: usize,
+    /// Every tensor the loader handed out, under its name (see [`Loader`]).
+    weight_record: Vec<super::loader::NamedTensor>,
 }
 
 impl Model {
@@ -224,7 +226,7 @@ impl Model {
         } else {
             None
         };
-        let ld = Loader { ck: &ck, plan: &plan, streamer: streamer.clone() };
+        let ld = Loader::new(&ck, &plan, streamer.clone());
         let _guard = tch::no_grad_guard();
         let embed_tokens = ld.weight("model.embed_tokens.weight")?;
         let layers = (0..config.num_hidden_layers)
@@ -237,6 +239,7 @@ impl Model {
         } else {
             embed_tokens.share("lm_head.weight")
         };
+        let weight_record = ld.into_record();
         let (unexpected, extra) = ck.unread(config.num_hidden_layers);
         if !unexpected.is_empty() {
             return Err(Error::UnexpectedTensors {
@@ -316,6 +319,7 @@ impl Model {
             kind: opts.kind,
             dir: dir.to_path_buf(),
             load_notes,
+            weight_record,
         })
     }
 
@@ -572,51 +576,22 @@ impl Model {
         self.loaded_bytes + self.streamer.as_ref().map_or(0, |s| s.cached_bytes() + s.pooled_bytes())
     }
 
-    /// Every weight tensor under its checkpoint name (gate and up projections
-    /// appear as their stacked matrix `...gate_up_proj.weight`). Fails, naming
+    /// Every weight tensor under its checkpoint name, in load order, as the
+    /// loader recorded them (gate and up projections appear as their stacked
+    /// matrix `...gate_up_proj.weight`). Fails, naming
     /// the first such weight, when a weight is not a plain resident tensor
     /// (FP8 kept packed, or streamed): load with `dequantize` and an
     /// unlimited budget for training or saving.
     pub fn named_weights(&self) -> Result<Vec<(String, &Tensor)>> {
-        let mut out: Vec<(String, &Tensor)> = vec![("model.embed_tokens.weight".into(), self.embed_tokens.ready_or_err()?)];
-        for l in &self.layers {
-            let p = format!("model.layers.{}", l.index);
-            out.push((format!("{p}.input_layernorm.weight"), &l.input_layernorm.weight));
-            out.push((format!("{p}.post_attention_layernorm.weight"), &l.post_attention_layernorm.weight));
-            let a = &l.self_attn;
-            push_linear(&mut out, format!("{p}.self_attn.kv_a_proj_with_mqa"), &a.kv_a_proj_with_mqa)?;
-            push_linear(&mut out, format!("{p}.self_attn.kv_b_proj"), &a.kv_b_proj)?;
-            push_linear(&mut out, format!("{p}.self_attn.o_proj"), &a.o_proj)?;
-            out.push((format!("{p}.self_attn.kv_a_layernorm.weight"), &a.kv_a_layernorm.weight));
-            match &a.q {
-                super::mla::QProj::Full(q) => push_linear(&mut out, format!("{p}.self_attn.q_proj"), q)?,
-                super::mla::QProj::LowRank { a: qa, norm, b } => {
-                    push_linear(&mut out, format!("{p}.self_attn.q_a_proj"), qa)?;
-                    out.push((format!("{p}.self_attn.q_a_layernorm.weight"), &norm.weight));
-                    push_linear(&mut out, format!("{p}.self_attn.q_b_proj"), b)?;
-                }
-            }
-            match &l.mlp {
-                FeedForward::Dense(m) => push_mlp(&mut out, format!("{p}.mlp"), m)?,
-                FeedForward::Moe(m) => {
-                    out.push((format!("{p}.mlp.gate.weight"), &m.gate.weight));
-                    if let Some(b) = &m.gate.e_score_correction_bias {
-                        out.push((format!("{p}.mlp.gate.e_score_correction_bias"), b));
-                    }
-                    for (e, x) in m.experts.iter().enumerate() {
-                        push_mlp(&mut out, format!("{p}.mlp.experts.{e}"), x)?;
-                    }
-                    if let Some(s) = &m.shared_experts {
-                        push_mlp(&mut out, format!("{p}.mlp.shared_experts"), s)?;
-                    }
-                }
-            }
-        }
-        out.push(("model.norm.weight".into(), &self.norm.weight));
-        if !self.config.tie_word_embeddings {
-            out.push(("lm_head.weight".into(), self.lm_head.ready_or_err()?));
-        }
-        Ok(out)
+        self.weight_record
+            .iter()
+            // a tied head is the embedding: saved and trained once, under its name
+            .filter(|n| !(self.config.tie_word_embeddings && n.name == "lm_head.weight"))
+            .map(|n| match &n.tensor {
+                Ok(t) => Ok((n.name.clone(), t)),
+                Err(why) => Err(Error::Input(why.clone())),
+            })
+            .collect()
     }
 
     /// Encodes text with the model's tokenizer.
@@ -649,15 +624,4 @@ fn loaded_bytes(config: &Config, embed_tokens: &Weight, lm_head: &Weight, norm: 
     total
 }
 
-fn push_linear<'a>(out: &mut Vec<(String, &'a Tensor)>, name: String, l: &'a super::nn::Linear) -> Result<()> {
-    out.push((format!("{name}.weight"), l.weight.ready_or_err()?));
-    if let Some(b) = &l.bias {
-        out.push((format!("{name}.bias"), b));
-    }
-    Ok(())
-}
 
-fn push_mlp<'a>(out: &mut Vec<(String, &'a Tensor)>, name: String, m: &'a super::moe::Mlp) -> Result<()> {
-    push_linear(out, format!("{name}.gate_up_proj"), &m.gate_up)?;
-    push_linear(out, format!("{name}.down_proj"), &m.down_proj)
-}

@@ -327,13 +327,16 @@ impl Weight {
 
     /// Like [`Weight::as_ready`], with an error naming the weight.
     pub fn ready_or_err(&self) -> Result<&Tensor> {
-        self.as_ready().ok_or_else(|| {
-            Error::Input(format!(
-                "weight `{}` is {} and not a plain tensor: load the model fully resident (no memory budget, --dequantize) for this",
-                self.name,
-                self.store_name()
-            ))
-        })
+        self.as_ready().ok_or_else(|| Error::Input(self.why_not_ready()))
+    }
+
+    /// Why [`ready_or_err`](Self::ready_or_err) fails for this weight.
+    pub fn why_not_ready(&self) -> String {
+        format!(
+            "weight `{}` is {} and not a plain tensor: load the model fully resident (no memory budget, --dequantize) for this",
+            self.name,
+            self.store_name()
+        )
     }
 
     /// Bytes this weight holds in memory now (mapped ones: 0, or their host copy).
