@@ -50,7 +50,23 @@ pub struct AttentionGrid {
     tooltips: Option<bool>,
 }
 
-text_setters!(AttentionGrid: title, note);
+setters!(AttentionGrid {
+    /// What is plotted, above the chart.
+    text title;
+    /// A line of small text under the title.
+    text note;
+    /// Panels per row (default: 4 up to 8 heads, then 8).
+    some columns: usize;
+    /// The colormap (default viridis).
+    value colormap: Colormap;
+    /// Fixes the colour range (default: the data's range over all heads;
+    /// `range(0.0, 1.0)` for probabilities compares across layers).
+    pair range(lo, hi);
+    /// Cell size in px (default: panels of about 160 px).
+    some cell_size: f64;
+    /// Turns the per-cell tooltips on or off (default: on up to 65,536 cells).
+    some tooltips: bool;
+});
 
 impl AttentionGrid {
     /// A grid of `heads`, each a matrix of queries x keys (`f32` or `f64`).
@@ -113,37 +129,6 @@ impl AttentionGrid {
     /// Captions of the panels (default "head 0", "head 1", ...).
     pub fn head_labels<I: IntoIterator<Item = S>, S: Into<String>>(mut self, labels: I) -> Self {
         self.head_labels = Some(collect_labels(labels));
-        self
-    }
-
-    /// Panels per row (default: 4 up to 8 heads, then 8).
-    pub fn columns(mut self, columns: usize) -> Self {
-        self.columns = Some(columns);
-        self
-    }
-
-    /// The colormap (default viridis).
-    pub fn colormap(mut self, colormap: Colormap) -> Self {
-        self.colormap = colormap;
-        self
-    }
-
-    /// Fixes the colour range (default: the data's range over all heads;
-    /// `range(0.0, 1.0)` for probabilities compares across layers).
-    pub fn range(mut self, lo: f64, hi: f64) -> Self {
-        self.range = Some((lo, hi));
-        self
-    }
-
-    /// Cell size in px (default: panels of about 160 px).
-    pub fn cell_size(mut self, px: f64) -> Self {
-        self.cell_size = Some(px);
-        self
-    }
-
-    /// Turns the per-cell tooltips on or off (default: on up to 65,536 cells).
-    pub fn tooltips(mut self, on: bool) -> Self {
-        self.tooltips = Some(on);
         self
     }
 
@@ -322,12 +307,6 @@ impl AttentionGrid {
                 ..grid
             },
         );
-        Ok(Figure::from_svg(
-            svg.finish(),
-            width,
-            height,
-            description,
-            self.title.clone(),
-        ))
+        Ok(svg.into_figure(self.title.clone()))
     }
 }

@@ -49,7 +49,24 @@ pub struct BarChart {
     size: Option<(f64, f64)>,
 }
 
-text_setters!(BarChart: title, note, x_title, y_title);
+setters!(BarChart {
+    /// What is plotted, above the chart.
+    text title;
+    /// A line of small text under the title.
+    text note;
+    /// What the x axis shows.
+    text x_title;
+    /// What the y axis shows.
+    text y_title;
+    /// Grouped (default) or stacked.
+    value mode: BarMode;
+    /// Draws a dashed line at the mean: of each series when grouped, of the
+    /// totals when stacked. For expert load, the mean is the perfectly
+    /// balanced load.
+    value mean_line: bool;
+    /// Size of the plot area in px (default: about 560 x 300).
+    pair size(width, height);
+});
 
 impl BarChart {
     /// A chart with one band per category, in order.
@@ -75,29 +92,9 @@ impl BarChart {
         self
     }
 
-    /// Grouped (default) or stacked.
-    pub fn mode(mut self, mode: BarMode) -> Self {
-        self.mode = mode;
-        self
-    }
-
-    /// Draws a dashed line at the mean: of each series when grouped, of the
-    /// totals when stacked. For expert load, the mean is the perfectly
-    /// balanced load.
-    pub fn mean_line(mut self, on: bool) -> Self {
-        self.mean_line = on;
-        self
-    }
-
     /// Draws a labelled horizontal line at `value` (a target, a capacity).
     pub fn reference_line(mut self, value: f64, label: impl Into<String>) -> Self {
         self.references.push((value, label.into()));
-        self
-    }
-
-    /// Size of the plot area in px (default: about 560 x 300).
-    pub fn size(mut self, width: f64, height: f64) -> Self {
-        self.size = Some((width, height));
         self
     }
 
@@ -276,13 +273,7 @@ impl BarChart {
         }
         axis::draw_x_band(&mut svg, area, &x_layout, self.x_title.as_deref());
         legend::draw_legend(&mut svg, area, &legend);
-        Ok(Figure::from_svg(
-            svg.finish(),
-            width,
-            height,
-            description,
-            self.title.clone(),
-        ))
+        Ok(svg.into_figure(self.title.clone()))
     }
 
     fn means(&self, stacked: bool) -> Vec<Option<f64>> {

@@ -49,7 +49,33 @@ pub struct Heatmap {
     tooltips: Option<bool>,
 }
 
-text_setters!(Heatmap: title, note, x_title, y_title);
+setters!(Heatmap {
+    /// What is plotted, above the chart.
+    text title;
+    /// A line of small text under the title.
+    text note;
+    /// What the x axis shows.
+    text x_title;
+    /// What the y axis shows.
+    text y_title;
+    /// What the values are, e.g. "routing weight": labels the colour bar
+    /// and the tooltips.
+    text value_name;
+    /// The colormap; a diverging one ([`Colormap::RdBu`]) centres on zero.
+    value colormap: Colormap;
+    /// Fixes the value range of the colours (values beyond are clamped).
+    /// By default it is the data's finite range, symmetric about zero for a
+    /// diverging colormap.
+    pair range(lo, hi);
+    /// Writes each value in its cell (for small matrices).
+    value show_values: bool;
+    /// Fixes the cell size in px instead of fitting the matrix to about
+    /// 720 x 520 px.
+    pair cell_size(width, height);
+    /// Turns the per-cell tooltips on or off. By default they are on up to
+    /// 20,000 cells.
+    some tooltips: bool;
+});
 
 impl Heatmap {
     /// A heatmap of `rows` (each row one slice of `f32` or `f64`).
@@ -106,47 +132,6 @@ impl Heatmap {
     /// Labels of the rows (one per row).
     pub fn y_labels<I: IntoIterator<Item = S>, S: Into<String>>(mut self, labels: I) -> Self {
         self.y_labels = Some(collect_labels(labels));
-        self
-    }
-
-    /// What the values are, e.g. "routing weight": labels the colour bar
-    /// and the tooltips.
-    pub fn value_name(mut self, name: impl Into<String>) -> Self {
-        self.value_name = Some(name.into());
-        self
-    }
-
-    /// The colormap; a diverging one ([`Colormap::RdBu`]) centres on zero.
-    pub fn colormap(mut self, colormap: Colormap) -> Self {
-        self.colormap = colormap;
-        self
-    }
-
-    /// Fixes the value range of the colours (values beyond are clamped).
-    /// By default it is the data's finite range, symmetric about zero for a
-    /// diverging colormap.
-    pub fn range(mut self, lo: f64, hi: f64) -> Self {
-        self.range = Some((lo, hi));
-        self
-    }
-
-    /// Writes each value in its cell (for small matrices).
-    pub fn show_values(mut self, show: bool) -> Self {
-        self.show_values = show;
-        self
-    }
-
-    /// Fixes the cell size in px instead of fitting the matrix to about
-    /// 720 x 520 px.
-    pub fn cell_size(mut self, width: f64, height: f64) -> Self {
-        self.cell_size = Some((width, height));
-        self
-    }
-
-    /// Turns the per-cell tooltips on or off. By default they are on up to
-    /// 20,000 cells.
-    pub fn tooltips(mut self, on: bool) -> Self {
-        self.tooltips = Some(on);
         self
     }
 
@@ -231,13 +216,7 @@ impl Heatmap {
         axis::draw_x_band(&mut svg, area, &x_layout, self.x_title.as_deref());
         axis::draw_y_band(&mut svg, area, &y_layout, self.y_title.as_deref());
         bar.draw(&mut svg, area);
-        Ok(Figure::from_svg(
-            svg.finish(),
-            width,
-            height,
-            description,
-            self.title.clone(),
-        ))
+        Ok(svg.into_figure(self.title.clone()))
     }
 }
 

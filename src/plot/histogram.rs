@@ -51,7 +51,25 @@ pub struct Bins {
     pub non_finite: u64,
 }
 
-text_setters!(Histogram: title, note, x_title, y_title);
+setters!(Histogram {
+    /// What is plotted, above the chart.
+    text title;
+    /// A line of small text under the title.
+    text note;
+    /// What the x axis shows.
+    text x_title;
+    /// What the y axis shows.
+    text y_title;
+    /// The number of bins (default: Freedman–Diaconis, at most 100).
+    some bins: usize;
+    /// The binned range (default: the finite minimum to maximum). Values
+    /// outside are counted and reported under the title.
+    pair range(lo, hi);
+    /// A logarithmic count axis, for heavy-tailed distributions.
+    value log_count: bool;
+    /// Size of the plot area in px (default 560 x 300).
+    pair size(width, height);
+});
 
 impl Histogram {
     /// A histogram of `values` (`f32` or `f64`).
@@ -67,31 +85,6 @@ impl Histogram {
             y_title: None,
             size: None,
         }
-    }
-
-    /// The number of bins (default: Freedman–Diaconis, at most 100).
-    pub fn bins(mut self, bins: usize) -> Self {
-        self.bins = Some(bins);
-        self
-    }
-
-    /// The binned range (default: the finite minimum to maximum). Values
-    /// outside are counted and reported under the title.
-    pub fn range(mut self, lo: f64, hi: f64) -> Self {
-        self.range = Some((lo, hi));
-        self
-    }
-
-    /// A logarithmic count axis, for heavy-tailed distributions.
-    pub fn log_count(mut self, on: bool) -> Self {
-        self.log_count = on;
-        self
-    }
-
-    /// Size of the plot area in px (default 560 x 300).
-    pub fn size(mut self, width: f64, height: f64) -> Self {
-        self.size = Some((width, height));
-        self
     }
 
     /// Counts the values into bins, as the chart will draw them.
@@ -264,13 +257,7 @@ impl Histogram {
             self.x_title.as_deref(),
             false,
         );
-        Ok(Figure::from_svg(
-            svg.finish(),
-            width,
-            height,
-            description,
-            self.title.clone(),
-        ))
+        Ok(svg.into_figure(self.title.clone()))
     }
 
     /// "n = 1000 · mean 0.01 · std 0.98 · 3 outside range · 2 NaN/inf skipped"

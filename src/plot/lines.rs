@@ -60,7 +60,25 @@ pub struct LineChart {
     size: Option<(f64, f64)>,
 }
 
-text_setters!(LineChart: title, note, x_title, y_title);
+setters!(LineChart {
+    /// What is plotted, above the chart.
+    text title;
+    /// A line of small text under the title.
+    text note;
+    /// What the x axis shows.
+    text x_title;
+    /// What the y axis shows.
+    text y_title;
+    /// A logarithmic x axis.
+    value x_log: bool;
+    /// A logarithmic y axis (spectra, losses). Points at or below zero are
+    /// left out and counted under the title.
+    value y_log: bool;
+    /// Whether points are drawn as dots (default: when few).
+    value markers: Markers;
+    /// Size of the plot area in px (default 560 x 320).
+    pair size(width, height);
+});
 
 impl LineChart {
     pub fn new() -> LineChart {
@@ -90,31 +108,6 @@ impl LineChart {
             xs: xs.iter().map(|&v| v.into()).collect(),
             ys: ys.iter().map(|&v| v.into()).collect(),
         });
-        self
-    }
-
-    /// A logarithmic x axis.
-    pub fn x_log(mut self, on: bool) -> Self {
-        self.x_log = on;
-        self
-    }
-
-    /// A logarithmic y axis (spectra, losses). Points at or below zero are
-    /// left out and counted under the title.
-    pub fn y_log(mut self, on: bool) -> Self {
-        self.y_log = on;
-        self
-    }
-
-    /// Whether points are drawn as dots (default: when few).
-    pub fn markers(mut self, markers: Markers) -> Self {
-        self.markers = markers;
-        self
-    }
-
-    /// Size of the plot area in px (default 560 x 320).
-    pub fn size(mut self, width: f64, height: f64) -> Self {
-        self.size = Some((width, height));
         self
     }
 
@@ -307,13 +300,7 @@ impl LineChart {
             }
         }
         legend::draw_legend(&mut svg, area, &legend);
-        Ok(Figure::from_svg(
-            svg.finish(),
-            width,
-            height,
-            description,
-            self.title.clone(),
-        ))
+        Ok(svg.into_figure(self.title.clone()))
     }
 }
 

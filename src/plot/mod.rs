@@ -54,23 +54,56 @@
 
 use std::path::PathBuf;
 
-/// The text setters every chart builder shares: `title` (say what is
-/// plotted), `note` (a line of small text under it) and, for charts with
-/// axes, `x_title` / `y_title` (what each axis shows).
-macro_rules! text_setters {
-    ($t:ty: $($field:ident),*) => {
+/// The builder setters of the charts, written once: each chart file lists
+/// its own with their docs and keeps only what is particular to it. Entries
+/// (each ends in `;`, doc comments allowed before it):
+/// - `text f;` a caption, `f(impl Into<String>)` sets `Some(..)`: `title`
+///   (say what is plotted), `note` (small text under it), `x_title` /
+///   `y_title` (what each axis shows), `value_name`;
+/// - `pair f(a, b);` two numbers, `f(a: f64, b: f64)` sets `Some((a, b))`:
+///   ranges and sizes;
+/// - `some f: T;` an optional value, `f(T)` sets `Some(..)`;
+/// - `value f: T;` a value with a default, `f(T)` replaces it.
+macro_rules! setters {
+    ($t:ty { $($body:tt)* }) => {
         impl $t {
-            $(
-                #[doc = concat!("Sets the chart's `", stringify!($field), "` text.")]
-                pub fn $field(mut self, text: impl Into<String>) -> Self {
-                    self.$field = Some(text.into());
-                    self
-                }
-            )*
+            setters!(@munch $($body)*);
         }
     };
+    (@munch) => {};
+    (@munch $(#[$doc:meta])* text $f:ident; $($rest:tt)*) => {
+        $(#[$doc])*
+        pub fn $f(mut self, text: impl Into<String>) -> Self {
+            self.$f = Some(text.into());
+            self
+        }
+        setters!(@munch $($rest)*);
+    };
+    (@munch $(#[$doc:meta])* pair $f:ident($a:ident, $b:ident); $($rest:tt)*) => {
+        $(#[$doc])*
+        pub fn $f(mut self, $a: f64, $b: f64) -> Self {
+            self.$f = Some(($a, $b));
+            self
+        }
+        setters!(@munch $($rest)*);
+    };
+    (@munch $(#[$doc:meta])* some $f:ident: $ty:ty; $($rest:tt)*) => {
+        $(#[$doc])*
+        pub fn $f(mut self, value: $ty) -> Self {
+            self.$f = Some(value);
+            self
+        }
+        setters!(@munch $($rest)*);
+    };
+    (@munch $(#[$doc:meta])* value $f:ident: $ty:ty; $($rest:tt)*) => {
+        $(#[$doc])*
+        pub fn $f(mut self, value: $ty) -> Self {
+            self.$f = value;
+            self
+        }
+        setters!(@munch $($rest)*);
+    };
 }
-
 
 mod axis;
 mod legend;
@@ -79,7 +112,6 @@ pub(crate) mod svg;
 pub mod attention;
 pub mod bars;
 pub mod figure;
-pub mod gallery;
 pub mod heatmap;
 pub mod histogram;
 pub mod lines;

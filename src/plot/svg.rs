@@ -142,6 +142,9 @@ impl Stroke {
 /// An SVG document being written.
 pub(crate) struct Svg {
     buf: String,
+    width: f64,
+    height: f64,
+    label: String,
 }
 
 impl Svg {
@@ -158,7 +161,7 @@ impl Svg {
             escape(label),
             theme::FONT_FAMILY
         );
-        Svg { buf }
+        Svg { buf, width, height, label: label.to_string() }
     }
 
     /// A filled rectangle, with an optional hover tooltip.
@@ -324,5 +327,12 @@ impl Svg {
     pub fn finish(mut self) -> String {
         self.buf.push_str("</svg>\n");
         self.buf
+    }
+
+    /// Closes the document as a [`Figure`] of its size, described by its
+    /// label, under `title`: the last step of every chart's `render`.
+    pub fn into_figure(self, title: Option<String>) -> crate::plot::Figure {
+        let (width, height, label) = (self.width, self.height, self.label.clone());
+        crate::plot::Figure::from_svg(self.finish(), width, height, label, title)
     }
 }

@@ -407,6 +407,9 @@ def test_hooks_written_in_cells_run_in_the_pass_and_their_errors_are_error_repli
     err = error_of(execute(kc, 'hm.trace_with("In the beginning", &Capture::default(), '
                                '&Interventions::new().hook("blocks.1.hook_resid_post", |_c, x| Ok(x.narrow(1, 0, 1))))?'))
     assert err["ename"] == "HookShape" and "blocks.1.hook_resid_post" in err["evalue"] and "expected" in err["evalue"], err
+    err = error_of(execute(kc, 'hm.trace_with("In the beginning", &Capture::default(), '
+                               '&Interventions::new().hook("hook_embed", |_c, x| Ok(x.to_kind(Kind::Double))))?'))
+    assert err["ename"] == "HookDtype" and "hook_embed" in err["evalue"] and "Double" in err["evalue"], err
     err = error_of(execute(kc, 'hm.trace_with("x", &Capture::default(), &Interventions::new().hook("blocks.*.hook_nothing", |_c, x| Ok(x)))?'))
     assert err["ename"] == "Input" and "matches no hook point" in err["evalue"], err
     # steering a generation is one call; its display says what was generated

@@ -1,5 +1,5 @@
 use super::{decode_png, ink, scratch_dir};
-use crate::plot::{gallery, AttentionGrid, BarChart, Heatmap, Histogram, LineChart, PlotError};
+use crate::plot::{AttentionGrid, BarChart, Heatmap, Histogram, LineChart, PlotError};
 
 #[test]
 fn png_of_every_chart_type_decodes_at_the_requested_scale_and_is_not_blank() {
@@ -99,36 +99,3 @@ fn svg_declares_its_size_and_uses_no_ids_or_stylesheets() {
     assert!(!svg.contains(" id=") && !svg.contains("<style"));
 }
 
-#[test]
-fn gallery_writes_an_svg_and_a_png_per_chart_and_an_index() {
-    let dir = scratch_dir("gallery");
-    let written = gallery::write_all(&dir).unwrap();
-    let names: Vec<String> = written
-        .iter()
-        .filter_map(|p| p.file_name()?.to_str().map(str::to_string))
-        .collect();
-    for chart in [
-        "heatmap",
-        "bars_grouped",
-        "bars_stacked",
-        "histogram_log",
-        "lines_spectrum",
-        "attention_grid",
-    ] {
-        assert!(
-            names.contains(&format!("{chart}.svg")) && names.contains(&format!("{chart}.png")),
-            "{chart}"
-        );
-    }
-    for piece in ["token_strip.html", "table.html", "table.txt", "index.html"] {
-        assert!(names.contains(&piece.to_string()), "{piece}");
-    }
-    for path in &written {
-        assert!(
-            std::fs::metadata(path).unwrap().len() > 100,
-            "{}",
-            path.display()
-        );
-    }
-    let _ = std::fs::remove_dir_all(dir);
-}

@@ -2,16 +2,28 @@
 //! data (the shapes DeepSeek-style models produce), written as SVG and PNG,
 //! with an `index.html` that shows them all inline (tooltips work there).
 //!
-//! `make gallery` calls [`write_all`] with `target/gallery`.
+//! Development tooling, not part of the library: `make gallery` runs this
+//! example, which calls [`write_all`] with `target/gallery`.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
-use super::figure::write;
-use super::{
+use deepscope::plot::{
     readable_token, AttentionGrid, BarChart, BarMode, Colormap, Figure, Heatmap, Histogram,
-    LineChart, Markers, PlotError, Result, Table, TokenStrip,
+    LineChart, Markers, PlotError, Table, TokenStrip,
 };
+
+type Result<T> = std::result::Result<T, PlotError>;
+
+/// `s` with the HTML special characters escaped.
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+}
+
+/// Writes `bytes` to `path`, naming the path when it fails.
+fn write(path: &Path, bytes: &[u8]) -> Result<()> {
+    std::fs::write(path, bytes).map_err(|cause| PlotError::Io { path: path.to_path_buf(), cause })
+}
 
 /// Scale of the PNG files.
 const PNG_SCALE: f32 = 2.0;
@@ -21,7 +33,7 @@ const PNG_SCALE: f32 = 2.0;
 /// paths written.
 pub fn write_all(dir: impl AsRef<Path>) -> Result<Vec<PathBuf>> {
     let dir = dir.as_ref();
-    std::fs::create_dir_all(dir).map_err(|e| PlotError::io(dir, e))?;
+    std::fs::create_dir_all(dir).map_err(|cause| PlotError::Io { path: dir.to_path_buf(), cause })?;
     let mut written = Vec::new();
     let mut index = String::from(
         "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>DeepScope plot gallery</title></head>\
@@ -41,7 +53,7 @@ pub fn write_all(dir: impl AsRef<Path>) -> Result<Vec<PathBuf>> {
             index,
             "<h2 style=\"font-size:15px\">{name} <small style=\"color:#777\">— {}</small></h2>\n{}\n\
              <p><a href=\"{name}.png\">PNG</a></p>\n",
-            super::svg::escape(figure.description()),
+            escape(figure.description()),
             figure.to_html()
         );
     }
@@ -58,7 +70,7 @@ pub fn write_all(dir: impl AsRef<Path>) -> Result<Vec<PathBuf>> {
     let _ = write!(
         index,
         "<h2 style=\"font-size:15px\">table (plain text)</h2>\n<pre>{}</pre>\n",
-        super::svg::escape(&table.to_string())
+        escape(&table.to_string())
     );
     index.push_str("</body></html>\n");
     let path = dir.join("index.html");
