@@ -5,7 +5,7 @@
 use tch::{Device, Tensor};
 
 use super::config::Config;
-use super::loader::Loader;
+use super::loader::LoadPath;
 use super::hooks::{HookPoint, Hooks};
 use super::mla::{AttnImpl, LatentCache, Mla};
 use super::moe::{Mlp, Moe, RouterOutput};
@@ -40,20 +40,21 @@ pub struct LayerOutput {
 }
 
 impl DecoderLayer {
-    pub fn load(ld: &Loader, index: usize, cfg: &Config) -> Result<DecoderLayer> {
-        let prefix = format!("model.layers.{index}");
+    /// Loads layer `index` from `layers`, the path `model.layers`.
+    pub fn load(layers: &LoadPath, index: usize, cfg: &Config) -> Result<DecoderLayer> {
+        let p = layers.pp(index);
         let d = cfg.hidden_size;
         let mlp = if cfg.is_moe_layer(index) {
-            FeedForward::Moe(Moe::load(ld, &format!("{prefix}.mlp"), cfg)?)
+            FeedForward::Moe(Moe::load(&p.pp("mlp"), cfg)?)
         } else {
-            FeedForward::Dense(Mlp::load(ld, &format!("{prefix}.mlp"), d, cfg.intermediate_size, cfg.mlp_bias)?)
+            FeedForward::Dense(Mlp::load(&p.pp("mlp"), d, cfg.intermediate_size, cfg.mlp_bias)?)
         };
         Ok(DecoderLayer {
             index,
-            device: ld.device_of_layer(Some(index)),
-            input_layernorm: RmsNorm::load(ld, &format!("{prefix}.input_layernorm"), d, cfg.rms_norm_eps)?,
-            self_attn: Mla::load(ld, &format!("{prefix}.self_attn"), cfg)?,
-            post_attention_layernorm: RmsNorm::load(ld, &format!("{prefix}.post_attention_layernorm"), d, cfg.rms_norm_eps)?,
+            device: p.loader().device_of_layer(Some(index)),
+            input_layernorm: RmsNorm::load(&p.pp("input_layernorm"), d, cfg.rms_norm_eps)?,
+            self_attn: Mla::load(&p.pp("self_attn"), cfg)?,
+            post_attention_layernorm: RmsNorm::load(&p.pp("post_attention_layernorm"), d, cfg.rms_norm_eps)?,
             mlp,
         })
     }

@@ -533,6 +533,11 @@ impl<'a> Loader<'a> {
     }
 
 
+    /// The root of the checkpoint's name tree.
+    pub fn root(&self) -> LoadPath<'_, 'a> {
+        LoadPath { ld: self, prefix: String::new() }
+    }
+
     /// The compute dtype.
     pub fn kind(&self) -> Kind {
         self.plan.kind
@@ -546,5 +551,43 @@ impl<'a> Loader<'a> {
             None => d.last().copied(),
         }
         .unwrap_or(Device::Cpu)
+    }
+}
+
+/// A place in the checkpoint's name tree, such as `model.layers.3.self_attn`,
+/// in the spirit of tch's `nn::Path` and candle's `VarBuilder::pp`: a block
+/// loads its tensors by their own short names (`weight`, `bias`) and the
+/// path spells the rest once, so each name is written in one place.
+#[derive(Clone)]
+pub struct LoadPath<'l, 'a> {
+    ld: &'l Loader<'a>,
+    prefix: String,
+}
+
+impl<'l, 'a> LoadPath<'l, 'a> {
+    /// The path one level down: `model` -> `model.layers`.
+    pub fn pp(&self, segment: impl std::fmt::Display) -> LoadPath<'l, 'a> {
+        let prefix = if self.prefix.is_empty() { segment.to_string() } else { format!("{}.{segment}", self.prefix) };
+        LoadPath { ld: self.ld, prefix }
+    }
+
+    /// The full checkpoint name of `leaf` under this path.
+    pub fn name(&self, leaf: &str) -> String {
+        self.pp(leaf).prefix
+    }
+
+    /// The weight `leaf` under this path (see [`Loader::weight`]).
+    pub fn weight(&self, leaf: &str) -> Result<Weight> {
+        self.ld.weight(&self.name(leaf))
+    }
+
+    /// The small tensor `leaf` under this path (see [`Loader::small`]).
+    pub fn small(&self, leaf: &str, shape: &[i64], kind: Kind) -> Result<Tensor> {
+        self.ld.small(&self.name(leaf), shape, kind)
+    }
+
+    /// The loader: compute dtype, devices.
+    pub fn loader(&self) -> &'l Loader<'a> {
+        self.ld
     }
 }

@@ -21,7 +21,7 @@ use tch::{Kind, Tensor};
 
 use super::config::Config;
 use super::hooks::{HookPoint, Hooks};
-use super::loader::Loader;
+use super::loader::LoadPath;
 use super::nn::{Linear, RmsNorm};
 use super::rope::{Rope, RopeAngles};
 use crate::error::{Error, Result};
@@ -106,21 +106,21 @@ pub struct Mla {
 }
 
 impl Mla {
-    pub fn load(ld: &Loader, prefix: &str, cfg: &Config) -> Result<Mla> {
+    pub fn load(p: &LoadPath, cfg: &Config) -> Result<Mla> {
         let h = cfg.num_attention_heads;
         let bias = cfg.attention_bias;
         let q = match cfg.q_lora_rank {
-            None => QProj::Full(Linear::load(ld, &format!("{prefix}.q_proj"), h * cfg.qk_head_dim(), false)?),
+            None => QProj::Full(Linear::load(&p.pp("q_proj"), h * cfg.qk_head_dim(), false)?),
             Some(r) => QProj::LowRank {
-                a: Linear::load(ld, &format!("{prefix}.q_a_proj"), r, bias)?,
-                norm: RmsNorm::load(ld, &format!("{prefix}.q_a_layernorm"), r, cfg.rms_norm_eps)?,
-                b: Linear::load(ld, &format!("{prefix}.q_b_proj"), h * cfg.qk_head_dim(), false)?,
+                a: Linear::load(&p.pp("q_a_proj"), r, bias)?,
+                norm: RmsNorm::load(&p.pp("q_a_layernorm"), r, cfg.rms_norm_eps)?,
+                b: Linear::load(&p.pp("q_b_proj"), h * cfg.qk_head_dim(), false)?,
             },
         };
-        let kv_a_proj_with_mqa = Linear::load(ld, &format!("{prefix}.kv_a_proj_with_mqa"), cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias)?;
-        let kv_a_layernorm = RmsNorm::load(ld, &format!("{prefix}.kv_a_layernorm"), cfg.kv_lora_rank, cfg.rms_norm_eps)?;
-        let kv_b_proj = Linear::load(ld, &format!("{prefix}.kv_b_proj"), h * (cfg.qk_nope_head_dim + cfg.v_head_dim), false)?;
-        let o_proj = Linear::load(ld, &format!("{prefix}.o_proj"), cfg.hidden_size, bias)?;
+        let kv_a_proj_with_mqa = Linear::load(&p.pp("kv_a_proj_with_mqa"), cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias)?;
+        let kv_a_layernorm = RmsNorm::load(&p.pp("kv_a_layernorm"), cfg.kv_lora_rank, cfg.rms_norm_eps)?;
+        let kv_b_proj = Linear::load(&p.pp("kv_b_proj"), h * (cfg.qk_nope_head_dim + cfg.v_head_dim), false)?;
+        let o_proj = Linear::load(&p.pp("o_proj"), cfg.hidden_size, bias)?;
         Ok(Mla {
             q,
             kv_a_proj_with_mqa,

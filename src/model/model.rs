@@ -228,14 +228,16 @@ impl Model {
         };
         let ld = Loader::new(&ck, &plan, streamer.clone());
         let _guard = tch::no_grad_guard();
-        let embed_tokens = ld.weight("model.embed_tokens.weight")?;
+        let root = ld.root();
+        let body = root.pp("model");
+        let embed_tokens = body.weight("embed_tokens.weight")?;
         let layers = (0..config.num_hidden_layers)
-            .map(|i| DecoderLayer::load(&ld, i, &config))
+            .map(|i| DecoderLayer::load(&body.pp("layers"), i, &config))
             .collect::<Result<Vec<_>>>()?;
-        let norm = RmsNorm::load(&ld, "model.norm", config.hidden_size, config.rms_norm_eps)?;
+        let norm = RmsNorm::load(&body.pp("norm"), config.hidden_size, config.rms_norm_eps)?;
         // a tied model's own lm_head.weight, when the checkpoint has one, is used as before
         let lm_head = if plan.placement_of("lm_head.weight").is_some() {
-            ld.weight("lm_head.weight")?
+            root.weight("lm_head.weight")?
         } else {
             embed_tokens.share("lm_head.weight")
         };

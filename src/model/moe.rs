@@ -16,7 +16,7 @@ use tch::{Device, Kind, Tensor};
 
 use super::config::{Config, ScoringFunc, TopkMethod};
 use super::routing::{BiasEdit, RouterEdits, RouterInput, RouterSettings};
-use super::loader::Loader;
+use super::loader::LoadPath;
 use super::hooks::{HookPoint, Hooks, NoHooks};
 use super::nn::Linear;
 use super::stream::read_ahead;
@@ -34,20 +34,21 @@ pub struct Mlp {
 }
 
 impl Mlp {
-    /// Loads `{prefix}.{gate,up,down}_proj`; gate and up become the stacked
-    /// weight `{prefix}.gate_up_proj.weight`.
-    pub fn load(ld: &Loader, prefix: &str, hidden: usize, inter: usize, bias: bool) -> Result<Mlp> {
-        let weight = ld.weight(&format!("{prefix}.gate_up_proj.weight"))?;
+    /// Loads `{gate,up,down}_proj` under `p`; gate and up become the stacked
+    /// weight `gate_up_proj.weight`.
+    pub fn load(p: &LoadPath, hidden: usize, inter: usize, bias: bool) -> Result<Mlp> {
+        let weight = p.weight("gate_up_proj.weight")?;
         let bias_t = if bias {
             let i = [inter as i64];
-            let g = ld.small(&format!("{prefix}.gate_proj.bias"), &i, ld.kind())?;
-            let u = ld.small(&format!("{prefix}.up_proj.bias"), &i, ld.kind())?;
+            let kind = p.loader().kind();
+            let g = p.small("gate_proj.bias", &i, kind)?;
+            let u = p.small("up_proj.bias", &i, kind)?;
             Some(Tensor::f_cat(&[g, u], 0)?)
         } else {
             None
         };
         let gate_up = Linear { weight, bias: bias_t };
-        let down_proj = Linear::load(ld, &format!("{prefix}.down_proj"), hidden, bias)?;
+        let down_proj = Linear::load(&p.pp("down_proj"), hidden, bias)?;
         Ok(Mlp {
             gate_up,
             down_proj,
@@ -146,12 +147,11 @@ pub struct Selection {
 }
 
 impl Router {
-    pub fn load(ld: &Loader, prefix: &str, cfg: &Config) -> Result<Router> {
+    pub fn load(p: &LoadPath, cfg: &Config) -> Result<Router> {
         let e = cfg.n_routed_experts as i64;
-        let weight = ld.small(&format!("{prefix}.weight"), &[e, cfg.hidden_size as i64], Kind::Float)?;
-        let bias_name = format!("{prefix}.e_score_correction_bias");
+        let weight = p.small("weight", &[e, cfg.hidden_size as i64], Kind::Float)?;
         let e_score_correction_bias = match cfg.topk_method {
-            TopkMethod::NoauxTc => Some(ld.small(&bias_name, &[e], Kind::Float)?),
+            TopkMethod::NoauxTc => Some(p.small("e_score_correction_bias", &[e], Kind::Float)?),
             _ => None,
         };
         Ok(Router {
@@ -370,14 +370,14 @@ pub struct MoeOutput {
 }
 
 impl Moe {
-    pub fn load(ld: &Loader, prefix: &str, cfg: &Config) -> Result<Moe> {
-        let gate = Router::load(ld, &format!("{prefix}.gate"), cfg)?;
+    pub fn load(p: &LoadPath, cfg: &Config) -> Result<Moe> {
+        let gate = Router::load(&p.pp("gate"), cfg)?;
         let (d, im, bias) = (cfg.hidden_size, cfg.moe_intermediate_size, cfg.mlp_bias);
         let experts = (0..cfg.n_routed_experts)
-            .map(|e| Mlp::load(ld, &format!("{prefix}.experts.{e}"), d, im, bias))
+            .map(|e| Mlp::load(&p.pp("experts").pp(e), d, im, bias))
             .collect::<Result<Vec<_>>>()?;
         let shared_experts = if cfg.n_shared_experts > 0 {
-            Some(Mlp::load(ld, &format!("{prefix}.shared_experts"), d, im * cfg.n_shared_experts, bias)?)
+            Some(Mlp::load(&p.pp("shared_experts"), d, im * cfg.n_shared_experts, bias)?)
         } else {
             None
         };

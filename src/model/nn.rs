@@ -3,7 +3,7 @@
 
 use tch::{Kind, Tensor};
 
-use super::loader::Loader;
+use super::loader::LoadPath;
 use super::weight::Weight;
 use crate::error::Result;
 
@@ -16,10 +16,10 @@ pub struct Linear {
 }
 
 impl Linear {
-    /// Loads `{prefix}.weight` \[out, in\] and, when `bias`, `{prefix}.bias` \[out\].
-    pub fn load(ld: &Loader, prefix: &str, out: usize, bias: bool) -> Result<Linear> {
-        let weight = ld.weight(&format!("{prefix}.weight"))?;
-        let bias = if bias { Some(ld.small(&format!("{prefix}.bias"), &[out as i64], ld.kind())?) } else { None };
+    /// Loads `weight` \[out, in\] and, when `bias`, `bias` \[out\] under `p`.
+    pub fn load(p: &LoadPath, out: usize, bias: bool) -> Result<Linear> {
+        let weight = p.weight("weight")?;
+        let bias = if bias { Some(p.small("bias", &[out as i64], p.loader().kind())?) } else { None };
         Ok(Linear { weight, bias })
     }
 
@@ -41,8 +41,8 @@ pub struct RmsNorm {
 }
 
 impl RmsNorm {
-    pub fn load(ld: &Loader, name: &str, dim: usize, eps: f64) -> Result<RmsNorm> {
-        let weight = ld.small(&format!("{name}.weight"), &[dim as i64], ld.kind())?;
+    pub fn load(p: &LoadPath, dim: usize, eps: f64) -> Result<RmsNorm> {
+        let weight = p.small("weight", &[dim as i64], p.loader().kind())?;
         Ok(RmsNorm { weight, eps })
     }
 
