@@ -813,21 +813,24 @@ MLA = [
     spectrum_chart
     '''),
     md(r'''
-    ## 5. Content and position
+    ## 5. The content part and the RoPE part
 
-    Every pre-softmax score is a sum of two parts: content, $q_{nope} \cdot k_{nope}$ (through the latent),
-    and position, $q_{pe} \cdot k_{pe}$ (the decoupled RoPE part). `score_split` returns both, per head,
-    for causal (query, key) pairs; their sum is the score. Below, the two parts of layer 1's heads, then
-    for every layer and head the spread (standard deviation) of each part: the part that varies more
-    does more to decide where a head looks.
+    Every pre-softmax score is a sum of two parts: the content part, $q_{nope} \cdot k_{nope}$ (through
+    the latent), and the RoPE part, $q_{pe} \cdot k_{pe}$ (the decoupled rotary key). The RoPE part is not
+    "position only": $q_{pe}$ and $k_{pe}$ are projections of the tokens, rotated by their positions, so it
+    depends on what the tokens are *and* where they are. `score_split` returns both, per head, for causal
+    (query, key) pairs; their sum is the score. Below, the two parts of layer 1's heads (the colours are
+    pre-softmax score values, not attention probabilities), then for every layer and head the spread
+    (standard deviation) of each part: the part that varies more does more to decide where a head looks.
     '''),
     chart(r'''
     let split: ScoreSplit = model.score_split(TEXT, 1)?;
     split
     '''),
     code(r'''
-    let mut parts: Table = Table::new(["layer", "head", "std of content part", "std of position part", "position share of variance"])
+    let mut parts: Table = Table::new(["layer", "head", "std of content part", "std of RoPE part", "RoPE share of variance"])
         .caption("Pre-softmax score parts over the causal (query, key) pairs of LONG");
+    let mut rope_shares: Vec<f64> = Vec::new();
     for l in 0..model.config.num_hidden_layers {
         let s = model.score_split(LONG, l)?;
         let t = s.content.size()[2];
@@ -835,10 +838,22 @@ MLA = [
         for h in 0..model.config.num_attention_heads as i64 {
             let vc = s.content.get(0).get(h).masked_select(&causal).var(true).double_value(&[]);
             let vp = s.position.get(0).get(h).masked_select(&causal).var(true).double_value(&[]);
+            rope_shares.push(vp / (vc + vp));
             parts.add_row([l.into(), h.into(), Cell::number(vc.sqrt(), 3), Cell::number(vp.sqrt(), 3), Cell::number(vp / (vc + vp), 2)])?;
         }
     }
+    let (least, most) = rope_shares.iter().fold((f64::MAX, f64::MIN), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+    println!("RoPE share of the score variance: {least:.2} to {most:.2} over {} heads", rope_shares.len());
+    // the sentence below the table says "in every head, most of the variance": keep it true
+    assert!(least > 0.5, "a head where the content part varies more: revise the text");
     parts
+    '''),
+    md(r'''
+    **What to notice.** In every head of this model the RoPE part varies more than the content part: it
+    carries most of the variance of the scores (the cell prints the range and checks that the smallest
+    share is above one half). So where a head looks is decided mostly by the rotated `q_pe`/`k_pe` dot
+    product, which mixes relative position with the tokens' own projections, more than by the latent's
+    content part. This is a measurement of this model on this text, not a rule of MLA.
     '''),
     md(r'''
     ## 6. Truncating the latent
@@ -852,6 +867,25 @@ MLA = [
     chart(r'''
     let sweep: RankSweep = model.rank_truncation(LONG, &[64, 48, 32, 24, 16, 12, 8, 4, 0])?;
     sweep
+    '''),
+    md(r'''
+    **What to notice.** The basis is fitted on the very tokens the loss is measured on: the sweep is
+    *in-sample*. It shows how few directions this text needs at best, not what a fixed smaller cache would
+    give on other text. That is also why the loss can come out slightly *below* the full model's at
+    intermediate ranks: projecting out directions this text hardly uses can remove noise for this text.
+    The cell below prints the lowest loss of the sweep, its rank, and its difference from the full latent.
+    An honest test fits the basis on one text and evaluates it on another (see "What to try next").
+    '''),
+    code(r'''
+    {
+        // a block: the rows borrowed here are not kept as notebook variables
+        let full_row = sweep.rows.iter().find(|r| r.rank == model.config.kv_lora_rank);
+        let best_row = sweep.rows.iter().min_by(|a, b| a.mean_loss.total_cmp(&b.mean_loss));
+        if let (Some(full_row), Some(best_row)) = (full_row, best_row) {
+            println!("full latent (rank {}): loss {:.3}; lowest loss {:.3} at rank {} ({:+.3} nats, in-sample)",
+                full_row.rank, full_row.mean_loss, best_row.mean_loss, best_row.rank, best_row.mean_loss - full_row.mean_loss);
+        }
+    }
     '''),
     md(r'''
     Which layer needs its full latent most? Truncate one layer at a time to rank 8.
@@ -874,6 +908,9 @@ MLA = [
 
     - Run the effective rank and the truncation on a fortune or a Jargon File paragraph: does prose of
       another domain use the latent differently?
+    - Fit the basis out of sample: take the top right singular vectors of one text's captured `c_kv`
+      (`trace.tensor(HookPoint::CKv(l))?`, then `svd`), and project another text's latent onto them with
+      `Interventions::new().hook("blocks.*.attn.hook_c_kv", ...)`; compare the loss with the in-sample sweep.
     - Capture the latents themselves: `model.trace_with(text, &Capture::none().with(HookPoint::CKv(1)).with(HookPoint::KPe(1)), &Interventions::new())?`
       then `trace.tensor(HookPoint::CKv(1))?`.
     - Time `forward_with` with `ForwardOptions { attn: AttnImpl::Naive, ..Default::default() }` against the

@@ -319,11 +319,12 @@ impl ScoreSplit {
     /// Content and position parts for every head (batch row 0).
     pub fn figures(&self) -> Result<Vec<Figure>> {
         let mut out = Vec::new();
-        for (name, t) in [("content (q_nope . k_nope)", &self.content), ("position (q_pe . k_pe)", &self.position)] {
+        for (name, t) in [("content (q_nope . k_nope)", &self.content), ("RoPE part (q_pe . k_pe)", &self.position)] {
             let heads = Vec::<Vec<Vec<f32>>>::try_from(&t.select(0, 0))?;
             out.push(
                 AttentionGrid::new(&heads)
                     .colormap(Colormap::RdBu)
+                    .value_name("pre-softmax score part")
                     .title(format!("Attention score part: {name}, layer {}", self.layer))
                     .render()?,
             );
@@ -336,13 +337,13 @@ impl ScoreSplit {
             Ok(fs) => fs.into_iter().map(|f| Ok(f.to_html())).collect(),
             Err(e) => vec![Err(e)],
         };
-        bundle(format!("score split of layer {}: content {:?}, position {:?}", self.layer, self.content.size(), self.position.size()), parts)
+        bundle(format!("score split of layer {}: content {:?}, RoPE part {:?}", self.layer, self.content.size(), self.position.size()), parts)
     }
 }
 
 impl std::fmt::Display for ScoreSplit {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "score split of layer {}: content and position parts {:?}", self.layer, self.content.size())
+        write!(f, "score split of layer {}: content and RoPE parts {:?}", self.layer, self.content.size())
     }
 }
 

@@ -372,7 +372,7 @@ impl Interventions {
                                     if x < e {
                                         Ok(x as i64)
                                     } else {
-                                        Err(Error::out_of_range(IndexKind::Expert, x, e).in_context(format!("{iv}, layer {l}")))
+                                        Err(Error::out_of_range(IndexKind::Expert, x, e).in_context(iv))
                                     }
                                 })
                                 .collect()

@@ -61,7 +61,9 @@ pub struct ScoreSplit {
     pub layer: usize,
     /// `q_nope . k_nope * scale` [B, H, T, T].
     pub content: Tensor,
-    /// `q_pe . k_pe * scale` [B, H, T, T].
+    /// `q_pe . k_pe * scale` [B, H, T, T]: the RoPE part. `q_pe` and
+    /// `k_pe` are projections of the tokens rotated by their positions, so
+    /// this part depends on content as well as on relative position.
     pub position: Tensor,
 }
 
@@ -158,8 +160,8 @@ impl Model {
         effective_rank(t.tensor(HookPoint::CKv(layer))?)
     }
 
-    /// The pre-softmax attention scores of `layer` split into content and
-    /// position parts; their sum is the full score.
+    /// The pre-softmax attention scores of `layer` split into the content
+    /// part and the RoPE part; their sum is the full score.
     pub fn score_split(&self, input: impl Into<Input>, layer: usize) -> Result<ScoreSplit> {
         self.check_layer(layer)?;
         let input = input.into();

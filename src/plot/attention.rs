@@ -44,6 +44,7 @@ pub struct AttentionGrid {
     columns: Option<usize>,
     title: Option<String>,
     note: Option<String>,
+    value_name: Option<String>,
     colormap: Colormap,
     range: Option<(f64, f64)>,
     cell_size: Option<f64>,
@@ -55,6 +56,9 @@ setters!(AttentionGrid {
     text title;
     /// A line of small text under the title.
     text note;
+    /// What the values are (default "attention"): labels the colour bar and
+    /// the tooltips, e.g. "score" for pre-softmax scores.
+    text value_name;
     /// Panels per row (default: 4 up to 8 heads, then 8).
     some columns: usize;
     /// The colormap (default viridis).
@@ -83,6 +87,7 @@ impl AttentionGrid {
             columns: None,
             title: None,
             note: None,
+            value_name: None,
             colormap: Colormap::Viridis,
             range: None,
             cell_size: None,
@@ -201,7 +206,7 @@ impl AttentionGrid {
             cmap: self.colormap,
             lo,
             hi,
-            label: Some("attention"),
+            label: Some(self.value_name.as_deref().unwrap_or("attention")),
         };
         let missing = self
             .heads
@@ -270,7 +275,7 @@ impl AttentionGrid {
             let names = CellNames {
                 row: "query",
                 col: "key",
-                value: "attention",
+                value: self.value_name.as_deref().unwrap_or("attention"),
                 row_labels: Some(&query_labels),
                 col_labels: Some(&key_labels),
                 prefix: Some(&captions[h]),
