@@ -142,9 +142,11 @@ TOUR = [
 
     `Model::load_default()` loads `models/deepscope-tiny`, a DeepSeek-V3-shaped model trained by DeepScope
     itself on the King James Bible, fortune cookies and the Jargon File. It has 10.7M parameters, so it is
-    a toy as a language model, but every part of DeepSeek-V3 is in it: MLA with compressed keys and
-    queries, one dense layer, then DeepSeekMoE layers with a shared expert, 16 routed experts, a sigmoid
-    router with a correction bias, and group-limited top-k. A `Model` shows its summary; `model.config`
+    a toy as a language model, but it has the parts of DeepSeek-V3 that shape attention and routing: MLA
+    with compressed keys and queries, one dense layer, then DeepSeekMoE layers with a shared expert, 16
+    routed experts, a sigmoid router with a correction bias, and group-limited top-k. It leaves out
+    DeepSeek-V3's multi-token-prediction module and its YaRN long-context scaling (DeepScope loads YaRN
+    checkpoints; it skips multi-token-prediction layers). A `Model` shows its summary; `model.config`
     holds every field of its `config.json`.
     '''),
     code(r'''
@@ -197,10 +199,25 @@ TOUR = [
     the chosen experts, normalised to sum to one (then times `routed_scaling_factor`, 1 here): the bias
     decides who is chosen, never how much each chosen expert counts. `router_step` shows each stage and
     the margin between the k-th chosen and the best rejected expert.
+
+    The chart draws the choice scores with the bias *centred*: the trained bias is mostly one offset
+    shared by every expert (the chart's note prints its mean), and adding the same number to every choice
+    score changes no choice, so only its spread matters. The cell picks the first token where an expert
+    with a *higher* choice score than a chosen one was still left out, because its group was not among
+    the kept groups (if the text has such a token; it prints which).
     '''),
     chart(r'''
-    let pos: usize = trace.tokens[0].iter().position(|t| t.contains("God")).unwrap_or(1);
-    trace.router_step(last, pos)?
+    // from token 1: token 0 is the <|bos|> marker, not a word of the text
+    let group_lesson: Option<usize> = (1..trace.tokens[0].len())
+        .find(|&p| trace.router_step(last, p).map_or(false, |s| !s.outranked_by_group.is_empty()));
+    let pos: usize = group_lesson.unwrap_or_else(|| trace.tokens[0].iter().position(|t| t.contains("God")).unwrap_or(1));
+    let step: deepscope::inspect::RouterStep = trace.router_step(last, pos)?;
+    match group_lesson {
+        Some(_) => println!("token {pos} {:?}: experts {:?} had higher choice scores than a chosen expert but lost with their group",
+            step.token, step.outranked_by_group),
+        None => println!("no token of this text lost an expert to the group limit; showing token {pos}"),
+    }
+    step
     '''),
     md(r'''
     ## 5. What if two experts were missing?

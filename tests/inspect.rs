@@ -326,3 +326,22 @@ fn bad_input_is_refused_with_a_clear_error() {
     assert!(m.trace(vec![1, 500]).unwrap_err().to_string().contains("token id 500"));
     assert!(m.trace_with(x, &Capture::default().with(HookPoint::TopkIndices(0)), &Interventions::new()).unwrap_err().to_string().contains("dense"));
 }
+
+#[test]
+fn router_steps_name_the_experts_their_group_left_out() {
+    let m = model(); // 8 experts in 4 groups of 2, 2 groups kept, top-2
+    let t = m.trace(ids(40, 21)).unwrap();
+    let mut seen = 0;
+    for p in 0..40 {
+        let s = t.router_step(1, p).unwrap();
+        let kept = s.chosen_groups.clone().unwrap();
+        let kth = s.experts.iter().map(|&x| s.choice[x as usize]).fold(f32::INFINITY, f32::min);
+        let want: Vec<i64> = (0..8).filter(|&x| !kept.contains(&(x / 2)) && s.choice[x as usize] > kth).collect();
+        assert_eq!(s.outranked_by_group, want, "token {p}");
+        seen += want.len();
+        if !want.is_empty() {
+            assert!(s.to_string().contains("their group was not kept"));
+        }
+    }
+    assert!(seen > 0, "over 40 random tokens some expert should lose with its group");
+}

@@ -154,16 +154,30 @@ impl Trace {
 }
 
 impl RouterStep {
-    /// Scores and bias-adjusted scores of every expert, chosen ones listed.
+    /// Scores and choice scores of every expert, chosen ones listed. The
+    /// bias is drawn centred (its mean subtracted from every expert): adding
+    /// one constant to every choice score changes no choice, and a raw V3
+    /// bias is often one large offset that would dwarf the scores.
     pub fn figure(&self) -> Result<Figure> {
         let e = self.scores.len();
         let chosen: Vec<String> = self.experts.iter().map(|x| format!("e{x}")).collect();
+        let mean_bias = self.bias.iter().map(|&b| b as f64).sum::<f64>() / e.max(1) as f64;
+        let centred: Vec<f32> =
+            self.choice.iter().map(|v| if v.is_finite() { (*v as f64 - mean_bias) as f32 } else { 0.0 }).collect();
+        let mut note = format!("chosen: {}; margin {:.4}", chosen.join(", "), self.margin);
+        if mean_bias != 0.0 {
+            note.push_str(&format!("; mean bias {mean_bias:+.3} subtracted"));
+        }
+        if !self.outranked_by_group.is_empty() {
+            let xs: Vec<String> = self.outranked_by_group.iter().map(|x| format!("e{x}")).collect();
+            note.push_str(&format!("; {} left out with their group", xs.join(", ")));
+        }
         Ok(BarChart::new(expert_labels(e))
             .series("score", &self.scores)
-            .series("score + bias (choice)", &self.choice.iter().map(|v| if v.is_finite() { *v } else { 0.0 }).collect::<Vec<f32>>())
+            .series("score + bias - mean bias (choice)", &centred)
             .mode(BarMode::Grouped)
             .title(format!("Router, layer {}, token {} {:?}", self.layer, self.position, readable_token(&self.token)))
-            .note(format!("chosen: {}; margin {:.4}", chosen.join(", "), self.margin))
+            .note(note)
             .x_title("expert")
             .y_title("score")
             .render()?)

@@ -32,6 +32,9 @@ pub struct RouterStep {
     /// Choice score of the k-th chosen expert minus the best one left out
     /// (among experts in kept groups); small margins mean fragile choices.
     pub margin: f32,
+    /// Experts left out although their choice score beat the k-th chosen
+    /// expert's: their group was not kept (group-limited routing only).
+    pub outranked_by_group: Vec<i64>,
     /// What the router would have chosen without the bias.
     pub experts_without_bias: Option<Vec<i64>>,
     /// Whether the bias changed the chosen set.
@@ -71,6 +74,8 @@ impl Trace {
             .filter(|&x| allowed(x) && !experts.contains(&(x as i64)))
             .map(|x| choice[x])
             .fold(f32::NEG_INFINITY, f32::max);
+        let outranked_by_group: Vec<i64> =
+            (0..e).filter(|&x| !allowed(x) && choice[x] > kth).map(|x| x as i64).collect();
         let without = r.topk_without_bias.as_ref().map(vi).transpose()?;
         let changed = without.as_ref().is_some_and(|w| {
             let mut a = w.clone();
@@ -95,6 +100,7 @@ impl Trace {
             weights: v32(&r.topk_weights)?,
             experts,
             margin: kth - best_out,
+            outranked_by_group,
             experts_without_bias: without,
             bias_changed_choice: changed,
         })
@@ -136,6 +142,10 @@ impl fmt::Display for RouterStep {
         let chosen: Vec<String> = self.experts.iter().zip(&self.weights).map(|(e, w)| format!("e{e} (w {w:.3})")).collect();
         writeln!(f, "  4. top-{k}:                  {}", chosen.join(", "))?;
         writeln!(f, "     margin k-th vs next:    {:.4}", self.margin)?;
+        if !self.outranked_by_group.is_empty() {
+            let xs: Vec<String> = self.outranked_by_group.iter().map(|x| format!("e{x}")).collect();
+            writeln!(f, "     left out, though above the k-th: {} (their group was not kept)", xs.join(", "))?;
+        }
         match &self.experts_without_bias {
             Some(w) if self.bias_changed_choice => writeln!(f, "  5. without the bias:       {w:?}  (the bias changed the choice)"),
             Some(_) => writeln!(f, "  5. without the bias:       same experts"),
