@@ -1242,6 +1242,37 @@ PROTOTYPING = [
     compare(&base, &model.trace_with(TEXT, &Capture::default(), &force)?)?
     '''),
     md(r'''
+    **What to notice.** If forcing only swapped one expert in for another, each token would keep $k-1$ of
+    its $k$ experts, a Jaccard similarity (shared experts / experts in either set) of $(k-1)/(k+1)$ = 0.6
+    for $k = 4$. The last layer's mean Jaccard is lower. A forced expert's choice score is $+\infty$, so its
+    *group's* score is too, and that group is kept for every token. Where the token had not kept it, it
+    pushes out one of the token's groups, and with it every expert the token had there. The cell counts
+    both, and checks the reading: a mean Jaccard below 0.6 needs more than one expert replaced per token
+    on average.
+    '''),
+    code(r'''
+    {
+        let forced: Trace = model.trace_with(TEXT, &Capture::default(), &force)?;
+        let (a, b) = (base.routing_of(last)?, forced.routing_of(last)?);
+        let (rows_a, rows_b) = (Vec::<Vec<i64>>::try_from(&a.topk_indices)?, Vec::<Vec<i64>>::try_from(&b.topk_indices)?);
+        let groups_before = match &a.chosen_groups {
+            Some(g) => Vec::<Vec<i64>>::try_from(g)?,
+            None => vec![vec![]; rows_a.len()],
+        };
+        let forced_group = (idlest / (model.config.n_routed_experts / model.config.n_group)) as i64;
+        let group_was_out = groups_before.iter().filter(|g| !g.contains(&forced_group)).count();
+        let replaced: usize = rows_a.iter().zip(&rows_b).map(|(x, y)| x.iter().filter(|e| !y.contains(e)).count()).sum();
+        let per_token = replaced as f64 / rows_a.len() as f64;
+        let k = model.config.num_experts_per_tok as f64;
+        let jaccard = compare(&base, &forced)?.routing[&last].mean_jaccard;
+        println!("one expert swapped would give Jaccard {:.2}; measured {jaccard:.3}", (k - 1.0) / (k + 1.0));
+        println!("experts replaced per token: {per_token:.2} on average; expert {idlest}'s group {forced_group} \
+            was not kept for {group_was_out} of {} tokens before forcing", rows_a.len());
+        assert!(jaccard < (k - 1.0) / (k + 1.0), "the text says the Jaccard is below (k-1)/(k+1): revise it");
+        assert!(per_token > 1.0);
+    }
+    '''),
+    md(r'''
     ## 2. A top-k sweep
 
     Each token's routed compute grows linearly with $k$, the number of experts per token (the model was
