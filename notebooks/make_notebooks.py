@@ -1174,6 +1174,8 @@ PROTOTYPING = [
         name: String,
         perplexity: f64,
         stats: RoutingStats,
+        /// Next-token loss of every scored token, in the same order in every run.
+        losses: Vec<f64>,
     }
 
     impl std::fmt::Display for Outcome {
@@ -1192,6 +1194,7 @@ PROTOTYPING = [
     fn run(model: &Model, docs: &[String], name: &str, interventions: &Interventions) -> deepscope::Result<Outcome> {
         let (mut nll, mut n) = (0.0, 0usize);
         let mut stats = RoutingStats::default();
+        let mut losses: Vec<f64> = Vec::new();
         for doc in docs {
             let ids = model.encode(doc)?;
             for window in ids.chunks(256).filter(|w| w.len() >= 2) {
@@ -1200,10 +1203,11 @@ PROTOTYPING = [
                 let loss = t.loss()?;
                 nll += loss.sum(Kind::Double).double_value(&[]);
                 n += loss.numel();
+                losses.extend(Vec::<f64>::try_from(loss.flatten(0, -1).to_kind(Kind::Double))?);
                 stats.add(&t)?;
             }
         }
-        Ok(Outcome { name: name.to_string(), perplexity: (nll / n as f64).exp(), stats })
+        Ok(Outcome { name: name.to_string(), perplexity: (nll / n as f64).exp(), stats, losses })
     }
 
     let held: Vec<(Domain, String)> = heldout_docs();
@@ -1218,7 +1222,9 @@ PROTOTYPING = [
     A banned expert's choice score is set to $-\infty$, so the router takes the next best eligible expert;
     a forced expert's is set to $+\infty$, so it is chosen for every token, whatever its group. The weights
     still come from the unbiased scores. Ban the two busiest experts of the last MoE layer, then force its
-    idlest one. For a token-level view, `compare` runs on one sentence.
+    idlest one. Each cell prints the corpus run (the measurement: its interval is in section 5), then
+    `compare` on one sentence for a token-level view. The sentence is some 25 tokens: its loss change can
+    even have the opposite sign to the corpus's, and it is an illustration, not a result.
     '''),
     chart(r'''
     const TEXT: &str = "The LORD is my shepherd; I shall not want. He maketh me to lie down in green pastures.";
@@ -1313,10 +1319,13 @@ PROTOTYPING = [
 
     `e_score_correction_bias` moves the choice and nothing else. Three edits, in every MoE layer:
 
-    - **zero**: route on the raw scores, as a router trained without balancing would;
-    - **replayed**: the bias the balancing rule reaches on this very text, starting from zero (the replay
-      of notebook 02, one per layer);
-    - **tripled**: the trained bias times 3: balancing pushed harder than training did.
+    - **zero**: route on the scores alone. This is *not* a router trained without balancing: the router's
+      weights were trained together with this bias and expect it, so zeroing shows how much the trained
+      bias steers this trained router;
+    - **replayed**: the bias the balancing rule reaches, starting from zero (the replay of notebook 02,
+      one per layer), fitted twice: on the very documents every run is scored on (in-sample), and on
+      *other* held-out documents (out-of-sample), the fair test;
+    - **tripled**: the trained bias times 3: is more of the same bias more balance?
 
     The trained bias is read from the baseline trace, which records the bias each router used.
     '''),
@@ -1331,21 +1340,83 @@ PROTOTYPING = [
         tripled = tripled.bias(*l, &b.iter().map(|x| 3.0 * x).collect::<Vec<f32>>());
     }
     let mut replayed: Interventions = Interventions::new();
+    let mut replayed_in_sample: Interventions = Interventions::new();
+    let mut replay_out_of_sample: bool = true;
     {
-        let mut ids: Vec<i64> = Vec::new();
-        for d in &docs {
-            ids.extend(model.encode(d)?);
+        // fit on the held-out documents after the ones `docs` took, about as many bytes per domain
+        let mut fit_docs: Vec<String> = Vec::new();
+        for &d in Domain::ALL.iter() {
+            let used = sample(&held, d, 2000).len();
+            let mut bytes = 0;
+            for (_, text) in held.iter().filter(|(x, _)| *x == d).skip(used) {
+                if bytes >= 2000 {
+                    break;
+                }
+                bytes += text.len();
+                fit_docs.push(text.clone());
+            }
         }
-        let seq = 128.min(ids.len());
-        let batch = Tensor::from_slice(&ids[..ids.len() / seq * seq]).view([-1, seq as i64]);
-        let recorded = model.trace_with(&batch, &Capture::routing_only(), &Interventions::new())?;
-        for &l in &layers {
-            replayed = replayed.bias(l, &model.replay_bias_balancing(&recorded, l, 0.01, 200)?.final_bias);
+        if fit_docs.is_empty() {
+            println!("no other held-out text: the replay is fitted on the scored text (in-sample)");
+            fit_docs = docs.clone();
+            replay_out_of_sample = false;
+        }
+        for (fit, target, what) in [(&fit_docs, &mut replayed, "other held-out documents"), (&docs, &mut replayed_in_sample, "the scored documents")] {
+            let mut ids: Vec<i64> = Vec::new();
+            for d in fit.iter() {
+                ids.extend(model.encode(d)?);
+            }
+            println!("replay fitted on {what}: {} documents, {} tokens", fit.len(), ids.len());
+            let seq = 128.min(ids.len());
+            let batch = Tensor::from_slice(&ids[..ids.len() / seq * seq]).view([-1, seq as i64]);
+            let recorded = model.trace_with(&batch, &Capture::routing_only(), &Interventions::new())?;
+            for &l in &layers {
+                *target = target.clone().bias(l, &model.replay_bias_balancing(&recorded, l, 0.01, 200)?.final_bias);
+            }
         }
     }
-    for (name, iv) in [("zero bias", &zero), ("replayed bias", &replayed), ("tripled bias", &tripled)] {
+    for (name, iv) in [("zero bias", &zero), ("replayed bias, in-sample", &replayed_in_sample), ("replayed bias, other text", &replayed), ("tripled bias", &tripled)] {
         results.push(run(&model, &docs, name, iv)?);
         println!("{}", results.last().unwrap());
+    }
+    '''),
+    md(r'''
+    **What to notice.** The max/mean load is the busiest expert's load over the average (1 = even). The
+    cell below checks each reading against the runs:
+
+    - fitted on the very tokens it is scored on, the replayed bias gives the most even load in every MoE
+      layer, and costs perplexity;
+    - fitted on other held-out documents, it does *not* even out the scored text: in at least one layer
+      its load is less even than with the trained bias. The in-sample balance was fitted to the quirks of
+      a few thousand tokens; this is why a fit is judged on text it has not seen;
+    - tripling the trained bias leaves the last layer's load less even than the trained bias: more of the
+      same bias is not more balance. The trained bias is tuned to the router it was trained with, and
+      scaling it overshoots;
+    - zeroing the bias: the cell prints its loads; read them against the trained bias's yourself.
+    '''),
+    code(r'''
+    {
+        let find = |name: &str| results.iter().find(|o| o.name == name);
+        let runs = (find("baseline"), find("zero bias"), find("replayed bias, in-sample"), find("replayed bias, other text"), find("tripled bias"));
+        if let (Some(b), Some(z), Some(ri), Some(ro), Some(t)) = runs {
+            let imb = |o: &Outcome, l: usize| o.stats.imbalance(l).map(|i| i.max_over_mean).unwrap_or(f64::NAN);
+            let mut t_: Table = Table::new(["layer", "trained bias", "zero", "replayed, in-sample", "replayed, other text", "tripled"])
+                .caption("Max/mean expert load on the scored text");
+            for &l in &layers {
+                t_.add_row([l.into(), Cell::number(imb(b, l), 2), Cell::number(imb(z, l), 2), Cell::number(imb(ri, l), 2),
+                    Cell::number(imb(ro, l), 2), Cell::number(imb(t, l), 2)])?;
+                let others = [b, z, ro, t].iter().map(|o| imb(o, l)).fold(f64::INFINITY, f64::min);
+                assert!(imb(ri, l) < others, "layer {l}: the in-sample replay is not the most even: revise the text");
+            }
+            assert!(ri.perplexity > b.perplexity, "the in-sample replay does not cost perplexity: revise the text");
+            if replay_out_of_sample {
+                assert!(layers.iter().any(|&l| imb(ro, l) > imb(b, l)), "the out-of-sample replay evens every layer: revise the text");
+            }
+            assert!(imb(t, last) > imb(b, last), "the tripled bias is not less even in the last layer: revise the text");
+            println!("perplexity: trained {:.2}, zero {:.2}, replayed in-sample {:.2}, replayed on other text {:.2}, tripled {:.2}",
+                b.perplexity, z.perplexity, ri.perplexity, ro.perplexity, t.perplexity);
+            println!("{t_}");
+        }
     }
     '''),
     md(r'''
@@ -1412,19 +1483,44 @@ PROTOTYPING = [
 
     The same held-out tokens under every change above (the top-k sweep has its own table). Perplexity is
     what the change costs; the load columns say whether it unbalanced the experts.
+
+    **How sure is a change?** A few thousand tokens is a small sample, so each change gets a 95% interval
+    from a paired bootstrap: the per-token loss differences (variant minus baseline, same tokens) are
+    resampled 2,000 times, and the perplexity change of each resample is $e^{\text{mean difference}} - 1$.
+    A change whose interval contains 0 is within the noise of this sample and is not a result. Tokens of
+    one document are not independent, so these intervals are, if anything, too narrow.
     '''),
     code(r'''
-    let mut headers: Vec<String> = vec!["run".into(), "perplexity".into(), "change".into()];
+    /// 95% paired-bootstrap interval of the perplexity change of `variant` over `base` (same tokens).
+    fn change_interval(base: &[f64], variant: &[f64], resamples: i64) -> (f64, f64) {
+        let n = base.len().min(variant.len()) as i64;
+        let diffs = Tensor::from_slice(&variant[..n as usize]) - Tensor::from_slice(&base[..n as usize]);
+        deepscope::tch::manual_seed(0);
+        let idx = Tensor::randint(n, [resamples * n], (Kind::Int64, Device::Cpu));
+        let means = diffs.index_select(0, &idx).view([resamples, n]).mean_dim(1, false, Kind::Double);
+        let q = |p: f64| means.quantile_scalar(p, None::<i64>, false, "linear").double_value(&[]).exp() - 1.0;
+        (q(0.025), q(0.975))
+    }
+    let mut headers: Vec<String> = vec!["run".into(), "perplexity".into(), "change".into(), "95% interval".into(), "beyond noise".into()];
     headers.extend(layers.iter().map(|l| format!("max/mean load, layer {l}")));
     let mut runs: Table = Table::new(headers).caption(format!("Every run over the same {} held-out tokens", results[0].stats.tokens));
+    let mut within_noise: Vec<String> = Vec::new();
     for o in &results {
+        let (lo, hi) = change_interval(&results[0].losses, &o.losses, 2000);
+        let beyond = o.name != results[0].name && (lo > 0.0 || hi < 0.0);
+        if o.name != results[0].name && !beyond {
+            within_noise.push(o.name.clone());
+        }
         let mut row: Vec<Cell> = vec![o.name.as_str().into(), Cell::number(o.perplexity, 2),
-            Cell::text(format!("{:+.1}%", 100.0 * (o.perplexity / results[0].perplexity - 1.0)))];
+            Cell::text(format!("{:+.1}%", 100.0 * (o.perplexity / results[0].perplexity - 1.0))),
+            Cell::text(if o.name == results[0].name { String::new() } else { format!("{:+.1}% to {:+.1}%", 100.0 * lo, 100.0 * hi) }),
+            beyond.into()];
         for &l in &layers {
             row.push(Cell::number(o.stats.imbalance(l)?.max_over_mean, 2));
         }
         runs.add_row(row)?;
     }
+    println!("within the noise of this sample: {}", if within_noise.is_empty() { "none".to_string() } else { within_noise.join(", ") });
     runs
     '''),
     md(r'''
