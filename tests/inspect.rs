@@ -253,6 +253,10 @@ fn bias_replay_evens_out_the_load() {
     let first = replay.max_over_mean[0];
     let tail: f64 = replay.max_over_mean[180..].iter().sum::<f64>() / 20.0;
     assert!(tail < first, "max/mean {first} -> {tail}");
+    // the range of the last steps brackets every one of them, and the display names it when it moves
+    let (lo, hi) = replay.settled_range(20);
+    assert!(replay.max_over_mean[180..].iter().all(|&v| lo <= v && v <= hi));
+    assert_eq!(replay.to_string().contains("the last 20 steps move between"), hi > lo);
 }
 
 #[test]

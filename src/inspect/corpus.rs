@@ -420,6 +420,16 @@ impl Model {
     }
 }
 
+impl BiasReplay {
+    /// The lowest and highest max/mean load over the last `steps` steps: a
+    /// fixed-step rule ends near balance moving between values (often a
+    /// two-step cycle) rather than at one.
+    pub fn settled_range(&self, steps: usize) -> (f64, f64) {
+        let tail = &self.max_over_mean[self.max_over_mean.len().saturating_sub(steps)..];
+        tail.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &v| (lo.min(v), hi.max(v)))
+    }
+}
+
 impl fmt::Display for BiasReplay {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let first = self.max_over_mean.first().copied().unwrap_or(0.0);
@@ -432,7 +442,13 @@ impl fmt::Display for BiasReplay {
             first,
             last,
             self.max_over_mean.len()
-        )
+        )?;
+        // a fixed step cannot settle exactly: say when the end still moves
+        let (lo, hi) = self.settled_range(20);
+        if hi > lo {
+            write!(f, "; the last {} steps move between {lo:.3} and {hi:.3}", self.max_over_mean.len().min(20))?;
+        }
+        Ok(())
     }
 }
 
