@@ -251,9 +251,10 @@ impl fmt::Display for LogitLens {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "Logit lens: top next token after each layer")?;
         for (pos, tok) in self.tokens.iter().enumerate() {
-            write!(f, "{:>4} {:<14}", pos, format!("{tok:?}"))?;
+            // tokens as the charts show them (␣ for a space, ↵ for a newline)
+            write!(f, "{:>4} {:<14}", pos, crate::plot::readable_token(tok))?;
             for layer in &self.resid {
-                write!(f, " | {:<12}", format!("{:?}", layer[pos].0))?;
+                write!(f, " | {:<12}", crate::plot::readable_token(&layer[pos].0))?;
             }
             writeln!(f)?;
         }

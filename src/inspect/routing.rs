@@ -126,7 +126,7 @@ impl Trace {
 
 impl fmt::Display for RouterStep {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "Router of layer {} for token {} ({:?})", self.layer, self.position, self.token)?;
+        writeln!(f, "Router of layer {} for token {} ({})", self.layer, self.position, crate::plot::readable_token(&self.token))?;
         let top = |v: &[f32], n: usize| {
             let mut idx: Vec<usize> = (0..v.len()).collect();
             idx.sort_by(|&a, &b| v[b].total_cmp(&v[a]));
@@ -166,7 +166,7 @@ impl fmt::Display for RoutingMap {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "Routing of {} tokens in MoE layers {:?} (experts chosen per token)", self.tokens.len(), self.layers.iter().map(|l| l.0).collect::<Vec<_>>())?;
         for (i, tok) in self.tokens.iter().enumerate() {
-            write!(f, "{:>4} {:<14}", i, format!("{tok:?}"))?;
+            write!(f, "{:>4} {:<14}", i, crate::plot::readable_token(tok))?;
             for (_, w) in &self.layers {
                 let chosen: Vec<String> = w[i].iter().enumerate().filter(|(_, &x)| x != 0.0).map(|(e, _)| e.to_string()).collect();
                 write!(f, " | {:<12}", chosen.join(","))?;
