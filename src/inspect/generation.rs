@@ -3,6 +3,24 @@
 //! any hook) is one call, and what the passes recorded comes back as one
 //! [`Trace`] of the sequence the model read, routing per generated token
 //! included, so every view of a trace works on a generation too.
+//!
+//! ```
+//! use deepscope::prelude::*;
+//! # fn main() -> deepscope::Result<()> {
+//! let model = Model::load_default()?;
+//! // your own code at a hook point (a name, a glob, or a HookPoint)
+//! let halve = Interventions::new().hook("blocks.2.attn.hook_c_kv", |_ctx, x| Ok(x * 0.5));
+//! let h = model.trace_with("And God said, Let there be light", &Capture::default(), &halve)?;
+//! assert_eq!(h.interventions, vec!["hook at `blocks.2.attn.hook_c_kv`".to_string()]);
+//!
+//! // steer a generation: add a vector to the residual stream from position 10 on
+//! let v = Tensor::randn([model.config.hidden_size as i64], (Kind::Float, Device::Cpu));
+//! let steer = Interventions::new().add_vector_from("blocks.1.hook_resid_post", &v, 10);
+//! let g = model.generate_with("In the beginning", &GenerateOptions::greedy(&model, 20), &Capture::routing_only(), &steer)?;
+//! // one trace of every token read, routing per generated token included
+//! assert_eq!(g.trace.seq_len() as usize, g.generation.prompt.len() + g.generation.tokens.len() - 1);
+//! # Ok(()) }
+//! ```
 
 use std::fmt;
 
