@@ -291,6 +291,31 @@ TOUR = [
       token by the model's surprise.
     - The other notebooks go deeper: **02** the router and corpus statistics, **03** MLA compression,
       **04** activation statistics, **05** prototyping routing changes, **06** real DeepSeek checkpoints.
+
+    ## Exercises
+
+    <details><summary>1. The cell in section 4 names experts whose choice score beat a chosen expert's, and
+    that were still left out. Why?</summary>
+
+    Their groups were not kept. Experts form `n_group` groups; a group's score is the sum of its two best
+    choice scores, and only the best `topk_group` groups stay eligible. The printed group scores show the
+    left-out experts' groups below the kept ones, so no expert of theirs could be chosen, however high its
+    own score.
+    </details>
+
+    <details><summary>2. Add the same number to every expert's bias. Which experts are chosen now?</summary>
+
+    The same ones. Every choice score moves by the same amount, and every group score (a sum of two choice
+    scores) by twice that amount, so no ranking changes. That is why the router chart centres the bias:
+    only its spread matters.
+    </details>
+
+    <details><summary>3. The bias decides which experts are chosen. Does it change how much a chosen expert
+    counts?</summary>
+
+    No: the weights are the *unbiased* scores of the chosen experts, normalised. Compare the weights
+    printed by `router_step` with the scores of the same experts.
+    </details>
     '''),
 ]
 
@@ -1002,8 +1027,29 @@ MLA = [
       then `trace.tensor(HookPoint::CKv(1))?`.
     - Time `forward_with` with `ForwardOptions { attn: AttnImpl::Naive, ..Default::default() }` against the
       absorbed path on a long input.
-    - Notebook **06** does the cache arithmetic for DeepSeek-V2-Lite and Moonlight, and runs these checks on
-      real weights.
+    - Notebook **06** does the cache arithmetic for the published models (DeepSeek-V3, V2-Lite, Moonlight,
+      Kimi-K2) from their configs, and loads real or synthetic checkpoints: run this notebook's cells on a
+      model loaded there to check real weights.
+
+    ## Exercises
+
+    <details><summary>1. Why can the content part absorb $W_{UK}$ into the query, but the RoPE part
+    cannot?</summary>
+
+    Absorption rewrites $q^\top (W_{UK} c) = (W_{UK}^\top q)^\top c$: one fixed matrix moves from the key
+    side to the query side. RoPE rotates the query and the key by matrices that depend on their positions,
+    $R_m q$ and $R_n k$, so the score involves $R_m^\top R_n = R_{n-m}$, which differs for every pair of
+    positions: no single matrix can be folded into the query once for all cached keys. MLA therefore keeps
+    a small separate rotated key $k_{pe}$ per token and absorbs $W_{UK}$ only where no rotation sits.
+    </details>
+
+    <details><summary>2. The truncation sweep's lowest loss is below the full latent's. Is the latent
+    bigger than it needs to be?</summary>
+
+    Not on this evidence. The basis was fitted on the very tokens the loss is measured on (in-sample), so
+    the sweep flatters truncation. Fit the basis on one text and evaluate on another (the hook recipe
+    above) before concluding anything about the cache size.
+    </details>
     '''),
 ]
 
@@ -1729,6 +1775,30 @@ PROTOTYPING = [
       from a chosen position on (`ctx.from_position(&x, p)?`).
     - `Interventions::remove(i)` takes one change out of a stack; `patch(HookPoint::TopkWeights(l), &w)`
       replaces the weights while keeping the choice.
+
+    ## Exercises
+
+    <details><summary>1. Predict the mean Jaccard similarity for forcing one expert, if forcing only swapped
+    one expert in (k = 4).</summary>
+
+    A token would keep 3 of its 4 experts and gain the forced one: 3 shared out of 5 in either set, so
+    3/5 = 0.6. Section 1 measures less, because the forced expert's group is kept for every token and
+    pushes out one of the token's own groups.
+    </details>
+
+    <details><summary>2. The replayed bias evens the load when fitted on the scored text, but not when
+    fitted on other held-out text. Which result describes the rule?</summary>
+
+    The out-of-sample one. Fitted and scored on the same few thousand tokens, the rule can balance exactly
+    those tokens; on new text of the same kind that balance does not carry over. A fit is judged on text
+    it has not seen.
+    </details>
+
+    <details><summary>3. Which rows of the summary table are results?</summary>
+
+    Only those marked "beyond noise": their 95% interval excludes 0. The others changed perplexity by
+    less than this sample can tell apart from chance, whatever the sign of the change.
+    </details>
     '''),
 ]
 
