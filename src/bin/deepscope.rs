@@ -13,7 +13,7 @@ use clap::{Parser, Subcommand};
 use deepscope::model::tokenizer::StreamDecoder;
 use deepscope::model::{
     parse_device, parse_dtype, AttnImpl, Config, DeviceMap, ForwardOptions, GenerateOptions, LoadOptions, MemoryBudget, Model,
-    Plan, Sampling, StopReason,
+    Plan, Sampling,
 };
 use deepscope::stats::{human_bytes, CacheFootprint, ParamCounts};
 use tch::{Kind, Tensor};
@@ -650,17 +650,13 @@ fn generate(
     }
     let secs = start.elapsed().as_secs_f64();
     println!();
-    let why = match g.stop {
-        StopReason::MaxNewTokens => "max new tokens".to_string(),
-        StopReason::StopToken(t) => format!("stop token {t}"),
-        StopReason::Cancelled => "cancelled".to_string(),
-    };
     eprintln!(
-        "[{} prompt + {} new tokens in {:.2} s ({:.1} tok/s), stopped by {why}; compressed KV cache {} for {} positions]",
+        "[{} prompt + {} new tokens in {:.2} s ({:.1} tok/s), stopped by {}; compressed KV cache {} for {} positions]",
         g.prompt.len(),
         g.tokens.len(),
         secs,
         g.tokens.len() as f64 / secs.max(1e-9),
+        g.stop,
         human_bytes(g.cache_bytes as u64),
         g.cache_len
     );

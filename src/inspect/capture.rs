@@ -7,8 +7,8 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
-use super::points::Points;
-use crate::error::{Error, Result};
+use super::points::{glob_of, Points};
+use crate::error::Result;
 use crate::model::{HookPoint, Model};
 
 /// What to record during a forward pass. The default records routing,
@@ -80,11 +80,11 @@ impl Capture {
     /// `blocks.3.*`: see [`Points`]).
     pub fn with_names(mut self, names: &[&str]) -> Result<Capture> {
         for n in names {
-            if n.contains(['*', '?', '[']) {
-                glob::Pattern::new(n).map_err(|e| Error::Input(format!("`{n}` is not a valid hook-point pattern: {e}")))?;
-                self.matching.push(Points::from(*n));
-            } else {
-                self.tensors.insert(n.parse()?);
+            match glob_of(n)? {
+                Some(_) => self.matching.push(Points::from(*n)),
+                None => {
+                    self.tensors.insert(n.parse()?);
+                }
             }
         }
         Ok(self)

@@ -30,7 +30,7 @@ use super::capture::Capture;
 use super::interventions::Interventions;
 use super::trace::{Input, Probe, Trace};
 use crate::error::{Error, Result};
-use crate::model::{GenerateOptions, Generation, Model, StopReason};
+use crate::model::{GenerateOptions, Generation, Model};
 use crate::plot::MimeBundle;
 
 /// A generation and the trace of its passes.
@@ -83,14 +83,10 @@ impl Model {
 impl fmt::Display for TracedGeneration {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let g = &self.generation;
-        let why = match g.stop {
-            StopReason::MaxNewTokens => "max new tokens".to_string(),
-            StopReason::StopToken(t) => format!("stop token {t}"),
-            StopReason::Cancelled => "cancelled".to_string(),
-        };
+        write!(f, "{} new tokens after a {}-token prompt (stopped by {}): ", g.tokens.len(), g.prompt.len(), g.stop)?;
         match &self.text {
-            Some(t) => writeln!(f, "{} new tokens after a {}-token prompt (stopped by {why}): {t:?}", g.tokens.len(), g.prompt.len())?,
-            None => writeln!(f, "{} new tokens after a {}-token prompt (stopped by {why}): {:?}", g.tokens.len(), g.prompt.len(), g.tokens)?,
+            Some(t) => writeln!(f, "{t:?}")?,
+            None => writeln!(f, "{:?}", g.tokens)?,
         }
         write!(f, "{}", self.trace)
     }
@@ -101,11 +97,12 @@ impl TracedGeneration {
     /// read, prompt and generated).
     pub fn mime_bundle(&self) -> MimeBundle {
         let mut b = self.trace.mime_bundle();
-        let head = self.to_string().lines().next().unwrap_or_default().to_string();
-        b.insert(crate::plot::MimeType::TextPlain, self.to_string());
+        let text = self.to_string();
+        let head = text.lines().next().unwrap_or_default();
         if let Some(html) = b.get(crate::plot::MimeType::TextHtml).map(str::to_string) {
-            b.insert(crate::plot::MimeType::TextHtml, format!("<p>{}</p>{html}", crate::plot::svg::escape(&head)));
+            b.insert(crate::plot::MimeType::TextHtml, format!("<p>{}</p>{html}", crate::plot::svg::escape(head)));
         }
+        b.insert(crate::plot::MimeType::TextPlain, text);
         b
     }
 

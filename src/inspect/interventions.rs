@@ -1,7 +1,6 @@
 //! Interventions: values that change one forward pass. They are stacked in an
-//! [`Interventions`] list passed to `Model::trace_with` or to a generation
-//! ([`GenerateOptions::interventions`](crate::model::GenerateOptions));
-//! nothing is stored in the model or in a global, so removing one from the
+//! [`Interventions`] list passed to `Model::trace_with` or to
+//! `Model::generate_with` (every pass of a generation); nothing is stored in the model or in a global, so removing one from the
 //! list undoes it. The value-level ones (head ablation, latent truncation,
 //! patches, added vectors and user hooks) apply in list order at each point.
 

@@ -24,6 +24,15 @@ pub enum Points {
     Matching(Arc<dyn Fn(HookPoint) -> bool + Send + Sync>),
 }
 
+/// The glob in `name`, compiled, or `None` when `name` is a plain point
+/// name (no `*`, `?` or `[`).
+pub(crate) fn glob_of(name: &str) -> Result<Option<glob::Pattern>> {
+    if !name.contains(['*', '?', '[']) {
+        return Ok(None);
+    }
+    glob::Pattern::new(name).map(Some).map_err(|e| Error::Input(format!("`{name}` is not a valid hook-point pattern: {e}")))
+}
+
 impl Points {
     /// Every point `f` accepts (e.g. `|p| p.layer() == Some(3)`).
     pub fn matching(f: impl Fn(HookPoint) -> bool + Send + Sync + 'static) -> Points {
@@ -46,12 +55,10 @@ impl Points {
         };
         let chosen: Vec<HookPoint> = match self {
             Points::One(p) => return one(*p),
-            Points::Pattern(s) if !s.contains(['*', '?', '[']) => return one(s.parse()?),
-            Points::Pattern(s) => {
-                let pattern =
-                    glob::Pattern::new(s).map_err(|e| Error::Input(format!("`{s}` is not a valid hook-point pattern: {e}")))?;
-                model.hook_points().into_iter().filter(|p| pattern.matches(&p.to_string())).collect()
-            }
+            Points::Pattern(s) => match glob_of(s)? {
+                None => return one(s.parse()?),
+                Some(pattern) => model.hook_points().into_iter().filter(|p| pattern.matches(&p.to_string())).collect(),
+            },
             Points::Matching(f) => model.hook_points().into_iter().filter(|p| f(*p)).collect(),
         };
         let kept: Vec<HookPoint> = chosen.iter().copied().filter(|p| !(writable_only && p.is_read_only())).collect();

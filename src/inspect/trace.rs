@@ -215,7 +215,7 @@ impl<'a> Probe<'a> {
             .collect::<Result<Vec<_>>>()?;
         let tensors = std::mem::take(&mut self.tensors).into_iter().map(|(p, parts)| Ok((p, join(p, parts, total)?))).collect::<Result<_>>()?;
         let routing = std::mem::take(&mut self.routing).into_iter().map(|parts| join_routing(parts)).collect::<Result<Vec<_>>>()?;
-        let logits = Tensor::f_cat(&self.logits, 1)?;
+        let logits = cat_parts(std::mem::take(&mut self.logits), 1)?;
         let tokens = token_strings(self.model, &ids)?;
         Ok(Trace {
             logits,
@@ -237,10 +237,7 @@ impl<'a> Probe<'a> {
 /// padded with zeros on the right to the `total` keys first, which is where
 /// a causal pattern is zero anyway.
 fn join(point: HookPoint, mut parts: Vec<Tensor>, total: i64) -> Result<Tensor> {
-    if parts.len() == 1 {
-        return Ok(parts.remove(0));
-    }
-    if let HookPoint::Pattern(_) = point {
+    if let (HookPoint::Pattern(_), true) = (point, parts.len() > 1) {
         parts = parts
             .into_iter()
             .map(|p| {
@@ -249,7 +246,16 @@ fn join(point: HookPoint, mut parts: Vec<Tensor>, total: i64) -> Result<Tensor> 
             })
             .collect::<Result<_>>()?;
     }
-    Ok(Tensor::f_cat(&parts, point.layout().time_dim())?)
+    cat_parts(parts, point.layout().time_dim())
+}
+
+/// `parts` joined along `dim`; a single part is returned as it is, so a
+/// one-pass trace copies nothing.
+fn cat_parts(mut parts: Vec<Tensor>, dim: i64) -> Result<Tensor> {
+    if parts.len() == 1 {
+        return Ok(parts.remove(0));
+    }
+    Ok(Tensor::f_cat(&parts, dim)?)
 }
 
 /// One MoE layer's routing records, pass by pass, as one record.
@@ -257,29 +263,13 @@ fn join_routing(mut parts: Vec<RoutingRecord>) -> Result<Option<RoutingRecord>> 
     if parts.len() <= 1 {
         return Ok(parts.pop());
     }
-    let cat = |f: &dyn Fn(&RoutingRecord) -> &Tensor| -> Result<Tensor> { Ok(Tensor::f_cat(&parts.iter().map(f).collect::<Vec<_>>(), 0)?) };
-    let cat_opt = |f: &dyn Fn(&RoutingRecord) -> Option<&Tensor>| -> Result<Option<Tensor>> {
-        let ts: Option<Vec<&Tensor>> = parts.iter().map(f).collect();
-        Ok(match ts {
-            Some(ts) => Some(Tensor::f_cat(&ts, 0)?),
-            None => None,
-        })
-    };
-    let first = &parts[0];
+    let without: Option<Vec<Tensor>> = parts.iter().map(|r| r.topk_without_bias.as_ref().map(|t| t.shallow_clone())).collect();
+    let output = RouterOutput::cat(&parts.iter().map(|r| &r.output).collect::<Vec<_>>())?;
     Ok(Some(RoutingRecord {
-        layer: first.layer,
-        settings: first.settings.clone(),
-        output: RouterOutput {
-            logits: cat(&|r| &r.logits)?,
-            scores: cat(&|r| &r.scores)?,
-            choice: cat(&|r| &r.choice)?,
-            bias: first.bias.as_ref().map(|b| b.shallow_clone()),
-            group_scores: cat_opt(&|r| r.group_scores.as_ref())?,
-            chosen_groups: cat_opt(&|r| r.chosen_groups.as_ref())?,
-            topk_indices: cat(&|r| &r.topk_indices)?,
-            topk_weights: cat(&|r| &r.topk_weights)?,
-        },
-        topk_without_bias: cat_opt(&|r| r.topk_without_bias.as_ref())?,
+        layer: parts[0].layer,
+        settings: parts[0].settings.clone(),
+        output,
+        topk_without_bias: without.map(|ts| cat_parts(ts, 0)).transpose()?,
     }))
 }
 

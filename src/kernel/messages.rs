@@ -222,7 +222,6 @@ pub enum CompletenessStatus {
     Complete,
     Incomplete,
     Invalid,
-    Unknown,
 }
 
 #[derive(Serialize)]

@@ -50,6 +50,16 @@ pub enum StopReason {
     Cancelled,
 }
 
+impl std::fmt::Display for StopReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StopReason::MaxNewTokens => write!(f, "max new tokens"),
+            StopReason::StopToken(t) => write!(f, "stop token {t}"),
+            StopReason::Cancelled => write!(f, "cancelled"),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Generation {
     pub prompt: Vec<i64>,

@@ -89,6 +89,27 @@ impl Mlp {
 }
 
 impl RouterOutput {
+    /// The outputs of consecutive passes as one, rows joined in order (the
+    /// bias is the first's: one router's bias does not change between passes).
+    pub fn cat(parts: &[&RouterOutput]) -> Result<RouterOutput> {
+        let first = parts.first().ok_or_else(|| Error::Input("no router outputs to join".into()))?;
+        let cat = |f: &dyn Fn(&RouterOutput) -> &Tensor| -> Result<Tensor> { Ok(Tensor::f_cat(&parts.iter().map(|r| f(r)).collect::<Vec<_>>(), 0)?) };
+        let cat_opt = |f: &dyn Fn(&RouterOutput) -> Option<&Tensor>| -> Result<Option<Tensor>> {
+            let ts: Option<Vec<&Tensor>> = parts.iter().map(|r| f(r)).collect();
+            Ok(ts.map(|ts| Tensor::f_cat(&ts, 0)).transpose()?)
+        };
+        Ok(RouterOutput {
+            logits: cat(&|r| &r.logits)?,
+            scores: cat(&|r| &r.scores)?,
+            choice: cat(&|r| &r.choice)?,
+            bias: first.bias.as_ref().map(|b| b.shallow_clone()),
+            group_scores: cat_opt(&|r| r.group_scores.as_ref())?,
+            chosen_groups: cat_opt(&|r| r.chosen_groups.as_ref())?,
+            topk_indices: cat(&|r| &r.topk_indices)?,
+            topk_weights: cat(&|r| &r.topk_weights)?,
+        })
+    }
+
     /// Detached copies on `device` (shallow where already there).
     pub fn to_device(&self, device: Device) -> Result<RouterOutput> {
         let to = |t: &Tensor| -> Result<Tensor> { Ok(t.f_detach()?.f_to_device(device)?) };
