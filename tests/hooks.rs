@@ -84,17 +84,24 @@ fn hooks_stack_in_list_order() {
 fn a_hook_on_the_router_logits_changes_the_choice() {
     let m = model();
     let x = ids(16, 4);
-    // -50 on the logits of every expert but 2 and 3 (group 1 of 4): their
-    // sigmoid scores drop to 0, below 2 and 3 whatever the bias
+    // -50 on the logits of every expert but 2 and 3 (group 1 of 4) and +50
+    // on those two: sigmoid scores of 0 against 1. The bias only adds to the
+    // choice score, and this fixture's bias spans less than 1, so 2 and 3 win
+    // on every token. (With 2 and 3 left as they were, a token whose score
+    // for expert 2 is under the bias gap to expert 0 would pick 0, and which
+    // tokens those are depends on the last bits of the matmuls.)
+    let plain = m.trace(ids(16, 4)).unwrap();
+    let bias = plain.routing_of(1).unwrap().bias.as_ref().expect("layer 1 of v3_base has a correction bias").shallow_clone();
+    let spread = (bias.max() - bias.min()).double_value(&[]);
+    assert!(spread < 1.0, "the fixture's bias spread {spread} is under the score gap the hook makes");
     let iv = Interventions::new().hook("blocks.1.mlp.hook_router_logits", |_c, logits| {
-        let bump = Tensor::full([logits.size()[1]], -50.0, (Kind::Float, logits.device())).index_fill(0, &Tensor::from_slice(&[2i64, 3]), 0.0);
+        let bump = Tensor::full([logits.size()[1]], -50.0, (Kind::Float, logits.device())).index_fill(0, &Tensor::from_slice(&[2i64, 3]), 50.0);
         Ok(logits + bump)
     });
     let t = m.trace_with(x, &Capture::default(), &iv).unwrap();
     let r = t.routing_of(1).unwrap();
     let rows = Vec::<Vec<i64>>::try_from(&r.topk_indices.sort(1, false).0).unwrap();
     assert_eq!(rows, vec![vec![2, 3]; 16]);
-    let plain = m.trace(ids(16, 4)).unwrap();
     let before = Vec::<Vec<i64>>::try_from(&plain.routing_of(1).unwrap().topk_indices.sort(1, false).0).unwrap();
     assert!(before.iter().filter(|row| **row == [2, 3]).count() < 16, "experts 2 and 3 were not already everywhere");
     // the record shows the logits the choice was made on
