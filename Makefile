@@ -43,9 +43,18 @@ build: setup
 	cargo build --release
 
 # --- reference fixtures: tiny random checkpoints + transformers outputs
-fixtures: $(FIXTURES)/manifest.json
+fixtures: $(FIXTURES)/manifest.json $(FIXTURES)/records/expected.json
 $(FIXTURES)/manifest.json: tests/gen_fixtures.py $(STAMP)
 	$(PY) tests/gen_fixtures.py $(FIXTURES)
+# routing records of SGLang and vLLM in the engines' structures (a few MB)
+# EPLB's reference is SGLang's copy of DeepSeek's algorithm, taken from its
+# wheel (downloaded once, without dependencies; the file needs only torch)
+SGLANG_WHEELS := $(VENV)/wheels/sglang
+$(SGLANG_WHEELS)/.done: $(STAMP)
+	$(PY) -m pip download --quiet --disable-pip-version-check --no-deps sglang==0.5.23 -d $(SGLANG_WHEELS)
+	@touch $@
+$(FIXTURES)/records/expected.json: tests/gen_routing_records.py $(SGLANG_WHEELS)/.done
+	$(PY) tests/gen_routing_records.py $(FIXTURES)/records --sglang-wheel $$(ls $(SGLANG_WHEELS)/sglang-*.whl | head -1)
 
 # --- the training corpus: public-domain texts from Debian packages
 CORPUS_PKGS := bible-kjv fortunes jargon-text

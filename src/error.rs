@@ -91,6 +91,11 @@ pub enum Error {
     #[error("{file}: {message}")]
     Tokenizer { file: PathBuf, message: String },
 
+    /// A routing record of a serving engine (SGLang, vLLM), or the PyTorch
+    /// archive it is stored in, that cannot be read or does not fit the model.
+    #[error("{file}: {message}")]
+    BadRecord { file: PathBuf, message: String },
+
     #[error("invalid input: {0}")]
     Input(String),
 
@@ -191,6 +196,7 @@ impl Error {
             Error::HookShape { .. } => "HookShape",
             Error::HookDtype { .. } => "HookDtype",
             Error::Tokenizer { .. } => "Tokenizer",
+            Error::BadRecord { .. } => "BadRecord",
             Error::Input(_) => "Input",
             Error::OutOfRange { .. } => "OutOfRange",
             Error::TokenOutOfRange { .. } => "TokenOutOfRange",

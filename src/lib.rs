@@ -29,8 +29,8 @@ pub use tch;
 pub mod prelude {
     pub use crate::error::{Error, IndexKind, Result};
     pub use crate::inspect::{
-        compare, Capture, CorpusRun, HookCtx, Intervention, Interventions, Layers, Points, RoutingStats, ToJson, ToTensors, Trace,
-        TracedGeneration,
+        compare, Capture, CorpusRun, EplbOptions, HookCtx, ImportOptions, Intervention, Interventions, Layers, Points, RoutingStats,
+        ToJson, ToTensors, Trace, TracedGeneration,
     };
     pub use crate::plot::{Figure, MimeBundle, Table};
     pub use crate::model::{

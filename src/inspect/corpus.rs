@@ -61,6 +61,11 @@ pub struct RoutingStats {
     pub token_expert: BTreeMap<usize, HashMap<i64, Vec<u32>>>,
     /// Per consecutive MoE layer pair (a, b): expert of a x expert of b counts \[E*E\].
     pub transitions: BTreeMap<String, Vec<u64>>,
+    /// Where the counts came from when they were not counted here: the
+    /// engine, mode and files of an imported record (see
+    /// [`crate::inspect::import`]). `None` for a local corpus run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
 }
 
 /// How unevenly the experts of one layer are used.
@@ -128,6 +133,60 @@ impl RoutingStats {
         Ok(())
     }
 
+    /// Adds `n` tokens' choices in MoE layer `layer`: `choices` is `[n, k]`
+    /// row-major, `-1` for an empty slot; `ids` (when given) are the tokens'
+    /// ids, counted per expert for [`RoutingStats::top_tokens`].
+    /// Co-activation counts every pair of experts chosen for a token.
+    pub(crate) fn add_choices(&mut self, layer: usize, choices: &[i64], k: usize, ids: Option<&[i64]>) -> Result<()> {
+        let e = self.num_experts;
+        let load = self.load.entry(layer).or_insert_with(|| vec![0; e]);
+        let co = self.coactivation.entry(layer).or_insert_with(|| vec![0; e * e]);
+        let mut te = ids.map(|_| self.token_expert.entry(layer).or_default());
+        for (t, row) in choices.chunks(k.max(1)).enumerate() {
+            for &x in row {
+                if x < 0 {
+                    continue;
+                }
+                let x = usize::try_from(x).ok().filter(|&x| x < e).ok_or_else(|| {
+                    Error::Input(format!("layer {layer}: expert id {x} out of range (the record has {e} experts)"))
+                })?;
+                load[x] += 1;
+                for &y in row {
+                    if y >= 0 && (y as usize) < e {
+                        co[x * e + y as usize] += 1;
+                    }
+                }
+                if let (Some(te), Some(ids)) = (te.as_mut(), ids) {
+                    if let Some(&tok) = ids.get(t) {
+                        te.entry(tok).or_insert_with(|| vec![0; e])[x] += 1;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds the pairs of experts chosen for the same tokens in consecutive
+    /// MoE layers `a` and `b` (`[n, k]` each, `-1` for an empty slot).
+    pub(crate) fn add_transitions(&mut self, a: usize, b: usize, ca: &[i64], cb: &[i64], k: usize) {
+        let e = self.num_experts;
+        let t = self.transitions.entry(format!("{a}-{b}")).or_insert_with(|| vec![0; e * e]);
+        for (ra, rb) in ca.chunks(k.max(1)).zip(cb.chunks(k.max(1))) {
+            for &x in ra.iter().filter(|&&x| x >= 0 && (x as usize) < e) {
+                for &y in rb.iter().filter(|&&y| y >= 0 && (y as usize) < e) {
+                    t[x as usize * e + y as usize] += 1;
+                }
+            }
+        }
+    }
+
+    /// Adds per-expert token counts of `layer` (a record without per-token
+    /// choices).
+    pub(crate) fn add_load(&mut self, layer: usize, counts: &[u64]) {
+        let load = self.load.entry(layer).or_insert_with(|| vec![0; counts.len()]);
+        load.iter_mut().zip(counts).for_each(|(x, y)| *x += y);
+    }
+
     /// Adds the counts of `other` (statistics of another part of the corpus).
     pub fn merge(&mut self, other: &RoutingStats) -> Result<()> {
         if self.num_experts == 0 {
@@ -138,6 +197,10 @@ impl RoutingStats {
         }
         self.tokens += other.tokens;
         self.docs_done += other.docs_done;
+        self.source = match (self.source.take(), &other.source) {
+            (Some(a), Some(b)) if a != *b => Some(format!("{a}; {b}")),
+            (a, b) => a.or_else(|| b.clone()),
+        };
         fn add_u64(a: &mut BTreeMap<usize, Vec<u64>>, b: &BTreeMap<usize, Vec<u64>>) {
             for (k, v) in b {
                 let t = a.entry(*k).or_insert_with(|| vec![0; v.len()]);
@@ -169,6 +232,12 @@ impl RoutingStats {
     /// Total routing weight given to each expert of `layer` \[E\] (the exact
     /// fixed-point sum, rounded once to f64).
     pub fn weight_mass(&self, layer: usize) -> Result<Vec<f64>> {
+        if self.load.contains_key(&layer) && !self.weight_mass_q64.contains_key(&layer) {
+            return Err(Error::Input(format!(
+                "layer {layer}: these statistics have no routing weights ({} records expert choices only)",
+                self.source.as_deref().unwrap_or("the record")
+            )));
+        }
         let q = self
             .weight_mass_q64
             .get(&layer)
@@ -311,7 +380,10 @@ fn checked_mass_add(a: i128, b: i128, layer: usize) -> Result<i128> {
 
 impl fmt::Display for RoutingStats {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "Routing statistics over {} tokens ({} documents), {} experts", self.tokens, self.docs_done, self.num_experts)?;
+        match &self.source {
+            Some(src) => writeln!(f, "Routing statistics over {} tokens, {} experts, from {src}", self.tokens, self.num_experts)?,
+            None => writeln!(f, "Routing statistics over {} tokens ({} documents), {} experts", self.tokens, self.docs_done, self.num_experts)?,
+        }
         writeln!(f, "{:>6} {:>9} {:>7} {:>13}", "layer", "max/mean", "cv", "entropy/max")?;
         for l in self.layers() {
             if let Ok(i) = self.imbalance(l) {
