@@ -140,3 +140,29 @@ fn generate_without_a_tokenizer_asks_for_ids() {
     let o = deepscope(&["generate", "--model", case.dir.to_str().unwrap(), "--prompt", "hello", "-n", "2"]);
     assert_clean_failure(&o, "tokenizer");
 }
+
+#[test]
+fn import_reads_an_sglang_dump_writes_the_statistics_and_plans_eplb() {
+    let dir = fixtures().join("records");
+    let out = std::env::temp_dir().join(format!("deepscope-cli-import-{}.json", std::process::id()));
+    let per_token = dir.join("sglang_per_token");
+    let o = deepscope(&[
+        "import", "sglang", per_token.to_str().unwrap(), "--config", "published:deepseek-v3", "--token-layers", "3",
+        "--eplb", "32,4,8,32", "--out", out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains("SGLang per_token dump") && text.contains("EPLB plan (hierarchical)"), "{text}");
+    let written = deepscope::inspect::RoutingStats::load_from(&out).unwrap();
+    let _ = std::fs::remove_file(&out);
+    let mut files: Vec<_> = std::fs::read_dir(&per_token).unwrap().map(|e| e.unwrap().path()).collect();
+    files.sort();
+    let (cfg, _) = deepscope::model::published::by_name("deepseek-v3").unwrap();
+    let direct = deepscope::inspect::RoutingStats::from_sglang(&files, &cfg, &deepscope::inspect::ImportOptions::default().token_layers([3])).unwrap();
+    assert_eq!(written, direct, "the CLI writes what the library reads");
+    // bad input: a clean failure naming the file and the fault
+    let bad = dir.join("bad").join("opcode.pt");
+    assert_clean_failure(&deepscope(&["import", "sglang", bad.to_str().unwrap(), "--config", "published:deepseek-v3"]), "unknown pickle opcode 0xff");
+    let o = deepscope(&["import", "vllm", dir.join("vllm_state.pt").to_str().unwrap(), "--config", "published:deepseek-v3", "--eplb", "7"]);
+    assert_clean_failure(&o, "do not split evenly over 7 GPUs");
+}

@@ -256,3 +256,22 @@ fn eplb_plans_equal_sglangs_own_implementation() {
         }
     }
 }
+
+#[test]
+fn imported_statistics_and_plans_draw_like_a_local_run() {
+    use deepscope::plot::MimeType;
+    let stats = RoutingStats::from_sglang(&files("sglang_per_token"), &v3(), &ImportOptions::default()).unwrap();
+    // 58 layers x 256 experts: a heatmap of load over the layer mean, not 14,848 bars
+    let fig = stats.load_figure().unwrap();
+    assert!(fig.to_svg().contains("load / mean") && fig.to_svg().contains("layer 60"));
+    let html = stats.mime_bundle().get(MimeType::TextHtml).unwrap().to_string();
+    assert!(html.contains("<svg") && html.contains("Load imbalance"), "the bundle holds the chart and the table");
+    let plan = stats.eplb(EplbOptions::new(32).nodes(4).groups(8).redundant(32)).unwrap();
+    let b = plan.mime_bundle();
+    assert!(b.get(MimeType::TextPlain).unwrap().contains("EPLB plan"));
+    let html = b.get(MimeType::TextHtml).unwrap();
+    assert!(html.contains("static placement") && html.contains("EPLB plan") && html.contains("experts replicated"), "chart and table");
+    let layer = plan.layer_figure(3).unwrap();
+    assert!(layer.to_svg().contains("GPU 31"));
+    assert!(plan.layer_figure(0).is_err(), "layer 0 is dense: no plan");
+}

@@ -192,6 +192,33 @@ enum Command {
         #[arg(long, default_value = "4GiB")]
         shard_size: String,
     },
+    /// Read a serving engine's routing record into routing statistics (the
+    /// JSON `RoutingStats::load_from` reads), print the load imbalance per
+    /// layer and, with --eplb, the expert placement EPLB would compute.
+    Import {
+        /// sglang: expert-distribution dumps (modes stat, per_pass,
+        /// per_token); routed-experts: SGLang responses with
+        /// meta_info.routed_experts (JSON, JSON lines or base64 lines); vllm:
+        /// EPLB state saved from EplbModelState (.pt or .safetensors).
+        #[arg(value_enum)]
+        engine: ImportEngine,
+        /// Files; a directory stands for the files in it (.pt for sglang).
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        /// The served model: a checkpoint directory or published:NAME.
+        #[arg(long)]
+        config: String,
+        /// Write the statistics as JSON.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Layers whose per-token expert counts to keep (per-token records).
+        #[arg(long, value_delimiter = ',')]
+        token_layers: Vec<usize>,
+        /// Plan EPLB for GPUS[,NODES[,GROUPS[,REDUNDANT]]] (groups default to
+        /// the config's n_group).
+        #[arg(long)]
+        eplb: Option<String>,
+    },
     /// Streaming benchmark: load under a budget, prefill a prompt of random
     /// token ids, decode greedily; prints one JSON line with time, weight
     /// traffic and peak resident memory.
@@ -463,6 +490,7 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Command::Import { engine, paths, config, out, token_layers, eplb } => import(engine, &paths, &config, out.as_deref(), token_layers, eplb.as_deref()),
         Command::Synth { like, layers, out, dtype, seed, shard_size } => synth(&like, layers, &out, dtype.as_deref(), seed, &shard_size),
         Command::BenchStream { model, threads, prompt_len, decode, seed } => bench_stream(&model, threads, prompt_len, decode, seed),
         #[cfg(feature = "kernel")]
@@ -660,6 +688,62 @@ fn generate(
         human_bytes(g.cache_bytes as u64),
         g.cache_len
     );
+    Ok(())
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ImportEngine {
+    Sglang,
+    RoutedExperts,
+    Vllm,
+}
+
+fn import(engine: ImportEngine, paths: &[PathBuf], config: &str, out: Option<&std::path::Path>, token_layers: Vec<usize>, eplb: Option<&str>) -> Result<()> {
+    use deepscope::inspect::import::{EplbOptions, ImportOptions};
+    use deepscope::inspect::RoutingStats;
+    let (cfg, _) = config_of(config).with_context(|| format!("--config {config}"))?;
+    let mut files = Vec::new();
+    for p in paths {
+        if p.is_dir() {
+            let mut inside: Vec<PathBuf> = std::fs::read_dir(p)
+                .with_context(|| format!("reading {}", p.display()))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|f| f.is_file() && (!matches!(engine, ImportEngine::Sglang) || f.extension().is_some_and(|x| x == "pt")))
+                .collect();
+            inside.sort();
+            if inside.is_empty() {
+                bail!("{} holds no record files", p.display());
+            }
+            files.extend(inside);
+        } else {
+            files.push(p.clone());
+        }
+    }
+    let opts = ImportOptions::default().token_layers(token_layers);
+    let t0 = Instant::now();
+    let stats = match engine {
+        ImportEngine::Sglang => RoutingStats::from_sglang(&files, &cfg, &opts)?,
+        ImportEngine::RoutedExperts => RoutingStats::from_routed_experts(&files, &cfg, &opts)?,
+        ImportEngine::Vllm => RoutingStats::from_vllm(&files, &cfg, &opts)?,
+    };
+    let took = t0.elapsed().as_secs_f64();
+    print!("{stats}");
+    println!("({} file(s) read in {took:.2} s)", files.len());
+    if let Some(spec) = eplb {
+        let n: Vec<usize> = spec
+            .split(',')
+            .map(|x| x.trim().parse::<usize>().with_context(|| format!("--eplb `{spec}`: `{x}` is not a number (GPUS[,NODES[,GROUPS[,REDUNDANT]]])")))
+            .collect::<Result<_>>()?;
+        if n.is_empty() || n.len() > 4 {
+            bail!("--eplb `{spec}`: expected GPUS[,NODES[,GROUPS[,REDUNDANT]]]");
+        }
+        let o = EplbOptions::new(n[0]).nodes(n.get(1).copied().unwrap_or(1)).groups(n.get(2).copied().unwrap_or(cfg.n_group.max(1))).redundant(n.get(3).copied().unwrap_or(0));
+        print!("\n{}", stats.eplb(o)?);
+    }
+    if let Some(out) = out {
+        stats.save(out)?;
+        eprintln!("wrote {}", out.display());
+    }
     Ok(())
 }
 

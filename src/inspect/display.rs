@@ -15,6 +15,7 @@ use crate::plot::{
 use super::activations::{ActivationReport, LogitLens};
 use super::compare::Comparison;
 use super::corpus::{BiasReplay, RoutingStats};
+use super::import::EplbPlan;
 use super::mla::{EffectiveRank, LatentSpectra, RankSweep, ScoreSplit};
 use super::routing::{RouterStep, RoutingMap};
 use super::trace::Trace;
@@ -57,7 +58,7 @@ macro_rules! rich_display {
 
 rich_display!(
     Trace, RoutingMap, RouterStep, RoutingStats, BiasReplay, Comparison, RankSweep, LatentSpectra, EffectiveRank,
-    ScoreSplit, ActivationReport, LogitLens
+    ScoreSplit, ActivationReport, LogitLens, EplbPlan
 );
 
 fn expert_labels(n: usize) -> Vec<String> {
@@ -198,8 +199,28 @@ impl RouterStep {
 }
 
 impl RoutingStats {
-    /// Expert load of every MoE layer (one group of bars per expert), with the mean.
+    /// Expert load of every MoE layer: one group of bars per expert with the
+    /// mean for a few layers and experts; for more (a served model's 58 x
+    /// 256), a heatmap of each expert's load over its layer's mean.
     pub fn load_figure(&self) -> Result<Figure> {
+        if self.load.len() > 6 || self.num_experts > 64 {
+            let rows: Vec<Vec<f64>> = self
+                .load
+                .values()
+                .map(|load| {
+                    let mean = load.iter().sum::<u64>() as f64 / load.len().max(1) as f64;
+                    load.iter().map(|&x| x as f64 / mean.max(1e-12)).collect()
+                })
+                .collect();
+            return Ok(Heatmap::new(&rows)
+                .y_labels(self.load.keys().map(|l| format!("layer {l}")))
+                .title(format!("Expert load over {} tokens (load / layer mean)", self.tokens))
+                .note(self.source.clone().unwrap_or_default())
+                .x_title("expert")
+                .y_title("MoE layer")
+                .value_name("load / mean")
+                .render()?);
+        }
         let mut chart = BarChart::new(expert_labels(self.num_experts)).mode(BarMode::Grouped).mean_line(true);
         for (l, load) in &self.load {
             let v: Vec<f64> = load.iter().map(|&x| x as f64).collect();
@@ -236,6 +257,60 @@ impl RoutingStats {
 
     pub fn mime_bundle(&self) -> MimeBundle {
         bundle(self.to_string(), vec![fig_html(self.load_figure()), self.imbalance_table().map(|t| t.to_html())])
+    }
+}
+
+impl EplbPlan {
+    /// Busiest GPU over the mean load, per layer: the static placement and
+    /// the plan.
+    pub fn figure(&self) -> Result<Figure> {
+        let layers: Vec<f64> = self.layers.keys().map(|&l| l as f64).collect();
+        let mut chart = LineChart::new();
+        if self.layers.values().all(|p| !p.gpu_load_static.is_empty()) {
+            chart = chart.series_xy("static placement", &layers, &self.layers.values().map(|p| p.balance_static()).collect::<Vec<_>>());
+        }
+        Ok(chart
+            .series_xy("EPLB plan", &layers, &self.layers.values().map(|p| p.balance()).collect::<Vec<_>>())
+            .title(format!("Busiest GPU / mean, {} GPUs, {} redundant experts", self.options.gpus, self.options.redundant))
+            .x_title("MoE layer")
+            .y_title("max / mean GPU load")
+            .render()?)
+    }
+
+    /// Load of each GPU in `layer`, static placement against the plan.
+    pub fn layer_figure(&self, layer: usize) -> Result<Figure> {
+        let p = self.layer(layer)?;
+        let mut chart = BarChart::new((0..p.gpu_load.len()).map(|g| format!("GPU {g}"))).mode(BarMode::Grouped).mean_line(true);
+        if !p.gpu_load_static.is_empty() {
+            chart = chart.series("static placement", &p.gpu_load_static);
+        }
+        Ok(chart.series("EPLB plan", &p.gpu_load).title(format!("Load per GPU, layer {layer}")).x_title("GPU").y_title("tokens").render()?)
+    }
+
+    pub fn table(&self) -> Result<Table> {
+        let mut t = Table::new(["layer", "static max/mean", "planned max/mean", "experts replicated", "most replicas"]);
+        for (l, p) in &self.layers {
+            let (e, c) = p.count.iter().enumerate().max_by_key(|(i, &c)| (c, std::cmp::Reverse(*i))).map_or((0, 0), |(e, &c)| (e, c));
+            t.add_row([
+                (*l).into(),
+                Cell::number(p.balance_static(), 3),
+                Cell::number(p.balance(), 3),
+                p.count.iter().filter(|&&c| c > 1).count().into(),
+                Cell::text(format!("e{e} x{c}")),
+            ])?;
+        }
+        Ok(t.caption(format!(
+            "EPLB ({}): {} experts + {} redundant on {} GPUs in {} node(s)",
+            if self.hierarchical { "hierarchical" } else { "global" },
+            self.experts,
+            self.options.redundant,
+            self.options.gpus,
+            self.options.nodes
+        )))
+    }
+
+    pub fn mime_bundle(&self) -> MimeBundle {
+        bundle(self.to_string(), vec![fig_html(self.figure()), self.table().map(|t| t.to_html())])
     }
 }
 
