@@ -16,7 +16,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export VIRTUAL_ENV := $(CURDIR)/$(VENV)
 export LIBTORCH_USE_PYTORCH := 1
 
-.PHONY: help setup build kernel soak bench-kernel bench-scale gpu-check test fixtures corpus browser bench lab demo notebooks train-tiny gallery clean
+.PHONY: help setup build kernel soak bench-kernel bench-scale bench-import gpu-check test fixtures records corpus browser bench lab demo notebooks train-tiny gallery clean
 
 help:
 	@echo "make lab    build DeepScope, install its Jupyter kernel, open JupyterLab on notebooks/ (main job)"
@@ -56,6 +56,13 @@ $(SGLANG_WHEELS)/.done: $(STAMP)
 $(FIXTURES)/records/expected.json: tests/gen_routing_records.py $(SGLANG_WHEELS)/.done
 	$(PY) tests/gen_routing_records.py $(FIXTURES)/records --sglang-wheel $$(ls $(SGLANG_WHEELS)/sglang-*.whl | head -1)
 
+# --- a synthetic SGLang / vLLM routing record of DeepSeek-V3's shape, for
+# notebook 06 (seconds; random skewed loads, not a real model's routing)
+RECORDS := target/records
+records: $(RECORDS)/expected.json
+$(RECORDS)/expected.json: tests/gen_routing_records.py $(STAMP)
+	$(PY) tests/gen_routing_records.py $(RECORDS)
+
 # --- the training corpus: public-domain texts from Debian packages
 CORPUS_PKGS := bible-kjv fortunes jargon-text
 corpus:
@@ -83,7 +90,7 @@ browser:
 
 # Both suites always run, so one report shows every failure; the target fails
 # if either did.
-test: build fixtures corpus kernel browser
+test: build fixtures records corpus kernel browser
 	@status=0; \
 	DEEPSCOPE_FIXTURES=$(CURDIR)/$(FIXTURES) cargo test --release --no-fail-fast || { status=1; echo "make test: Rust tests FAILED (the Python tests run anyway)"; }; \
 	$(PY) -m pytest -q -p no:cacheprovider tests/python || { status=1; echo "make test: Python tests FAILED"; }; \
@@ -105,6 +112,13 @@ BENCH_BUDGET ?= 8GiB
 bench-scale: build
 	$(PY) tests/bench_scale.py --deepscope $(BIN) --out docs/benchmarks.md --budget $(BENCH_BUDGET) $(BENCH_SCALE_ARGS)
 
+# importing an SGLang per_token record of a million tokens (~2 GB, written
+# with torch.save in the same run): throughput against reading the bytes, and
+# peak memory; figures into docs/benchmarks.md
+BENCH_IMPORT_TOKENS ?= 1000000
+bench-import: build
+	$(PY) tests/bench_import.py --deepscope $(BIN) --out docs/benchmarks.md --tokens $(BENCH_IMPORT_TOKENS)
+
 # the CUDA checks: parity on the GPU, the model benchmark, V2-Lite resident in
 # bf16 against the matmul roofline, V3 with experts offloaded to the host
 gpu-check: build fixtures
@@ -123,11 +137,11 @@ demo: build
 
 # --- the main job: JupyterLab on the notebooks, with the DeepScope kernel
 LAB_PORT ?= 8888
-lab: kernel corpus
+lab: kernel corpus records
 	$(VENV)/bin/jupyter lab --notebook-dir=notebooks --port=$(LAB_PORT) $(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS)
 
 # --- re-run every notebook through the kernel and keep the outputs
-notebooks: kernel corpus
+notebooks: kernel corpus records
 	$(PY) notebooks/make_notebooks.py
 	$(PY) tests/run_notebooks.py --write notebooks/0*.ipynb
 

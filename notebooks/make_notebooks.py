@@ -2074,6 +2074,133 @@ REAL = [
     real
     '''),
     md(r'''
+    ## 7. Routing at serving scale: an engine's record
+
+    Questions about routing over millions of tokens are answered where the model is served, by an engine
+    that already records expert choices. DeepScope reads those records into the same `RoutingStats` a
+    local corpus run produces (notebook 02), so the same tables, charts and methods apply:
+
+    - **SGLang**, `--expert-distribution-recorder-mode` `stat` (expert load per pass), `per_pass`
+      (physical expert counts per pass and rank) or `per_token` (every token's experts in every layer),
+      dumped by `/dump_expert_distribution_record`: `RoutingStats::from_sglang`;
+    - **SGLang**, per request with `return_routed_experts`: `RoutingStats::from_routed_experts`;
+    - **vLLM**, the expert load of its EPLB state: `RoutingStats::from_vllm`.
+
+    Engines that replicate busy experts record *physical* experts; the record's physical-to-logical map
+    turns them back into the model's experts. Ranks that recorded the same pass (tensor parallelism) are
+    counted once.
+
+    **Which record.** With `DEEPSCOPE_ROUTING_RECORD` set to a folder of SGLang dumps, the cells read
+    those. Without it they read a **synthetic** `per_token` dump that `make lab` writes
+    (`tests/gen_routing_records.py`): SGLang's exact structure and DeepSeek-V3's shape (61 layers, the
+    first 3 dense, 256 experts, 32 redundant replicas, two ranks), with expert choices drawn at random
+    from skewed per-layer popularities. Its numbers describe that generator, not DeepSeek-V3.
+    '''),
+    code(r'''
+    use deepscope::inspect::import::{EplbOptions, ImportOptions};
+    let record_given = std::env::var_os("DEEPSCOPE_ROUTING_RECORD").map(PathBuf::from);
+    let record_dir: PathBuf = record_given.clone().unwrap_or_else(|| PathBuf::from("../target/records/sglang_per_token"));
+    let mut record_files: Vec<PathBuf> = std::fs::read_dir(&record_dir)
+        .map_err(|e| deepscope::Error::Input(format!("{}: {e} (run `make records`, or set DEEPSCOPE_ROUTING_RECORD)", record_dir.display())))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "pt"))
+        .collect();
+    record_files.sort();
+    let served = RoutingStats::from_sglang(&record_files, &v3, &ImportOptions::default().token_layers([3]))?;
+    println!("{} file(s), {} tokens, MoE layers {}..={}", record_files.len(), served.tokens,
+        served.layers()[0], served.layers().last().unwrap());
+    '''),
+    md(r'''
+    The load of every expert in every MoE layer, as a multiple of its layer's mean (a heatmap, since 58 x
+    256 bars would not read), and the imbalance per layer:
+    '''),
+    chart(r'''
+    served
+    '''),
+    md(r'''
+    **How much of that imbalance is just too few tokens?** With k of E experts per token, a layer's mean
+    load is tokens x k / E. When that is small, even perfectly even routing leaves some experts with
+    several times the mean by chance. The cell draws uniform routing of the same number of tokens 200
+    times and reports its max/mean next to the record's: an imbalance close to the uniform figure says
+    nothing about the router, only about the sample size.
+    '''),
+    code(r'''
+    let uniform_max_over_mean = {
+        let (n, e, k) = (served.tokens as i64, v3.n_routed_experts as i64, v3.num_experts_per_tok as i64);
+        tch::manual_seed(0);
+        let mut sum = 0.0;
+        for _ in 0..200 {
+            let picks = Tensor::rand([n, e], (Kind::Float, Device::Cpu)).topk(k, -1, true, false).1.flatten(0, -1);
+            let load = picks.bincount::<Tensor>(None, e).to_kind(Kind::Double);
+            sum += (load.max() / load.mean(Kind::Double)).double_value(&[]);
+        }
+        sum / 200.0
+    };
+    let record_mean: f64 = served.layers().iter().map(|&l| served.imbalance(l).map(|i| i.max_over_mean)).sum::<deepscope::Result<f64>>()?
+        / served.layers().len() as f64;
+    println!("mean load per expert and layer: {:.1} token-slots", served.tokens as f64 * v3.num_experts_per_tok as f64 / v3.n_routed_experts as f64);
+    println!("max / mean, record (mean over layers): {record_mean:.2}");
+    println!("max / mean, uniform routing of as many tokens: {uniform_max_over_mean:.2}");
+    '''),
+    md(r'''
+    ### Next to a local run
+
+    The tiny model over held-out text, counted by `model.routing_stats` as in notebook 02, gives the same
+    kind of object; one table puts the two side by side.
+    '''),
+    code(CORPUS_HELPERS, r'''
+    use deepscope::train::corpus::{Corpus, CorpusSources, Domain};
+    let tiny = Model::load_default()?;
+    let mut local = RoutingStats::default();
+    {
+        let held: Vec<(Domain, String)> = heldout_docs();
+        let docs: Vec<String> = Domain::ALL.iter().flat_map(|&d| sample(&held, d, 3000)).collect();
+        let refs: Vec<&str> = docs.iter().map(|s| s.as_str()).collect();
+        tiny.routing_stats(&refs, &mut local, CorpusRun::default())?;
+    }
+    let mut side: Table = Table::new(["", "MoE layers", "experts", "top-k", "tokens", "mean max/mean", "worst max/mean", "mean entropy / max"])
+        .caption("A served record and a local run, in the same statistics");
+    for (name, s, c) in [("record (SGLang per_token)", &served, &v3), ("tiny model, held-out text", &local, &tiny.config)] {
+        let imb: Vec<_> = s.layers().iter().map(|&l| s.imbalance(l)).collect::<deepscope::Result<_>>()?;
+        let n = imb.len() as f64;
+        side.add_row([name.into(), s.layers().len().into(), s.num_experts.into(), c.num_experts_per_tok.into(), s.tokens.into(),
+            Cell::number(imb.iter().map(|i| i.max_over_mean).sum::<f64>() / n, 2),
+            Cell::number(imb.iter().map(|i| i.max_over_mean).fold(0.0, f64::max), 2),
+            Cell::number(imb.iter().map(|i| i.normalized_entropy).sum::<f64>() / n, 3)])?;
+    }
+    side
+    '''),
+    md(r'''
+    ### Where the experts should live: EPLB
+
+    The question a serving engineer asks next: with this load, how should experts be spread over GPUs,
+    and which ones deserve a replica? DeepSeek's expert-parallel load balancer (EPLB, also used by SGLang
+    and vLLM) packs expert groups onto nodes, gives redundant replicas to the experts with the most load
+    per replica, and packs the replicas onto GPUs, each time heaviest first onto the lightest place with
+    room. `stats.eplb(options)` computes that plan from any statistics (DeepScope's tests check it
+    against SGLang's own implementation) and reports the busiest GPU's load over the mean, for the plan
+    and for the static placement (GPU g holds the g-th contiguous block of E/G experts, no replicas).
+
+    The deployment below is the prefill unit of the DeepSeek-V3 report: 4 nodes of 8 GPUs with 32
+    redundant experts, the 256 experts in 8 groups. The first line counts the layers where the plan's
+    busiest GPU carries less than the static placement's.
+    '''),
+    chart(r'''
+    let served_plan = served.eplb(EplbOptions::new(32).nodes(4).groups(8).redundant(32))?;
+    let better = served_plan.layers.values().filter(|p| p.balance() < p.balance_static()).count();
+    println!("layers where the plan's busiest GPU is below the static placement's: {better} of {}", served_plan.layers.len());
+    served_plan
+    '''),
+    md(r'''
+    The tiny model's local statistics plan the same way, here for 4 GPUs with 4 redundant experts and
+    its own 4 groups; the chart shows one layer's GPUs, before and after:
+    '''),
+    chart(r'''
+    let local_plan = local.eplb(EplbOptions::new(4).groups(tiny.config.n_group).redundant(4))?;
+    println!("{local_plan}");
+    local_plan.layer_figure(local.layers()[0])?
+    '''),
+    md(r'''
     ## What to try next
 
     - `deepscope plan --model published:deepseek-v3 --memory-budget 8GiB` prints section 2's plan in a
@@ -2082,6 +2209,9 @@ REAL = [
     - Set `DEEPSCOPE_REAL_BUDGET` lower and watch the disk reads and the cache hit rate change; with
       `DEEPSCOPE_REAL_CHECKPOINT` on a real download the hit rate is itself a routing statistic: how
       concentrated the experts a text uses are.
+    - `deepscope import sglang DUMP_DIR --config published:deepseek-v3 --eplb 32,4,8,32 --out stats.json`
+      reads a folder of SGLang dumps in a terminal (also `routed-experts` and `vllm`); the JSON loads back
+      with `RoutingStats::load_from`.
     - `make bench-scale` measures streaming at real dimensions (the DeepSeek-V3 shape cut to 4 layers,
       and the whole DeepSeek-V2-Lite shape) against the disk's own read speed; the figures are in
       `docs/benchmarks.md`.
