@@ -2127,7 +2127,7 @@ REAL = [
     code(r'''
     let uniform_max_over_mean = {
         let (n, e, k) = (served.tokens as i64, v3.n_routed_experts as i64, v3.num_experts_per_tok as i64);
-        tch::manual_seed(0);
+        deepscope::tch::manual_seed(0);
         let mut sum = 0.0;
         for _ in 0..200 {
             let picks = Tensor::rand([n, e], (Kind::Float, Device::Cpu)).topk(k, -1, true, false).1.flatten(0, -1);

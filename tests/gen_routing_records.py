@@ -11,6 +11,7 @@ first 3 dense, 256 routed experts, top-8, 8 groups) and 32 redundant experts
   sglang_stat/        mode stat: expert_distribution_recorder_<t>.pt,
                       {rank, logical_count int32 [passes, 61, 256] (a ring
                       buffer with unused zero rows), average_utilization_rate_over_window}
+  sglang_stat.json    the JSON form of a stat record (--init-expert-location reads it)
   sglang_per_pass/    mode per_pass: one file per rank, {records: [{forward_pass_id,
                       rank, gatherer_key, global_physical_count int32 [61, 288]}],
                       last_physical_to_logical_map int64 [61, 288]}
@@ -274,6 +275,11 @@ def main():
         torch.save({"rank": 0, "logical_count": ring, "average_utilization_rate_over_window": 0.61 if d == 0 else None},
                    os.path.join(a.out, "sglang_stat", f"expert_distribution_recorder_170000000{2 + d}.0.pt"))
     expected["sglang_stat"] = t.json(per_token=False)
+    # the JSON form SGLang's --init-expert-location reads: {"logical_count": [passes][layers][experts]}
+    t = Totals()
+    t.add_load(ring.sum(0).numpy().astype(np.int64))
+    json.dump({"logical_count": ring.tolist()}, open(os.path.join(a.out, "sglang_stat.json"), "w"))
+    expected["sglang_stat.json"] = t.json(per_token=False)
 
     # routed experts of three requests (no redundant experts: ids are logical)
     t = Totals()

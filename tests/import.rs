@@ -100,6 +100,9 @@ fn sglang_per_pass_and_stat_dumps_give_pythons_load() {
     assert!(per_pass.coactivation.is_empty(), "per-pass counts have no per-token pairs");
     let stat = RoutingStats::from_sglang(&files("sglang_stat"), &v3(), &ImportOptions::default()).unwrap();
     check_load(&stat, &e["sglang_stat"], "stat");
+    // the JSON form
+    let json = RoutingStats::from_sglang(&[dir().join("sglang_stat.json")], &v3(), &ImportOptions::default()).unwrap();
+    check_load(&json, &e["sglang_stat.json"], "stat JSON");
     // one dump at a time sums to the same as both together
     let mut parts = RoutingStats::default();
     for f in files("sglang_stat") {
@@ -115,6 +118,19 @@ fn routed_experts_in_json_json_lines_and_base64_lines_agree() {
     let json = RoutingStats::from_routed_experts(&[dir().join("routed_experts.json")], &v3(), &opts).unwrap();
     check_load(&json, &e["routed_experts"], "routed experts");
     check_per_token(&json, &e["routed_experts"], "routed experts");
+    // token ids shown as text by a tokenizer (the tiny model's: ids past its vocabulary show as #id)
+    let tok = deepscope::model::tokenizer::Tokenizer::from_file(Path::new(env!("CARGO_MANIFEST_DIR")).join("models/deepscope-tiny/tokenizer.json")).unwrap();
+    let busiest = (0..256).max_by_key(|&x| json.load[&3][x]).unwrap();
+    let ids = json.top_tokens(3, busiest, 5).unwrap();
+    let texts = json.top_token_strings(3, busiest, 5, &tok).unwrap();
+    assert_eq!(ids.len(), texts.len());
+    for ((id, c, sh), (text, c2, sh2)) in ids.iter().zip(&texts) {
+        assert_eq!((c, sh), (c2, sh2));
+        match tok.tokens(&[*id])[0].as_ref() {
+            Some(t) => assert_eq!(*text, deepscope::plot::readable_token(t)),
+            None => assert_eq!(*text, format!("#{id}")),
+        }
+    }
     let lines = RoutingStats::from_routed_experts(&[dir().join("routed_experts.jsonl")], &v3(), &opts).unwrap();
     assert_eq!(lines.load, json.load);
     assert_eq!(lines.token_expert, json.token_expert);
@@ -265,7 +281,9 @@ fn imported_statistics_and_plans_draw_like_a_local_run() {
     let fig = stats.load_figure().unwrap();
     assert!(fig.to_svg().contains("load / mean") && fig.to_svg().contains("layer 60"));
     let html = stats.mime_bundle().get(MimeType::TextHtml).unwrap().to_string();
-    assert!(html.contains("<svg") && html.contains("Load imbalance"), "the bundle holds the chart and the table");
+    // as a PNG: its SVG, with 14,848 cells, would be megabytes in the notebook
+    assert!(html.contains("data:image/png;base64,") && html.contains("Load imbalance"), "the bundle holds the chart and the table");
+    assert!(html.len() < 400_000, "{} bytes", html.len());
     let plan = stats.eplb(EplbOptions::new(32).nodes(4).groups(8).redundant(32)).unwrap();
     let b = plan.mime_bundle();
     assert!(b.get(MimeType::TextPlain).unwrap().contains("EPLB plan"));

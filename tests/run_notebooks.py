@@ -4,7 +4,8 @@
 
 Each notebook gets a fresh kernel. A notebook fails when any cell has an error
 output or when a cell tagged as a chart (its source shows a figure) produced no
-chart: `image/svg+xml`, `image/png`, or `text/html` holding an `<svg`.
+chart: `image/svg+xml`, `image/png`, or `text/html` holding an `<svg` or an
+embedded PNG image (how large heatmaps show inside a bundle).
 With --write, the executed notebooks (outputs included) replace the files:
 this is `make notebooks`. Prints one line per notebook with its time.
 """
@@ -20,7 +21,8 @@ def has_chart(output) -> bool:
     data = output.get("data", {})
     if "image/svg+xml" in data or "image/png" in data:
         return True
-    return "<svg" in str(data.get("text/html", ""))
+    html = str(data.get("text/html", ""))
+    return "<svg" in html or "<img" in html and "data:image/png;base64," in html
 
 
 def check(nb) -> list:

@@ -218,6 +218,10 @@ enum Command {
         /// the config's n_group).
         #[arg(long)]
         eplb: Option<String>,
+        /// tokenizer.json: print the tokens the busiest experts of each
+        /// --token-layers layer take most.
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
     },
     /// Streaming benchmark: load under a budget, prefill a prompt of random
     /// token ids, decode greedily; prints one JSON line with time, weight
@@ -490,7 +494,9 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Import { engine, paths, config, out, token_layers, eplb } => import(engine, &paths, &config, out.as_deref(), token_layers, eplb.as_deref()),
+        Command::Import { engine, paths, config, out, token_layers, eplb, tokenizer } => {
+            import(engine, &paths, &config, out.as_deref(), token_layers, eplb.as_deref(), tokenizer.as_deref())
+        }
         Command::Synth { like, layers, out, dtype, seed, shard_size } => synth(&like, layers, &out, dtype.as_deref(), seed, &shard_size),
         Command::BenchStream { model, threads, prompt_len, decode, seed } => bench_stream(&model, threads, prompt_len, decode, seed),
         #[cfg(feature = "kernel")]
@@ -698,7 +704,15 @@ enum ImportEngine {
     Vllm,
 }
 
-fn import(engine: ImportEngine, paths: &[PathBuf], config: &str, out: Option<&std::path::Path>, token_layers: Vec<usize>, eplb: Option<&str>) -> Result<()> {
+fn import(
+    engine: ImportEngine,
+    paths: &[PathBuf],
+    config: &str,
+    out: Option<&std::path::Path>,
+    token_layers: Vec<usize>,
+    eplb: Option<&str>,
+    tokenizer: Option<&std::path::Path>,
+) -> Result<()> {
     use deepscope::inspect::import::{EplbOptions, ImportOptions};
     use deepscope::inspect::RoutingStats;
     let (cfg, _) = config_of(config).with_context(|| format!("--config {config}"))?;
@@ -708,7 +722,7 @@ fn import(engine: ImportEngine, paths: &[PathBuf], config: &str, out: Option<&st
             let mut inside: Vec<PathBuf> = std::fs::read_dir(p)
                 .with_context(|| format!("reading {}", p.display()))?
                 .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|f| f.is_file() && (!matches!(engine, ImportEngine::Sglang) || f.extension().is_some_and(|x| x == "pt")))
+                .filter(|f| f.is_file() && (!matches!(engine, ImportEngine::Sglang) || f.extension().is_some_and(|x| x == "pt" || x == "json")))
                 .collect();
             inside.sort();
             if inside.is_empty() {
@@ -719,7 +733,8 @@ fn import(engine: ImportEngine, paths: &[PathBuf], config: &str, out: Option<&st
             files.push(p.clone());
         }
     }
-    let opts = ImportOptions::default().token_layers(token_layers);
+    let tok = tokenizer.map(deepscope::model::tokenizer::Tokenizer::from_file).transpose()?;
+    let opts = ImportOptions::default().token_layers(token_layers.clone());
     let t0 = Instant::now();
     let stats = match engine {
         ImportEngine::Sglang => RoutingStats::from_sglang(&files, &cfg, &opts)?,
@@ -729,6 +744,19 @@ fn import(engine: ImportEngine, paths: &[PathBuf], config: &str, out: Option<&st
     let took = t0.elapsed().as_secs_f64();
     print!("{stats}");
     println!("({} file(s) read in {took:.2} s)", files.len());
+    if let Some(tok) = &tok {
+        for &l in &token_layers {
+            let Some(load) = stats.load.get(&l) else { bail!("--token-layers {l}: the record has no MoE layer {l}") };
+            let mut busiest: Vec<usize> = (0..load.len()).collect();
+            busiest.sort_by_key(|&e| std::cmp::Reverse(load[e]));
+            println!("\nlayer {l}: what the busiest experts take most (token, count, share of its occurrences)");
+            for &e in busiest.iter().take(5) {
+                let top = stats.top_token_strings(l, e, 8, tok)?;
+                let shown: Vec<String> = top.iter().map(|(t, c, sh)| format!("{t} {c} ({:.0}%)", 100.0 * sh)).collect();
+                println!("  e{e:<4} {}", shown.join(", "));
+            }
+        }
+    }
     if let Some(spec) = eplb {
         let n: Vec<usize> = spec
             .split(',')

@@ -39,7 +39,9 @@ use super::interventions::Interventions;
 use super::routing::topk_rows;
 use super::trace::Trace;
 use crate::error::{Error, IndexKind, Result};
+use crate::model::tokenizer::Tokenizer;
 use crate::model::Model;
+use crate::plot::readable_token;
 
 /// Expert usage of every MoE layer over everything added so far.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -315,6 +317,20 @@ impl RoutingStats {
         v.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
         v.truncate(n);
         Ok(v)
+    }
+
+    /// [`RoutingStats::top_tokens`] with each token shown as text by
+    /// `tokenizer` (byte-level tokens made readable: `␣` for a space, `↵`
+    /// for a newline): for imported records, whose ids come without text.
+    pub fn top_token_strings(&self, layer: usize, expert: usize, n: usize, tokenizer: &Tokenizer) -> Result<Vec<(String, u32, f64)>> {
+        Ok(self
+            .top_tokens(layer, expert, n)?
+            .into_iter()
+            .map(|(id, count, share)| {
+                let text = tokenizer.tokens(&[id]).into_iter().next().flatten().map_or_else(|| format!("#{id}"), |t| readable_token(&t));
+                (text, count, share)
+            })
+            .collect())
     }
 
     fn k_of(&self, layer: usize) -> f64 {

@@ -219,7 +219,8 @@ impl RoutingStats {
                 .x_title("expert")
                 .y_title("MoE layer")
                 .value_name("load / mean")
-                .render()?);
+                .render()?
+                .as_png(1.0));
         }
         let mut chart = BarChart::new(expert_labels(self.num_experts)).mode(BarMode::Grouped).mean_line(true);
         for (l, load) in &self.load {

@@ -156,6 +156,19 @@ impl Figure {
     /// The figure as `<div>` HTML: the SVG inline, so tooltips work in
     /// JupyterLab (which shows `image/svg+xml` through an `<img>`).
     pub fn to_html(&self) -> String {
+        // a figure made with `as_png` (a large heatmap, whose SVG would be
+        // megabytes) is embedded as an image; the SVG if encoding fails
+        if let DisplayFormat::Png { scale } = self.format {
+            if let Ok(png) = self.to_png(scale) {
+                return format!(
+                    "<div style=\"max-width:100%;overflow-x:auto\"><img width=\"{:.0}\" height=\"{:.0}\" alt=\"{}\" src=\"data:image/png;base64,{}\"/></div>",
+                    self.width,
+                    self.height,
+                    crate::plot::svg::escape(self.title().unwrap_or("chart")),
+                    base64::engine::general_purpose::STANDARD.encode(png)
+                );
+            }
+        }
         format!(
             "<div style=\"max-width:100%;overflow-x:auto\">{}</div>",
             self.svg.trim_end()

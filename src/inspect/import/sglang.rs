@@ -11,7 +11,12 @@
 //!   int32 `[layers, tokens, 8]` (physical ids, `-1` for empty slots, dense
 //!   layers and padding) with `input_ids` and `positions`.
 //! - routed experts: base64 of int32 `[prompt + output - 1, layers, top-k]`,
-//!   zeros in dense layers, physical ids.
+//!   zeros in dense layers (skipped through the config), physical ids. A
+//!   response carries no physical-to-logical map, so the ids are read as
+//!   logical: right when the engine runs without redundant experts; with
+//!   them, an id past the model's experts is an error that names it.
+//! - stat records also come as JSON, `{"logical_count": [...]}` with 2 or 3
+//!   dimensions (the form SGLang's `--init-expert-location` reads).
 //!
 //! Under plain tensor parallelism every rank records the same tokens; a
 //! record whose pass id and contents equal one already read (from another
@@ -125,6 +130,15 @@ pub(super) fn read_dumps(paths: &[&Path], shape: &Shape, options: &ImportOptions
     let mut seen = HashSet::new();
     let mut skipped = 0usize;
     for &path in paths {
+        if path.extension().is_some_and(|e| e == "json") {
+            // the JSON form SGLang's --init-expert-location also reads: {"logical_count": [[[..]]]}
+            if let Some((first, p)) = mode.filter(|(m, _)| *m != Mode::Stat) {
+                return Err(bad(path, format!("is a stat record but {} is a {} dump; import each mode on its own", p.display(), first.name())));
+            }
+            mode = Some((Mode::Stat, path));
+            read_stat_json(path, shape, &mut stats)?;
+            continue;
+        }
         let file = PtFile::open(path)?;
         let m = mode_of(&file)?;
         match mode {
@@ -167,6 +181,43 @@ fn read_stat(file: &PtFile, shape: &Shape, stats: &mut RoutingStats) -> Result<(
     for layer in 0..l {
         let counts = &sum[layer * e..(layer + 1) * e];
         check_dense(file.path(), shape, layer, counts.iter().sum())?;
+        if shape.is_moe(layer) {
+            stats.add_load(layer, counts);
+        }
+    }
+    Ok(())
+}
+
+fn read_stat_json(path: &Path, shape: &Shape, stats: &mut RoutingStats) -> Result<()> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|cause| Error::Json { path: path.to_path_buf(), cause })?;
+    let lc = v.get("logical_count").ok_or_else(|| {
+        let keys: Vec<&String> = v.as_object().map(|o| o.keys().collect()).unwrap_or_default();
+        bad(path, format!("not an SGLang expert-distribution record: the keys are {keys:?}, expected `logical_count`"))
+    })?;
+    // [passes, layers, experts] or [layers, experts]
+    let passes: Vec<&serde_json::Value> = match lc.get(0).and_then(|x| x.get(0)).map(|x| x.is_array()) {
+        Some(true) => lc.as_array().map(|a| a.iter().collect()).unwrap_or_default(),
+        _ => vec![lc],
+    };
+    let mut sum = vec![0u64; shape.layers * shape.experts];
+    for (i, pass) in passes.iter().enumerate() {
+        let rows = pass.as_array().filter(|r| r.len() == shape.layers).ok_or_else(|| {
+            bad(path, format!("`logical_count` pass {i} has {} layers, expected {} for this config", pass.as_array().map_or(0, |r| r.len()), shape.layers))
+        })?;
+        for (l, row) in rows.iter().enumerate() {
+            let row = row.as_array().filter(|r| r.len() == shape.experts).ok_or_else(|| {
+                bad(path, format!("`logical_count` pass {i}, layer {l}: expected {} experts", shape.experts))
+            })?;
+            for (e, x) in row.iter().enumerate() {
+                let c = x.as_u64().ok_or_else(|| bad(path, format!("`logical_count` pass {i}, layer {l}, expert {e}: {x} is not a count")))?;
+                sum[l * shape.experts + e] += c;
+            }
+        }
+    }
+    for layer in 0..shape.layers {
+        let counts = &sum[layer * shape.experts..(layer + 1) * shape.experts];
+        check_dense(path, shape, layer, counts.iter().sum())?;
         if shape.is_moe(layer) {
             stats.add_load(layer, counts);
         }

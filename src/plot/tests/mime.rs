@@ -38,6 +38,17 @@ fn png_figure_bundle_carries_a_base64_png() {
 }
 
 #[test]
+fn a_png_figure_in_html_is_an_image_not_its_svg() {
+    let fig = figure().as_png(1.0);
+    let html = fig.to_html();
+    assert!(!html.contains("<svg"), "{html}");
+    let b64 = html.split("data:image/png;base64,").nth(1).unwrap().split('"').next().unwrap();
+    let (w, h, _) = decode_png(&base64::engine::general_purpose::STANDARD.decode(b64).unwrap());
+    assert_eq!((w as f64, h as f64), (fig.width().ceil(), fig.height().ceil()));
+    parse(&html);
+}
+
+#[test]
 fn bundle_serialises_to_the_jupyter_data_dict() {
     let mut b = MimeBundle::new();
     b.insert(MimeType::TextPlain, "x")
