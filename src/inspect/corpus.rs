@@ -141,30 +141,13 @@ impl RoutingStats {
     /// Co-activation counts every pair of experts chosen for a token.
     pub(crate) fn add_choices(&mut self, layer: usize, choices: &[i64], k: usize, ids: Option<&[i64]>) -> Result<()> {
         let e = self.num_experts;
+        if let Some(&x) = choices.iter().find(|&&x| x >= 0 && x as usize >= e) {
+            return Err(Error::Input(format!("layer {layer}: expert id {x} out of range (the record has {e} experts)")));
+        }
         let load = self.load.entry(layer).or_insert_with(|| vec![0; e]);
         let co = self.coactivation.entry(layer).or_insert_with(|| vec![0; e * e]);
-        let mut te = ids.map(|_| self.token_expert.entry(layer).or_default());
-        for (t, row) in choices.chunks(k.max(1)).enumerate() {
-            for &x in row {
-                if x < 0 {
-                    continue;
-                }
-                let x = usize::try_from(x).ok().filter(|&x| x < e).ok_or_else(|| {
-                    Error::Input(format!("layer {layer}: expert id {x} out of range (the record has {e} experts)"))
-                })?;
-                load[x] += 1;
-                for &y in row {
-                    if y >= 0 && (y as usize) < e {
-                        co[x * e + y as usize] += 1;
-                    }
-                }
-                if let (Some(te), Some(ids)) = (te.as_mut(), ids) {
-                    if let Some(&tok) = ids.get(t) {
-                        te.entry(tok).or_insert_with(|| vec![0; e])[x] += 1;
-                    }
-                }
-            }
-        }
+        let te = ids.map(|_| self.token_expert.entry(layer).or_default());
+        count_choices(load, co, te, choices, k, ids, e);
         Ok(())
     }
 
@@ -173,13 +156,7 @@ impl RoutingStats {
     pub(crate) fn add_transitions(&mut self, a: usize, b: usize, ca: &[i64], cb: &[i64], k: usize) {
         let e = self.num_experts;
         let t = self.transitions.entry(format!("{a}-{b}")).or_insert_with(|| vec![0; e * e]);
-        for (ra, rb) in ca.chunks(k.max(1)).zip(cb.chunks(k.max(1))) {
-            for &x in ra.iter().filter(|&&x| x >= 0 && (x as usize) < e) {
-                for &y in rb.iter().filter(|&&y| y >= 0 && (y as usize) < e) {
-                    t[x as usize * e + y as usize] += 1;
-                }
-            }
-        }
+        count_transitions(t, ca, cb, k, e);
     }
 
     /// Adds per-expert token counts of `layer` (a record without per-token
@@ -376,6 +353,65 @@ impl RoutingStats {
         let path = path.as_ref();
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
         serde_json::from_str(&text).map_err(|cause| Error::Json { path: path.to_path_buf(), cause })
+    }
+}
+
+/// The valid expert ids of one row (`-1` and ids past `e` left out).
+fn valid_of<'b>(row: &[i64], e: usize, buf: &'b mut [usize; 256]) -> &'b [usize] {
+    let mut n = 0;
+    for &x in row.iter().take(buf.len()) {
+        if x >= 0 && (x as usize) < e {
+            buf[n] = x as usize;
+            n += 1;
+        }
+    }
+    &buf[..n]
+}
+
+/// Counts one layer's choices `[n, k]` into its load, co-activation and
+/// (with `ids`) per-token accumulators. The callers check the ids first.
+pub(crate) fn count_choices(
+    load: &mut [u64],
+    co: &mut [u64],
+    mut te: Option<&mut HashMap<i64, Vec<u32>>>,
+    choices: &[i64],
+    k: usize,
+    ids: Option<&[i64]>,
+    e: usize,
+) {
+    let mut buf = [0usize; 256];
+    for (t, row) in choices.chunks(k.max(1)).enumerate() {
+        let v = valid_of(row, e, &mut buf);
+        for &x in v {
+            load[x] += 1;
+            let base = x * e;
+            for &y in v {
+                co[base + y] += 1;
+            }
+        }
+        if v.is_empty() {
+            continue; // padding: no expert, no token count
+        }
+        if let (Some(te), Some(&tok)) = (te.as_deref_mut(), ids.and_then(|i| i.get(t))) {
+            let c = te.entry(tok).or_insert_with(|| vec![0; e]);
+            for &x in v {
+                c[x] += 1;
+            }
+        }
+    }
+}
+
+/// Counts the expert pairs of the same tokens in two consecutive layers.
+pub(crate) fn count_transitions(t: &mut [u64], ca: &[i64], cb: &[i64], k: usize, e: usize) {
+    let (mut ba, mut bb) = ([0usize; 256], [0usize; 256]);
+    for (ra, rb) in ca.chunks(k.max(1)).zip(cb.chunks(k.max(1))) {
+        let (va, vb) = (valid_of(ra, e, &mut ba), valid_of(rb, e, &mut bb));
+        for &x in va {
+            let base = x * e;
+            for &y in vb {
+                t[base + y] += 1;
+            }
+        }
     }
 }
 

@@ -26,8 +26,8 @@
 //! none, so [`RoutingStats::weight_mass`] is an error on imported counts.
 //!
 //! Memory: per-token records are read in chunks of
-//! [`ImportOptions::chunk_tokens`] tokens per layer, so a multi-GB record
-//! is read in bounded memory; what grows is the statistics (E x E counts per
+//! [`ImportOptions::chunk_tokens`] tokens, so a multi-GB record is read in
+//! bounded memory, and the layers of a chunk are counted on all cores; what grows is the statistics (E x E counts per
 //! layer and, for the layers in [`ImportOptions::token_layers`], one count
 //! vector per distinct token id).
 //!
@@ -65,13 +65,14 @@ pub struct ImportOptions {
     /// ([`RoutingStats::top_tokens`]). Empty by default: at 256 experts
     /// that is a 1 KiB vector per distinct token id and layer.
     pub token_layers: Vec<usize>,
-    /// Tokens read per layer at a time from a per-token record.
+    /// Tokens read at a time from a per-token record, in every layer (8192:
+    /// 61 layers x 8 slots x 8 bytes x 8192 = 32 MB at DeepSeek-V3's shape).
     pub chunk_tokens: usize,
 }
 
 impl Default for ImportOptions {
     fn default() -> Self {
-        ImportOptions { token_layers: Vec::new(), chunk_tokens: 1 << 16 }
+        ImportOptions { token_layers: Vec::new(), chunk_tokens: 8192 }
     }
 }
 

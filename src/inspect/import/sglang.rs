@@ -22,7 +22,7 @@
 //! record whose pass id and contents equal one already read (from another
 //! rank's file) is counted once, and the source says how many were skipped.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::path::Path;
 
@@ -31,7 +31,7 @@ use base64::Engine;
 use super::torch_pt::{PtFile, PyValue, TensorRef};
 use super::{bad, source_of, ImportOptions, PhysMap, Shape};
 use crate::error::{Error, Result};
-use crate::inspect::corpus::RoutingStats;
+use crate::inspect::corpus::{count_choices, count_transitions, RoutingStats};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Mode {
@@ -315,8 +315,20 @@ fn read_records(file: &PtFile, mode: Mode, shape: &Shape, options: &ImportOption
     Ok(skipped)
 }
 
-/// Streams one per-token record `[layers, n, slots]`: token chunks, layer by
-/// layer, mapped to logical experts.
+/// The accumulators of one MoE layer, borrowed from the statistics so that
+/// layers can be counted on different threads.
+struct LayerJob<'a> {
+    layer: usize,
+    load: &'a mut Vec<u64>,
+    co: &'a mut Vec<u64>,
+    te: Option<&'a mut HashMap<i64, Vec<u32>>>,
+    /// The transitions from the previous MoE layer into this one.
+    trans: Option<(usize, &'a mut Vec<u64>)>,
+}
+
+/// Streams one per-token record `[layers, n, slots]`: a chunk of tokens is
+/// read layer by layer (dense layers checked, physical ids mapped), then its
+/// MoE layers are counted in parallel, each thread on its own layers.
 fn read_token_record(
     file: &PtFile,
     t: &TensorRef,
@@ -327,33 +339,63 @@ fn read_token_record(
     stats: &mut RoutingStats,
 ) -> Result<()> {
     let (n, slots) = (t.shape[1], t.shape[2]);
+    let e = stats.num_experts;
     let chunk = options.chunk_tokens.max(1);
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(shape.moe_layers.len()).max(1);
+    for &l in &shape.moe_layers {
+        stats.load.entry(l).or_insert_with(|| vec![0; e]);
+        stats.coactivation.entry(l).or_insert_with(|| vec![0; e * e]);
+        if ids.is_some() && options.token_layers.contains(&l) {
+            stats.token_expert.entry(l).or_default();
+        }
+    }
+    for pair in shape.moe_layers.windows(2) {
+        stats.transitions.entry(format!("{}-{}", pair[0], pair[1])).or_insert_with(|| vec![0; e * e]);
+    }
     let mut buf = Vec::new();
-    let (mut cur, mut prev) = (Vec::new(), Vec::new());
+    let mut layers: Vec<Vec<i64>> = vec![Vec::new(); shape.layers];
     let mut start = 0;
     while start < n {
         let c = chunk.min(n - start);
-        let mut prev_layer: Option<usize> = None;
-        for layer in 0..shape.layers {
-            file.read_range(t, (layer * n + start) * slots, c * slots, &mut buf, &mut cur)?;
-            if !shape.is_moe(layer) {
+        for (layer, cur) in layers.iter_mut().enumerate() {
+            file.read_range(t, (layer * n + start) * slots, c * slots, &mut buf, cur)?;
+            if shape.is_moe(layer) {
+                map.map_choices(file.path(), layer, layer, cur)?;
+            } else {
                 check_dense(file.path(), shape, layer, cur.iter().filter(|&&x| x >= 0).count() as u64)?;
-                continue;
             }
-            map.map_choices(file.path(), layer, layer, &mut cur)?;
-            if prev_layer.is_none() {
-                // tokens with at least one expert (padding has none)
-                stats.tokens += cur.chunks(slots).filter(|r| r.iter().any(|&x| x >= 0)).count() as u64;
-            }
-            let keep = options.token_layers.contains(&layer);
-            let tok = if keep { ids.map(|ids| &ids[start..start + c]) } else { None };
-            stats.add_choices(layer, &cur, slots, tok)?;
-            if let Some(pl) = prev_layer {
-                stats.add_transitions(pl, layer, &prev, &cur, slots);
-            }
-            std::mem::swap(&mut prev, &mut cur);
-            prev_layer = Some(layer);
         }
+        if let Some(&first) = shape.moe_layers.first() {
+            // tokens with at least one expert (padding has none)
+            stats.tokens += layers[first].chunks(slots).filter(|r| r.iter().any(|&x| x >= 0)).count() as u64;
+        }
+        let tok = ids.map(|ids| &ids[start..start + c]);
+        let mut loads: HashMap<usize, &mut Vec<u64>> = stats.load.iter_mut().map(|(k, v)| (*k, v)).collect();
+        let mut cos: HashMap<usize, &mut Vec<u64>> = stats.coactivation.iter_mut().map(|(k, v)| (*k, v)).collect();
+        let mut tes: HashMap<usize, &mut HashMap<i64, Vec<u32>>> = stats.token_expert.iter_mut().map(|(k, v)| (*k, v)).collect();
+        let mut trs: HashMap<&str, &mut Vec<u64>> = stats.transitions.iter_mut().map(|(k, v)| (k.as_str(), v)).collect();
+        let mut buckets: Vec<Vec<LayerJob>> = (0..threads).map(|_| Vec::new()).collect();
+        for (i, &l) in shape.moe_layers.iter().enumerate() {
+            let prev = i.checked_sub(1).map(|j| shape.moe_layers[j]);
+            let (Some(load), Some(co)) = (loads.remove(&l), cos.remove(&l)) else { continue };
+            let trans = prev.and_then(|p| trs.remove(format!("{p}-{l}").as_str()).map(|t| (p, t)));
+            let te = if options.token_layers.contains(&l) { tes.remove(&l) } else { None };
+            buckets[i % threads].push(LayerJob { layer: l, load, co, te, trans });
+        }
+        let layers = &layers;
+        std::thread::scope(|scope| {
+            for jobs in buckets {
+                scope.spawn(move || {
+                    for job in jobs {
+                        let cur = &layers[job.layer];
+                        count_choices(job.load, job.co, job.te, cur, slots, tok, e);
+                        if let Some((p, tr)) = job.trans {
+                            count_transitions(tr, &layers[p], cur, slots, e);
+                        }
+                    }
+                });
+            }
+        });
         start += c;
     }
     Ok(())
