@@ -155,7 +155,7 @@ def main():
         f"One SGLang `per_token` dump of DeepSeek-V3's shape: {a.tokens:,} tokens in {records} records "
         f"(forward passes of {PASS} tokens), 61 layers x 8 slots of int32, 32 redundant experts; "
         f"{gib:.2f} GiB. `deepscope import sglang` counts load, co-activation (E x E per layer) and "
-        "layer-to-layer transitions for every token, reading each record layer by layer in chunks.", "",
+        "layer-to-layer transitions for every token, reading each record in chunks of 8192 tokens across its layers and counting the layers on all cores.", "",
         "| reader | seconds | GiB/s | vs reading the bytes |",
         "|---|---:|---:|---:|",
         f"| `cat > /dev/null` (page cache warm: the limit) | {cat_s:.2f} | {gib / cat_s:.2f} | 1.00 |",
