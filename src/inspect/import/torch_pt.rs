@@ -231,8 +231,10 @@ pub struct TensorRef {
 }
 
 impl TensorRef {
+    /// Elements (saturating: a shape whose product overflows is refused
+    /// when the data is located).
     pub fn numel(&self) -> usize {
-        self.shape.iter().product()
+        self.shape.iter().try_fold(1usize, |a, &n| a.checked_mul(n)).unwrap_or(usize::MAX)
     }
 
     /// Whether the elements are stored row-major without gaps.
@@ -325,7 +327,7 @@ impl PtFile {
         if !t.is_contiguous() {
             return Err(bad(&self.path, format!("tensor of shape {:?} has strides {:?}: only contiguous tensors are read", t.shape, t.stride)));
         }
-        let need = ((t.offset + t.numel()) * t.dtype.size()) as u64;
+        let need = t.offset.checked_add(t.numel()).and_then(|n| n.checked_mul(t.dtype.size())).map_or(u64::MAX, |n| n as u64);
         if need > len {
             return Err(bad(&self.path, format!("tensor of shape {:?} needs {need} bytes of storage {}, which has {len}", t.shape, t.storage)));
         }
@@ -333,7 +335,10 @@ impl PtFile {
     }
 
     fn read_bytes(&self, t: &TensorRef, from: usize, count: usize, buf: &mut Vec<u8>) -> Result<()> {
-        let (start, _) = self.locate(t)?;
+        let (start, len) = self.locate(t)?;
+        if ((from + count) * t.dtype.size()) as u64 > len {
+            return Err(bad(&self.path, format!("elements {from}..{} of a tensor of {} elements", from + count, t.numel())));
+        }
         let size = t.dtype.size();
         let mut f = File::open(&self.path).map_err(|e| Error::io(&self.path, e))?;
         f.seek(SeekFrom::Start(start + (from * size) as u64)).map_err(|e| Error::io(&self.path, e))?;
@@ -410,7 +415,7 @@ fn unpickle(data: &[u8]) -> std::result::Result<PyValue, String> {
     macro_rules! take {
         ($n:expr) => {{
             let n: usize = $n;
-            if pos + n > data.len() {
+            if pos.checked_add(n).is_none_or(|end| end > data.len()) {
                 return Err(format!("the pickle ends inside an opcode at byte {pos} (truncated?)"));
             }
             let s = &data[pos..pos + n];
@@ -769,6 +774,16 @@ mod tests {
         assert!(e.contains("0xff") && e.contains("byte 2"), "{e}");
         let e = unpickle(&[0x80, 2, b'J', 1, 2]).unwrap_err();
         assert!(e.contains("truncated"), "{e}");
+    }
+
+    #[test]
+    fn lengths_past_the_end_are_errors_not_panics() {
+        // BINUNICODE8 with a length near 2^64
+        let mut p = vec![0x80, 4, 0x8d];
+        p.extend(u64::MAX.to_le_bytes());
+        assert!(unpickle(&p).unwrap_err().contains("truncated"));
+        let t = TensorRef { dtype: PtDtype::I32, storage: "0".into(), offset: 0, shape: vec![usize::MAX, 4], stride: vec![4, 1] };
+        assert_eq!(t.numel(), usize::MAX);
     }
 
     #[test]
