@@ -2143,6 +2143,32 @@ REAL = [
     println!("max / mean, uniform routing of as many tokens: {uniform_max_over_mean:.2}");
     '''),
     md(r'''
+    The floor falls as the record grows. The same simulation at a few token counts (20 draws each):
+    '''),
+    code(r'''
+    let floor_rows: Vec<(i64, f64)> = {
+        let (e, k) = (v3.n_routed_experts as i64, v3.num_experts_per_tok as i64);
+        deepscope::tch::manual_seed(1);
+        [143i64, 1_000, 10_000, 100_000].iter().map(|&n| {
+            let mut sum = 0.0;
+            for _ in 0..20 {
+                let picks = Tensor::rand([n, e], (Kind::Float, Device::Cpu)).topk(k, -1, true, false).1.flatten(0, -1);
+                let load = picks.bincount::<Tensor>(None, e).to_kind(Kind::Double);
+                sum += (load.max() / load.mean(Kind::Double)).double_value(&[]);
+            }
+            (n, sum / 20.0)
+        }).collect()
+    };
+    let mut floor: Table = Table::new(["tokens", "mean load per expert", "max / mean of uniform routing"])
+        .caption("The sampling floor of max / mean at DeepSeek-V3's 256 experts, top-8");
+    for (n, m) in &floor_rows {
+        floor.add_row([(*n).into(), Cell::number(*n as f64 * 8.0 / 256.0, 1), Cell::number(*m, 3)])?;
+    }
+    // the floor falls with every tenfold increase in tokens
+    assert!(floor_rows.windows(2).all(|w| w[1].1 < w[0].1));
+    floor
+    '''),
+    md(r'''
     ### Next to a local run
 
     The tiny model over held-out text, counted by `model.routing_stats` as in notebook 02, gives the same
@@ -2201,6 +2227,24 @@ REAL = [
     local_plan.layer_figure(local.layers()[0])?
     '''),
     md(r'''
+    Which experts got the redundant slots? Each slot went, at its turn, to the expert with the most load
+    per replica at that moment, so an expert with c replicas carried, with one replica fewer, at least
+    as much load per replica as any expert carries in the end. The cell checks that in every layer of
+    the tiny model's plan (one node, so one pool of slots):
+    '''),
+    code(r'''
+    for (l, p) in &local_plan.layers {
+        let load = &local.load[l];
+        let final_max = (0..load.len()).map(|e| load[e] as f64 / p.count[e] as f64).fold(0.0, f64::max);
+        for e in (0..load.len()).filter(|&e| p.count[e] > 1) {
+            assert!(load[e] as f64 / (p.count[e] - 1) as f64 >= final_max);
+        }
+        let replicated: Vec<String> = (0..load.len()).filter(|&e| p.count[e] > 1).map(|e| format!("e{e} (load {}, x{})", load[e], p.count[e])).collect();
+        let mean = load.iter().sum::<u64>() as f64 / load.len() as f64;
+        println!("layer {l}: mean load {mean:.0}; replicated: {}", replicated.join(", "));
+    }
+    '''),
+    md(r'''
     ## What to try next
 
     - `deepscope plan --model published:deepseek-v3 --memory-budget 8GiB` prints section 2's plan in a
@@ -2217,6 +2261,33 @@ REAL = [
       `docs/benchmarks.md`.
     - Any analysis of notebooks 02 to 05 runs on `real` as on the tiny model; keep inputs short and
       captures small (`Capture::routing_only()`, `Capture::none().with(point)`).
+
+    ## Exercises
+
+    <details><summary>1. In the record, single experts carry several times their layer's mean load, yet the
+    static placement's busiest GPU is much closer to the mean. Why?</summary>
+
+    A GPU holds a block of experts (256 / 32 = 8 here), so its load is a sum of several experts' loads and
+    the extremes average out. Compare the record's mean max/mean per expert (printed under section 7) with
+    the EPLB table's static max/mean per GPU.
+    </details>
+
+    <details><summary>2. How many tokens must a record of this shape hold before a max/mean of 1.3 says
+    something about the router rather than about the sample?</summary>
+
+    At least as many as the first row of the sampling-floor table whose uniform max/mean is below 1.3.
+    Fewer tokens than that, and perfectly even routing would already look that uneven. Read the table
+    rather than a rule of thumb: the floor depends on E and k.
+    </details>
+
+    <details><summary>3. Before running the last cells, predict which of the tiny model's experts get the
+    4 redundant slots.</summary>
+
+    The busiest ones, one slot at a time to whichever expert has the most load per replica at that moment.
+    A second slot for the same expert needs its load per replica, once halved, to still lead every other
+    expert. The replica check above prints the experts replicated in each layer with their loads, next to
+    the layer's mean.
+    </details>
     '''),
 ]
 
