@@ -767,6 +767,26 @@ ROUTING = [
       calling `routing_stats` again with the same statistics resumes it.
     - Replay with a larger $\gamma$ (faster, but the load oscillates) or a smaller one.
     - Notebook **05** uses a replayed bias as an intervention and measures what it does to perplexity.
+
+    ## Exercises
+
+    <details><summary>1. Section 1 prints, for each layer, the smallest margin between the k-th chosen
+    expert and the best one left out. What does a small margin tell you about that token?</summary>
+
+    That its routing is fragile: a change of its choice scores of about that size, from the input or from
+    the bias, swaps an expert. The same cell counts the tokens whose expert set the bias actually changed; tokens with small
+    margins are the ones to expect there, and the ones a steering vector or a small edit will reroute
+    first.
+    </details>
+
+    <details><summary>2. In the table of section 2, compare the "all" column with the three domain columns.
+    How can the mixture be more even than each of its parts?</summary>
+
+    The domains do not overload the same experts. Section 4's group shares show it for the last layer:
+    the Bible sends most of its choices to other groups than the fortunes and the Jargon File do. Mixed
+    together, one domain's busy experts are partly another's quiet ones, and the load evens out. Part of each domain's figure is also sampling noise, since each holds
+    a third of the tokens (notebook 06 measures how this floor falls with the number of tokens).
+    </details>
     '''),
 ]
 
@@ -1229,6 +1249,25 @@ ACTIVATIONS = [
     compare(&model.trace(TEXT)?, &without_shared)?
     '''),
     md(r'''
+    The same patch in the *first* MoE layer. Its own routing cannot change (the router reads the block's
+    input, not its output), but every MoE layer after it reads a residual stream without that
+    contribution. The cell prints each layer's share of tokens routed differently and checks both
+    statements.
+    '''),
+    code(r'''
+    let first: usize = model.config.moe_layers()[0];
+    let no_first_shared = {
+        let zeros = Tensor::zeros([model.encode(TEXT)?.len() as i64, model.config.hidden_size as i64], (Kind::Float, Device::Cpu));
+        compare(&model.trace(TEXT)?, &model.trace_with(TEXT, &Capture::default(), &Interventions::new().patch(HookPoint::SharedOut(first), &zeros))?)?
+    };
+    for (l, c) in &no_first_shared.routing {
+        println!("layer {l}: {:.1}% of tokens routed differently (mean Jaccard {:.3})", 100.0 * c.changed_fraction, c.mean_jaccard);
+    }
+    println!("mean KL {:.4} nats, loss {:.4} -> {:.4}", no_first_shared.mean_kl, no_first_shared.mean_loss_baseline, no_first_shared.mean_loss_variant);
+    assert_eq!(no_first_shared.routing[&first].changed_fraction, 0.0);
+    assert!(no_first_shared.routing.iter().any(|(l, c)| *l > first && c.changed_fraction > 0.0));
+    '''),
+    md(r'''
     ## 4. The logit lens
 
     Apply the final norm and the LM head to the residual stream after each layer, as if the model stopped
@@ -1286,6 +1325,27 @@ ACTIVATIONS = [
     - `deepscope::inspect::massive_activations(&tensor, layer, factor)` works on any captured tensor, e.g.
       `HookPoint::AttnOut(l)` or `HookPoint::CKv(l)`.
     - Zero one routed expert's contribution by banning it (notebook **05**) and read the lens again.
+
+    ## Exercises
+
+    <details><summary>1. Zeroing the shared expert of the last MoE layer routed no token differently;
+    zeroing the first layer's did. Why the difference?</summary>
+
+    A router reads its block's input. Zeroing a block's shared output changes the residual stream only
+    from that block on, so the block's own routing stays as it was (the first cell shows it for the last
+    layer, the second checks it for the first). After the
+    last MoE layer no router is left to notice; after the first one, every later router reads a changed
+    stream, and the second cell prints how many of their tokens moved.
+    </details>
+
+    <details><summary>2. Read alone through the logit lens, the shared expert's output almost never names
+    the model's next token. Does the shared expert matter little, then?</summary>
+
+    No. The lens shows what a part writes when read as if it were the whole residual stream; it says
+    nothing about what the part contributes in context. Section 3 measures that directly: zeroing the
+    last layer's shared expert raises the loss and moves the predictions (its KL and top-1 agreement are
+    printed there).
+    </details>
     '''),
 ]
 
