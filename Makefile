@@ -16,7 +16,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export VIRTUAL_ENV := $(CURDIR)/$(VENV)
 export LIBTORCH_USE_PYTORCH := 1
 
-.PHONY: help setup build kernel soak bench-kernel bench-scale bench-import gpu-check test fixtures records corpus browser bench lab demo notebooks train-tiny gallery clean
+.PHONY: help setup build kernel soak bench-kernel bench-scale bench-import bench-profile gpu-check test fixtures records corpus browser bench lab demo notebooks train-tiny gallery clean
 
 help:
 	@echo "make lab    build DeepScope, install its Jupyter kernel, open JupyterLab on notebooks/ (main job)"
@@ -111,6 +111,11 @@ bench: build
 BENCH_BUDGET ?= 8GiB
 bench-scale: build
 	$(PY) tests/bench_scale.py --deepscope $(BIN) --out docs/benchmarks.md --budget $(BENCH_BUDGET) $(BENCH_SCALE_ARGS)
+
+# where a 4 x 256 prefill's time goes, block by block, in DeepScope and in
+# transformers (the bench model; hooks on both sides); table into docs/benchmarks.md
+bench-profile: build
+	$(PY) tests/profile_prefill.py --deepscope $(BIN) --out docs/benchmarks.md --threads 2
 
 # importing an SGLang per_token record of a million tokens (~2 GB, written
 # with torch.save in the same run): throughput against reading the bytes, and

@@ -307,6 +307,11 @@ enum Command {
         repeats: usize,
         #[arg(long, default_value = "absorbed")]
         attn: String,
+        /// Also time each block of the prefill (embedding, attention, norms
+        /// and residuals, dense MLPs, routers, experts, LM head) through
+        /// hooks, and add the medians to the JSON as "profile_ms".
+        #[arg(long)]
+        profile: bool,
     },
     /// Run the Jupyter kernel (started by Jupyter through the kernelspec).
     #[cfg(feature = "kernel")]
@@ -582,7 +587,8 @@ fn run(cli: Cli) -> Result<()> {
             prompt_len,
             repeats,
             attn,
-        } => bench(&model, threads, batch, seq, new, prompt_len, repeats, &attn),
+            profile,
+        } => bench(&model, threads, batch, seq, new, prompt_len, repeats, &attn, profile),
     }
 }
 
@@ -931,6 +937,7 @@ fn bench(
     prompt_len: i64,
     repeats: usize,
     attn: &str,
+    profile: bool,
 ) -> Result<()> {
     let attn: AttnImpl = attn.parse()?;
     if threads > 0 {
@@ -1010,9 +1017,11 @@ fn bench(
         tr.push(time(&mut || traced(&routing_capture))?);
     }
     let (tp, td, tr) = (median(tp), median(td), median(tr));
+    let profile_ms = if profile { Some(profile_prefill(&model, &ids, repeats)?) } else { None };
     println!(
         "{}",
         serde_json::json!({
+            "profile_ms": profile_ms,
             "load_rss_delta_bytes": peak.saturating_sub(before),
             "weight_bytes": weight_bytes,
             "prefill_tokens_per_s": (batch * seq) as f64 / prefill_s,
@@ -1026,6 +1035,66 @@ fn bench(
         })
     );
     Ok(())
+}
+
+/// Where a prefill's time goes, block by block: an identity hook at the
+/// block boundaries stamps the time as the pass reaches each one (CPU ops
+/// are synchronous, so a stamp marks the end of the ops before it), and the
+/// gaps are summed by kind over the layers. The pass with the median total
+/// of `repeats`, in ms.
+fn profile_prefill(model: &Model, ids: &Tensor, repeats: usize) -> Result<serde_json::Value> {
+    use deepscope::inspect::{Capture, Interventions, Points};
+    use deepscope::model::HookPoint as H;
+    use std::sync::{Arc, Mutex};
+    let marks: Arc<Mutex<Vec<(H, Instant)>>> = Arc::new(Mutex::new(Vec::new()));
+    let log = marks.clone();
+    let wanted = |p: H| matches!(p, H::Embed | H::AttnIn(_) | H::AttnOut(_) | H::MlpIn(_) | H::TopkWeights(_) | H::MlpOut(_));
+    let iv = Interventions::new().hook(Points::matching(wanted), move |ctx, x| {
+        if let Ok(mut m) = log.lock() {
+            m.push((ctx.point, Instant::now()));
+        }
+        Ok(x)
+    });
+    const KINDS: [&str; 7] = ["embedding", "attention", "norms and residuals", "dense MLP", "router", "routed + shared experts", "final norm + LM head"];
+    let mut runs: Vec<[f64; 8]> = Vec::new();
+    for rep in 0..=repeats {
+        marks.lock().map_err(|_| anyhow::anyhow!("profile marks poisoned"))?.clear();
+        let start = Instant::now();
+        let t = model.trace_with(ids, &Capture::none(), &iv)?;
+        let _ = t.logits.double_value(&[0, 0, 0]);
+        let end = Instant::now();
+        let m = marks.lock().map_err(|_| anyhow::anyhow!("profile marks poisoned"))?.clone();
+        let mut acc = [0.0f64; 8];
+        let mut prev = (None::<H>, start);
+        for &(p, at) in &m {
+            let gap = at.duration_since(prev.1).as_secs_f64() * 1e3;
+            let kind = match (prev.0, p) {
+                (None, H::Embed) => 0,
+                (Some(H::AttnIn(_)), H::AttnOut(_)) => 1,
+                (Some(H::MlpIn(_)), H::MlpOut(_)) => 3,
+                (Some(H::MlpIn(_)), H::TopkWeights(_)) => 4,
+                (Some(H::TopkWeights(_)), H::MlpOut(_)) => 5,
+                _ => 2, // norm before attention or MLP, residual adds
+            };
+            acc[kind] += gap;
+            prev = (Some(p), at);
+        }
+        acc[6] += end.duration_since(prev.1).as_secs_f64() * 1e3;
+        acc[7] = end.duration_since(start).as_secs_f64() * 1e3;
+        if rep > 0 {
+            runs.push(acc);
+        }
+    }
+    // the run with the median total, whole: medians taken block by block
+    // need not add up to a run
+    runs.sort_by(|a, b| a[7].total_cmp(&b[7]));
+    let run = runs.get(runs.len() / 2).copied().unwrap_or([0.0; 8]);
+    let mut out = serde_json::Map::new();
+    for (i, k) in KINDS.iter().enumerate() {
+        out.insert(k.to_string(), serde_json::json!(run[i]));
+    }
+    out.insert("total".into(), serde_json::json!(run[7]));
+    Ok(serde_json::Value::Object(out))
 }
 
 /// `deepscope bench-stream`: load under the budget, then a prefill and greedy
