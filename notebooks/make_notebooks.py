@@ -1937,6 +1937,13 @@ REAL = [
     sizes
     '''),
     md(r'''
+    **What to notice.** The FP8 models (DeepSeek-V3, R1, Kimi-K2) are stored in about half of what the
+    same parameters take in bf16; V2-Lite and Moonlight are published in bf16, so the two columns agree.
+    A token uses a small share of the parameters (the "active" column): the routed experts it is not
+    sent to do no work. The KV cache per token is the same for V3, R1 and K2 because their MLA latent
+    sizes and layer counts are the same; the model size does not enter it.
+    '''),
+    md(r'''
     ## 2. Plans under a memory budget
 
     A plan fills the budget in the order that saves the most reads per byte held: norms and routers
@@ -2068,7 +2075,17 @@ REAL = [
         costs.add_row([name.into(), Cell::number(c.seconds, 2), Cell::number(t.load_seconds, 2), human_bytes(t.disk_bytes).into(),
             t.expert_hits.to_string().into(), t.expert_misses.to_string().into(), t.expert_evictions.to_string().into()])?;
     }
+    if first.cost.traffic.disk_bytes > 0 {
+        // streaming: the second pass finds experts the first one kept, and reads less
+        assert!(second.cost.traffic.expert_hits > 0 && second.cost.traffic.disk_bytes < first.cost.traffic.disk_bytes);
+    }
     costs
+    '''),
+    md(r'''
+    **What to notice.** When the model streams, the second trace of the same tokens has expert hits
+    and reads less from disk than the first (the cell checks both); its remaining misses are experts
+    the cache had no room to keep. The "loading" column is the part of each pass spent waiting for
+    reads.
     '''),
     md(r'''
     Streaming changes where the weights live, not the numbers: the same prompt through a fully resident
@@ -2118,14 +2135,24 @@ REAL = [
     let out = real.forward_with(&prompt, Some(&mut kv), ForwardOptions::default())?;
     let mut next = out.logits.select(1, -1).argmax(-1, true);
     let mut steps: Table = Table::new(["step", "token", "ms", "read from disk", "expert hits", "misses"]).caption("Greedy decoding under the budget");
+    let mut read_by_misses: Vec<(u64, u64)> = Vec::new();
     for step in 0..6 {
         let out = real.forward_with(&next, Some(&mut kv), ForwardOptions::default())?;
         let t = out.cost.traffic;
         steps.add_row([step.to_string().into(), next.int64_value(&[0, 0]).to_string().into(), Cell::number(1e3 * out.cost.seconds, 0),
             human_bytes(t.disk_bytes).into(), t.expert_hits.to_string().into(), t.expert_misses.to_string().into()])?;
+        read_by_misses.push((t.expert_misses, t.disk_bytes));
         next = out.logits.select(1, -1).argmax(-1, true);
     }
+    // more misses, more bytes read: the step's other reads are the same every step
+    read_by_misses.sort();
+    assert!(read_by_misses.windows(2).all(|w| w[0].0 == w[1].0 || w[0].1 <= w[1].1));
     steps
+    '''),
+    md(r'''
+    **What to notice.** The bytes a step reads rise with its misses (the cell checks that, sorted by
+    misses, the reads never fall): what a decoded token costs is decided by which experts it is routed
+    to and whether the cache holds them. The dense weights left on disk cost every step the same.
     '''),
     md(r'''
     The model's own display sums up the weights in memory and all the traffic so far:
