@@ -246,6 +246,10 @@ fn eplb_plans_place_every_expert_and_even_out_the_gpus() {
     // a plan that cannot be made
     let err = stats.eplb(EplbOptions::new(7)).unwrap_err().to_string();
     assert!(err.contains("256 experts + 0 redundant = 256 do not split evenly over 7 GPUs"), "{err}");
+    // a typo of a few digits is refused at once rather than planned for hours
+    let err = stats.eplb(EplbOptions::new(1).redundant(99_999_999)).unwrap_err().to_string();
+    assert!(err.contains("99999999 redundant experts is more than 7 per expert"), "{err}");
+    assert!(stats.eplb(EplbOptions::new(8).redundant(7 * 256)).is_ok(), "up to 8 physical experts per logical one");
     let text = plan.to_string();
     assert!(text.contains("hierarchical") && text.contains("busiest GPU / mean"), "{text}");
 }

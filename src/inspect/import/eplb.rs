@@ -31,6 +31,11 @@ use serde::Serialize;
 
 use crate::error::{Error, Result};
 
+/// Most physical experts per logical one a plan may have: each redundant
+/// slot is one greedy step over all experts, so an absurd count (a typo of a
+/// few digits) would run for hours instead of failing.
+pub const MAX_REPLICAS_PER_EXPERT: usize = 8;
+
 /// The shape of the deployment to plan for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct EplbOptions {
@@ -75,6 +80,13 @@ impl EplbOptions {
         }
         if experts == 0 {
             return fail("there are no experts".into());
+        }
+        if self.redundant > MAX_REPLICAS_PER_EXPERT.saturating_sub(1).saturating_mul(experts) {
+            return fail(format!(
+                "{} redundant experts is more than {} per expert; a plan is refused beyond {MAX_REPLICAS_PER_EXPERT} physical experts per logical one (deployments use about 1.1 to 1.3)",
+                self.redundant,
+                MAX_REPLICAS_PER_EXPERT - 1
+            ));
         }
         if self.gpus % self.nodes != 0 {
             return fail(format!("{} GPUs do not split evenly over {} nodes", self.gpus, self.nodes));
