@@ -175,6 +175,7 @@ impl Error {
         match self {
             Error::Input(m) => Error::Input(format!("{what}: {m}")),
             Error::OutOfRange { kind, index, len, context } => Error::OutOfRange { kind, index, len, context: format!("{what}: {context}") },
+            Error::BadRecord { file, message } => Error::BadRecord { file, message: format!("{what}: {message}") },
             other => other,
         }
     }

@@ -36,7 +36,6 @@ use tch::{Kind, Tensor};
 
 use super::capture::Capture;
 use super::interventions::Interventions;
-use super::routing::topk_rows;
 use super::trace::Trace;
 use crate::error::{Error, IndexKind, Result};
 use crate::model::tokenizer::Tokenizer;
@@ -97,40 +96,24 @@ impl RoutingStats {
             return Err(Error::Input(format!("these statistics count {} experts, the trace has {e}", self.num_experts)));
         }
         self.tokens += ids.len() as u64;
-        let mut rows_of = Vec::new();
+        // the same counting as an imported record's, plus the weights
+        let mut prev: Option<(usize, Vec<i64>)> = None;
         for r in &records {
-            let rows = topk_rows(r)?;
-            let weights = Vec::<Vec<f32>>::try_from(&r.topk_weights)?;
-            let load = self.load.entry(r.layer).or_insert_with(|| vec![0; e]);
+            let k = r.topk_indices.size().get(1).copied().unwrap_or(1).max(1) as usize;
+            let choices = Vec::<i64>::try_from(r.topk_indices.f_flatten(0, -1)?)?;
+            let weights = Vec::<f32>::try_from(r.topk_weights.f_flatten(0, -1)?)?;
+            self.add_choices(r.layer, &choices, k, Some(&ids))?;
             let mass = self.weight_mass_q64.entry(r.layer).or_insert_with(|| vec![0; e]);
-            let co = self.coactivation.entry(r.layer).or_insert_with(|| vec![0; e * e]);
-            let te = self.token_expert.entry(r.layer).or_default();
-            for ((row, w), &tok) in rows.iter().zip(&weights).zip(&ids) {
-                let counts = te.entry(tok).or_insert_with(|| vec![0; e]);
-                for (&x, &wx) in row.iter().zip(w) {
-                    load[x as usize] += 1;
-                    let q = to_fixed(wx).ok_or_else(|| {
-                        Error::Input(format!("layer {}: routing weight {wx} of expert {x} cannot be summed (not finite, or |w| >= 2^63)", r.layer))
-                    })?;
-                    mass[x as usize] = checked_mass_add(mass[x as usize], q, r.layer)?;
-                    counts[x as usize] += 1;
-                    for &y in row {
-                        co[x as usize * e + y as usize] += 1;
-                    }
-                }
+            for (&x, &wx) in choices.iter().zip(&weights).filter(|(&x, _)| x >= 0) {
+                let q = to_fixed(wx).ok_or_else(|| {
+                    Error::Input(format!("layer {}: routing weight {wx} of expert {x} cannot be summed (not finite, or |w| >= 2^63)", r.layer))
+                })?;
+                mass[x as usize] = checked_mass_add(mass[x as usize], q, r.layer)?;
             }
-            rows_of.push((r.layer, rows));
-        }
-        for pair in rows_of.windows(2) {
-            let ((la, ra), (lb, rb)) = (&pair[0], &pair[1]);
-            let t = self.transitions.entry(format!("{la}-{lb}")).or_insert_with(|| vec![0; e * e]);
-            for (a, b) in ra.iter().zip(rb) {
-                for &x in a {
-                    for &y in b {
-                        t[x as usize * e + y as usize] += 1;
-                    }
-                }
+            if let Some((pl, pc)) = &prev {
+                self.add_transitions(*pl, r.layer, pc, &choices, k);
             }
+            prev = Some((r.layer, choices));
         }
         Ok(())
     }

@@ -291,7 +291,7 @@ impl EplbPlan {
     pub fn table(&self) -> Result<Table> {
         let mut t = Table::new(["layer", "static max/mean", "planned max/mean", "experts replicated", "most replicas"]);
         for (l, p) in &self.layers {
-            let (e, c) = p.count.iter().enumerate().max_by_key(|(i, &c)| (c, std::cmp::Reverse(*i))).map_or((0, 0), |(e, &c)| (e, c));
+            let (e, c) = p.most_replicated();
             t.add_row([
                 (*l).into(),
                 Cell::number(p.balance_static(), 3),

@@ -6,7 +6,7 @@ use std::fmt;
 use serde::Serialize;
 use tch::Tensor;
 
-use super::trace::{RoutingRecord, Trace};
+use super::trace::Trace;
 use crate::error::{Error, IndexKind, Result};
 
 /// How the router treated one token in one layer, step by step.
@@ -175,9 +175,4 @@ impl fmt::Display for RoutingMap {
         }
         Ok(())
     }
-}
-
-/// Convenience for statistics code: the record's top-k as rows.
-pub(crate) fn topk_rows(r: &RoutingRecord) -> Result<Vec<Vec<i64>>> {
-    Ok(Vec::<Vec<i64>>::try_from(&r.topk_indices)?)
 }

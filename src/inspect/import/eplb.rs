@@ -131,6 +131,12 @@ impl LayerPlan {
         max_over_mean(&self.gpu_load_static)
     }
 
+    /// The expert with the most replicas (the lowest index among equals)
+    /// and its count.
+    pub fn most_replicated(&self) -> (usize, usize) {
+        self.count.iter().enumerate().max_by_key(|(i, &c)| (c, std::cmp::Reverse(*i))).map_or((0, 0), |(e, &c)| (e, c))
+    }
+
     /// The physical slots of logical expert `e`, by replica.
     pub fn slots_of(&self, e: usize) -> Vec<usize> {
         let mut v: Vec<(usize, usize)> =
@@ -229,7 +235,7 @@ impl fmt::Display for EplbPlan {
         writeln!(f, "busiest GPU / mean: static {:.3}, planned {:.3} (mean over {} layers)", self.mean_balance_static(), self.mean_balance(), self.layers.len())?;
         writeln!(f, "{:>6} {:>8} {:>8} {:>14}", "layer", "static", "planned", "most replicas")?;
         for (l, p) in &self.layers {
-            let (e, c) = p.count.iter().enumerate().max_by_key(|(i, &c)| (c, std::cmp::Reverse(*i))).map_or((0, 0), |(e, &c)| (e, c));
+            let (e, c) = p.most_replicated();
             writeln!(f, "{:>6} {:>8.3} {:>8.3} {:>14}", l, p.balance_static(), p.balance(), format!("e{e} x{c}"))?;
         }
         Ok(())

@@ -104,6 +104,23 @@ impl Shape {
     pub fn is_moe(&self, layer: usize) -> bool {
         self.moe_layers.binary_search(&layer).is_ok()
     }
+
+    /// Tokens behind a record of counts only: every token takes `top_k`
+    /// slots of the first MoE layer.
+    pub fn tokens_in(&self, stats: &RoutingStats) -> u64 {
+        self.moe_layers.first().and_then(|l| stats.load.get(l)).map_or(0, |v| v.iter().sum::<u64>() / self.top_k.max(1) as u64)
+    }
+}
+
+/// Checks the trailing dimensions of a tensor's `shape` (`usize::MAX`: any
+/// size); `extra` lists how many leading dimensions may come before them.
+pub(crate) fn check_dims(file: &Path, what: &str, shape: &[usize], expected: &[(usize, &str)], extra: &[usize]) -> Result<()> {
+    let lead = shape.len().saturating_sub(expected.len());
+    if shape.len() < expected.len() || !extra.contains(&lead) || shape[lead..].iter().zip(expected).any(|(&f, &(e, _))| e != usize::MAX && f != e) {
+        let names: Vec<String> = expected.iter().map(|(e, n)| if *e == usize::MAX { n.to_string() } else { format!("{n}={e}") }).collect();
+        return Err(bad(file, format!("`{what}` has shape {shape:?}, expected [.., {}] for this config", names.join(", "))));
+    }
+    Ok(())
 }
 
 /// A physical-to-logical expert map `[layers, physical]`, checked.

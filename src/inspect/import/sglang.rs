@@ -29,7 +29,7 @@ use std::path::Path;
 use base64::Engine;
 
 use super::torch_pt::{PtFile, PyValue, TensorRef};
-use super::{bad, source_of, ImportOptions, PhysMap, Shape};
+use super::{bad, check_dims, source_of, ImportOptions, PhysMap, Shape};
 use crate::error::{Error, Result};
 use crate::inspect::corpus::{count_choices, count_transitions, RoutingStats};
 
@@ -86,18 +86,6 @@ fn tensor<'a>(file: &PtFile, v: &'a PyValue, what: &str) -> Result<&'a TensorRef
     }
 }
 
-/// Checks the trailing dimensions of `t` (`usize::MAX`: any size); `extra`
-/// leading dimensions may come before them.
-pub(super) fn check_dims(file: &Path, what: &str, t: &TensorRef, expected: &[(usize, &str)], extra: &[usize]) -> Result<()> {
-    let found = &t.shape[t.shape.len().saturating_sub(expected.len())..];
-    let lead = t.shape.len().saturating_sub(expected.len());
-    if t.shape.len() < expected.len() || !extra.contains(&lead) || found.iter().zip(expected).any(|(&f, &(e, _))| e != usize::MAX && f != e) {
-        let names: Vec<String> = expected.iter().map(|(e, n)| if *e == usize::MAX { n.to_string() } else { format!("{n}={e}") }).collect();
-        return Err(bad(file, format!("`{what}` has shape {:?}, expected [.., {}] for this config", t.shape, names.join(", "))));
-    }
-    Ok(())
-}
-
 /// Checks that dense layers carry no counts.
 fn check_dense(file: &Path, shape: &Shape, layer: usize, count: u64) -> Result<()> {
     if count > 0 && !shape.is_moe(layer) {
@@ -114,11 +102,6 @@ fn check_dense(file: &Path, shape: &Shape, layer: usize, count: u64) -> Result<(
 
 fn new_stats(shape: &Shape) -> RoutingStats {
     RoutingStats { num_experts: shape.experts, ..RoutingStats::default() }
-}
-
-/// Tokens of a layer's load: every token takes `top_k` slots.
-fn tokens_of(stats: &RoutingStats, shape: &Shape) -> u64 {
-    shape.moe_layers.first().and_then(|l| stats.load.get(l)).map_or(0, |v| v.iter().sum::<u64>() / shape.top_k.max(1) as u64)
 }
 
 pub(super) fn read_dumps(paths: &[&Path], shape: &Shape, options: &ImportOptions) -> Result<RoutingStats> {
@@ -154,7 +137,7 @@ pub(super) fn read_dumps(paths: &[&Path], shape: &Shape, options: &ImportOptions
     }
     let m = mode.map_or(Mode::Stat, |(m, _)| m);
     if m != Mode::PerToken {
-        stats.tokens = tokens_of(&stats, shape);
+        stats.tokens = shape.tokens_in(&stats);
     }
     let mut source = source_of(&format!("SGLang {} dump", m.name()), paths);
     if skipped > 0 {
@@ -166,7 +149,7 @@ pub(super) fn read_dumps(paths: &[&Path], shape: &Shape, options: &ImportOptions
 
 fn read_stat(file: &PtFile, shape: &Shape, stats: &mut RoutingStats) -> Result<()> {
     let t = tensor(file, file.root(), "logical_count")?;
-    check_dims(file.path(), "logical_count", t, &[(shape.layers, "layers"), (shape.experts, "experts")], &[0, 1])?;
+    check_dims(file.path(), "logical_count", &t.shape, &[(shape.layers, "layers"), (shape.experts, "experts")], &[0, 1])?;
     let (l, e) = (shape.layers, shape.experts);
     let mut sum = vec![0u64; l * e];
     file.read_chunks(t, l * e, |_, row| {
@@ -254,19 +237,16 @@ fn read_records(file: &PtFile, mode: Mode, shape: &Shape, options: &ImportOption
     let root = file.root();
     let records = root.get("records").and_then(|r| r.as_seq()).unwrap_or(&[]);
     let map_t = tensor(file, root, "last_physical_to_logical_map")?;
-    check_dims(file.path(), "last_physical_to_logical_map", map_t, &[(shape.layers, "layers"), (usize::MAX, "physical experts")], &[0])?;
+    check_dims(file.path(), "last_physical_to_logical_map", &map_t.shape, &[(shape.layers, "layers"), (usize::MAX, "physical experts")], &[0])?;
     let physical = *map_t.shape.last().unwrap_or(&0);
     let map = PhysMap::new(file.path(), file.read_ints(map_t)?, shape.layers, physical, shape.experts)?;
     let mut skipped = 0;
     for (i, rec) in records.iter().enumerate() {
-        let in_record = |e: Error| match e {
-            Error::BadRecord { file, message } => Error::BadRecord { file, message: format!("record {i}: {message}") },
-            e => e,
-        };
+        let in_record = |e: Error| e.in_context(format!("record {i}"));
         match mode {
             Mode::PerPass => {
                 let t = tensor(file, rec, "global_physical_count").map_err(in_record)?;
-                check_dims(file.path(), "global_physical_count", t, &[(shape.layers, "layers"), (physical, "physical experts")], &[0]).map_err(in_record)?;
+                check_dims(file.path(), "global_physical_count", &t.shape, &[(shape.layers, "layers"), (physical, "physical experts")], &[0]).map_err(in_record)?;
                 let counts = file.read_ints(t).map_err(in_record)?;
                 if !seen.insert(hash_of(&[rec.get("forward_pass_id").unwrap_or(&PyValue::None)], &counts)) {
                     skipped += 1;
@@ -290,7 +270,7 @@ fn read_records(file: &PtFile, mode: Mode, shape: &Shape, options: &ImportOption
             }
             Mode::PerToken => {
                 let t = tensor(file, rec, "topk_ids_of_layer").map_err(in_record)?;
-                check_dims(file.path(), "topk_ids_of_layer", t, &[(shape.layers, "layers"), (usize::MAX, "tokens"), (usize::MAX, "slots")], &[0])
+                check_dims(file.path(), "topk_ids_of_layer", &t.shape, &[(shape.layers, "layers"), (usize::MAX, "tokens"), (usize::MAX, "slots")], &[0])
                     .map_err(in_record)?;
                 let ids = ints_of(file, rec.get("input_ids"), "input_ids").map_err(in_record)?;
                 let n = t.shape[1];
@@ -482,10 +462,7 @@ pub(super) fn read_routed_experts(paths: &[&Path], shape: &Shape, options: &Impo
             let mut prev: Option<(usize, Vec<i64>)> = None;
             for &layer in &shape.moe_layers {
                 let mut cur: Vec<i64> = (0..n).flat_map(|t| vals[(t * l + layer) * k..(t * l + layer) * k + k].iter().copied()).collect();
-                identity.map_choices(path, layer, layer, &mut cur).map_err(|e| match e {
-                    Error::BadRecord { file, message } => Error::BadRecord { file, message: format!("{}: {message}", r.at) },
-                    e => e,
-                })?;
+                identity.map_choices(path, layer, layer, &mut cur).map_err(|e| e.in_context(&r.at))?;
                 let tok = if options.token_layers.contains(&layer) { ids } else { None };
                 stats.add_choices(layer, &cur, k, tok)?;
                 if let Some((pl, pv)) = &prev {

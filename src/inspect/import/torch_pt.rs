@@ -10,10 +10,12 @@
 //! and a call is a value ([`PyValue::Call`]) unless it is one of those two.
 //! An opcode outside the subset is an error that names it and its offset.
 //!
-//! Tensor data is not loaded with the pickle: [`PtFile::read`] reads one
-//! tensor, and [`PtFile::read_rows`] streams the rows of a large one in
-//! chunks, so a 2 GB record is read in bounded memory. `torch.save` stores
-//! entries uncompressed; a compressed entry is an error.
+//! Tensor data is not loaded with the pickle: [`PtFile::read_ints`] reads
+//! one integer tensor, [`PtFile::read_range`] a slice of one, and
+//! [`PtFile::read_chunks`] streams a large one, so a 2 GB record is read in
+//! bounded memory. Only integer tensors are read (routing records hold no
+//! others). `torch.save` stores entries uncompressed; a compressed entry is
+//! an error.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -21,6 +23,7 @@ use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
+use super::bad;
 use crate::error::{Error, Result};
 
 /// A value of the pickle, with tensors as references into the archive.
@@ -170,35 +173,6 @@ impl PtDtype {
             _ => i64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]),
         }
     }
-
-    /// Element `i` of little-endian `bytes` as f64.
-    fn float_at(self, bytes: &[u8], i: usize) -> f64 {
-        let b = &bytes[i * self.size()..(i + 1) * self.size()];
-        match self {
-            PtDtype::F16 => half_to_f32(u16::from_le_bytes([b[0], b[1]])) as f64,
-            PtDtype::BF16 => f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16) as f64,
-            PtDtype::F32 => f32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f64,
-            PtDtype::F64 => f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]),
-            _ => self.int_at(bytes, i) as f64,
-        }
-    }
-}
-
-fn half_to_f32(h: u16) -> f32 {
-    let sign = ((h >> 15) as u32) << 31;
-    let exp = ((h >> 10) & 0x1f) as i32;
-    let frac = (h & 0x3ff) as u32;
-    let bits = match (exp, frac) {
-        (0, 0) => sign,
-        (0, f) => {
-            // subnormal: value = f * 2^-24
-            return f32::from_bits(sign) + (if sign != 0 { -1.0 } else { 1.0 }) * f as f32 * 2f32.powi(-24);
-        }
-        (31, 0) => sign | 0x7f80_0000,
-        (31, f) => sign | 0x7f80_0000 | (f << 13),
-        (e, f) => sign | (((e - 15 + 127) as u32) << 23) | (f << 13),
-    };
-    f32::from_bits(bits)
 }
 
 impl fmt::Display for PtDtype {
@@ -265,10 +239,6 @@ impl fmt::Debug for PtFile {
     }
 }
 
-fn bad(path: &Path, message: impl Into<String>) -> Error {
-    Error::BadRecord { file: path.to_path_buf(), message: message.into() }
-}
-
 impl PtFile {
     /// Opens a file written by `torch.save` (the zip format, PyTorch >= 1.6).
     pub fn open(path: impl AsRef<Path>) -> Result<PtFile> {
@@ -318,8 +288,9 @@ impl PtFile {
         &self.root
     }
 
-    /// Checks that `t`'s elements lie inside its storage and are contiguous.
-    fn locate(&self, t: &TensorRef) -> Result<(u64, u64)> {
+    /// Where `t`'s first element lies in the file, once checked that its
+    /// elements lie inside its storage and are contiguous.
+    fn locate(&self, t: &TensorRef) -> Result<u64> {
         let &(start, len) = self
             .storages
             .get(&t.storage)
@@ -331,59 +302,25 @@ impl PtFile {
         if need > len {
             return Err(bad(&self.path, format!("tensor of shape {:?} needs {need} bytes of storage {}, which has {len}", t.shape, t.storage)));
         }
-        Ok((start + (t.offset * t.dtype.size()) as u64, (t.numel() * t.dtype.size()) as u64))
-    }
-
-    fn read_bytes(&self, t: &TensorRef, from: usize, count: usize, buf: &mut Vec<u8>) -> Result<()> {
-        let (start, len) = self.locate(t)?;
-        if ((from + count) * t.dtype.size()) as u64 > len {
-            return Err(bad(&self.path, format!("elements {from}..{} of a tensor of {} elements", from + count, t.numel())));
-        }
-        let size = t.dtype.size();
-        let mut f = File::open(&self.path).map_err(|e| Error::io(&self.path, e))?;
-        f.seek(SeekFrom::Start(start + (from * size) as u64)).map_err(|e| Error::io(&self.path, e))?;
-        buf.resize(count * size, 0);
-        f.read_exact(buf).map_err(|e| Error::io(&self.path, e))
+        Ok(start + (t.offset * t.dtype.size()) as u64)
     }
 
     /// All elements of an integer tensor, row-major.
     pub fn read_ints(&self, t: &TensorRef) -> Result<Vec<i64>> {
-        if !t.dtype.is_integer() {
-            return Err(bad(&self.path, format!("expected an integer tensor, found {}", t.dtype)));
-        }
-        let mut buf = Vec::new();
-        self.read_bytes(t, 0, t.numel(), &mut buf)?;
-        Ok((0..t.numel()).map(|i| t.dtype.int_at(&buf, i)).collect())
+        let mut out = Vec::new();
+        self.read_range(t, 0, t.numel(), &mut Vec::new(), &mut out)?;
+        Ok(out)
     }
 
-    /// All elements of a tensor as f64, row-major.
-    pub fn read_floats(&self, t: &TensorRef) -> Result<Vec<f64>> {
-        let mut buf = Vec::new();
-        self.read_bytes(t, 0, t.numel(), &mut buf)?;
-        Ok((0..t.numel()).map(|i| t.dtype.float_at(&buf, i)).collect())
-    }
-
-    /// Streams an integer tensor `rows` elements at a time: `f(first, chunk)`
+    /// Streams an integer tensor `chunk` elements at a time: `f(first, values)`
     /// gets the flat index of the chunk's first element and its values.
     /// Memory stays at one chunk whatever the tensor's size.
     pub fn read_chunks(&self, t: &TensorRef, chunk: usize, mut f: impl FnMut(usize, &[i64]) -> Result<()>) -> Result<()> {
-        if !t.dtype.is_integer() {
-            return Err(bad(&self.path, format!("expected an integer tensor, found {}", t.dtype)));
-        }
-        let (start, _) = self.locate(t)?;
-        let size = t.dtype.size();
-        let mut file = File::open(&self.path).map_err(|e| Error::io(&self.path, e))?;
-        file.seek(SeekFrom::Start(start)).map_err(|e| Error::io(&self.path, e))?;
-        let mut reader = std::io::BufReader::with_capacity(1 << 20, file);
         let (mut buf, mut vals) = (Vec::new(), Vec::new());
-        let chunk = chunk.max(1);
         let mut done = 0;
         while done < t.numel() {
-            let n = chunk.min(t.numel() - done);
-            buf.resize(n * size, 0);
-            reader.read_exact(&mut buf).map_err(|e| Error::io(&self.path, e))?;
-            vals.clear();
-            vals.extend((0..n).map(|i| t.dtype.int_at(&buf, i)));
+            let n = chunk.max(1).min(t.numel() - done);
+            self.read_range(t, done, n, &mut buf, &mut vals)?;
             f(done, &vals)?;
             done += n;
         }
@@ -396,10 +333,15 @@ impl PtFile {
         if !t.dtype.is_integer() {
             return Err(bad(&self.path, format!("expected an integer tensor, found {}", t.dtype)));
         }
-        if from + count > t.numel() {
-            return Err(bad(&self.path, format!("elements {from}..{} of a tensor of {} elements", from + count, t.numel())));
+        if from.checked_add(count).is_none_or(|end| end > t.numel()) {
+            return Err(bad(&self.path, format!("elements {from}..{} of a tensor of {} elements", from.saturating_add(count), t.numel())));
         }
-        self.read_bytes(t, from, count, buf)?;
+        let start = self.locate(t)?;
+        let size = t.dtype.size();
+        let mut f = File::open(&self.path).map_err(|e| Error::io(&self.path, e))?;
+        f.seek(SeekFrom::Start(start + (from * size) as u64)).map_err(|e| Error::io(&self.path, e))?;
+        buf.resize(count * size, 0);
+        f.read_exact(buf).map_err(|e| Error::io(&self.path, e))?;
         out.clear();
         out.extend((0..count).map(|i| t.dtype.int_at(buf, i)));
         Ok(())
@@ -422,6 +364,12 @@ fn unpickle(data: &[u8]) -> std::result::Result<PyValue, String> {
             pos += n;
             s
         }};
+    }
+    // an unsigned little-endian integer of `w` bytes (lengths, memo keys)
+    macro_rules! uint {
+        ($w:expr) => {
+            take!($w).iter().rev().fold(0u64, |acc, &b| (acc << 8) | b as u64)
+        };
     }
     macro_rules! pop {
         () => {
@@ -524,21 +472,12 @@ fn unpickle(data: &[u8]) -> std::result::Result<PyValue, String> {
                 let b = take!(4);
                 stack.push(PyValue::Int(i32::from_le_bytes([b[0], b[1], b[2], b[3]]) as i64));
             }
-            b'K' => {
-                let b = take!(1);
-                stack.push(PyValue::Int(b[0] as i64));
-            }
-            b'M' => {
-                let b = take!(2);
-                stack.push(PyValue::Int(u16::from_le_bytes([b[0], b[1]]) as i64));
+            b'K' | b'M' => {
+                let v = uint!(if op == b'K' { 1 } else { 2 });
+                stack.push(PyValue::Int(v as i64));
             }
             0x8a | 0x8b => {
-                let n = if op == 0x8a {
-                    take!(1)[0] as usize
-                } else {
-                    let b = take!(4);
-                    u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize
-                };
+                let n = uint!(if op == 0x8a { 1 } else { 4 }) as usize;
                 let b = take!(n);
                 if n > 8 {
                     return Err(format!("integer of {n} bytes at byte {at} does not fit in 64 bits"));
@@ -564,55 +503,27 @@ fn unpickle(data: &[u8]) -> std::result::Result<PyValue, String> {
                 let b = take!(8);
                 stack.push(PyValue::Float(f64::from_be_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]])));
             }
-            b'X' | 0x8c | 0x8d | b'T' | b'U' => {
-                let n = match op {
-                    0x8c | b'U' => take!(1)[0] as usize,
-                    0x8d => {
-                        let b = take!(8);
-                        u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]) as usize
-                    }
-                    _ => {
-                        let b = take!(4);
-                        u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize
-                    }
-                };
+            b'X' | 0x8c | 0x8d | b'T' | b'U' | b'B' | b'C' | 0x8e => {
+                // the width of the length: 1 byte (short forms), 8 (the 8 forms) or 4
+                let n = uint!(match op {
+                    0x8c | b'U' | b'C' => 1,
+                    0x8d | 0x8e => 8,
+                    _ => 4,
+                }) as usize;
                 let b = take!(n);
-                stack.push(PyValue::Str(utf8(b, at)?));
-            }
-            b'B' | b'C' | 0x8e => {
-                let n = match op {
-                    b'C' => take!(1)[0] as usize,
-                    0x8e => {
-                        let b = take!(8);
-                        u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]) as usize
-                    }
-                    _ => {
-                        let b = take!(4);
-                        u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize
-                    }
-                };
-                let b = take!(n);
-                stack.push(PyValue::Bytes(b.to_vec()));
+                stack.push(if matches!(op, b'B' | b'C' | 0x8e) { PyValue::Bytes(b.to_vec()) } else { PyValue::Str(utf8(b, at)?) });
             }
             b'q' | b'r' | 0x94 => {
                 let key = match op {
-                    b'q' => take!(1)[0] as u32,
-                    b'r' => {
-                        let b = take!(4);
-                        u32::from_le_bytes([b[0], b[1], b[2], b[3]])
-                    }
+                    b'q' => uint!(1) as u32,
+                    b'r' => uint!(4) as u32,
                     _ => memo.len() as u32,
                 };
                 let top = stack.last().cloned().ok_or_else(|| format!("PUT on an empty stack at byte {at}"))?;
                 memo.insert(key, top);
             }
             b'h' | b'j' => {
-                let key = if op == b'h' {
-                    take!(1)[0] as u32
-                } else {
-                    let b = take!(4);
-                    u32::from_le_bytes([b[0], b[1], b[2], b[3]])
-                };
+                let key = uint!(if op == b'h' { 1 } else { 4 }) as u32;
                 let v = memo.get(&key).cloned().ok_or_else(|| format!("memo {key} read before it was written, at byte {at}"))?;
                 stack.push(v);
             }
@@ -747,14 +658,6 @@ fn reduce(func: PyValue, args: PyValue, at: usize) -> std::result::Result<PyValu
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn half_precision_values_convert() {
-        assert_eq!(half_to_f32(0x3c00), 1.0);
-        assert_eq!(half_to_f32(0xc000), -2.0);
-        assert_eq!(half_to_f32(0x0001), 2f32.powi(-24));
-        assert!(half_to_f32(0x7c00).is_infinite());
-    }
 
     #[test]
     fn a_hand_written_pickle_reads_back() {

@@ -14,9 +14,8 @@ use std::path::Path;
 
 use safetensors::SafeTensors;
 
-use super::sglang::check_dims;
-use super::torch_pt::{PtDtype, PtFile, PyValue, TensorRef};
-use super::{bad, source_of, ImportOptions, PhysMap, Shape};
+use super::torch_pt::{PtFile, PyValue};
+use super::{bad, check_dims, source_of, ImportOptions, PhysMap, Shape};
 use crate::error::{Error, Result};
 use crate::inspect::corpus::RoutingStats;
 
@@ -43,10 +42,6 @@ fn from_safetensors(path: &Path, st: &SafeTensors, key: &str) -> Result<Option<I
         d => return Err(bad(path, format!("`{key}` has dtype {d:?}, expected int32 or int64"))),
     };
     Ok(Some(Ints { shape: view.shape().to_vec(), values }))
-}
-
-fn as_ref(i: &Ints) -> TensorRef {
-    TensorRef { dtype: PtDtype::I64, storage: String::new(), offset: 0, stride: vec![0; i.shape.len()], shape: i.shape.clone() }
 }
 
 pub(super) fn read_states(paths: &[&Path], shape: &Shape, _options: &ImportOptions) -> Result<RoutingStats> {
@@ -79,9 +74,9 @@ pub(super) fn read_states(paths: &[&Path], shape: &Shape, _options: &ImportOptio
                 format!("not a vLLM EPLB state: the keys are {keys:?}, expected `expert_load_window` or `expert_load_pass`, and `physical_to_logical_map`"),
             ));
         };
-        check_dims(path, "physical_to_logical_map", &as_ref(&map), &[(m, "MoE layers"), (usize::MAX, "physical experts")], &[0])?;
+        check_dims(path, "physical_to_logical_map", &map.shape, &[(m, "MoE layers"), (usize::MAX, "physical experts")], &[0])?;
         let physical = map.shape[1];
-        check_dims(path, "expert load", &as_ref(&load), &[(m, "MoE layers"), (physical, "physical experts")], &[0, 1])?;
+        check_dims(path, "expert load", &load.shape, &[(m, "MoE layers"), (physical, "physical experts")], &[0, 1])?;
         let map = PhysMap::new(path, map.values, m, physical, shape.experts)?;
         for (row, &layer) in shape.moe_layers.iter().enumerate() {
             let mut logical = vec![0u64; shape.experts];
@@ -98,8 +93,7 @@ pub(super) fn read_states(paths: &[&Path], shape: &Shape, _options: &ImportOptio
             stats.add_load(layer, &logical);
         }
     }
-    let first = shape.moe_layers.first().and_then(|l| stats.load.get(l)).map_or(0, |v| v.iter().sum::<u64>());
-    stats.tokens = first / shape.top_k.max(1) as u64;
+    stats.tokens = shape.tokens_in(&stats);
     stats.source = Some(source_of("vLLM EPLB state", paths));
     Ok(stats)
 }
