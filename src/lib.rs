@@ -41,6 +41,9 @@ pub mod prelude {
         check_interrupt, clear_output, html, input, markdown, password, show, svg, Interrupt, Progress, RichDisplay,
     };
     pub use crate::stats::{CacheFootprint, ParamCounts};
+    /// Jupyter widgets: `widgets::IntSlider`, `widgets::interact`, ...
+    pub use crate::kernel::widgets;
+    pub use crate::kernel::widgets::interact;
     pub use tch::{Device, Kind, Tensor};
     /// The plotting crate, for charts of your own: `use plotters::prelude::*;`
     /// then [`Figure::from_plotters`].

@@ -15,7 +15,8 @@ use serde_json::{json, Value};
 
 use super::cell;
 use super::cell_error::CellError;
-use super::messages::{ClearOutput, DisplayData, ErrorContent, Stream, StreamName, UpdateDisplayData};
+use super::comms::CommLink;
+use super::messages::{ClearOutput, CommClose, CommMessage, CommOpened, DisplayData, ErrorContent, Stream, StreamName, UpdateDisplayData};
 use super::wire::Message;
 use crate::error::{Error, Result};
 
@@ -31,6 +32,16 @@ impl Publisher {
     pub fn publish<C: super::messages::Content>(&self, parent: &Message, content: &C) {
         // The receiver lives as long as the kernel; a send error means shutdown.
         let _ = self.iopub.send(parent.child(&self.session, content));
+    }
+
+    /// Comm messages are never dropped: a silent request's comms still
+    /// exist, and a message with no request running goes out unparented.
+    pub fn publish_comm<C: super::messages::Content>(&self, content: &C) {
+        let parent = self.parent.lock().ok().and_then(|g| g.as_ref().map(|(p, _)| p.clone()));
+        let _ = self.iopub.send(match parent {
+            Some(p) => p.child(&self.session, content),
+            None => Message::orphan(&self.session, content),
+        });
     }
 
     fn publish_current<C: super::messages::Content>(&self, content: &C) {
@@ -67,6 +78,8 @@ pub(crate) struct Shared {
     /// How many cells' stderr has ended (the runner's end marker, see
     /// `STDERR_END_MARKER`).
     pub stderr_ends: AtomicU64,
+    /// Widget comms: the open ones, and the way events reach the runner.
+    pub comms: Arc<CommLink>,
 }
 
 impl Shared {
@@ -74,6 +87,13 @@ impl Shared {
         let handle = self.runner.lock().ok()?.clone()?;
         let child = handle.lock().ok()?;
         Some(child.id())
+    }
+
+    /// Whether the runner process is running.
+    pub fn runner_alive(&self) -> bool {
+        let Some(handle) = self.runner.lock().ok().and_then(|g| g.clone()) else { return false };
+        let Ok(mut child) = handle.lock() else { return false };
+        matches!(child.try_wait(), Ok(None))
     }
 
     pub fn kill_runner(&self) {
@@ -234,6 +254,8 @@ pub(crate) fn prepare_environment() -> Toolchain {
         std::env::set_var("LIBTORCH_USE_PYTORCH", "1");
     }
     std::env::set_var(cell::KERNEL_ENV, "1");
+    // widgets in the runner connect here (src/kernel/comms.rs)
+    std::env::set_var(super::comms::COMM_SOCKET_ENV, super::comms::socket_path());
     // patched evcxr: the runner ends each cell's stderr with this line
     std::env::set_var(STDERR_END_MARKER_ENV, STDERR_END_MARKER);
     // the runner dies with this process (src/bin/deepscope.rs, die_with_the_kernel)
@@ -519,6 +541,19 @@ fn forward(shared: &Shared, name: StreamName, batch: Vec<String>) {
                 }
             }
             Some("clear_output") => p.publish_current(&ClearOutput { wait: m["wait"].as_bool().unwrap_or(false) }),
+            Some("comm_open") => {
+                let (id, target) = (m["comm_id"].as_str().unwrap_or_default(), m["target_name"].as_str().unwrap_or_default());
+                shared.comms.opened(id, target);
+                p.publish_comm(&CommOpened { comm_id: id.into(), target_name: target.into(), data: m["data"].clone(), metadata: m["metadata"].clone() });
+            }
+            Some("comm_msg") => {
+                p.publish_comm(&CommMessage { comm_id: m["comm_id"].as_str().unwrap_or_default().into(), data: m["data"].clone() });
+            }
+            Some("comm_close") => {
+                let id = m["comm_id"].as_str().unwrap_or_default();
+                shared.comms.closed(id);
+                p.publish_comm(&CommClose { comm_id: id.into(), data: json!({}) });
+            }
             Some("error") => {
                 // a message of another shape leaves the generic `?` error (Worker::run)
                 if let (Ok(e), Ok(mut slot)) = (serde_json::from_value::<CellError>(m.clone()), shared.user_error.lock()) {
@@ -658,6 +693,7 @@ impl Worker {
                     error("RunnerCrashed", format!("the Rust runner stopped: {msg}. All variables were lost."), vec![])
                 };
                 self.reinstall_setup();
+                self.close_runner_comms();
                 CellOutcome { result: Value::Null, error: Some(err) }
             }
             Err(evcxr::Error::TypeRedefinedVariablesLost(vars)) => CellOutcome {
@@ -668,7 +704,9 @@ impl Worker {
             Ok(outputs) => {
                 let mut data = serde_json::Map::new();
                 for (mime, content) in &outputs.content_by_mime_type {
-                    data.insert(mime.clone(), Value::String(content.clone()));
+                    // `application/json`, a widget view: JSON, not a string
+                    let json_value = if mime.ends_with("json") { serde_json::from_str(content).ok() } else { None };
+                    data.insert(mime.clone(), json_value.unwrap_or_else(|| Value::String(content.clone())));
                 }
                 let err = if let Some((message, location)) = panic {
                     let mut tb = vec![format!("{RED}Panic{RESET}: {message}")];
@@ -716,6 +754,49 @@ impl Worker {
     pub fn warm_analyzer(&mut self) {
         let code = "let deepscope_warm_up = Model::load_default(); deepscope_warm_up.";
         let _ = self.ctx.completions(code, code.len());
+    }
+
+    /// The runner that held the widgets is gone: the frontend closes them.
+    fn close_runner_comms(&self) {
+        for id in self.shared.comms.forget_all() {
+            self.shared.publisher.publish_comm(&CommClose { comm_id: id, data: json!({}) });
+        }
+    }
+
+    /// Hands a frontend's `comm_msg` (`kind` "msg") or `comm_close`
+    /// ("close") to the widget in the runner and waits until its callbacks
+    /// are done; what they print or draw belongs to `parent`. Interrupts
+    /// work as for a cell.
+    pub fn comm_event(&mut self, parent: &Message, kind: &str, comm_id: &str, data: &Value) {
+        if let Ok(mut p) = self.shared.publisher.parent.lock() {
+            *p = Some((parent.clone(), false));
+        }
+        let serial = self.shared.cell_serial.fetch_add(1, Ordering::SeqCst) + 1;
+        self.shared.runner_killed.store(false, Ordering::SeqCst);
+        self.shared.running.store(true, Ordering::SeqCst);
+        let outcome = self.shared.comms.send(kind, comm_id, data).and_then(|marker| {
+            self.ctx.forward_stdout_until(&marker).map_err(|e| Error::Kernel(format!("the runner stopped while handling a widget event: {e}")))
+        });
+        self.shared.running.store(false, Ordering::SeqCst);
+        self.flush(None);
+        if let Err(e) = outcome {
+            self.shared.publisher.publish_current(&Stream { name: StreamName::Stderr, text: format!("deepscope widgets: {e}\n") });
+            if !self.shared.runner_alive() {
+                self.close_runner_comms();
+            }
+        }
+        // a callback's panic was reported where it happened (widgets.rs);
+        // it must not be charged to the next cell
+        if let Ok(mut p) = self.shared.panic.lock() {
+            *p = None;
+        }
+        let interrupted = self.shared.interrupted.load(Ordering::SeqCst) == serial;
+        if interrupted && !self.shared.runner_killed.load(Ordering::SeqCst) {
+            self.execute_internal("deepscope::kernel::cell::reset_interrupt();");
+        }
+        if let Ok(mut p) = self.shared.publisher.parent.lock() {
+            *p = None;
+        }
     }
 
     fn reinstall_setup(&mut self) {

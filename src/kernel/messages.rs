@@ -123,6 +123,14 @@ pub struct CommId {
     pub comm_id: String,
 }
 
+/// `comm_msg` from the frontend (its binary buffers are not used).
+#[derive(Clone, Debug, Deserialize)]
+pub struct CommMsgRequest {
+    pub comm_id: String,
+    #[serde(default)]
+    pub data: Value,
+}
+
 #[derive(Clone, Debug, Deserialize)]
 pub struct ShutdownRequest {
     #[serde(default)]
@@ -146,7 +154,7 @@ pub enum Request {
     History(HistoryRequest),
     CommInfo(CommInfoRequest),
     CommOpen(CommOpen),
-    CommMsg(CommId),
+    CommMsg(CommMsgRequest),
     CommClose(CommId),
     Shutdown(ShutdownRequest),
     Interrupt,
@@ -346,6 +354,22 @@ pub struct CommInfoReply {
     pub comms: Value,
 }
 
+/// `comm_open` from the kernel (a widget the runner created).
+#[derive(Serialize)]
+pub struct CommOpened {
+    pub comm_id: String,
+    pub target_name: String,
+    pub data: Value,
+    pub metadata: Value,
+}
+
+/// `comm_msg` from the kernel.
+#[derive(Serialize)]
+pub struct CommMessage {
+    pub comm_id: String,
+    pub data: Value,
+}
+
 #[derive(Serialize)]
 pub struct CommClose {
     pub comm_id: String,
@@ -398,6 +422,8 @@ wire_name!(
     HistoryReply => "history_reply",
     CommInfoReply => "comm_info_reply",
     CommClose => "comm_close",
+    CommOpened => "comm_open",
+    CommMessage => "comm_msg",
     ShutdownReply => "shutdown_reply",
     InterruptReply => "interrupt_reply",
     InputRequest => "input_request",

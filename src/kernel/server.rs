@@ -45,6 +45,8 @@ enum Job {
     Execute { code: String, needs: Vec<Need>, msg: Box<Message>, silent: bool, allow_stdin: bool, done: oneshot::Sender<CellOutcome> },
     Complete { code: String, cursor: usize, done: oneshot::Sender<CompleteReply> },
     Inspect { code: String, cursor: usize, done: oneshot::Sender<InspectReply> },
+    /// A frontend's `comm_msg` or `comm_close` for a widget in the runner.
+    Comm { msg: Box<Message>, kind: &'static str, comm_id: String, data: Value, done: oneshot::Sender<()> },
 }
 
 /// Byte offset of the `chars`-th character (Jupyter cursors count code points).
@@ -168,6 +170,7 @@ async fn serve(info: ConnectionInfo, rust_version: String) -> Result<()> {
         runner_killed: AtomicBool::new(false),
         last_stderr: Mutex::new(Instant::now()),
         stderr_ends: AtomicU64::new(0),
+        comms: super::comms::CommLink::bind(&super::comms::socket_path())?,
     });
     let _ = iopub_tx.send(Message::orphan(&session, &Status { execution_state: ExecutionState::Starting }));
 
@@ -393,6 +396,7 @@ impl ControlState {
 
 async fn shutdown(shared: &Shared) -> ! {
     shared.kill_runner();
+    shared.comms.remove_socket();
     // Let iopub deliver the last status messages.
     tokio::time::sleep(Duration::from_millis(100)).await;
     std::process::exit(0)
@@ -435,13 +439,28 @@ impl Kernel {
                 (Some(msg.reply(&s, &IsCompleteReply { status: c.status(), indent: c.indent() })), false)
             }
             Request::History(r) => (Some(msg.reply(&s, &HistoryReply { status: ReplyStatus::Ok, history: self.history.query(&r) })), false),
-            Request::CommInfo(_) => (Some(msg.reply(&s, &CommInfoReply { status: ReplyStatus::Ok, comms: json!({}) })), false),
+            Request::CommInfo(r) => {
+                let comms = self.shared.comms.info(r.target_name.as_deref());
+                (Some(msg.reply(&s, &CommInfoReply { status: ReplyStatus::Ok, comms })), false)
+            }
             Request::CommOpen(c) => {
-                // No comm targets: close it again, as the spec asks.
+                // The frontend opens no comms here (widgets are opened by
+                // the kernel; without `jupyter.widget.control` the widget
+                // manager falls back to comm_info + request_state): close
+                // it again, as the spec asks.
                 self.publish(msg, &CommClose { comm_id: c.comm_id, data: json!({}) });
                 (None, false)
             }
-            Request::CommMsg(_) | Request::CommClose(_) => (None, false),
+            Request::CommMsg(c) => {
+                self.comm_event(msg, "msg", c.comm_id, c.data).await;
+                (None, false)
+            }
+            Request::CommClose(c) => {
+                if self.shared.comms.closed(&c.comm_id) {
+                    self.comm_event(msg, "close", c.comm_id, Value::Null).await;
+                }
+                (None, false)
+            }
             Request::Complete(r) => {
                 let fallback = CompleteReply { status: ReplyStatus::Ok, matches: vec![], cursor_start: r.cursor_pos, cursor_end: r.cursor_pos, metadata: json!({}) };
                 let reply = self.ask(|done| Job::Complete { code: r.code, cursor: r.cursor_pos, done }, fallback).await;
@@ -533,6 +552,19 @@ impl Kernel {
         rx.await.unwrap_or(fallback)
     }
 
+    /// A message for a widget: handed to the runner, or, for a comm that
+    /// is not open, an error on stderr (the spec says to ignore it; saying
+    /// so helps whoever sent it).
+    async fn comm_event(&mut self, msg: &Message, kind: &'static str, comm_id: String, data: Value) {
+        if kind == "msg" && !self.shared.comms.is_open(&comm_id) {
+            log(format!("comm_msg for comm {comm_id:?}, which is not open"));
+            self.publish(msg, &Stream { name: StreamName::Stderr, text: format!("deepscope: a comm message for comm {comm_id:?}, which is not open, was ignored\n") });
+            return;
+        }
+        let msg = Box::new(msg.clone());
+        self.ask(|done| Job::Comm { msg, kind, comm_id, data, done }, ()).await;
+    }
+
     async fn run_cell(&mut self, code: String, needs: Vec<Need>, msg: &Message, r: &ExecuteRequest) -> CellOutcome {
         let lost = CellOutcome {
             result: Value::Null,
@@ -566,7 +598,7 @@ fn spawn_worker(
                                 error: Some(ErrorContent { ename: "KernelSetupError".into(), evalue: why.clone(), traceback: vec![why.clone()] }),
                             });
                         }
-                        Job::Complete { .. } | Job::Inspect { .. } => {}
+                        Job::Complete { .. } | Job::Inspect { .. } | Job::Comm { .. } => {}
                     }
                 }
                 return;
@@ -629,6 +661,10 @@ fn spawn_worker(
                     };
                     let outcome = worker.run(&code, &msg, silent, &input);
                     let _ = done.send(outcome);
+                }
+                Job::Comm { msg, kind, comm_id, data, done } => {
+                    worker.comm_event(&msg, kind, &comm_id, &data);
+                    let _ = done.send(());
                 }
                 Job::Complete { code, cursor, done } => {
                     let pos = byte_offset(&code, cursor);

@@ -21,6 +21,9 @@ pub enum MimeType {
     Json,
     /// `text/markdown`.
     TextMarkdown,
+    /// `application/vnd.jupyter.widget-view+json`: a Jupyter widget's view
+    /// (its model id), see [`crate::kernel::widgets`].
+    WidgetView,
 }
 
 impl MimeType {
@@ -33,6 +36,7 @@ impl MimeType {
             MimeType::ImagePng => "image/png",
             MimeType::Json => "application/json",
             MimeType::TextMarkdown => "text/markdown",
+            MimeType::WidgetView => "application/vnd.jupyter.widget-view+json",
         }
     }
 }
@@ -157,7 +161,7 @@ impl Serialize for MimeBundle {
 /// JSON content embedded as JSON when it parses; everything else a string.
 fn entry_value(mime: MimeType, content: &str) -> serde_json::Value {
     match mime {
-        MimeType::Json => serde_json::from_str(content)
+        MimeType::Json | MimeType::WidgetView => serde_json::from_str(content)
             .unwrap_or_else(|_| serde_json::Value::String(content.to_string())),
         _ => serde_json::Value::String(content.to_string()),
     }

@@ -81,6 +81,11 @@ impl CommandContext {
         self.eval_context.process_handle()
     }
 
+    /// DeepScope patch: see `EvalContext::forward_stdout_until`.
+    pub fn forward_stdout_until(&mut self, marker: &str) -> Result<(), Error> {
+        self.eval_context.forward_stdout_until(marker)
+    }
+
     pub fn variables_and_types(&self) -> impl Iterator<Item = (&str, &str)> {
         self.eval_context.variables_and_types()
     }

@@ -703,6 +703,19 @@ impl EvalContext {
         self.child_process.process_handle()
     }
 
+    /// DeepScope patch: reads the runner's stdout while no cell runs (stock
+    /// evcxr reads it only during a cell), sending each line to the stdout
+    /// channel, until a line equal to `marker`, which is not sent.
+    pub fn forward_stdout_until(&mut self, marker: &str) -> Result<(), Error> {
+        loop {
+            let line = self.child_process.recv_line()?;
+            if line == marker {
+                return Ok(());
+            }
+            let _ = self.stdout_sender.send(line);
+        }
+    }
+
     pub(crate) fn restart_child_process(&mut self) -> Result<(), Error> {
         self.committed_state.variable_states.clear();
         self.committed_state.stored_variable_states.clear();
