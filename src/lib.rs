@@ -29,7 +29,7 @@ pub use tch;
 pub mod prelude {
     pub use crate::error::{Error, IndexKind, Result};
     pub use crate::inspect::{
-        compare, Capture, CorpusRun, EplbOptions, HookCtx, ImportOptions, Intervention, Interventions, Layers, Points, RoutingStats,
+        compare, playground, Capture, CorpusRun, EplbOptions, HookCtx, ImportOptions, Intervention, Interventions, Layers, Points, RoutingStats,
         ToJson, ToTensors, Trace, TracedGeneration,
     };
     pub use crate::plot::{Figure, MimeBundle, Table};

@@ -130,3 +130,39 @@ fn widgets_display_as_widget_views_with_their_layout_and_style() {
     let v = VBox::new(&[&s, &out]);
     assert_eq!(v.widget().get("children").as_array().map(Vec::len), Some(2));
 }
+
+#[test]
+fn the_playground_redraws_with_each_intervention_and_reports_bad_combinations_in_place() {
+    use deepscope::prelude::*;
+    let model = Model::load_default().unwrap();
+    let text = "And God said, Let there be light: and there was light.";
+    let pg = playground(model, text).unwrap();
+    let first = pg.view.output().text();
+    assert!(first.starts_with("No intervention"), "{first}");
+    assert!(first.contains("mean KL 0.0000"), "{first}");
+    pg.top_k.set_value(1).unwrap();
+    let k1 = pg.view.output().text();
+    assert!(k1.starts_with("top-1 on layer 1,"), "{k1}");
+    assert!(!k1.contains("mean KL 0.0000"), "top-1 routing changed nothing: {k1}");
+    // banning an expert on every MoE layer: two interventions, every layer named
+    pg.every_layer.set_value(true);
+    pg.banned.set_indices(&[0]).unwrap();
+    let banned = pg.view.output().text();
+    assert!(banned.starts_with("top-1; ban e0 on every MoE layer,"), "{banned}");
+    // the output is one bundle with the comparison, routing map and router step as HTML
+    let html = pg.view.output().outputs()[0]["data"]["text/html"].as_str().unwrap().to_string();
+    assert!(html.matches("<div>").count() >= 4, "{}", &html[..html.len().min(300)]);
+    // bias scaled to zero on the V3-style router
+    pg.bias_scale.set_value(0.0).unwrap();
+    assert!(pg.view.output().text().starts_with("top-1; bias × 0; ban e0 on"), "{}", pg.view.output().text());
+    // a ban of every expert cannot route: an error in the output, the controls still work
+    let all: Vec<usize> = (0..pg.banned.widget().get("_options_labels").as_array().unwrap().len()).collect();
+    pg.banned.set_indices(&all).unwrap();
+    assert_eq!(pg.view.output().outputs()[0]["output_type"], "error", "{}", pg.view.output().text());
+    assert!(pg.view.output().text().contains("fewer than 1 experts are left"), "{}", pg.view.output().text());
+    pg.banned.set_indices(&[]).unwrap();
+    pg.bias_scale.set_value(1.0).unwrap();
+    pg.every_layer.set_value(false);
+    pg.top_k.set_value(pg.top_k.widget().get("value").as_i64().unwrap()).unwrap();
+    assert_eq!(pg.view.output().outputs()[0]["output_type"], "display_data", "{}", pg.view.output().text());
+}

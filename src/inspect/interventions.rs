@@ -219,6 +219,11 @@ impl Interventions {
         Ok(self.list.remove(index))
     }
 
+    /// How many interventions are listed.
+    pub fn len(&self) -> usize {
+        self.list.len()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.list.is_empty()
     }

@@ -935,6 +935,10 @@ controls_tuple!(A 0, B 1, C 2, D 3, E 4);
 controls_tuple!(A 0, B 1, C 2, D 3, E 4, F 5);
 controls_tuple!(A 0, B 1, C 2, D 3, E 4, F 5, G 6);
 controls_tuple!(A 0, B 1, C 2, D 3, E 4, F 5, G 6, H 7);
+controls_tuple!(A 0, B 1, C 2, D 3, E 4, F 5, G 6, H 7, I 8);
+controls_tuple!(A 0, B 1, C 2, D 3, E 4, F 5, G 6, H 7, I 8, J 9);
+controls_tuple!(A 0, B 1, C 2, D 3, E 4, F 5, G 6, H 7, I 8, J 9, K 10);
+controls_tuple!(A 0, B 1, C 2, D 3, E 4, F 5, G 6, H 7, I 8, J 9, K 10, L 11);
 
 /// What an [`interact`] function may return: anything displayable, or a
 /// `Result` of it (an `Err` is shown in the output area).
