@@ -1364,7 +1364,8 @@ PROTOTYPING = [
     3. edit the router bias: zero it, replace it, exaggerate it;
     4. write a router in Rust: first DeepSeek-V3's own, then a variant;
     5. compare every run in one table;
-    6. steer a generation with a vector added to the residual stream, and check it against one pass.
+    6. steer a generation with a vector added to the residual stream, and check it against one pass;
+    7. try every routing control at once in a live playground.
 
     **How.** An `Interventions` value is a list of changes passed to one forward pass
     (`model.trace_with(input, &capture, &interventions)`); the model itself is never modified, so runs
@@ -1820,6 +1821,45 @@ PROTOTYPING = [
     let seen: Vec<std::ops::Range<i64>> = passes.lock().map(|p| p.clone()).unwrap_or_default();
     println!("positions of each pass: {seen:?}");
     assert_eq!(seen.len(), 4);
+    '''),
+    md(r'''
+    ## 7. Every control at once: the playground
+
+    `playground(model, text)` puts the routing interventions of this notebook behind controls: the MoE
+    layer (and whether the change applies to every MoE layer), top-k, the groups kept, a scale on the
+    router bias, banned and forced experts, the scoring function, and the token whose router step is
+    shown. Each time a control changes, the text is traced again with those interventions and the view
+    below the controls is redrawn: the comparison with the unmodified model (KL, top-1 agreement, loss,
+    tokens routed differently per layer), the routing map, and the router's step for the chosen token.
+    A combination that cannot route (every expert banned, more experts forced than chosen) shows its
+    error in the same place, and the controls keep working.
+
+    The controls need a running kernel: in a saved copy of this notebook they are drawn from the saved
+    widget state but do not answer. The playground keeps the model it is given, so it gets a copy of its
+    own here (the tiny model loads in well under a second).
+    '''),
+    code(r'''
+    let pg = playground(Model::load_default()?, "And God said, Let there be light: and there was light.")?;
+    pg
+    '''),
+    md(r'''
+    The controls are ordinary Rust values, so a cell can move them as a user would and read what the
+    view shows. This cell asks for top-1 routing in the last MoE layer, prints the first lines of the
+    redrawn view, then puts top-k back and checks that the view says no intervention is left.
+    '''),
+    code(r'''
+    pg.layer.set_index(layers.len() - 1)?;
+    pg.top_k.set_value(1)?;
+    let shown: String = pg.view.output().text();
+    for line in shown.lines().take(3) {
+        println!("{line}");
+    }
+    assert!(shown.starts_with(&format!("top-1 on layer {last}")));
+    pg.top_k.set_value(model.config.num_experts_per_tok as i64)?;
+    println!("top-k back to {}: {}", pg.top_k.value(), pg.view.output().text().lines().next().unwrap_or_default());
+    assert!(pg.view.output().text().starts_with("No intervention"));
+    let redraws: Vec<f64> = pg.view.redraw_seconds();
+    println!("{} redraws so far; the slowest took {:.3} s", redraws.len(), redraws.iter().cloned().fold(0.0, f64::max));
     '''),
     md(r'''
     ## What to try next

@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use crate::error::{Error, Result};
 use crate::inspect::{compare, Capture, Interventions, Layers, Trace};
 use crate::kernel::cell::RichDisplay;
-use crate::kernel::widgets::{interact, AsWidget, Checkbox, Dropdown, FloatSlider, IntSlider, Interactive, SelectMultiple, Widget};
+use crate::kernel::widgets::{interact, AsWidget, Checkbox, Dropdown, FloatSlider, HBox, IntSlider, Interactive, SelectMultiple, VBox, Widget};
 use crate::model::{Model, ScoringFunc};
 use crate::plot::{MimeBundle, MimeType};
 
@@ -44,26 +44,29 @@ pub struct Playground {
     pub scoring: Dropdown,
     /// The token whose router step is shown.
     pub position: IntSlider,
-    /// The controls above the redrawn output.
+    /// The function behind the view: its output area and redraw times.
     pub view: Interactive,
+    /// What displays: the settings in a column, the two expert lists beside
+    /// it, the output below.
+    root: VBox,
 }
 
 impl AsWidget for Playground {
     fn widget(&self) -> &Widget {
-        self.view.widget()
+        self.root.widget()
     }
 }
 
 impl RichDisplay for Playground {
     fn mime_bundle(&self) -> MimeBundle {
-        self.view.mime_bundle()
+        self.root.mime_bundle()
     }
 }
 
 impl Playground {
     /// Shows the controls and the view inline (evcxr's display hook).
     pub fn evcxr_display(&self) {
-        self.view.evcxr_display();
+        self.root.evcxr_display();
     }
 }
 
@@ -165,7 +168,10 @@ pub fn playground(model: Model, text: &str) -> Result<Playground> {
         };
         Ok(stack(&[text_bundle(&summary), change.mime_bundle(), variant.routing_map()?.mime_bundle(), step.mime_bundle()]))
     })?;
-    Ok(Playground { layer, every_layer, top_k, groups_kept, bias_scale, banned, forced, scoring, position, view })
+    let settings = VBox::new(&[&layer, &every_layer, &top_k, &groups_kept, &bias_scale, &scoring, &position]);
+    let lists = HBox::new(&[&settings, &banned, &forced]);
+    let root = VBox::new(&[&lists, view.output()]);
+    Ok(Playground { layer, every_layer, top_k, groups_kept, bias_scale, banned, forced, scoring, position, view, root })
 }
 
 /// The trained bias of each layer in `at`, times `scale`.

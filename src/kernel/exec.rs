@@ -37,11 +37,19 @@ impl Publisher {
     /// Comm messages are never dropped: a silent request's comms still
     /// exist, and a message with no request running goes out unparented.
     pub fn publish_comm<C: super::messages::Content>(&self, content: &C) {
+        self.publish_comm_with(content, json!({}));
+    }
+
+    /// The same with message-level `metadata` (a widget's `comm_open`
+    /// carries the protocol version there, not in its content).
+    pub fn publish_comm_with<C: super::messages::Content>(&self, content: &C, metadata: Value) {
         let parent = self.parent.lock().ok().and_then(|g| g.as_ref().map(|(p, _)| p.clone()));
-        let _ = self.iopub.send(match parent {
+        let mut m = match parent {
             Some(p) => p.child(&self.session, content),
             None => Message::orphan(&self.session, content),
-        });
+        };
+        m.metadata = metadata;
+        let _ = self.iopub.send(m);
     }
 
     fn publish_current<C: super::messages::Content>(&self, content: &C) {
@@ -544,7 +552,8 @@ fn forward(shared: &Shared, name: StreamName, batch: Vec<String>) {
             Some("comm_open") => {
                 let (id, target) = (m["comm_id"].as_str().unwrap_or_default(), m["target_name"].as_str().unwrap_or_default());
                 shared.comms.opened(id, target);
-                p.publish_comm(&CommOpened { comm_id: id.into(), target_name: target.into(), data: m["data"].clone(), metadata: m["metadata"].clone() });
+                let metadata = if m["metadata"].is_object() { m["metadata"].clone() } else { json!({}) };
+                p.publish_comm_with(&CommOpened { comm_id: id.into(), target_name: target.into(), data: m["data"].clone() }, metadata);
             }
             Some("comm_msg") => {
                 p.publish_comm(&CommMessage { comm_id: m["comm_id"].as_str().unwrap_or_default().into(), data: m["data"].clone() });

@@ -354,13 +354,13 @@ pub struct CommInfoReply {
     pub comms: Value,
 }
 
-/// `comm_open` from the kernel (a widget the runner created).
+/// `comm_open` from the kernel (a widget the runner created; its metadata,
+/// e.g. the widget protocol version, goes in the message's `metadata`).
 #[derive(Serialize)]
 pub struct CommOpened {
     pub comm_id: String,
     pub target_name: String,
     pub data: Value,
-    pub metadata: Value,
 }
 
 /// `comm_msg` from the kernel.

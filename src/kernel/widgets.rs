@@ -643,7 +643,7 @@ impl SelectMultiple {
         if let Some(i) = selected.iter().find(|&&i| i >= options.len()) {
             return Err(invalid(format!("SelectMultiple {description:?}: index {i} but {} options", options.len())));
         }
-        let rows = options.len().clamp(2, 8);
+        let rows = options.len().clamp(2, 6);
         let state = map(vec![
             ("description", json!(description)),
             ("_options_labels", labels(options)),

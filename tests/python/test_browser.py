@@ -254,3 +254,82 @@ def lab(tour, deepscope_kernelspec, tmp_path_factory):
 def test_tour_runs_all_cells_in_jupyterlab(lab, tour):
     saved = run_all_cells(lab, os.path.basename(tour), KERNEL_DISPLAY_NAME, SCREENSHOT)
     check_saved_outputs(saved)
+
+
+# --- the router playground (notebook 05): widgets rendered and answering ----
+
+PROTOTYPING = os.path.join(ROOT, "notebooks", "05-routing-prototyping.ipynb")
+PLAYGROUND_SCREENSHOT = os.path.join(ROOT, "docs", "screenshots", "playground.png")
+# the playground's output area (ipywidgets' Output view) and its summary line
+PLAYGROUND_VIEW = ".jp-OutputArea-output .widget-output"
+
+
+@pytest.fixture(scope="module")
+def lab05(deepscope_kernelspec, tmp_path_factory):
+    pytest.importorskip("playwright", reason="playwright is not installed (make setup)")
+    pytest.importorskip("jupyterlab", reason="jupyterlab is not installed (make setup)")
+    if not shutil.which(CHROMIUM):
+        pytest.skip(f"no browser at {CHROMIUM}: apt-get install chromium (or set DEEPSCOPE_CHROMIUM)")
+    root = tmp_path_factory.mktemp("lab05-root")
+    shutil.copy(PROTOTYPING, root / os.path.basename(PROTOTYPING))
+    server = Lab(root, tmp_path_factory.mktemp("lab05-home"))
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.mark.slow
+def test_the_playground_answers_its_top_k_slider_in_jupyterlab(lab05):
+    """Runs notebook 05 in JupyterLab, then sets the playground's top-k to 1
+    in the browser (its slider's readout, as a user can) and waits for the
+    redrawn view: its summary names the change and the routing chart differs.
+    Prints the time from the change to the redrawn view."""
+    from playwright.sync_api import sync_playwright
+
+    name = os.path.basename(PROTOTYPING)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1100})
+            page.set_default_timeout(60_000)
+            page.goto(f"{lab05.url}/lab/tree/{name}?token={lab05.token}")
+            page.locator(".jp-NotebookPanel .jp-Cell").first.wait_for(state="visible", timeout=120_000)
+            if page.locator("#jp-left-stack").is_visible():
+                page.keyboard.press("Control+b")
+            page.locator("#jp-main-statusbar").get_by_text("Idle").wait_for(timeout=300_000)
+            menu(page, "Run", "runmenu:run-all")
+            view = page.locator(PLAYGROUND_VIEW).first
+            view.wait_for(state="visible", timeout=600_000)
+            # Run All goes on to the cell that moves the controls from Rust and back
+            deadline = time.monotonic() + RUN_TIMEOUT
+            while not view.inner_text().startswith("No intervention") or page.locator("#jp-main-statusbar").get_by_text("Idle").count() == 0:
+                assert time.monotonic() < deadline, f"the playground view reads {view.inner_text()[:300]!r}"
+                time.sleep(0.5)
+            errors = page.locator(STDERR_OUTPUT)
+            assert errors.count() == 0, [errors.nth(i).inner_text()[:500] for i in range(errors.count())]
+            before_chart = view.locator("svg").first.inner_html()
+
+            slider = page.locator(".widget-slider", has=page.locator(".widget-label", has_text="top-k")).first
+            readout = slider.locator(".widget-readout")
+            readout.scroll_into_view_if_needed()
+            readout.click()
+            page.keyboard.press("Control+a")
+            page.keyboard.type("1")
+            t = time.monotonic()
+            page.keyboard.press("Enter")
+            page.wait_for_function(
+                "sel => { const v = document.querySelector(sel); return v && v.innerText.startsWith('top-1 on layer'); }",
+                arg=PLAYGROUND_VIEW, timeout=30_000)
+            took = time.monotonic() - t
+            after_chart = view.locator("svg").first.inner_html()
+            assert after_chart != before_chart, "the routing chart did not change with top-k"
+            assert errors.count() == 0, [errors.nth(i).inner_text()[:500] for i in range(errors.count())]
+            assert "error" not in view.inner_text()[:200].lower(), view.inner_text()[:500]
+            print(f"\nplayground: top-k 4 -> 1 in the browser, redrawn view after {took:.2f} s")
+            slider.scroll_into_view_if_needed()
+            time.sleep(0.3)
+            os.makedirs(os.path.dirname(PLAYGROUND_SCREENSHOT), exist_ok=True)
+            page.screenshot(path=PLAYGROUND_SCREENSHOT)
+        finally:
+            browser.close()

@@ -45,7 +45,9 @@ def comm_info(kc, target=None):
 
 
 def opened(run):
-    return {m["content"]["comm_id"]: m["content"] for m in run.of_type("comm_open")}
+    """comm_open contents by comm id, each with its message's `metadata` (where the
+    widget manager reads the protocol version)."""
+    return {m["content"]["comm_id"]: dict(m["content"], metadata=m["metadata"]) for m in run.of_type("comm_open")}
 
 
 def stream(msgs, name):
