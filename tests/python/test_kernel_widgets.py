@@ -173,3 +173,19 @@ def test_comm_close_from_the_client_forgets_the_widget(kernel):
     assert execute_ok(kc, "gone.value()").result() == '"x"'
     ours, _ = update(kc, slider_id(kc, "k"), {"value": 6})
     assert "moved to 6" in stream(ours, "stdout")
+
+
+def test_a_runner_crash_closes_its_widgets_and_new_ones_work(kernel):
+    _, kc = kernel
+    execute_ok(kc, 'let c = widgets::Checkbox::new("c", false);')
+    before = comm_info(kc)
+    assert before
+    run = execute(kc, "std::process::abort();")
+    assert run.content["status"] == "error", run.describe()
+    closed = {m["content"]["comm_id"] for m in run.of_type("comm_close")}
+    assert closed == set(before), (closed, before)
+    assert comm_info(kc) == {}
+    # the restarted runner connects again with its first widget
+    execute_ok(kc, 'let d = widgets::IntSlider::new("d", 1, 0, 3)?;\nd.on_change(|v| println!("d = {v}"));')
+    ours, _ = update(kc, slider_id(kc, "d"), {"value": 2})
+    assert "d = 2" in stream(ours, "stdout"), ours
