@@ -22,6 +22,7 @@ pub mod train;
 
 pub use error::{Error, IndexKind, Result};
 pub use ndarray;
+pub use serde_json;
 pub use plotters;
 pub use tch;
 

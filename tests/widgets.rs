@@ -166,3 +166,17 @@ fn the_playground_redraws_with_each_intervention_and_reports_bad_combinations_in
     pg.top_k.set_value(pg.top_k.widget().get("value").as_i64().unwrap()).unwrap();
     assert_eq!(pg.view.output().outputs()[0]["output_type"], "display_data", "{}", pg.view.output().text());
 }
+
+#[test]
+fn a_plain_comm_hands_messages_to_its_callbacks() {
+    use deepscope::kernel::widgets::Comm;
+    let c = Comm::open("my.frontend", json!({ "a": 1 }));
+    let got = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let g = got.clone();
+    c.on_msg(move |d| g.lock().unwrap().push(d.clone()));
+    deliver(c.id(), &json!({ "anything": [1, 2] })).unwrap();
+    assert_eq!(*got.lock().unwrap(), vec![json!({ "anything": [1, 2] })]);
+    assert_eq!(c.target(), "my.frontend");
+    c.close();
+    assert!(deliver(c.id(), &json!({})).is_err());
+}

@@ -39,8 +39,10 @@ pub(crate) struct CommLink {
     /// The runner's connection (a restarted runner connects again).
     stream: Mutex<Option<UnixStream>>,
     connected: Condvar,
-    /// comm id -> target name, for the comms the runner opened.
+    /// comm id -> target name, for the open comms of the runner.
     table: Mutex<BTreeMap<String, String>>,
+    /// Targets the runner registered (`widgets::register_target`).
+    targets: Mutex<std::collections::BTreeSet<String>>,
     seq: AtomicU64,
 }
 
@@ -55,6 +57,7 @@ impl CommLink {
             stream: Mutex::new(None),
             connected: Condvar::new(),
             table: Mutex::new(BTreeMap::new()),
+            targets: Mutex::new(Default::default()),
             seq: AtomicU64::new(0),
         });
         let weak = std::sync::Arc::downgrade(&link);
@@ -81,6 +84,16 @@ impl CommLink {
         }
     }
 
+    pub fn add_target(&self, target: &str) {
+        if let Ok(mut t) = self.targets.lock() {
+            t.insert(target.to_string());
+        }
+    }
+
+    pub fn has_target(&self, target: &str) -> bool {
+        self.targets.lock().map(|t| t.contains(target)).unwrap_or(false)
+    }
+
     pub fn closed(&self, comm_id: &str) -> bool {
         self.table.lock().map(|mut t| t.remove(comm_id).is_some()).unwrap_or(false)
     }
@@ -101,10 +114,14 @@ impl CommLink {
         Value::Object(out)
     }
 
-    /// Forgets every comm (the runner that held them is gone); returns their ids.
+    /// Forgets every comm and target (the runner that held them is gone);
+    /// returns the comms' ids.
     pub fn forget_all(&self) -> Vec<String> {
         if let Ok(mut s) = self.stream.lock() {
             *s = None;
+        }
+        if let Ok(mut t) = self.targets.lock() {
+            t.clear();
         }
         self.table.lock().map(|mut t| std::mem::take(&mut *t).into_keys().collect()).unwrap_or_default()
     }

@@ -555,6 +555,7 @@ fn forward(shared: &Shared, name: StreamName, batch: Vec<String>) {
                 let metadata = if m["metadata"].is_object() { m["metadata"].clone() } else { json!({}) };
                 p.publish_comm_with(&CommOpened { comm_id: id.into(), target_name: target.into(), data: m["data"].clone() }, metadata);
             }
+            Some("comm_target") => shared.comms.add_target(m["target_name"].as_str().unwrap_or_default()),
             Some("comm_msg") => {
                 p.publish_comm(&CommMessage { comm_id: m["comm_id"].as_str().unwrap_or_default().into(), data: m["data"].clone() });
             }

@@ -116,6 +116,8 @@ pub struct CommInfoRequest {
 pub struct CommOpen {
     pub comm_id: String,
     pub target_name: String,
+    #[serde(default)]
+    pub data: Value,
 }
 
 #[derive(Clone, Debug, Deserialize)]

@@ -443,11 +443,18 @@ impl Kernel {
                 let comms = self.shared.comms.info(r.target_name.as_deref());
                 (Some(msg.reply(&s, &CommInfoReply { status: ReplyStatus::Ok, comms })), false)
             }
+            Request::CommOpen(c) if self.shared.comms.has_target(&c.target_name) => {
+                // a target registered in the runner: its function decides
+                // (and closes the comm again if it refuses)
+                self.shared.comms.opened(&c.comm_id, &c.target_name);
+                self.comm_event(msg, "open", c.comm_id, json!({ "target_name": c.target_name, "data": c.data })).await;
+                (None, false)
+            }
             Request::CommOpen(c) => {
-                // The frontend opens no comms here (widgets are opened by
-                // the kernel; without `jupyter.widget.control` the widget
-                // manager falls back to comm_info + request_state): close
-                // it again, as the spec asks.
+                // No such target: close it again, as the spec asks. (The
+                // widget manager's `jupyter.widget.control` lands here too;
+                // it then falls back to comm_info + request_state.)
+                log(format!("comm_open for target {:?}, which is not registered: closed", c.target_name));
                 self.publish(msg, &CommClose { comm_id: c.comm_id, data: json!({}) });
                 (None, false)
             }

@@ -53,6 +53,9 @@
 //! Widgets stay registered (and alive) until [`Widget::close`], since the
 //! frontend may still show them after the Rust value is dropped.
 //!
+//! Plain comms of any target, both ways, for frontend code of your own:
+//! [`Comm::open`] and [`register_target`].
+//!
 //! Outside a kernel (tests, scripts) widgets keep their state and run
 //! their observers when set from Rust, and [`deliver`] plays the frontend.
 //!
@@ -65,7 +68,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use serde_json::{json, Map, Value};
+pub use serde_json::{json, Map, Value};
 
 use super::cell::{in_kernel, send, RichDisplay};
 use crate::error::{Error, Result};
@@ -88,15 +91,22 @@ type Check = fn(&str, &Value, &Map<String, Value>) -> std::result::Result<(), St
 
 struct Core {
     id: String,
+    /// The widget model's name, or for a plain [`Comm`] its target.
     model: String,
+    /// A plain comm: messages go to its `"msg"` observers as they are.
+    raw: bool,
     state: Mutex<Map<String, Value>>,
     /// (key, callback): `"click"` for a button's clicks.
     observers: Mutex<Vec<(String, Callback)>>,
     check: Check,
 }
 
+type TargetFn = Arc<dyn Fn(Comm, &Value) -> std::result::Result<(), String> + Send + Sync>;
+
 struct Hub {
     widgets: Mutex<HashMap<String, Arc<Core>>>,
+    /// Comm targets the frontend may open comms to ([`register_target`]).
+    targets: Mutex<HashMap<String, TargetFn>>,
     next: AtomicU64,
     /// Whether the runner listens to the kernel's comm socket (connected
     /// once, when the first widget is made inside a kernel).
@@ -106,7 +116,7 @@ struct Hub {
 static HUB: OnceLock<Hub> = OnceLock::new();
 
 fn hub() -> &'static Hub {
-    HUB.get_or_init(|| Hub { widgets: Mutex::new(HashMap::new()), next: AtomicU64::new(0), listening: OnceLock::new() })
+    HUB.get_or_init(|| Hub { widgets: Mutex::new(HashMap::new()), targets: Mutex::new(HashMap::new()), next: AtomicU64::new(0), listening: OnceLock::new() })
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -159,9 +169,13 @@ fn handle_event(line: &str) {
     let comm_id = event["comm_id"].as_str().unwrap_or_default();
     let outcome = match event["kind"].as_str() {
         Some("close") => {
-            lock(&hub().widgets).remove(comm_id);
+            let gone = lock(&hub().widgets).remove(comm_id);
+            if let Some(core) = gone.filter(|c| c.raw) {
+                Widget { core }.notify(&[("close".to_string(), event["data"].clone())]);
+            }
             Ok(())
         }
+        Some("open") => accept(comm_id, event["data"]["target_name"].as_str().unwrap_or_default(), &event["data"]["data"]),
         _ => deliver(comm_id, &event["data"]),
     };
     if let Err(e) = outcome {
@@ -184,6 +198,10 @@ pub fn deliver(comm_id: &str, data: &Value) -> Result<()> {
     let core = lock(&hub().widgets).get(comm_id).cloned();
     let core = core.ok_or_else(|| Error::Input(format!("a comm message for comm {comm_id:?}, which is not an open widget")))?;
     let w = Widget { core };
+    if w.core.raw {
+        w.notify(&[("msg".to_string(), data.clone())]);
+        return Ok(());
+    }
     match data["method"].as_str() {
         Some("update") => {
             let Some(state) = data["state"].as_object() else {
@@ -243,7 +261,7 @@ impl Widget {
         ] {
             state.insert(k.into(), Value::String(v.into()));
         }
-        let core = Arc::new(Core { id: new_id(), model: model.into(), state: Mutex::new(state.clone()), observers: Mutex::new(Vec::new()), check });
+        let core = Arc::new(Core { id: new_id(), model: model.into(), raw: false, state: Mutex::new(state.clone()), observers: Mutex::new(Vec::new()), check });
         lock(&hub().widgets).insert(core.id.clone(), core.clone());
         if in_kernel() {
             listen();
@@ -848,6 +866,112 @@ pub struct VBox(Widget);
 impl VBox {
     pub fn new(items: &[&dyn AsWidget]) -> VBox {
         VBox(Widget::dom("VBoxModel", CONTROLS, "VBoxView", None, map(vec![("children", children(items))]), any_value))
+    }
+}
+
+// -------------------------------------------------------------- plain comms
+
+/// A comm of any target, for frontend extensions of your own: JSON messages
+/// both ways, no widget state. Open one from Rust with [`Comm::open`], or
+/// let the frontend open them to a target named with [`register_target`].
+#[derive(Clone)]
+pub struct Comm {
+    core: Arc<Core>,
+}
+
+impl std::fmt::Debug for Comm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Comm({}, target {:?})", self.core.id, self.core.model)
+    }
+}
+
+impl Comm {
+    fn registered(id: String, target: &str) -> Comm {
+        let core = Arc::new(Core {
+            id,
+            model: target.to_string(),
+            raw: true,
+            state: Mutex::new(Map::new()),
+            observers: Mutex::new(Vec::new()),
+            check: any_value,
+        });
+        lock(&hub().widgets).insert(core.id.clone(), core.clone());
+        Comm { core }
+    }
+
+    /// Opens a comm to the frontend's `target` with `data`.
+    pub fn open(target: &str, data: Value) -> Comm {
+        let comm = Comm::registered(new_id(), target);
+        if in_kernel() {
+            listen();
+            send(json!({ "type": "comm_open", "comm_id": comm.core.id, "target_name": target, "data": data, "metadata": {} }));
+        }
+        comm
+    }
+
+    pub fn id(&self) -> &str {
+        &self.core.id
+    }
+
+    /// The target the comm was opened for.
+    pub fn target(&self) -> &str {
+        &self.core.model
+    }
+
+    /// Sends `data` to the frontend.
+    pub fn send(&self, data: Value) {
+        if in_kernel() {
+            send(json!({ "type": "comm_msg", "comm_id": self.core.id, "data": data }));
+        }
+    }
+
+    /// Runs `f` with the data of each message from the frontend.
+    pub fn on_msg<R: CallbackResult>(&self, f: impl Fn(&Value) -> R + Send + Sync + 'static) {
+        Widget { core: self.core.clone() }.observe("msg", f);
+    }
+
+    /// Runs `f` when the frontend closes the comm.
+    pub fn on_close<R: CallbackResult>(&self, f: impl Fn() -> R + Send + Sync + 'static) {
+        Widget { core: self.core.clone() }.observe("close", move |_| f());
+    }
+
+    /// Closes the comm.
+    pub fn close(&self) {
+        Widget { core: self.core.clone() }.close();
+    }
+}
+
+/// Lets the frontend open comms to `target`: `f` gets each new [`Comm`] and
+/// the data it was opened with. An `Err` from `f` closes the comm again.
+/// Registering the same target again replaces its function.
+pub fn register_target<R: CallbackResult>(target: &str, f: impl Fn(Comm, &Value) -> R + Send + Sync + 'static) {
+    let cb: TargetFn = Arc::new(move |c: Comm, v: &Value| f(c, v).into_result());
+    lock(&hub().targets).insert(target.to_string(), cb);
+    if in_kernel() {
+        listen();
+        send(json!({ "type": "comm_target", "target_name": target }));
+    }
+}
+
+/// The frontend opened comm `comm_id` to `target` (the kernel checked that
+/// the target is registered; it may have been replaced meanwhile).
+fn accept(comm_id: &str, target: &str, data: &Value) -> Result<()> {
+    let f = lock(&hub().targets).get(target).cloned();
+    let refuse = |why: String| {
+        lock(&hub().widgets).remove(comm_id);
+        if in_kernel() {
+            send(json!({ "type": "comm_close", "comm_id": comm_id }));
+        }
+        Error::Input(why)
+    };
+    let Some(f) = f else {
+        return Err(refuse(format!("no comm target {target:?} is registered")));
+    };
+    let comm = Comm::registered(comm_id.to_string(), target);
+    match catch_unwind(AssertUnwindSafe(|| f(comm, data))) {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(refuse(format!("the function of comm target {target:?} refused comm {comm_id}: {e}"))),
+        Err(p) => Err(refuse(format!("the function of comm target {target:?} {}", panic_text(&p)))),
     }
 }
 

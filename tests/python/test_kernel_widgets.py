@@ -189,3 +189,35 @@ def test_a_runner_crash_closes_its_widgets_and_new_ones_work(kernel):
     execute_ok(kc, 'let d = widgets::IntSlider::new("d", 1, 0, 3)?;\nd.on_change(|v| println!("d = {v}"));')
     ours, _ = update(kc, slider_id(kc, "d"), {"value": 2})
     assert "d = 2" in stream(ours, "stdout"), ours
+
+
+def test_plain_comms_go_both_ways(kernel):
+    _, kc = kernel
+    execute_ok(kc, 'widgets::register_target("echo", |c: widgets::Comm, data: &widgets::Value| {\n'
+                   '    c.send(widgets::json!({ "hello": data }));\n'
+                   '    let back = c.clone();\n'
+                   '    c.on_msg(move |d: &widgets::Value| back.send(widgets::json!({ "echo": d })));\n'
+                   '});')
+    # the client opens a comm to the registered target
+    ours, _ = send_comm(kc, "comm_open", {"comm_id": "client-1", "target_name": "echo", "data": {"x": 1}})
+    assert updates(ours, "client-1") == [{"hello": {"x": 1}}], ours
+    assert comm_info(kc, "echo") == {"client-1": {"target_name": "echo"}}
+    ours, _ = send_comm(kc, "comm_msg", {"comm_id": "client-1", "data": {"y": 2}})
+    assert updates(ours, "client-1") == [{"echo": {"y": 2}}], ours
+    send_comm(kc, "comm_close", {"comm_id": "client-1", "data": {}})
+    assert comm_info(kc, "echo") == {}
+    # no such target: closed at once
+    ours, _ = send_comm(kc, "comm_open", {"comm_id": "client-2", "target_name": "nope", "data": {}})
+    assert [m["content"]["comm_id"] for m in ours if m["msg_type"] == "comm_close"] == ["client-2"]
+    # a target whose function refuses: closed, with the reason on stderr
+    execute_ok(kc, 'widgets::register_target("picky", |_c: widgets::Comm, data: &widgets::Value| '
+                   'if data["ok"] == true { Ok(()) } else { Err("ok must be true".to_string()) });')
+    ours, _ = send_comm(kc, "comm_open", {"comm_id": "client-3", "target_name": "picky", "data": {}})
+    assert [m["content"]["comm_id"] for m in ours if m["msg_type"] == "comm_close"] == ["client-3"]
+    assert "ok must be true" in stream(ours, "stderr")
+    assert "client-3" not in comm_info(kc)
+    # the kernel side opens one to a frontend target
+    run = execute_ok(kc, 'let to_front = widgets::Comm::open("my.frontend", widgets::json!({ "a": 1 }));\nto_front.id().to_string()')
+    [opened_one] = run.of_type("comm_open")
+    assert opened_one["content"]["target_name"] == "my.frontend" and opened_one["content"]["data"] == {"a": 1}
+    assert opened_one["content"]["comm_id"] == run.result().strip('"')
