@@ -68,6 +68,23 @@ impl Playground {
     pub fn evcxr_display(&self) {
         self.root.evcxr_display();
     }
+
+    /// Closes every control and the view: the frontend removes them, and
+    /// once this value is dropped too, the model it holds is freed (each
+    /// playground keeps its own model until then).
+    pub fn close(&self) {
+        self.layer.close();
+        self.every_layer.close();
+        self.top_k.close();
+        self.groups_kept.close();
+        self.bias_scale.close();
+        self.banned.close();
+        self.forced.close();
+        self.scoring.close();
+        self.position.close();
+        self.view.close();
+        self.root.close();
+    }
 }
 
 /// The state the redraws share: the model and the unmodified trace.

@@ -283,7 +283,8 @@ def lab05(deepscope_kernelspec, tmp_path_factory):
 def test_the_playground_answers_its_top_k_slider_in_jupyterlab(lab05):
     """Runs notebook 05 in JupyterLab, then sets the playground's top-k to 1
     in the browser (its slider's readout, as a user can) and waits for the
-    redrawn view: its summary names the change and the routing chart differs.
+    redrawn view: its summary names the change and the charts differ. Then
+    reloads the page: the widgets come back from the kernel and answer.
     Prints the time from the change to the redrawn view."""
     from playwright.sync_api import sync_playwright
 
@@ -336,5 +337,26 @@ def test_the_playground_answers_its_top_k_slider_in_jupyterlab(lab05):
             time.sleep(0.3)
             os.makedirs(os.path.dirname(PLAYGROUND_SCREENSHOT), exist_ok=True)
             page.screenshot(path=PLAYGROUND_SCREENSHOT)
+
+            # a reloaded page gets the widgets back from the kernel (comm_info, then
+            # request_state per widget) and they still answer
+            page.reload()
+            view = page.locator(PLAYGROUND_VIEW).first
+            view.wait_for(state="visible", timeout=120_000)
+            page.wait_for_function(
+                "sel => { const v = document.querySelector(sel); return v && v.innerText.startsWith('top-1 on layer'); }",
+                arg=PLAYGROUND_VIEW, timeout=30_000)
+            assert "model not found" not in page.locator(".jp-NotebookPanel").first.inner_text()
+            slider = page.locator(".widget-slider", has=page.locator(".widget-label", has_text="top-k")).first
+            assert slider.locator(".widget-readout").inner_text().strip() == "1"
+            readout = slider.locator(".widget-readout")
+            readout.scroll_into_view_if_needed()
+            readout.click()
+            page.keyboard.press("Control+a")
+            page.keyboard.type("2")
+            page.keyboard.press("Enter")
+            page.wait_for_function(
+                "sel => { const v = document.querySelector(sel); return v && v.innerText.startsWith('top-2 on layer'); }",
+                arg=PLAYGROUND_VIEW, timeout=30_000)
         finally:
             browser.close()
