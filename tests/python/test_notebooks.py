@@ -16,8 +16,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 NOTEBOOKS = sorted(glob.glob(os.path.join(ROOT, "notebooks", "*.ipynb")))
 
 
-def test_there_are_six_notebooks():
-    assert len(NOTEBOOKS) == 6, NOTEBOOKS
+def test_there_are_seven_notebooks():
+    assert len(NOTEBOOKS) == 7, NOTEBOOKS
 
 
 @pytest.mark.slow
