@@ -1826,13 +1826,13 @@ PROTOTYPING = [
     ## 7. Every control at once: the playground
 
     `playground(model, text)` puts the routing interventions of this notebook behind controls: the MoE
-    layer (and whether the change applies to every MoE layer), top-k, the groups kept, a scale on the
-    router bias, banned and forced experts, the scoring function, and the token whose router step is
-    shown. Each time a control changes, the text is traced again with those interventions and the view
+    layer (and whether the change applies to every MoE layer), top-k, the number of groups and the groups
+    kept, a scale on the router bias, banned and forced experts, the scoring function, and the token
+    whose router step is shown. Each time a control changes, the text is traced again with those interventions and the view
     below the controls is redrawn: the comparison with the unmodified model (KL, top-1 agreement, loss,
     tokens routed differently per layer), the routing map, and the router's step for the chosen token.
-    A combination that cannot route (every expert banned, more experts forced than chosen) shows its
-    error in the same place, and the controls keep working.
+    A combination that cannot route (every expert banned, more experts forced than chosen, more groups
+    kept than there are) shows its error in the same place, and the controls keep working.
 
     The controls need a running kernel: in a saved copy of this notebook they are drawn from the saved
     widget state but do not answer. The playground keeps the model it is given, so it gets a copy of its

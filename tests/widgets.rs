@@ -152,6 +152,15 @@ fn the_playground_redraws_with_each_intervention_and_reports_bad_combinations_in
     // the output is one bundle with the comparison, routing map and router step as HTML
     let html = pg.view.output().outputs()[0]["data"]["text/html"].as_str().unwrap().to_string();
     assert!(html.matches("<div>").count() >= 4, "{}", &html[..html.len().min(300)]);
+    // group-limited routing lifted (one group), then more groups kept than there are: an error in place
+    let one = pg.groups.widget().get("_options_labels").as_array().unwrap().iter().position(|l| l == "1").unwrap();
+    pg.groups.set_index(one).unwrap();
+    assert_eq!(pg.view.output().outputs()[0]["output_type"], "error", "{}", pg.view.output().text());
+    assert!(pg.view.output().text().contains("n_group 1 / topk_group 2 invalid"), "{}", pg.view.output().text());
+    pg.groups_kept.set_value(1).unwrap();
+    assert!(pg.view.output().text().starts_with("top-1; keep 1 of 1 groups"), "{}", pg.view.output().text());
+    pg.groups.set_index(one + 2).unwrap(); // 4 groups, the model's own
+    pg.groups_kept.set_value(2).unwrap();
     // bias scaled to zero on the V3-style router
     pg.bias_scale.set_value(0.0).unwrap();
     assert!(pg.view.output().text().starts_with("top-1; bias × 0; ban e0 on"), "{}", pg.view.output().text());

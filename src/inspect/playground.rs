@@ -35,7 +35,10 @@ pub struct Playground {
     pub every_layer: Checkbox,
     /// Experts per token (the model's `num_experts_per_tok` at first).
     pub top_k: IntSlider,
-    /// Groups kept per token (`topk_group`) of the model's `n_group`.
+    /// How many groups the experts are split into (`n_group`; the
+    /// divisors of the expert count).
+    pub groups: Dropdown,
+    /// Groups kept per token (`topk_group`).
     pub groups_kept: IntSlider,
     /// `e_score_correction_bias` times this (1: as trained; 0: no bias).
     pub bias_scale: FloatSlider,
@@ -76,6 +79,7 @@ impl Playground {
         self.layer.close();
         self.every_layer.close();
         self.top_k.close();
+        self.groups.close();
         self.groups_kept.close();
         self.bias_scale.close();
         self.banned.close();
@@ -120,8 +124,12 @@ pub fn playground(model: Model, text: &str) -> Result<Playground> {
     let layer = Dropdown::new("layer", &layer_refs, 0)?;
     let every_layer = Checkbox::new("every MoE layer", false);
     let top_k = IntSlider::new("top-k", cfg.num_experts_per_tok as i64, 1, e as i64)?.continuous_update(false);
-    let n_group = cfg.n_group.max(1) as i64;
-    let groups_kept = IntSlider::new("groups kept", (cfg.topk_group.max(1) as i64).min(n_group), 1, n_group)?.continuous_update(false);
+    let divisors: Vec<String> = (1..=e).filter(|d| e % d == 0).map(|d| d.to_string()).collect();
+    let divisor_refs: Vec<&str> = divisors.iter().map(String::as_str).collect();
+    let n_group = cfg.n_group.max(1);
+    let groups = Dropdown::new("groups", &divisor_refs, divisors.iter().position(|d| *d == n_group.to_string()).unwrap_or(0))?;
+    // up to every expert its own group; more kept than there are groups is an error shown in place
+    let groups_kept = IntSlider::new("groups kept", cfg.topk_group.clamp(1, e) as i64, 1, e as i64)?.continuous_update(false);
     let bias_scale = FloatSlider::new("bias ×", 1.0, 0.0, 3.0, 0.25)?.continuous_update(false);
     let banned = SelectMultiple::new("ban", &expert_refs, &[])?;
     let forced = SelectMultiple::new("force", &expert_refs, &[])?;
@@ -133,6 +141,7 @@ pub fn playground(model: Model, text: &str) -> Result<Playground> {
         layer.clone(),
         every_layer.clone(),
         top_k.clone(),
+        groups.clone(),
         groups_kept.clone(),
         bias_scale.clone(),
         banned.clone(),
@@ -141,7 +150,7 @@ pub fn playground(model: Model, text: &str) -> Result<Playground> {
         position.clone(),
     );
     let layer_of = layer.clone();
-    let view = interact(controls, move |(_, every, k, kept, scale, ban, force, scoring, pos)| -> Result<MimeBundle> {
+    let view = interact(controls, move |(_, every, k, n_groups, kept, scale, ban, force, scoring, pos)| -> Result<MimeBundle> {
         let b = bench.lock().map_err(|_| Error::Input("an earlier redraw of the playground panicked; build it again".into()))?;
         let l = b.moe_layers.get(layer_of.index()).copied().unwrap_or(b.moe_layers[0]);
         let at: Layers = if every { Layers::Some(b.moe_layers.clone()) } else { Layers::One(l) };
@@ -152,9 +161,10 @@ pub fn playground(model: Model, text: &str) -> Result<Playground> {
             iv = iv.top_k(at.clone(), k as usize);
             what.push(format!("top-{k}"));
         }
-        if kept as usize != cfg.topk_group && cfg.n_group > 1 {
-            iv = iv.groups(at.clone(), cfg.n_group, kept as usize);
-            what.push(format!("keep {kept} of {} groups", cfg.n_group));
+        let n_groups: usize = n_groups.parse().unwrap_or(cfg.n_group);
+        if n_groups != cfg.n_group.max(1) || kept as usize != cfg.topk_group {
+            iv = iv.groups(at.clone(), n_groups, kept as usize);
+            what.push(format!("keep {kept} of {n_groups} groups"));
         }
         if scale != 1.0 {
             iv = scaled_bias(iv, &b.baseline, &at, scale)?;
@@ -185,10 +195,10 @@ pub fn playground(model: Model, text: &str) -> Result<Playground> {
         };
         Ok(stack(&[text_bundle(&summary), change.mime_bundle(), variant.routing_map()?.mime_bundle(), step.mime_bundle()]))
     })?;
-    let settings = VBox::new(&[&layer, &every_layer, &top_k, &groups_kept, &bias_scale, &scoring, &position]);
+    let settings = VBox::new(&[&layer, &every_layer, &top_k, &groups, &groups_kept, &bias_scale, &scoring, &position]);
     let lists = HBox::new(&[&settings, &banned, &forced]);
     let root = VBox::new(&[&lists, view.output()]);
-    Ok(Playground { layer, every_layer, top_k, groups_kept, bias_scale, banned, forced, scoring, position, view, root })
+    Ok(Playground { layer, every_layer, top_k, groups, groups_kept, bias_scale, banned, forced, scoring, position, view, root })
 }
 
 /// The trained bias of each layer in `at`, times `scale`.

@@ -339,7 +339,14 @@ def test_the_playground_answers_its_top_k_slider_in_jupyterlab(lab05):
             page.screenshot(path=PLAYGROUND_SCREENSHOT)
 
             # a reloaded page gets the widgets back from the kernel (comm_info, then
-            # request_state per widget) and they still answer
+            # request_state per widget) and they still answer. Saved first: a reload
+            # reads the notebook from disk, and autosave runs only every 2 minutes
+            menu(page, "File", "docmanager:save")
+            dirty = page.locator(".jp-NotebookPanel .jp-mod-dirty, .lm-TabBar-tab.jp-mod-dirty")
+            deadline = time.monotonic() + 30
+            while dirty.count() and time.monotonic() < deadline:
+                time.sleep(0.5)
+            assert dirty.count() == 0, "the notebook was not saved before the reload"
             page.reload()
             view = page.locator(PLAYGROUND_VIEW).first
             view.wait_for(state="visible", timeout=120_000)
