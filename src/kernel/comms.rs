@@ -34,6 +34,23 @@ pub(crate) fn socket_path() -> PathBuf {
     std::env::temp_dir().join(format!("deepscope-comm-{}.sock", std::process::id()))
 }
 
+/// Removes the sockets of kernels that are gone (a kernel killed with
+/// SIGKILL cannot remove its own).
+fn remove_stale_sockets(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(|n| n.strip_prefix("deepscope-comm-")?.strip_suffix(".sock")?.parse::<i32>().ok()) else {
+            continue;
+        };
+        // SAFETY: signal 0 only asks whether the process exists.
+        let gone = unsafe { libc::kill(pid, 0) } != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+        if gone {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
 pub(crate) struct CommLink {
     path: PathBuf,
     /// The runner's connection (a restarted runner connects again).
@@ -51,6 +68,7 @@ impl CommLink {
     /// pid is removed first).
     pub fn bind(path: &Path) -> Result<std::sync::Arc<CommLink>> {
         let _ = std::fs::remove_file(path);
+        remove_stale_sockets(path.parent().unwrap_or(Path::new(".")));
         let listener = UnixListener::bind(path).map_err(|e| Error::io(path, e))?;
         let link = std::sync::Arc::new(CommLink {
             path: path.to_path_buf(),
