@@ -668,18 +668,13 @@ impl Worker {
     /// Runs one cell (already magic-expanded) with `parent` as the request
     /// its output belongs to.
     pub fn run(&mut self, code: &str, parent: &Message, silent: bool, input: &dyn Fn(evcxr_input_request::Req) -> String) -> CellOutcome {
-        if let Ok(mut p) = self.shared.publisher.parent.lock() {
-            *p = Some((parent.clone(), silent));
-        }
         if let Ok(mut p) = self.shared.panic.lock() {
             *p = None;
         }
         if let Ok(mut e) = self.shared.user_error.lock() {
             *e = None;
         }
-        self.shared.runner_killed.store(false, Ordering::SeqCst);
-        let serial = self.shared.cell_serial.fetch_add(1, Ordering::SeqCst) + 1;
-        self.shared.running.store(true, Ordering::SeqCst);
+        let serial = self.start_job(parent, silent);
         let mut callbacks =
             EvalCallbacks { input_reader: &|r| input(evcxr_input_request::Req { prompt: r.prompt, password: r.is_password }) };
         let ends_before = self.shared.stderr_ends.load(Ordering::SeqCst);
@@ -744,14 +739,33 @@ impl Worker {
                 CellOutcome { result: if show { Value::Object(data) } else { Value::Null }, error: err }
             }
         };
-        if interrupted && !killed {
-            // An interrupt no check consumed must not stop a later cell.
+        self.finish_job(serial);
+        outcome
+    }
+
+    /// Starts running code for `parent` in the runner (a cell or a widget
+    /// event): its output belongs to `parent`, and interrupts reach it.
+    /// Returns its serial number.
+    fn start_job(&mut self, parent: &Message, silent: bool) -> u64 {
+        if let Ok(mut p) = self.shared.publisher.parent.lock() {
+            *p = Some((parent.clone(), silent));
+        }
+        self.shared.runner_killed.store(false, Ordering::SeqCst);
+        let serial = self.shared.cell_serial.fetch_add(1, Ordering::SeqCst) + 1;
+        self.shared.running.store(true, Ordering::SeqCst);
+        serial
+    }
+
+    /// Ends the job `serial`, once `running` is cleared and its output
+    /// flushed: an interrupt no check consumed must not stop a later cell.
+    fn finish_job(&mut self, serial: u64) {
+        let interrupted = self.shared.interrupted.load(Ordering::SeqCst) == serial;
+        if interrupted && !self.shared.runner_killed.load(Ordering::SeqCst) {
             self.execute_internal("deepscope::kernel::cell::reset_interrupt();");
         }
         if let Ok(mut p) = self.shared.publisher.parent.lock() {
             *p = None;
         }
-        outcome
     }
 
     /// Loads rust-analyzer's view of the library before the first cell
@@ -778,12 +792,7 @@ impl Worker {
     /// are done; what they print or draw belongs to `parent`. Interrupts
     /// work as for a cell.
     pub fn comm_event(&mut self, parent: &Message, kind: &str, comm_id: &str, data: &Value) {
-        if let Ok(mut p) = self.shared.publisher.parent.lock() {
-            *p = Some((parent.clone(), false));
-        }
-        let serial = self.shared.cell_serial.fetch_add(1, Ordering::SeqCst) + 1;
-        self.shared.runner_killed.store(false, Ordering::SeqCst);
-        self.shared.running.store(true, Ordering::SeqCst);
+        let serial = self.start_job(parent, false);
         let outcome = self.shared.comms.send(kind, comm_id, data).and_then(|marker| {
             self.ctx.forward_stdout_until(&marker).map_err(|e| Error::Kernel(format!("the runner stopped while handling a widget event: {e}")))
         });
@@ -800,13 +809,7 @@ impl Worker {
         if let Ok(mut p) = self.shared.panic.lock() {
             *p = None;
         }
-        let interrupted = self.shared.interrupted.load(Ordering::SeqCst) == serial;
-        if interrupted && !self.shared.runner_killed.load(Ordering::SeqCst) {
-            self.execute_internal("deepscope::kernel::cell::reset_interrupt();");
-        }
-        if let Ok(mut p) = self.shared.publisher.parent.lock() {
-            *p = None;
-        }
+        self.finish_job(serial);
     }
 
     fn reinstall_setup(&mut self) {

@@ -120,6 +120,16 @@ def menu(page, title, command):
     page.locator(f'.lm-Menu-item[data-command="{command}"]').first.click()
 
 
+def save(page, timeout=30):
+    """File > Save Notebook; waits until the tab is no longer dirty. True when saved."""
+    menu(page, "File", "docmanager:save")
+    dirty = page.locator(".jp-NotebookPanel .jp-mod-dirty, .lm-TabBar-tab.jp-mod-dirty")
+    deadline = time.monotonic() + timeout
+    while dirty.count() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return dirty.count() == 0
+
+
 def run_all_cells(lab, name, kernel_display_name, screenshot, timeout=RUN_TIMEOUT, chromium=CHROMIUM):
     """Opens `name` in JupyterLab, runs all cells, checks the outputs, saves a screenshot.
 
@@ -198,11 +208,7 @@ def run_all_cells(lab, name, kernel_display_name, screenshot, timeout=RUN_TIMEOU
             assert charts.first.bounding_box()["width"] > 0
 
             # save, and read back what JupyterLab wrote
-            menu(page, "File", "docmanager:save")  # File > Save Notebook
-            dirty = page.locator(".jp-NotebookPanel .jp-mod-dirty, .lm-TabBar-tab.jp-mod-dirty")
-            deadline = time.monotonic() + 30
-            while dirty.count() and time.monotonic() < deadline:
-                time.sleep(0.5)
+            save(page)
         finally:
             browser.close()
     with open(os.path.join(lab.root, name)) as f:
@@ -235,19 +241,25 @@ def test_tour_notebook_declares_the_deepscope_kernel(tour):
     assert nb["metadata"].get("language_info", {}).get("name", "rust") == "rust"
 
 
-@pytest.fixture(scope="module")
-def lab(tour, deepscope_kernelspec, tmp_path_factory):
+def serve_notebook(path, tmp_path_factory, name):
+    """A Lab server whose root holds a copy of `path`; skips without playwright,
+    jupyterlab or the browser. A generator: yields the server, then stops it."""
     pytest.importorskip("playwright", reason="playwright is not installed (make setup)")
     pytest.importorskip("jupyterlab", reason="jupyterlab is not installed (make setup)")
     if not shutil.which(CHROMIUM):
         pytest.skip(f"no browser at {CHROMIUM}: apt-get install chromium (or set DEEPSCOPE_CHROMIUM)")
-    root = tmp_path_factory.mktemp("lab-root")
-    shutil.copy(tour, root / os.path.basename(tour))
-    server = Lab(root, tmp_path_factory.mktemp("lab-home"))
+    root = tmp_path_factory.mktemp(f"{name}-root")
+    shutil.copy(path, root / os.path.basename(path))
+    server = Lab(root, tmp_path_factory.mktemp(f"{name}-home"))
     try:
         yield server
     finally:
         server.close()
+
+
+@pytest.fixture(scope="module")
+def lab(tour, deepscope_kernelspec, tmp_path_factory):
+    yield from serve_notebook(tour, tmp_path_factory, "lab")
 
 
 @pytest.mark.slow
@@ -264,19 +276,33 @@ PLAYGROUND_SCREENSHOT = os.path.join(ROOT, "docs", "screenshots", "playground.pn
 PLAYGROUND_VIEW = ".jp-OutputArea-output .widget-output"
 
 
+def top_k_slider(page):
+    return page.locator(".widget-slider", has=page.locator(".widget-label", has_text="top-k")).first
+
+
+def type_into_readout(page, slider, text):
+    """Types `text` into a slider's readout and presses Enter, as a user can;
+    returns the time (time.monotonic) the Enter was pressed."""
+    readout = slider.locator(".widget-readout")
+    readout.scroll_into_view_if_needed()
+    readout.click()
+    page.keyboard.press("Control+a")
+    page.keyboard.type(text)
+    pressed = time.monotonic()
+    page.keyboard.press("Enter")
+    return pressed
+
+
+def wait_for_summary(page, start, timeout=30_000):
+    """Waits until the playground's view starts with `start`."""
+    page.wait_for_function(
+        "([sel, start]) => { const v = document.querySelector(sel); return v && v.innerText.startsWith(start); }",
+        arg=[PLAYGROUND_VIEW, start], timeout=timeout)
+
+
 @pytest.fixture(scope="module")
 def lab05(deepscope_kernelspec, tmp_path_factory):
-    pytest.importorskip("playwright", reason="playwright is not installed (make setup)")
-    pytest.importorskip("jupyterlab", reason="jupyterlab is not installed (make setup)")
-    if not shutil.which(CHROMIUM):
-        pytest.skip(f"no browser at {CHROMIUM}: apt-get install chromium (or set DEEPSCOPE_CHROMIUM)")
-    root = tmp_path_factory.mktemp("lab05-root")
-    shutil.copy(PROTOTYPING, root / os.path.basename(PROTOTYPING))
-    server = Lab(root, tmp_path_factory.mktemp("lab05-home"))
-    try:
-        yield server
-    finally:
-        server.close()
+    yield from serve_notebook(PROTOTYPING, tmp_path_factory, "lab05")
 
 
 @pytest.mark.slow
@@ -312,17 +338,9 @@ def test_the_playground_answers_its_top_k_slider_in_jupyterlab(lab05):
             charts = view.locator("svg")
             before_charts = [charts.nth(i).inner_html() for i in range(charts.count())]
 
-            slider = page.locator(".widget-slider", has=page.locator(".widget-label", has_text="top-k")).first
-            readout = slider.locator(".widget-readout")
-            readout.scroll_into_view_if_needed()
-            readout.click()
-            page.keyboard.press("Control+a")
-            page.keyboard.type("1")
-            t = time.monotonic()
-            page.keyboard.press("Enter")
-            page.wait_for_function(
-                "sel => { const v = document.querySelector(sel); return v && v.innerText.startsWith('top-1 on layer'); }",
-                arg=PLAYGROUND_VIEW, timeout=30_000)
+            slider = top_k_slider(page)
+            t = type_into_readout(page, slider, "1")
+            wait_for_summary(page, "top-1 on layer")
             took = time.monotonic() - t
             after_charts = [charts.nth(i).inner_html() for i in range(charts.count())]
             assert len(after_charts) >= 2, f"the view shows {len(after_charts)} charts (KL per token, the routing map)"
@@ -341,29 +359,15 @@ def test_the_playground_answers_its_top_k_slider_in_jupyterlab(lab05):
             # a reloaded page gets the widgets back from the kernel (comm_info, then
             # request_state per widget) and they still answer. Saved first: a reload
             # reads the notebook from disk, and autosave runs only every 2 minutes
-            menu(page, "File", "docmanager:save")
-            dirty = page.locator(".jp-NotebookPanel .jp-mod-dirty, .lm-TabBar-tab.jp-mod-dirty")
-            deadline = time.monotonic() + 30
-            while dirty.count() and time.monotonic() < deadline:
-                time.sleep(0.5)
-            assert dirty.count() == 0, "the notebook was not saved before the reload"
+            assert save(page), "the notebook was not saved before the reload"
             page.reload()
             view = page.locator(PLAYGROUND_VIEW).first
             view.wait_for(state="visible", timeout=120_000)
-            page.wait_for_function(
-                "sel => { const v = document.querySelector(sel); return v && v.innerText.startsWith('top-1 on layer'); }",
-                arg=PLAYGROUND_VIEW, timeout=30_000)
+            wait_for_summary(page, "top-1 on layer")
             assert "model not found" not in page.locator(".jp-NotebookPanel").first.inner_text()
-            slider = page.locator(".widget-slider", has=page.locator(".widget-label", has_text="top-k")).first
+            slider = top_k_slider(page)
             assert slider.locator(".widget-readout").inner_text().strip() == "1"
-            readout = slider.locator(".widget-readout")
-            readout.scroll_into_view_if_needed()
-            readout.click()
-            page.keyboard.press("Control+a")
-            page.keyboard.type("2")
-            page.keyboard.press("Enter")
-            page.wait_for_function(
-                "sel => { const v = document.querySelector(sel); return v && v.innerText.startsWith('top-2 on layer'); }",
-                arg=PLAYGROUND_VIEW, timeout=30_000)
+            type_into_readout(page, slider, "2")
+            wait_for_summary(page, "top-2 on layer")
         finally:
             browser.close()

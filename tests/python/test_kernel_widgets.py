@@ -13,19 +13,12 @@ import pytest
 
 pytest.importorskip("jupyter_client", reason="jupyter_client is not installed (make setup)")
 
-from test_kernel_client import collect_iopub, execute, execute_ok, start_kernel, wait_reply  # noqa: E402
+# `kernel`: the same module-scoped fixture (one kernel for this module)
+from test_kernel_client import collect_iopub, execute, execute_ok, kernel, wait_reply  # noqa: E402,F401
 
 pytestmark = pytest.mark.usefixtures("deepscope_kernelspec")
 
 TIMEOUT = 60
-
-
-@pytest.fixture(scope="module")
-def kernel():
-    km, kc = start_kernel()
-    yield km, kc
-    kc.stop_channels()
-    km.shutdown_kernel()
 
 
 def send_comm(kc, msg_type, content):
