@@ -16,7 +16,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export VIRTUAL_ENV := $(CURDIR)/$(VENV)
 export LIBTORCH_USE_PYTORCH := 1
 
-.PHONY: help setup build kernel soak bench-kernel bench-scale bench-import bench-profile gpu-check test fixtures records corpus browser bench lab demo notebooks train-tiny gallery clean
+.PHONY: help setup build kernel soak bench-kernel bench-scale bench-real bench-import bench-profile gpu-check test fixtures records corpus browser bench lab demo notebooks train-tiny gallery clean
 
 help:
 	@echo "make lab    build DeepScope, install its Jupyter kernel, open JupyterLab on notebooks/ (main job)"
@@ -25,6 +25,7 @@ help:
 	@echo "make test   set up, build, generate reference fixtures, run all tests"
 	@echo "make bench  benchmark against transformers (writes docs/benchmarks.md)"
 	@echo "make soak   soak and fault tests of the kernel (~25 min; figures into docs/benchmarks.md)"
+	@echo "make bench-real   prefill at real dimensions (V2-Lite shapes, 2 layers, fp32 and bf16) vs transformers and the matmul limit (~10 min)"
 	@echo "make bench-scale  streaming at real dimensions under an 8 GiB budget (~50 GB of disk, about an hour)"
 	@echo "make gpu-check  the CUDA checks (a machine with an NVIDIA GPU; never part of make test)"
 	@echo "make setup  create .venv with torch==2.13.0 and the Python dev deps"
@@ -116,6 +117,13 @@ bench-scale: build
 # transformers (the bench model; hooks on both sides); table into docs/benchmarks.md
 bench-profile: build
 	$(PY) tests/profile_prefill.py --deepscope $(BIN) --out docs/benchmarks.md --threads 2
+
+# prefill at real dimensions: V2-Lite shapes cut to 2 layers (4 GiB, written by
+# `deepscope synth` and deleted after), fp32 and bf16, DeepScope vs transformers
+# against the matmul rate measured in the same run; into docs/benchmarks.md
+BENCH_REAL_RUNS ?= 3
+bench-real: build
+	$(PY) tests/bench_real.py --deepscope $(BIN) --out docs/benchmarks.md --runs $(BENCH_REAL_RUNS)
 
 # importing an SGLang per_token record of a million tokens (~2 GB, written
 # with torch.save in the same run): throughput against reading the bytes, and

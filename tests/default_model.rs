@@ -65,19 +65,57 @@ fn corpus_routing_runs_can_be_interrupted_and_resumed() {
     let m = Model::load_default().unwrap();
     let docs = ["In the beginning God created the heaven and the earth.", "A fool and his money are soon parted.",
         "hacker: a person who enjoys exploring the details of programmable systems.", "And God said, Let there be light."];
+    // one window per pass throughout: the same passes, so the same rounding,
+    // whether the run is whole or resumed
     let mut whole = RoutingStats::default();
-    m.routing_stats(&docs, &mut whole, CorpusRun::default()).unwrap();
+    m.routing_stats(&docs, &mut whole, CorpusRun { batch: 1, ..Default::default() }).unwrap();
     assert_eq!(whole.docs_done, 4);
 
     let mut partial = RoutingStats::default();
     let seen = std::cell::Cell::new(0);
     let cancel = || { seen.set(seen.get() + 1); seen.get() > 2 };
-    let err = m.routing_stats(&docs, &mut partial, CorpusRun { cancel: Some(&cancel), ..Default::default() }).unwrap_err();
+    let err = m.routing_stats(&docs, &mut partial, CorpusRun { cancel: Some(&cancel), batch: 1, ..Default::default() }).unwrap_err();
     assert!(matches!(err, deepscope::Error::Interrupted));
     assert_eq!(partial.docs_done, 2);
     let mut progress = vec![];
     let mut record = |p: deepscope::inspect::CorpusProgress| progress.push(p.docs_done);
-    m.routing_stats(&docs, &mut partial, CorpusRun { progress: Some(&mut record), ..Default::default() }).unwrap();
+    m.routing_stats(&docs, &mut partial, CorpusRun { progress: Some(&mut record), batch: 1, ..Default::default() }).unwrap();
     assert_eq!(progress, vec![3, 4]);
     assert_eq!(partial, whole);
+}
+
+#[test]
+fn corpus_routing_counts_equal_traces_window_by_window_and_batched_windows_agree() {
+    use deepscope::inspect::{Capture, CorpusRun, Interventions, RoutingStats};
+    let m = Model::load_default().unwrap();
+    let doc = "In the beginning God created the heaven and the earth. And the earth was without form, and void; \
+               and darkness was upon the face of the deep. And the Spirit of God moved upon the face of the waters. \
+               And God said, Let there be light: and there was light. And God saw the light, that it was good.";
+    let ids = m.encode(doc).unwrap();
+    let window = 16;
+    assert!(ids.len() > 4 * window && ids.len() % window != 0, "{} tokens: want several full windows and a short one", ids.len());
+    let run = |batch| {
+        let mut s = RoutingStats::default();
+        m.routing_stats(&[doc], &mut s, CorpusRun { window, batch, ..Default::default() }).unwrap();
+        s
+    };
+    // one window per pass: the counts of a trace of each window, exactly
+    let mut traced = RoutingStats::default();
+    for w in ids.chunks(window) {
+        traced.add(&m.trace_with(w, &Capture::routing_only(), &Interventions::new()).unwrap()).unwrap();
+    }
+    let one = run(1);
+    assert_eq!(one.tokens, ids.len() as u64);
+    assert_eq!((&one.load, &one.coactivation, &one.transitions, &one.token_expert), (&traced.load, &traced.coactivation, &traced.transitions, &traced.token_expert));
+    // full windows four to a pass: the same tokens, and the same choices up to
+    // near ties that a different matmul blocking can flip
+    let four = run(4);
+    assert_eq!(four.tokens, one.tokens);
+    for (l, a) in &one.load {
+        let b = &four.load[l];
+        let moved: u64 = a.iter().zip(b).map(|(x, y)| x.abs_diff(*y)).sum::<u64>() / 2;
+        let total: u64 = a.iter().sum();
+        assert_eq!(b.iter().sum::<u64>(), total, "layer {l}");
+        assert!(moved * 100 <= total, "layer {l}: {moved} of {total} choices differ between batch 1 and batch 4");
+    }
 }

@@ -21,7 +21,7 @@ fn run(case: &Case, attn: AttnImpl) -> (deepscope::model::ForwardOutput, std::co
 #[test]
 fn logits_match_transformers_on_every_case_and_both_attention_paths() {
     for case in cases() {
-        for attn in [AttnImpl::Naive, AttnImpl::Absorbed] {
+        for attn in [AttnImpl::Naive, AttnImpl::Absorbed, AttnImpl::Auto] {
             let (out, r) = run(&case, attn);
             let d = max_abs_diff(&out.logits, &r["logits"]);
             assert!(d <= LOGIT_TOL, "{} {attn:?}: logits differ by {d:e}", case.name);
@@ -65,7 +65,7 @@ fn cached_decoding_equals_a_full_forward() {
         let ids = reference(&case)["input_ids"].shallow_clone();
         let t = ids.size()[1];
         let full = model.forward(&ids).expect("full").logits;
-        for attn in [AttnImpl::Naive, AttnImpl::Absorbed] {
+        for attn in [AttnImpl::Naive, AttnImpl::Absorbed, AttnImpl::Auto] {
             let opts = ForwardOptions { attn, ..Default::default() };
             // a prefill chunk, then one token at a time
             let split = t / 2;
@@ -123,7 +123,7 @@ fn explicit_attention_probabilities_give_the_same_logits_and_are_causal() {
         let model = load_cpu(&case.dir);
         let ids = reference(&case)["input_ids"].shallow_clone();
         let t = ids.size()[1];
-        for attn in [AttnImpl::Naive, AttnImpl::Absorbed] {
+        for attn in [AttnImpl::Naive, AttnImpl::Absorbed, AttnImpl::Auto] {
             let opts = ForwardOptions { attn, ..Default::default() };
             let fused = model.forward_with(&ids, None, opts).unwrap();
             let mut patterns = Patterns(vec![]);
@@ -137,6 +137,75 @@ fn explicit_attention_probabilities_give_the_same_logits_and_are_causal() {
                 assert!(max_abs_diff(&row_sums, &row_sums.ones_like()) <= 1e-5);
                 let future = p.triu(1).abs().max().double_value(&[]);
                 assert_eq!(future, 0.0, "{name}: attention to future positions");
+            }
+        }
+    }
+}
+
+#[test]
+fn auto_runs_prompts_naive_and_decode_steps_absorbed() {
+    let case = &cases()[0];
+    let model = load_cpu(&case.dir);
+    let mla = &model.layers[0].self_attn;
+    let (s, l, h) = (mla.kv_lora, mla.nope + mla.v, mla.num_heads);
+    // one new query over a long cache: absorbing costs one fold per query, expanding costs every key
+    assert_eq!(mla.cheaper_path(AttnImpl::Auto, 1, 512), AttnImpl::Absorbed);
+    // a prompt: T x S pairs dominate, and a naive pair is narrower than a latent one
+    assert_eq!(mla.cheaper_path(AttnImpl::Auto, 512, 512), AttnImpl::Naive, "kv_lora {s}, nope+v {l}, heads {h}");
+    // an explicit choice is kept
+    assert_eq!(mla.cheaper_path(AttnImpl::Naive, 1, 512), AttnImpl::Naive);
+    assert_eq!(mla.cheaper_path(AttnImpl::Absorbed, 512, 512), AttnImpl::Absorbed);
+}
+
+#[test]
+fn attention_in_query_blocks_equals_one_block_and_the_fused_kernel() {
+    let case = &cases()[0];
+    let model = load_cpu(&case.dir);
+    let mla = &model.layers[0].self_attn;
+    tch::manual_seed(7);
+    let (b, h, past, t, d, dv) = (2, mla.num_heads, 5, 11, 24, 16);
+    for shared in [false, true] {
+        let kh = if shared { 1 } else { h };
+        let q = Tensor::randn([b, h, t, d], (Kind::Float, tch::Device::Cpu));
+        let k = Tensor::randn([b, kh, past + t, d], (Kind::Float, tch::Device::Cpu));
+        let v = Tensor::randn([b, kh, past + t, dv], (Kind::Float, tch::Device::Cpu));
+        let whole = mla.blocked_attention(&q, &k, &v, past, i64::MAX).unwrap();
+        // 3 queries a block: 4 blocks, the last one short
+        let blocks = mla.blocked_attention(&q, &k, &v, past, 3 * b * h * (past + t)).unwrap();
+        assert_eq!(whole.size(), [b, h, t, dv]);
+        assert!(max_abs_diff(&whole, &blocks) <= 1e-6, "shared {shared}");
+        let mask = Tensor::ones([t, past + t], (Kind::Bool, tch::Device::Cpu)).tril(past);
+        let fused = Tensor::scaled_dot_product_attention(&q, &k, &v, Some(&mask), 0.0, false, mla.softmax_scale, shared);
+        assert!(max_abs_diff(&whole, &fused) <= 1e-5, "shared {shared}: {:e}", max_abs_diff(&whole, &fused));
+    }
+    // keys that do not line up with the queries are an error, not a wrong answer
+    let q = Tensor::randn([1, h, 4, d], (Kind::Float, tch::Device::Cpu));
+    let k = Tensor::randn([1, h, 6, d], (Kind::Float, tch::Device::Cpu));
+    let err = mla.blocked_attention(&q, &k, &k, 0, 1 << 20).unwrap_err();
+    assert!(err.to_string().contains("6 keys for 4 queries"), "{err}");
+}
+
+#[test]
+fn a_pass_that_stops_early_routes_every_layer_as_a_whole_pass_does() {
+    use deepscope::model::Until;
+    for case in cases() {
+        let model = load_cpu(&case.dir);
+        let ids = &reference(&case)["input_ids"];
+        let whole = model.forward_with(ids, None, ForwardOptions::default()).unwrap();
+        for until in [Until::LastLayer, Until::LastRouter] {
+            let out = model.forward_with(ids, None, ForwardOptions { until, ..Default::default() }).unwrap();
+            let (b, t) = (ids.size()[0], ids.size()[1]);
+            assert_eq!(out.logits.size(), [b, t, 0], "{} {until:?}", case.name);
+            assert_eq!(out.routing.len(), model.layers.len());
+            for (l, (a, w)) in out.routing.iter().zip(&whole.routing).enumerate() {
+                match (a, w) {
+                    (Some(a), Some(w)) => {
+                        assert!(a.topk_indices.equal(&w.topk_indices), "{} {until:?} layer {l}: other experts", case.name);
+                        assert!(max_abs_diff(&a.topk_weights, &w.topk_weights) <= 1e-6, "{} {until:?} layer {l}", case.name);
+                    }
+                    (None, None) => {}
+                    _ => panic!("{} {until:?} layer {l}: routing present in one pass only", case.name),
+                }
             }
         }
     }

@@ -38,15 +38,32 @@ KINDS = ["embedding", "attention", "norms and residuals", "dense MLP", "router",
          "final norm + LM head"]
 
 
-def profile_transformers(model_dir, threads, repeats):
+def profile_transformers(model_dir, threads, repeats, dtype="f32", batch=BATCH, seq=SEQ, plain=None):
+    """The transformers run with the median total of `repeats` (after a
+    warm-up), block by block. With `plain` (a dict), the prefill is first
+    timed without hooks (warm-up, then the median of `repeats`) into
+    plain["prefill_ms"] and plain["runs_ms"]."""
+    import statistics
+
     import torch
     from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(threads)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager").eval()
+    kind = {"f32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager", dtype=kind).eval()
     cfg = model.config
     torch.manual_seed(0)
-    ids = torch.randint(cfg.vocab_size, (BATCH, SEQ))
+    ids = torch.randint(cfg.vocab_size, (batch, seq))
+    if plain is not None:
+        def bare():
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                model(ids, use_cache=False)
+            return 1e3 * (time.perf_counter() - t0)
+
+        bare()
+        plain["runs_ms"] = [bare() for _ in range(repeats)]
+        plain["prefill_ms"] = statistics.median(plain["runs_ms"])
     spans = {}
 
     def timed(name, module):
@@ -100,17 +117,22 @@ def profile_transformers(model_dir, threads, repeats):
     return runs[len(runs) // 2]  # the run with the median total, whole
 
 
-def block_gflop(c, absorbed=True):
-    """Multiply-add FLOPs (2 per MAC) of each block of a BATCH x SEQ prefill
-    of config `c`, as DeepScope computes it (absorbed attention, causal
-    scores counted for the lower triangle only)."""
-    n, d, h = BATCH * SEQ, c["hidden_size"], c["num_attention_heads"]
-    nope, rope, v, kvl, ql = c["qk_nope_head_dim"], c["qk_rope_head_dim"], c["v_head_dim"], c["kv_lora_rank"], c["q_lora_rank"]
+def block_gflop(c, absorbed=True, batch=BATCH, seq=SEQ):
+    """Multiply-add FLOPs (2 per MAC) of each block of a batch x seq prefill
+    of config `c` (causal scores counted for the lower triangle only), with
+    the attention core of the absorbed path (latent-wide scores) or of the
+    naive one (keys and values expanded per head)."""
+    n, d, h = batch * seq, c["hidden_size"], c["num_attention_heads"]
+    nope, rope, v, kvl, ql = c["qk_nope_head_dim"], c["qk_rope_head_dim"], c["v_head_dim"], c["kv_lora_rank"], c.get("q_lora_rank")
     layers, dense = c["num_hidden_layers"], c["first_k_dense_replace"]
     moe = layers - dense
-    pairs = BATCH * h * SEQ * (SEQ + 1) / 2  # causal (query, key) pairs per layer
-    attn = n * (d * ql + ql * h * (nope + rope) + d * (kvl + rope) + h * v * d)  # projections
-    attn += n * h * nope * kvl + pairs * (kvl + rope) + pairs * kvl + n * h * kvl * v  # absorbed core
+    pairs = batch * h * seq * (seq + 1) / 2  # causal (query, key) pairs per layer
+    q_proj = d * h * (nope + rope) if ql is None else d * ql + ql * h * (nope + rope)
+    attn = n * (q_proj + d * (kvl + rope) + h * v * d)  # projections
+    if absorbed:
+        attn += n * h * nope * kvl + pairs * (kvl + rope) + pairs * kvl + n * h * kvl * v
+    else:  # expand keys and values, then (nope + rope)-wide scores and v-wide values
+        attn += n * kvl * h * (nope + v) + pairs * (nope + rope + v)
     g = {
         "attention": 2 * layers * attn,
         "dense MLP": 2 * dense * n * 3 * d * c["intermediate_size"],
@@ -121,17 +143,17 @@ def block_gflop(c, absorbed=True):
     return {k: x / 1e9 for k, x in g.items()}
 
 
-def gemm_rate(threads):
-    """This machine's fp32 matmul rate (GFLOP/s) on the model's largest
+def gemm_rate(threads, c=MODEL_CONFIG, n=BATCH * SEQ, dtype="f32", tries=30):
+    """This machine's matmul rate (GFLOP/s) in `dtype` on the model's largest
     shapes, best of several runs: the limit the blocks are measured against."""
     import torch
     torch.set_num_threads(threads)
-    c, n = MODEL_CONFIG, BATCH * SEQ
+    kind = {"f32": torch.float32, "bf16": torch.bfloat16}[dtype]
     best = 0.0
     for k, m in ((c["hidden_size"], c["vocab_size"]), (c["hidden_size"], c["intermediate_size"]), (c["intermediate_size"], c["hidden_size"])):
-        a, b = torch.randn(n, k), torch.randn(k, m)
+        a, b = torch.randn(n, k, dtype=kind), torch.randn(k, m, dtype=kind)
         torch.mm(a, b)
-        for _ in range(30):
+        for _ in range(tries):
             t = time.perf_counter()
             torch.mm(a, b)
             best = max(best, 2 * n * k * m / (time.perf_counter() - t) / 1e9)
@@ -154,7 +176,7 @@ def main():
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     ds = json.loads(out.strip().splitlines()[-1])["profile_ms"]
     rate = gemm_rate(a.threads)
-    gf = block_gflop(MODEL_CONFIG)
+    gf = block_gflop(MODEL_CONFIG, absorbed=False)  # `--attn auto` runs a prompt on the naive path
     total_gf = sum(gf.values())
     hf["not seen by hooks"] = hf["total"] - sum(hf[k] for k in KINDS)
     ds["not seen by hooks"] = ds["total"] - sum(ds[k] for k in KINDS)
@@ -164,7 +186,7 @@ def main():
              f"the run with the median total of {a.repeats}. transformers (eager) is timed with forward hooks on its modules; DeepScope "
              "with `deepscope bench --profile` (identity hooks at block boundaries). Times in ms, summed over layers.", "",
              f"The limit: this machine's fp32 matmul rate on the model's largest shapes, measured in the same run: "
-             f"**{rate:.0f} GFLOP/s**. GFLOP counts multiply-adds as 2 (absorbed attention, causal pairs only).", "",
+             f"**{rate:.0f} GFLOP/s**. GFLOP counts multiply-adds as 2 (naive attention, which `--attn auto` picks for a prompt; causal pairs only).", "",
              "| block | transformers | DeepScope | DeepScope / transformers (time) | GFLOP | DeepScope GFLOP/s | of the limit |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for k in KINDS + ["not seen by hooks", "total"]:

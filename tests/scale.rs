@@ -49,7 +49,7 @@ fn streaming_every_matrix_gives_the_resident_logits_and_routing() {
             }
         }
         assert_eq!(streamed.plan.devices[0].cache_capacity, 0);
-        for attn in [AttnImpl::Naive, AttnImpl::Absorbed] {
+        for attn in [AttnImpl::Naive, AttnImpl::Absorbed, AttnImpl::Auto] {
             let f = ForwardOptions { attn, ..Default::default() };
             let a = resident.forward_with(ids, None, f).unwrap();
             let b = streamed.forward_with(ids, None, f).unwrap();
@@ -81,7 +81,7 @@ fn fp8_kept_fp8_equals_dequantizing_at_load() {
     let (a, b) = (o_proj.resident_bytes(), expanded.layers[0].self_attn.o_proj.weight.resident_bytes());
     assert!(a * 3 < b, "FP8 {a} bytes vs f32 {b}");
     assert!(kept.weight_bytes() < expanded.weight_bytes());
-    for attn in [AttnImpl::Naive, AttnImpl::Absorbed] {
+    for attn in [AttnImpl::Naive, AttnImpl::Absorbed, AttnImpl::Auto] {
         let f = ForwardOptions { attn, ..Default::default() };
         let x = kept.forward_with(&ids, None, f).unwrap();
         let y = expanded.forward_with(&ids, None, f).unwrap();

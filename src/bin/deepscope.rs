@@ -105,8 +105,8 @@ enum Command {
         /// Output file (.safetensors).
         #[arg(long)]
         out: PathBuf,
-        /// Attention path: naive or absorbed.
-        #[arg(long, default_value = "absorbed")]
+        /// Attention path: naive, absorbed, or auto (the cheaper per call: naive for prompts, absorbed for decode steps).
+        #[arg(long, default_value = "auto")]
         attn: String,
     },
     /// Generate text after a prompt, streaming tokens as they come.
@@ -131,7 +131,8 @@ enum Command {
         /// Nucleus sampling mass (implies sampling).
         #[arg(long = "top-p")]
         top_p: Option<f64>,
-        #[arg(long, default_value = "absorbed")]
+        /// Attention path: naive, absorbed or auto.
+        #[arg(long, default_value = "auto")]
         attn: String,
     },
     /// Summarise a model: config, parameter counts, KV-cache bytes per token,
@@ -305,7 +306,8 @@ enum Command {
         prompt_len: i64,
         #[arg(long, default_value_t = 3)]
         repeats: usize,
-        #[arg(long, default_value = "absorbed")]
+        /// Attention path: naive, absorbed or auto.
+        #[arg(long, default_value = "auto")]
         attn: String,
         /// Also time each block of the prefill (embedding, attention, norms
         /// and residuals, dense MLPs, routers, experts, LM head) through
@@ -975,6 +977,21 @@ fn bench(
     time(&mut prefill)?; // warm-up
     let prefill_s = median((0..repeats).map(|_| time(&mut prefill)).collect::<Result<Vec<_>>>()?);
 
+    // corpus routing statistics over the same tokens: each row a document,
+    // windows of 256 (Model::routing_stats without the tokenizer)
+    let docs = Vec::<Vec<i64>>::try_from(&ids)?;
+    let mut corpus = || -> Result<()> {
+        let mut stats = deepscope::inspect::RoutingStats::default();
+        model.routing_stats_of_ids(&docs, docs.len() as u64, &mut stats, deepscope::inspect::CorpusRun::default())?;
+        Ok(())
+    };
+    let routing_stats_s = if model.layers.iter().any(|l| l.moe().is_some()) {
+        time(&mut corpus)?;
+        Some(median((0..repeats).map(|_| time(&mut corpus)).collect::<Result<Vec<_>>>()?))
+    } else {
+        None
+    };
+
     let prompt = ids.narrow(0, 0, 1).narrow(1, 0, prompt_len);
     let mut decode_times = Vec::new();
     for rep in 0..=repeats {
@@ -1025,6 +1042,7 @@ fn bench(
             "load_rss_delta_bytes": peak.saturating_sub(before),
             "weight_bytes": weight_bytes,
             "prefill_tokens_per_s": (batch * seq) as f64 / prefill_s,
+            "routing_stats_tokens_per_s": routing_stats_s.map(|s| (batch * seq) as f64 / s),
             "decode_tokens_per_s": new as f64 / decode_s,
             "attn": format!("{attn:?}").to_lowercase(),
             "threads": tch::get_num_threads(),

@@ -27,7 +27,7 @@
 //! # Ok(()) }
 //! ```
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
 use std::path::Path;
 
@@ -35,8 +35,9 @@ use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
 use super::capture::Capture;
-use super::interventions::Interventions;
-use super::trace::Trace;
+use super::interventions::{Compiled, Interventions};
+use super::trace::{Probe, Trace};
+use crate::model::{ForwardOptions, Until};
 use crate::error::{Error, IndexKind, Result};
 use crate::model::tokenizer::Tokenizer;
 use crate::model::Model;
@@ -84,12 +85,19 @@ pub struct Imbalance {
 impl RoutingStats {
     /// Adds every token of `trace` (all batch rows).
     pub fn add(&mut self, trace: &Trace) -> Result<()> {
-        let ids = Vec::<i64>::try_from(trace.ids.f_flatten(0, -1)?)?;
         let records: Vec<_> = trace.routing.iter().flatten().collect();
         if records.is_empty() {
             return Err(Error::Input("the trace has no routing (trace with Capture::default() or Capture::routing_only())".into()));
         }
-        let e = records[0].num_experts() as usize;
+        let parts: Vec<_> = records.iter().map(|r| (r.layer, &r.topk_indices, &r.topk_weights)).collect();
+        self.add_routing(&trace.ids, &parts, records[0].num_experts() as usize)
+    }
+
+    /// Adds the tokens `ids` [B, T] routed as `parts`: per MoE layer, in
+    /// layer order, (layer, top-k indices [B*T, k], top-k weights [B*T, k])
+    /// over `e` experts.
+    fn add_routing(&mut self, ids: &Tensor, parts: &[(usize, &Tensor, &Tensor)], e: usize) -> Result<()> {
+        let ids = Vec::<i64>::try_from(ids.f_flatten(0, -1)?)?;
         if self.num_experts == 0 {
             self.num_experts = e;
         } else if self.num_experts != e {
@@ -98,22 +106,22 @@ impl RoutingStats {
         self.tokens += ids.len() as u64;
         // the same counting as an imported record's, plus the weights
         let mut prev: Option<(usize, Vec<i64>)> = None;
-        for r in &records {
-            let k = r.topk_indices.size().get(1).copied().unwrap_or(1).max(1) as usize;
-            let choices = Vec::<i64>::try_from(r.topk_indices.f_flatten(0, -1)?)?;
-            let weights = Vec::<f32>::try_from(r.topk_weights.f_flatten(0, -1)?)?;
-            self.add_choices(r.layer, &choices, k, Some(&ids))?;
-            let mass = self.weight_mass_q64.entry(r.layer).or_insert_with(|| vec![0; e]);
+        for &(layer, indices, weights) in parts {
+            let k = indices.size().get(1).copied().unwrap_or(1).max(1) as usize;
+            let choices = Vec::<i64>::try_from(indices.f_flatten(0, -1)?.f_to_device(tch::Device::Cpu)?)?;
+            let weights = Vec::<f32>::try_from(weights.f_flatten(0, -1)?.f_to_kind(Kind::Float)?.f_to_device(tch::Device::Cpu)?)?;
+            self.add_choices(layer, &choices, k, Some(&ids))?;
+            let mass = self.weight_mass_q64.entry(layer).or_insert_with(|| vec![0; e]);
             for (&x, &wx) in choices.iter().zip(&weights).filter(|(&x, _)| x >= 0) {
                 let q = to_fixed(wx).ok_or_else(|| {
-                    Error::Input(format!("layer {}: routing weight {wx} of expert {x} cannot be summed (not finite, or |w| >= 2^63)", r.layer))
+                    Error::Input(format!("layer {layer}: routing weight {wx} of expert {x} cannot be summed (not finite, or |w| >= 2^63)"))
                 })?;
-                mass[x as usize] = checked_mass_add(mass[x as usize], q, r.layer)?;
+                mass[x as usize] = checked_mass_add(mass[x as usize], q, layer)?;
             }
             if let Some((pl, pc)) = &prev {
-                self.add_transitions(*pl, r.layer, pc, &choices, k);
+                self.add_transitions(*pl, layer, pc, &choices, k);
             }
-            prev = Some((r.layer, choices));
+            prev = Some((layer, choices));
         }
         Ok(())
     }
@@ -439,11 +447,18 @@ pub struct CorpusProgress {
 
 /// Options of [`Model::routing_stats`].
 pub struct CorpusRun<'a> {
-    /// Tokens per forward pass (documents are split into windows).
+    /// Tokens per window (documents are split into windows; attention does
+    /// not cross a window's edge).
     pub window: usize,
+    /// Windows per forward pass, taken in order across documents (1: one
+    /// window per pass). Shorter windows are right-padded; the padding is not
+    /// counted and, attention being causal, changes no real token. With
+    /// interventions every window runs alone, so a hook always sees batch 1,
+    /// as in [`Model::trace_with`].
+    pub batch: usize,
     pub interventions: Interventions,
     pub progress: Option<&'a mut dyn FnMut(CorpusProgress)>,
-    /// Polled before each window; `true` stops the run with
+    /// Polled before each forward pass; `true` stops the run with
     /// `Error::Interrupted`, leaving the statistics of completed documents.
     pub cancel: Option<&'a dyn Fn() -> bool>,
 }
@@ -452,6 +467,7 @@ impl Default for CorpusRun<'_> {
     fn default() -> Self {
         CorpusRun {
             window: 256,
+            batch: 4,
             interventions: Interventions::new(),
             progress: None,
             cancel: None,
@@ -463,29 +479,101 @@ impl Model {
     /// Streams `docs` through the model, adding their routing to `stats`.
     /// Documents already counted (`stats.docs_done`) are skipped, so calling
     /// again with the same statistics resumes an interrupted run.
-    pub fn routing_stats(&self, docs: &[&str], stats: &mut RoutingStats, mut run: CorpusRun) -> Result<()> {
+    pub fn routing_stats(&self, docs: &[&str], stats: &mut RoutingStats, run: CorpusRun) -> Result<()> {
+        let ids = docs.iter().skip(stats.docs_done as usize).map(|d| self.encode(d)).collect::<Result<Vec<_>>>()?;
+        self.routing_stats_of_ids(&ids, docs.len() as u64, stats, run)
+    }
+
+    /// [`routing_stats`](Self::routing_stats) on documents already turned
+    /// into token ids: `docs` are the documents not yet counted (those after
+    /// `stats.docs_done`), `total` the whole run's document count (for
+    /// progress). Each pass stops once the last MoE layer's router has
+    /// chosen ([`Until::LastRouter`]: no logits, no experts in that layer)
+    /// and records only the top-k choice and weights.
+    pub fn routing_stats_of_ids(&self, docs: &[Vec<i64>], total: u64, stats: &mut RoutingStats, mut run: CorpusRun) -> Result<()> {
         if run.window == 0 {
             return Err(Error::Input("the window must hold at least one token".into()));
         }
-        let capture = Capture::routing_only();
-        let total = docs.len() as u64;
+        let batch = if run.interventions.is_empty() { run.batch.max(1) } else { 1 };
+        let compiled = run.interventions.compile(self)?;
         let interrupt = crate::interrupt::Interrupt::new();
-        for doc in docs.iter().skip(stats.docs_done as usize) {
-            let ids = self.encode(doc)?;
-            let mut part = RoutingStats::default();
-            for chunk in ids.chunks(run.window) {
-                if run.cancel.is_some_and(|c| c()) {
-                    return Err(Error::Interrupted);
+        // documents whose windows are not all counted yet, in order, with the
+        // number of windows each still waits for; `base` is the first one's index
+        let mut flight: VecDeque<(RoutingStats, usize)> = VecDeque::new();
+        let mut base = 0;
+        let mut queue: Vec<(usize, &[i64])> = Vec::with_capacity(batch);
+        let mut finish = |flight: &mut VecDeque<(RoutingStats, usize)>, base: &mut usize, run: &mut CorpusRun| -> Result<()> {
+            while flight.front().is_some_and(|(_, left)| *left == 0) {
+                if let Some((mut part, _)) = flight.pop_front() {
+                    part.docs_done = 1;
+                    stats.merge(&part)?;
+                    *base += 1;
+                    if let Some(p) = run.progress.as_deref_mut() {
+                        p(CorpusProgress { docs_done: stats.docs_done, docs_total: total, tokens: stats.tokens });
+                    }
                 }
-                interrupt.check()?;
-                let trace = self.trace_with(chunk, &capture, &run.interventions)?;
-                part.add(&trace)?;
             }
-            part.docs_done = 1;
-            stats.merge(&part)?;
-            if let Some(p) = run.progress.as_deref_mut() {
-                p(CorpusProgress { docs_done: stats.docs_done, docs_total: total, tokens: stats.tokens });
+            Ok(())
+        };
+        for (d, ids) in docs.iter().enumerate() {
+            let windows: Vec<&[i64]> = ids.chunks(run.window).collect();
+            flight.push_back((RoutingStats::default(), windows.len()));
+            for w in windows {
+                queue.push((d, w));
+                if queue.len() == batch {
+                    if run.cancel.is_some_and(|c| c()) {
+                        return Err(Error::Interrupted);
+                    }
+                    interrupt.check()?;
+                    self.routing_pass(&queue, &compiled, &mut flight, base)?;
+                    queue.clear();
+                }
             }
+            finish(&mut flight, &mut base, &mut run)?;
+        }
+        if !queue.is_empty() {
+            if run.cancel.is_some_and(|c| c()) {
+                return Err(Error::Interrupted);
+            }
+            interrupt.check()?;
+            self.routing_pass(&queue, &compiled, &mut flight, base)?;
+            finish(&mut flight, &mut base, &mut run)?;
+        }
+        Ok(())
+    }
+
+    /// One pass over `windows` (document index, tokens), each a row,
+    /// right-padded to the longest (causal attention: the padding comes after
+    /// every real token, so it changes none of them; it is not counted). Each
+    /// window's routing goes to its document's part in `flight`, whose first
+    /// entry is document `base`.
+    fn routing_pass(&self, windows: &[(usize, &[i64])], compiled: &Compiled, flight: &mut VecDeque<(RoutingStats, usize)>, base: usize) -> Result<()> {
+        let len = windows.iter().map(|(_, w)| w.len()).max().unwrap_or(0);
+        let rows = windows.len();
+        let mut flat = vec![0i64; rows * len];
+        for (r, (_, w)) in windows.iter().enumerate() {
+            flat[r * len..r * len + w.len()].copy_from_slice(w);
+        }
+        let x = Tensor::f_from_slice(&flat)?.f_view([rows as i64, len as i64])?;
+        let capture = Capture::none();
+        let mut probe = Probe::new(self, &capture, compiled, false)?;
+        let out = self.forward_hooked(&x, None, ForwardOptions { until: Until::LastRouter, ..Default::default() }, &mut probe)?;
+        let routed: Vec<_> = out.routing.iter().enumerate().filter_map(|(l, r)| r.as_ref().map(|r| (l, r))).collect();
+        let Some((_, first)) = routed.first() else {
+            return Err(Error::Input("the model has no MoE layer, so there is no routing to count".into()));
+        };
+        let e = first.scores.size()[1] as usize;
+        for (r, (d, w)) in windows.iter().enumerate() {
+            let (start, n) = ((r * len) as i64, w.len() as i64);
+            let rows_of = |t: &Tensor| t.f_narrow(0, start, n);
+            let parts = routed
+                .iter()
+                .map(|(l, o)| Ok((*l, rows_of(&o.topk_indices)?, rows_of(&o.topk_weights)?)))
+                .collect::<Result<Vec<_>>>()?;
+            let parts: Vec<_> = parts.iter().map(|(l, i, wt)| (*l, i, wt)).collect();
+            let (part, left) = flight.get_mut(d - base).ok_or_else(|| Error::Input(format!("document {d} is not in flight")))?;
+            part.add_routing(&x.f_select(0, r as i64)?.f_narrow(0, 0, n)?, &parts, e)?;
+            *left -= 1;
         }
         Ok(())
     }

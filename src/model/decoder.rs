@@ -117,6 +117,9 @@ impl DecoderLayer {
         }
     }
 
+    /// The layer on `h` [B, T, D]. With `route_only` and an MoE layer, it
+    /// stops once the router has chosen: no expert runs, and `hidden` is the
+    /// residual stream after attention (`ResidMid`), not after the layer.
     #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &self,
@@ -126,6 +129,7 @@ impl DecoderLayer {
         cache: Option<&mut LatentCache>,
         attn: AttnImpl,
         hooks: &mut dyn Hooks,
+        route_only: bool,
     ) -> Result<LayerOutput> {
         use HookPoint::*;
         let l = self.index;
@@ -135,6 +139,11 @@ impl DecoderLayer {
         let a = hooks.visit(AttnOut(l), a)?;
         let h = hooks.visit(ResidMid(l), h.f_add(&a)?)?;
         let normed = hooks.visit(MlpIn(l), self.post_attention_layernorm.forward(&h)?)?;
+        if let (true, FeedForward::Moe(m)) = (route_only, &self.mlp) {
+            let d = normed.size().last().copied().unwrap_or(0);
+            let routing = m.choose(&normed.f_reshape([-1, d])?, hooks, l)?;
+            return Ok(LayerOutput { hidden: h, routing: Some(routing) });
+        }
         let (f, routing) = match &self.mlp {
             FeedForward::Dense(m) => (m.forward(&normed)?, None),
             FeedForward::Moe(m) => {

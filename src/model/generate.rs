@@ -36,7 +36,7 @@ impl GenerateOptions {
             max_new_tokens: n,
             sampling: Sampling::Greedy,
             stop_tokens: model.config.eos_token_ids.clone(),
-            attn: AttnImpl::Absorbed,
+            attn: AttnImpl::Auto,
         }
     }
 }

@@ -15,6 +15,19 @@
 //!   inference code, `attn_impl = "absorb"`).
 //!
 //! Both read the same compressed cache: only `c_kv` and `k_pe` are stored.
+//! [`AttnImpl::Auto`] (the default) picks, per call, whichever of the two does
+//! fewer multiply-adds for the shapes at hand: the naive path for a prompt
+//! (expanding S keys once is cheaper than scoring T x S pairs over the
+//! 2*kv_lora + rope wide latent), the absorbed path for decode steps; the
+//! split vLLM and SGLang make between prefill and decode.
+//!
+//! On the CPU, attention is computed explicitly (scores, mask, softmax in
+//! f32, values), a block of queries at a time so the score block stays under
+//! [`CPU_SCORE_BLOCK`] elements. libtorch's fused CPU kernel was measured
+//! slower at MLA's head widths: at V2-Lite's shapes (4 x 256 tokens, 16
+//! heads), 107 ms against 33 ms in bf16 for the absorbed form (head width
+//! 576) and 29 ms against 11 ms for the naive one (`make bench-real` keeps
+//! the whole-model figures). CUDA keeps the fused kernel.
 //! Reference: `transformers/models/deepseek_v3/modeling_deepseek_v3.py`.
 
 use tch::{Kind, Tensor};
@@ -32,9 +45,16 @@ pub enum AttnImpl {
     /// Per-head keys and values expanded from `c_kv` (as `transformers`).
     Naive,
     /// `W_UK` / `W_UV` absorbed; attention over the latent `c_kv`.
-    #[default]
     Absorbed,
+    /// Per call, whichever of the two does fewer multiply-adds
+    /// ([`Mla::cheaper_path`]): naive for prompts, absorbed for decode steps.
+    #[default]
+    Auto,
 }
+
+/// Largest score block (batch x heads x queries x keys) the CPU attention
+/// computes at once: 2^25 f32 elements, 128 MiB.
+pub const CPU_SCORE_BLOCK: i64 = 1 << 25;
 
 impl std::str::FromStr for AttnImpl {
     type Err = Error;
@@ -42,8 +62,9 @@ impl std::str::FromStr for AttnImpl {
         match s {
             "naive" => Ok(AttnImpl::Naive),
             "absorbed" | "absorb" => Ok(AttnImpl::Absorbed),
+            "auto" => Ok(AttnImpl::Auto),
             other => Err(Error::Input(format!(
-                "attention path `{other}` is unknown (expected `naive` or `absorbed`)"
+                "attention path `{other}` is unknown (expected `naive`, `absorbed` or `auto`)"
             ))),
         }
     }
@@ -165,6 +186,25 @@ impl Mla {
         w
     }
 
+    /// Which exact path does fewer multiply-adds for `t` new queries over `s`
+    /// keys. Naive: expand `s` latents into per-head keys and values, then
+    /// `t x s` pairs of width `nope + rope + v`. Absorbed: fold `W_UK` into `t`
+    /// queries and `W_UV` into `t` outputs, then `t x s` pairs of width
+    /// `2 kv_lora + rope`. `Naive` and `Absorbed` are returned as they are.
+    pub fn cheaper_path(&self, attn: AttnImpl, t: i64, s: i64) -> AttnImpl {
+        if attn != AttnImpl::Auto {
+            return attn;
+        }
+        let (h, l) = (self.num_heads, self.kv_lora);
+        let naive = s * l * h * (self.nope + self.v) + t * s * h * (self.nope + self.rope + self.v);
+        let absorbed = t * h * l * (self.nope + self.v) + t * s * h * (2 * l + self.rope);
+        if naive < absorbed {
+            AttnImpl::Naive
+        } else {
+            AttnImpl::Absorbed
+        }
+    }
+
     /// Queries split into `(q_nope [B,H,T,nope], q_pe [B,H,T,rope])`, `q_pe` rotated.
     pub fn queries(&self, x: &Tensor, rope: &Rope, angles: &RopeAngles, hooks: &mut dyn Hooks, layer: usize) -> Result<(Tensor, Tensor)> {
         let (b, t) = (x.size()[0], x.size()[1]);
@@ -223,16 +263,19 @@ impl Mla {
             }
             None => (new_ckv, new_kpe),
         };
+        let attn = self.cheaper_path(attn, t, c_kv.size()[1]);
         let absorbed = match attn {
             AttnImpl::Absorbed => Some(self.absorbed_weights()?),
-            AttnImpl::Naive => None,
+            _ => None,
         };
         let (q, k, v) = self.operands(&q_nope, &q_pe, &c_kv, &k_pe, absorbed.as_ref().map(|w| &w.0))?;
         let o = if hooks.wants(HookPoint::Pattern(layer)) {
             self.explicit_attention(&q, &k, &v, past, hooks, layer)?
-        } else {
+        } else if q.device().is_cuda() {
             // Absorbed: one shared latent "head" of keys and values.
             self.fused_attention(&q, &k, &v, past, attn == AttnImpl::Absorbed)?
+        } else {
+            self.blocked_attention(&q, &k, &v, past, CPU_SCORE_BLOCK)?
         };
         let heads = match &absorbed {
             None => o, // [B, H, T, v]
@@ -291,6 +334,40 @@ impl Mla {
             (Some(m), false)
         };
         Ok(Tensor::f_scaled_dot_product_attention(q, k, v, mask.as_ref(), 0.0, causal, self.softmax_scale, shared_kv)?)
+    }
+
+    /// Causal attention of queries `q` [B, H, T, d] whose first sits at
+    /// position `past`, over keys `k` [B, H or 1, past + T, d] and values `v`
+    /// [B, H or 1, past + T, dv], computed explicitly (scores, mask, softmax in
+    /// f32, values; see the module doc for why on the CPU), a block of queries
+    /// at a time so that no score block exceeds `max_scores` elements (at least
+    /// one query per block). Returns [B, H, T, dv].
+    pub fn blocked_attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, past: i64, max_scores: i64) -> Result<Tensor> {
+        let qs = q.size();
+        let (b, h, t) = (qs[0], qs[1], qs[2]);
+        let s = k.size()[2];
+        if s != past + t {
+            return Err(Error::Input(format!("attention: {s} keys for {t} queries after {past} cached positions")));
+        }
+        let block = (max_scores / (b * h * s).max(1)).clamp(1, t.max(1));
+        let kt = k.f_transpose(-1, -2)?;
+        let mut outs = Vec::with_capacity(((t + block - 1) / block) as usize);
+        let mut start = 0;
+        while start < t {
+            let n = block.min(t - start);
+            let qb = if n == t { q.shallow_clone() } else { q.f_narrow(2, start, n)? };
+            let scores = qb.f_matmul(&kt)?.f_mul_scalar(self.softmax_scale)?.f_to_kind(Kind::Float)?;
+            let scores = if t > 1 {
+                // query start+i (absolute past+start+i) sees keys j <= past+start+i
+                let mask = Tensor::f_ones([n, s], (Kind::Bool, q.device()))?.f_triu(past + start + 1)?;
+                scores.f_masked_fill(&mask, f64::NEG_INFINITY)?
+            } else {
+                scores
+            };
+            outs.push(scores.f_softmax(-1, Kind::Float)?.f_to_kind(q.kind())?.f_matmul(v)?);
+            start += n;
+        }
+        Ok(if outs.len() == 1 { outs.remove(0) } else { Tensor::f_cat(&outs, 2)? })
     }
 
     /// Attention with the probabilities computed explicitly and passed

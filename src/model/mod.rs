@@ -29,7 +29,7 @@ pub use stream::{ForwardCost, Traffic};
 pub use weight::Weight;
 pub use generate::{GenerateOptions, Generation, Sampling, StopReason};
 pub use mla::AttnImpl;
-pub use model::{parse_device, parse_dtype, ForwardOptions, ForwardOutput, KvCache, LoadOptions, Model};
+pub use model::{parse_device, parse_dtype, ForwardOptions, ForwardOutput, KvCache, LoadOptions, Model, Until};
 pub use hooks::{HookPoint, Hooks, Layout, NoHooks, PassInfo};
 pub use moe::RouterOutput;
 pub use routing::{BiasEdit, CustomRouter, RouterEdits, RouterInput, RouterSettings};

@@ -159,6 +159,25 @@ pub struct ForwardOptions {
     pub attn: AttnImpl,
     /// Record the autograd graph (training); off by default.
     pub grad: bool,
+    /// How far the pass runs (default: through the LM head).
+    pub until: Until,
+}
+
+/// How far a forward pass runs. Stopping early skips work a caller does not
+/// read (corpus routing statistics read only the routers' choices); the hooks
+/// of skipped points do not fire, and the output's `logits` are an empty
+/// [B, T, 0] tensor.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Until {
+    /// Every layer, the final norm and the LM head.
+    #[default]
+    Logits,
+    /// Every layer; no final norm, no LM head.
+    LastLayer,
+    /// Until the last MoE layer's router has chosen: its experts, the layers
+    /// after it, the final norm and the LM head are skipped. Every router's
+    /// choice is the same as in a whole pass (nothing skipped feeds a router).
+    LastRouter,
 }
 
 /// Logits plus what each layer recorded.
@@ -459,6 +478,7 @@ impl Model {
         let mut angles_on: Vec<(Device, RopeAngles)> = vec![(self.device, self.rope.angles(past, t, self.kind)?)];
         let mut h = hooks.visit(HookPoint::Embed, self.embed_tokens.embedding(&ids)?)?;
         let mut routing = Vec::with_capacity(self.layers.len());
+        let last_router = self.layers.iter().rposition(|l| l.moe().is_some());
         if let Some(first) = self.layers.first() {
             first.prefetch();
         }
@@ -476,9 +496,22 @@ impl Model {
             }
             let angles = &angles_on.iter().find(|(d, _)| *d == layer.device).ok_or_else(|| Error::Input("no RoPE angles".into()))?.1;
             let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            let out = layer.forward(&h, &self.rope, angles, layer_cache, opts.attn, hooks)?;
+            let route_only = opts.until == Until::LastRouter && Some(i) == last_router;
+            let out = layer.forward(&h, &self.rope, angles, layer_cache, opts.attn, hooks, route_only)?;
             h = out.hidden;
             routing.push(out.routing);
+            if route_only {
+                break;
+            }
+        }
+        routing.resize_with(self.layers.len(), || None); // layers after a stop route nothing
+        if opts.until != Until::Logits {
+            if let Some(s) = &self.streamer {
+                s.end_pass();
+            }
+            let logits = Tensor::f_empty([ids.size()[0], t, 0], (self.kind, h.device()))?;
+            let cost = self.cost_since(started, &before, ids.numel() as u64);
+            return Ok(ForwardOutput { logits, routing, cost });
         }
         let norm_device = self.norm.weight.device();
         if h.device() != norm_device {

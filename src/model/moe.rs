@@ -420,23 +420,7 @@ impl Moe {
         let shape = x.size();
         let d = *shape.last().unwrap_or(&0);
         let flat = x.f_reshape([-1, d])?; // [N, D]
-        let edits = hooks.router_edits(layer).cloned();
-        let mut routing = self.gate.route_hooked(&flat, edits.as_ref(), hooks, layer)?;
-        // the kept groups are read-only: the choice is already made (change
-        // the scores above, or replace the top-k below)
-        if let Some(g) = &routing.chosen_groups {
-            let _ = hooks.visit(HookPoint::ChosenGroups(layer), g.shallow_clone())?;
-        }
-        routing.topk_indices = hooks.visit(HookPoint::TopkIndices(layer), routing.topk_indices)?;
-        routing.topk_weights = hooks.visit(HookPoint::TopkWeights(layer), routing.topk_weights)?;
-        let (is, ws) = (routing.topk_indices.size(), routing.topk_weights.size());
-        if is.len() != 2 || is[0] != flat.size()[0] || is[1] < 1 || is != ws {
-            return Err(Error::Input(format!(
-                "layer {layer}: top-k indices and weights must both be [{}, k] with k >= 1, got {is:?} and {ws:?}",
-                flat.size()[0]
-            )));
-        }
-        check_expert_ids(&routing.topk_indices, self.experts.len() as i64, layer)?;
+        let routing = self.choose(&flat, hooks, layer)?;
         let mut out = self.dispatch(&flat, &routing.topk_indices, &routing.topk_weights)?;
         for (e, expert) in self.experts.iter().enumerate() {
             if hooks.wants(HookPoint::ExpertOut(layer, e)) {
@@ -454,6 +438,30 @@ impl Moe {
             output: out.f_view(shape.as_slice())?,
             routing,
         })
+    }
+
+    /// The router's choice for `flat` [N, D] with the layer's router edits and
+    /// hooks (logits, scores, kept groups, top-k), checked: the first half of
+    /// [`forward_hooked`](Self::forward_hooked), without running an expert.
+    pub fn choose(&self, flat: &Tensor, hooks: &mut dyn Hooks, layer: usize) -> Result<RouterOutput> {
+        let edits = hooks.router_edits(layer).cloned();
+        let mut routing = self.gate.route_hooked(flat, edits.as_ref(), hooks, layer)?;
+        // the kept groups are read-only: the choice is already made (change
+        // the scores above, or replace the top-k below)
+        if let Some(g) = &routing.chosen_groups {
+            let _ = hooks.visit(HookPoint::ChosenGroups(layer), g.shallow_clone())?;
+        }
+        routing.topk_indices = hooks.visit(HookPoint::TopkIndices(layer), routing.topk_indices)?;
+        routing.topk_weights = hooks.visit(HookPoint::TopkWeights(layer), routing.topk_weights)?;
+        let (is, ws) = (routing.topk_indices.size(), routing.topk_weights.size());
+        if is.len() != 2 || is[0] != flat.size()[0] || is[1] < 1 || is != ws {
+            return Err(Error::Input(format!(
+                "layer {layer}: top-k indices and weights must both be [{}, k] with k >= 1, got {is:?} and {ws:?}",
+                flat.size()[0]
+            )));
+        }
+        check_expert_ids(&routing.topk_indices, self.experts.len() as i64, layer)?;
+        Ok(routing)
     }
 
     /// Runs each expert once on all the tokens routed to it: token slots are

@@ -137,7 +137,7 @@ pub fn evaluate(model: &Model, docs: &[TokenDoc], seq: usize) -> Result<EvalRepo
     let _guard = tch::no_grad_guard();
     let mut per_domain: BTreeMap<String, DomainScore> = BTreeMap::new();
     let mut expert_counts: BTreeMap<usize, BTreeMap<String, Vec<f64>>> = BTreeMap::new();
-    let opts = ForwardOptions { attn: AttnImpl::Absorbed, ..Default::default() };
+    let opts = ForwardOptions { attn: AttnImpl::Auto, ..Default::default() };
     for doc in docs {
         let name = doc.domain.name().to_string();
         let score = per_domain.entry(name.clone()).or_default();

@@ -175,6 +175,7 @@ impl<'a> Trainer<'a> {
             ForwardOptions {
                 attn: AttnImpl::Naive,
                 grad: true,
+                ..Default::default()
             },
         )?;
         let loss = out
