@@ -163,7 +163,8 @@ TOUR = [
     `generate` runs the prompt once, then one token per step; each step appends the new token's latent to
     the cache instead of recomputing the prefix. `Sampling::TopP` is seeded, so this sample is the same on
     every run; `GenerateOptions::greedy(&model, n)` supplies the other fields (stop at the model's EOS
-    token, absorbed attention).
+    token; `AttnImpl::Auto`, which runs the prompt on the naive path and each new token on the absorbed
+    one, whichever does fewer multiply-adds).
     '''),
     code(r'''
     const PROMPT: &str = "And the LORD said unto Moses,";

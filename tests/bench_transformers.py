@@ -272,6 +272,40 @@ def worker(kind: str, model_dir: str, threads: int) -> dict:
             "generate_decode_tokens_per_s": (NEW_TOKENS - 1) / max(gen_s - prompt_s, 1e-9),
         }
 
+    if kind == "floor":
+        # The matrix-vector products one decode step cannot avoid: every 2-D
+        # weight but the embedding table (attention, dense MLP, routers,
+        # shared experts, LM head) and num_experts_per_tok experts of each MoE
+        # layer (any k have the same shapes), each times a 1-token input,
+        # timed back to back in torch; no attention over the cache, no
+        # routing, no Python between layers.  Its rate is the ceiling for
+        # decode on this machine with these kernels.
+        k = model.config.num_experts_per_tok
+        mats = []
+        for name, p in model.named_parameters():
+            if "embed_tokens" in name:
+                continue
+            if p.dim() == 2:
+                mats.append(p.detach())
+            elif p.dim() == 3:  # fused experts in memory: [E, out, in]
+                mats.extend(p.detach()[e] for e in range(k))
+        xs = [torch.randn(1, m.shape[1]) for m in mats]
+
+        def step():
+            with torch.inference_mode():
+                for m, x in zip(mats, xs):
+                    torch.nn.functional.linear(x, m)
+
+        for _ in range(10):
+            step()
+        reps = 200
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            step()
+        s = (time.perf_counter() - t0) / reps
+        return {"floor_steps_per_s": 1.0 / s, "floor_step_bytes": sum(m.numel() * m.element_size() for m in mats),
+                "floor_matrices": len(mats)}
+
     raise ValueError(kind)
 
 
@@ -289,7 +323,7 @@ def run_worker(kind: str, model_dir: str, threads: int) -> dict:
 
 def measure_transformers(model_dir: str, threads: int) -> dict:
     result = {}
-    for kind in ("load", "prefill", "decode"):
+    for kind in ("load", "prefill", "decode", "floor"):
         print(f"[bench] transformers {kind} ...", file=sys.stderr, flush=True)
         result.update(run_worker(kind, model_dir, threads))
     # Pick the decode figure that favours transformers (see DECODE_METHODS).
@@ -356,6 +390,11 @@ def render_section(hf: dict, ds: dict, threads: int, command: str, ds_command: s
          f"{ds['routing_stats_tokens_per_s']:.1f}", f"{corpus_ratio:.2f}x", ">= 1.3x", met(corpus_ratio >= 1.3)),
         (f"decode tokens/s (1 x {PROMPT_LEN} prompt, {NEW_TOKENS} new)", f"{hf['decode_tokens_per_s']:.1f}",
          f"{ds['decode_tokens_per_s']:.1f}", f"{decode_ratio:.2f}x", ">= 5x", met(decode_ratio >= 5.0)),
+        (f"decode floor: the step's matrix-vector products alone ({hf['floor_matrices']} products, "
+         f"{fmt_mib(hf['floor_step_bytes'])}, torch back to back), steps/s", f"{hf['floor_steps_per_s']:.1f}", "",
+         f"DeepScope decode at {100 * ds['decode_tokens_per_s'] / hf['floor_steps_per_s']:.0f}% of it; "
+         f"transformers at {100 * hf['decode_tokens_per_s'] / hf['floor_steps_per_s']:.0f}%; "
+         f"5x transformers = {5 * hf['decode_tokens_per_s'] / hf['floor_steps_per_s']:.2f}x the floor", "", ""),
         ("weight bytes", fmt_mib(hf["weight_bytes"]), fmt_mib(ds["weight_bytes"]),
          f"{ds['weight_bytes'] / hf['weight_bytes']:.2f}x", "", ""),
         ("load RSS delta", fmt_mib(hf["load_rss_delta_bytes"]), fmt_mib(ds["load_rss_delta_bytes"]),
@@ -451,7 +490,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--model-dir", default="target/bench/model")
     ap.add_argument("--hf-only", action="store_true", help="measure transformers only and print")
-    ap.add_argument("--worker", choices=("load", "prefill", "decode"), help=argparse.SUPPRESS)
+    ap.add_argument("--worker", choices=("load", "prefill", "decode", "floor"), help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     if args.worker:

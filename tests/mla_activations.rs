@@ -168,3 +168,40 @@ fn mla_and_activation_results_export_to_safetensors_and_json() {
     assert_eq!(j["content"].as_array().unwrap().len() as i64, split.content.size()[1]);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_fixed_latent_basis_fitted_on_the_same_text_equals_in_sample_truncation_and_on_other_text_does_not() {
+    let m = load_cpu(&case("v3_base").dir);
+    let full = m.config.kv_lora_rank;
+    tch::manual_seed(5);
+    let text = Vec::<i64>::try_from(Tensor::randint(128, [48], (Kind::Int64, Device::Cpu))).unwrap();
+    let other = Vec::<i64>::try_from(Tensor::randint(128, [48], (Kind::Int64, Device::Cpu))).unwrap();
+    // fitted on the text itself: the same directions as in-sample truncation
+    // (layer 0 only: truncating a layer changes the latents of the layers
+    // after it, which the in-sample intervention then refits)
+    let own = m.latent_basis([text.clone()]).unwrap();
+    assert_eq!(own.tokens, 48);
+    assert_eq!(own.directions.len(), m.config.num_hidden_layers);
+    let none = Interventions::new();
+    for r in [8, 3] {
+        let a = m.trace_with(text.clone(), &Capture::none(), &none.clone().truncate_latent(0, r)).unwrap();
+        let b = m.trace_with(text.clone(), &Capture::none(), &none.clone().project_latent(0, &own, r).unwrap()).unwrap();
+        assert!(max_abs_diff(&a.logits, &b.logits) <= 1e-4, "rank {r}: {:e}", max_abs_diff(&a.logits, &b.logits));
+    }
+    let in_sample = m.rank_truncation(text.clone(), &[full, 8, 0]).unwrap();
+    assert_eq!(in_sample.basis_tokens, None);
+    // fitted on other text: harmless at full rank, the same at rank 0, and
+    // further from the full model at rank 8 than the text's own directions
+    let basis = m.latent_basis([other.clone(), other[..20].to_vec()]).unwrap();
+    assert_eq!(basis.tokens, 68);
+    let out = m.rank_truncation_in(text.clone(), &[full, 8, 0], &basis).unwrap();
+    assert!(out.rows[0].mean_kl < 1e-8, "{out}");
+    assert!((out.rows[2].mean_loss - in_sample.rows[2].mean_loss).abs() < 1e-4);
+    assert!(out.rows[1].mean_kl > in_sample.rows[1].mean_kl, "{out}\n{in_sample}");
+    assert!(out.to_string().contains("fitted on 68 calibration tokens"));
+    // too little calibration text, and a rank beyond the latent, are errors
+    let err = m.latent_basis([text[..8].to_vec()]).unwrap_err().to_string();
+    assert!(err.contains("8 calibration tokens") && err.contains("use more text"), "{err}");
+    let err = deepscope::inspect::Interventions::new().project_latent(deepscope::inspect::Layers::All, &basis, full + 1).unwrap_err();
+    assert!(err.to_string().contains("exceeds"), "{err}");
+}

@@ -361,7 +361,10 @@ impl RankSweep {
         Ok(LineChart::new()
             .series_xy("top-1 agreement", &ranks, &self.rows.iter().map(|r| r.top1_agreement).collect::<Vec<_>>())
             .series_xy("next-token accuracy", &ranks, &self.rows.iter().map(|r| r.next_token_accuracy).collect::<Vec<_>>())
-            .title(format!("Truncating c_kv (kv_lora_rank {})", self.kv_lora_rank))
+            .title(match self.basis_tokens {
+                None => format!("Truncating c_kv (kv_lora_rank {}), in-sample directions", self.kv_lora_rank),
+                Some(n) => format!("Truncating c_kv (kv_lora_rank {}), directions fitted on {n} other tokens", self.kv_lora_rank),
+            })
             .x_title("rank kept")
             .y_title("fraction")
             .render()?)

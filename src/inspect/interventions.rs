@@ -131,6 +131,9 @@ pub enum Intervention {
     /// Project `c_kv` onto its top-`rank` right singular directions (over the
     /// tokens of this forward pass) before attention and the cache.
     TruncateLatent { layers: Layers, rank: usize },
+    /// Project `c_kv` onto fixed directions: per layer a `[kv_lora, kv_lora]`
+    /// projection (from [`LatentBasis::projection`](super::mla::LatentBasis::projection)).
+    ProjectLatent { layers: Vec<usize>, rank: usize, projections: Vec<Tensor> },
     /// Add `vector` (as long as the value's last dimension) at the chosen
     /// points, at positions `from_position` and later: a steering vector.
     AddVector { points: Points, vector: Tensor, from_position: i64 },
@@ -154,6 +157,9 @@ impl Clone for Intervention {
             AblateHeads { layer, heads } => AblateHeads { layer: *layer, heads: heads.clone() },
             Patch { point, value } => Patch { point: *point, value: value.shallow_clone() },
             TruncateLatent { layers, rank } => TruncateLatent { layers: layers.clone(), rank: *rank },
+            ProjectLatent { layers, rank, projections } => {
+                ProjectLatent { layers: layers.clone(), rank: *rank, projections: projections.iter().map(|p| p.shallow_clone()).collect() }
+            }
             AddVector { points, vector, from_position } => {
                 AddVector { points: points.clone(), vector: vector.shallow_clone(), from_position: *from_position }
             }
@@ -188,6 +194,7 @@ impl fmt::Display for Intervention {
             AblateHeads { layer, heads } => write!(f, "ablate heads {heads:?} in layer {layer}"),
             Patch { point, .. } => write!(f, "patch {point}"),
             TruncateLatent { layers, rank } => write!(f, "truncate c_kv to rank {rank} in {}", l(layers)),
+            ProjectLatent { layers, rank, .. } => write!(f, "project c_kv onto {rank} fixed directions in layers {layers:?}"),
             AddVector { points, from_position: 0, .. } => write!(f, "add a vector at {points}"),
             AddVector { points, from_position, .. } => write!(f, "add a vector at {points} from position {from_position}"),
             Hook { points, .. } => write!(f, "hook at {points}"),
@@ -262,6 +269,19 @@ impl Interventions {
         self.push(Intervention::TruncateLatent { layers: layers.into(), rank })
     }
 
+    /// Projects `c_kv` of `layers` onto the top `rank` directions of a fixed
+    /// `basis` fitted on calibration text ([`Model::latent_basis`]): the same
+    /// directions for every input, unlike [`truncate_latent`](Self::truncate_latent).
+    pub fn project_latent(self, layers: impl Into<Layers>, basis: &super::mla::LatentBasis, rank: usize) -> Result<Interventions> {
+        let ls: Vec<usize> = match layers.into() {
+            Layers::All => (0..basis.directions.len()).collect(),
+            Layers::One(l) => vec![l],
+            Layers::Some(v) => v,
+        };
+        let projections = ls.iter().map(|&l| basis.projection(l, rank)).collect::<Result<Vec<_>>>()?;
+        Ok(self.push(Intervention::ProjectLatent { layers: ls, rank, projections }))
+    }
+
     /// Runs `f` at `points` (a [`HookPoint`], a name, a glob such as
     /// `blocks.*.hook_resid_post`, or [`Points::matching`]): it gets a
     /// [`HookCtx`] and the value, and returns the value the pass continues
@@ -332,6 +352,16 @@ impl Interventions {
                         points.insert(HookPoint::CKv(l));
                     }
                     ops.push(ValueOp { points, action: Action::TruncateLatent(*rank) });
+                }
+                ProjectLatent { layers, projections, .. } => {
+                    let d = cfg.kv_lora_rank as i64;
+                    for (&l, p) in layers.iter().zip(projections) {
+                        check_layer(l, iv)?;
+                        if p.size() != [d, d] {
+                            return Err(Error::Input(format!("{iv}: layer {l}'s projection is {:?}, this model's latent wants [{d}, {d}]", p.size())));
+                        }
+                        ops.push(ValueOp { points: [HookPoint::CKv(l)].into(), action: Action::Project(p.shallow_clone()) });
+                    }
                 }
                 AddVector { points, vector, from_position } => {
                     let chosen = points.resolve(model, true).map_err(|e| e.in_context(iv))?;
@@ -460,6 +490,8 @@ enum Action {
     /// Zero these heads of `[B, T, H, v]`.
     AblateHeads(Vec<i64>),
     TruncateLatent(usize),
+    /// Multiply by a fixed `[d, d]` projection.
+    Project(Tensor),
     Patch(Tensor),
     AddVector { vector: Tensor, from: i64 },
     Hook(HookFn),
@@ -482,6 +514,7 @@ impl Compiled {
                     value.f_index_fill(2, &idx, 0.0)?
                 }
                 Action::TruncateLatent(r) => project_top_directions(&value, *r)?,
+                Action::Project(p) => value.f_matmul(&p.f_to_kind(value.kind())?.f_to_device(value.device())?)?,
                 Action::Patch(v) => {
                     if v.size() != value.size() {
                         return Err(Error::HookShape { point: point.to_string(), what: "the patch".into(), expected: value.size(), found: v.size() });

@@ -84,6 +84,39 @@ pub struct RankRow {
 pub struct RankSweep {
     pub kv_lora_rank: usize,
     pub rows: Vec<RankRow>,
+    /// Where the directions came from: `None` when each pass used its own
+    /// tokens' directions (in-sample); `Some(n)` for a fixed [`LatentBasis`]
+    /// fitted on `n` tokens of calibration text.
+    pub basis_tokens: Option<i64>,
+}
+
+/// Per layer, the right singular vectors of `c_kv` over the tokens of a
+/// calibration text, strongest first: a fixed basis in which to truncate the
+/// latents of other text ([`Model::rank_truncation_in`],
+/// [`Interventions::project_latent`]), the out-of-sample counterpart of
+/// [`Interventions::truncate_latent`].
+#[derive(Debug)]
+pub struct LatentBasis {
+    /// Per layer `[kv_lora_rank, kv_lora_rank]`, one direction per column.
+    pub directions: Vec<Tensor>,
+    /// Per layer, the singular values (strongest first).
+    pub singular_values: Vec<Vec<f32>>,
+    /// Calibration tokens the basis was fitted on.
+    pub tokens: i64,
+}
+
+impl LatentBasis {
+    /// The projection onto layer `layer`'s top `rank` directions,
+    /// `[kv_lora_rank, kv_lora_rank]` (the identity at full rank).
+    pub fn projection(&self, layer: usize, rank: usize) -> Result<Tensor> {
+        let v = self.directions.get(layer).ok_or_else(|| Error::out_of_range(crate::error::IndexKind::Layer, layer, self.directions.len()))?;
+        let d = v.size()[0];
+        if rank as i64 > d {
+            return Err(Error::Input(format!("rank {rank} exceeds the latent's {d} dimensions")));
+        }
+        let top = v.f_narrow(1, 0, rank as i64)?;
+        Ok(top.f_matmul(&top.f_transpose(0, 1)?)?)
+    }
 }
 
 /// Naive and absorbed attention on the same input.
@@ -188,13 +221,70 @@ impl Model {
     /// directions come from this input's own tokens, so a rank at or above the
     /// number of tokens loses nothing: use inputs longer than the ranks.
     pub fn rank_truncation(&self, input: impl Into<Input>, ranks: &[usize]) -> Result<RankSweep> {
-        let ids = input.into().ids(self)?;
+        self.rank_sweep(input.into(), ranks, None, |r| Ok(Interventions::new().truncate_latent(Layers::All, r)))
+    }
+
+    /// [`rank_truncation`](Self::rank_truncation) with every layer's `c_kv`
+    /// projected onto the top-r directions of a fixed `basis` (fitted on
+    /// other text with [`latent_basis`](Self::latent_basis)): what a cache of
+    /// r numbers per token would keep on text it was not fitted to.
+    pub fn rank_truncation_in(&self, input: impl Into<Input>, ranks: &[usize], basis: &LatentBasis) -> Result<RankSweep> {
+        self.check_basis(basis)?;
+        self.rank_sweep(input.into(), ranks, Some(basis.tokens), |r| Ok(Interventions::new().project_latent(Layers::All, basis, r)?))
+    }
+
+    /// Fits a [`LatentBasis`]: traces each of `inputs`, stacks every layer's
+    /// `c_kv` rows over all their tokens, and keeps the right singular
+    /// vectors. Use more calibration tokens than `kv_lora_rank`.
+    pub fn latent_basis<I: Into<Input>>(&self, inputs: impl IntoIterator<Item = I>) -> Result<LatentBasis> {
+        let n_layers = self.config.num_hidden_layers;
+        let capture = (0..n_layers).fold(Capture::none(), |c, l| c.with(HookPoint::CKv(l)));
+        let mut rows: Vec<Vec<Tensor>> = (0..n_layers).map(|_| Vec::new()).collect();
+        let mut tokens = 0;
+        for input in inputs {
+            let t = self.trace_with(input, &capture, &Interventions::new())?;
+            for (l, r) in rows.iter_mut().enumerate() {
+                let c = t.tensor(HookPoint::CKv(l))?;
+                let d = *c.size().last().unwrap_or(&0);
+                r.push(c.f_reshape([-1, d])?.f_to_kind(Kind::Double)?);
+            }
+            tokens += t.ids.numel() as i64;
+        }
+        if tokens == 0 {
+            return Err(Error::Input("a latent basis needs at least one calibration token".into()));
+        }
+        let (mut directions, mut singular_values) = (Vec::new(), Vec::new());
+        for r in rows {
+            let (_, s, v) = Tensor::f_cat(&r, 0)?.f_svd(true, true)?; // v [d, min(N, d)]
+            directions.push(v.f_to_kind(Kind::Float)?);
+            singular_values.push(Vec::<f32>::try_from(s.f_to_kind(Kind::Float)?)?);
+        }
+        let short = directions.iter().any(|v| v.size()[1] < v.size()[0]);
+        if short {
+            return Err(Error::Input(format!(
+                "{tokens} calibration tokens span fewer directions than the latent's {}: use more text",
+                self.config.kv_lora_rank
+            )));
+        }
+        Ok(LatentBasis { directions, singular_values, tokens })
+    }
+
+    fn check_basis(&self, basis: &LatentBasis) -> Result<()> {
+        let (l, d) = (self.config.num_hidden_layers, self.config.kv_lora_rank as i64);
+        if basis.directions.len() != l || basis.directions.iter().any(|v| v.size() != [d, d]) {
+            return Err(Error::Input(format!("the latent basis is not this model's: want {l} layers of [{d}, {d}]")));
+        }
+        Ok(())
+    }
+
+    fn rank_sweep(&self, input: Input, ranks: &[usize], basis_tokens: Option<i64>, variant: impl Fn(usize) -> Result<Interventions>) -> Result<RankSweep> {
+        let ids = input.ids(self)?;
         let full = self.trace_with(&ids, &Capture::none(), &Interventions::new())?;
         let mut rows = Vec::new();
         let interrupt = crate::interrupt::Interrupt::new();
         for &r in ranks {
             interrupt.check()?;
-            let t = self.trace_with(&ids, &Capture::none(), &Interventions::new().truncate_latent(Layers::All, r))?;
+            let t = self.trace_with(&ids, &Capture::none(), &variant(r)?)?;
             let c = compare(&full, &t)?;
             let len = ids.size()[1];
             let acc = if len >= 2 {
@@ -210,7 +300,7 @@ impl Model {
             };
             rows.push(RankRow { rank: r, mean_kl: c.mean_kl, top1_agreement: c.top1_agreement, next_token_accuracy: acc, mean_loss: c.mean_loss_variant });
         }
-        Ok(RankSweep { kv_lora_rank: self.config.kv_lora_rank, rows })
+        Ok(RankSweep { kv_lora_rank: self.config.kv_lora_rank, rows, basis_tokens })
     }
 
     /// Runs `input` through the naive and the absorbed attention paths.
@@ -252,7 +342,10 @@ impl fmt::Display for LatentSpectra {
 
 impl fmt::Display for RankSweep {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "c_kv rank truncation (kv_lora_rank {})", self.kv_lora_rank)?;
+        match self.basis_tokens {
+            None => writeln!(f, "c_kv rank truncation (kv_lora_rank {}; directions of this text's own tokens: in-sample)", self.kv_lora_rank)?,
+            Some(n) => writeln!(f, "c_kv rank truncation (kv_lora_rank {}; fixed directions fitted on {n} calibration tokens)", self.kv_lora_rank)?,
+        }
         writeln!(f, "{:>6} {:>10} {:>8} {:>9} {:>8}", "rank", "mean KL", "top-1", "accuracy", "loss")?;
         for r in &self.rows {
             writeln!(f, "{:>6} {:>10.4} {:>7.1}% {:>8.1}% {:>8.3}", r.rank, r.mean_kl, 100.0 * r.top1_agreement, 100.0 * r.next_token_accuracy, r.mean_loss)?;

@@ -38,6 +38,6 @@ pub use corpus::{BiasReplay, CorpusRun, CorpusProgress, Imbalance, RoutingStats}
 pub use interventions::{project_top_directions, HookCtx, HookFn, Intervention, Interventions, Layers};
 pub use playground::{playground, Playground};
 pub use points::Points;
-pub use mla::{effective_rank, EffectiveRank, LatentSpectra, PathCheck, RankRow, RankSweep, ScoreSplit};
+pub use mla::{effective_rank, EffectiveRank, LatentBasis, LatentSpectra, PathCheck, RankRow, RankSweep, ScoreSplit};
 pub use routing::{RouterStep, RoutingMap};
 pub use trace::{to_ndarray, Input, RoutingRecord, Trace};
