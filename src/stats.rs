@@ -107,6 +107,12 @@ pub struct CacheFootprint {
     /// Plain multi-head attention with the same heads and head dim
     /// `qk_nope_head_dim`: `2*H*nope`.
     pub mha_elems: u64,
+    /// One key/value head of the model's own head dims: `nope + rope + v`
+    /// (a key of `nope + rope`, a value of `v`).
+    pub kv_head_elems: u64,
+    /// `v_head_dim`, the per-head dimension the DeepSeek-V2 paper compares
+    /// with (`2 * n_groups * d_h` for GQA).
+    pub head_dim: u64,
     pub layers: u64,
     pub bytes_per_elem: u64,
 }
@@ -123,6 +129,8 @@ impl CacheFootprint {
             absorbed_elems: cfg.kv_lora_rank as u64 + rope,
             naive_elems: h * (nope + rope) + h * v,
             mha_elems: 2 * h * nope,
+            kv_head_elems: nope + rope + v,
+            head_dim: v,
             layers: cfg.num_hidden_layers as u64,
             bytes_per_elem: bytes_per_elem as u64,
         }
@@ -141,6 +149,20 @@ impl CacheFootprint {
 
     pub fn mha_ratio(&self) -> f64 {
         self.mha_elems as f64 / self.absorbed_elems as f64
+    }
+
+    /// Elements per token per layer of grouped-query attention with
+    /// `kv_heads` key/value heads of the model's own head dims (1: multi-query
+    /// attention; every head: multi-head attention, the naive figure).
+    pub fn grouped_elems(&self, kv_heads: u64) -> u64 {
+        kv_heads * self.kv_head_elems
+    }
+
+    /// How many GQA groups cache as much as MLA, in the DeepSeek-V2 paper's
+    /// terms (GQA caches `2 * n_groups * d_h` per token and layer):
+    /// `(kv_lora + rope) / (2 * d_h)`.
+    pub fn gqa_groups_equivalent(&self) -> f64 {
+        self.absorbed_elems as f64 / (2 * self.head_dim) as f64
     }
 }
 

@@ -22,6 +22,12 @@ fn cache_accounting_matches_the_formula_for_a_tiny_config() {
     assert_eq!(c.naive_elems as usize, cfg.num_attention_heads * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim));
     let (a, _, _) = c.bytes_per_token();
     assert_eq!(a as usize, (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * cfg.num_hidden_layers * 2);
+    // GQA with every head is the naive layout; one head is MQA
+    assert_eq!(c.grouped_elems(cfg.num_attention_heads as u64), c.naive_elems);
+    assert_eq!(c.grouped_elems(1) as usize, cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim);
+    // the DeepSeek-V2 paper: MLA's cache equals GQA with 2.25 groups (d_c = 4 d_h, d_R = d_h / 2)
+    let v3 = deepscope::stats::CacheFootprint::of(&deepscope::model::published::deepseek_v3().unwrap(), 2);
+    assert_eq!(v3.gqa_groups_equivalent(), 2.25);
     // and what generation actually holds (f32 cache: 4 bytes)
     let mut opts = deepscope::model::GenerateOptions::greedy(&m, 3);
     opts.stop_tokens.clear();
