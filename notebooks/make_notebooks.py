@@ -1556,7 +1556,9 @@ PROTOTYPING = [
     md(r'''
     # Prototyping routing changes
 
-    Change how tokens are routed and measure the effect, without touching the weights. You will
+    Change how tokens are routed and measure the effect, without touching the weights. Read it as a study:
+    each section states a hypothesis, makes one routing change, and section 5 measures every change on the
+    same held-out tokens, with 95% intervals, overall and per domain. You will
 
     1. ban and force experts;
     2. sweep top-k and read perplexity against compute;
@@ -1594,6 +1596,8 @@ PROTOTYPING = [
         stats: RoutingStats,
         /// Next-token loss of every scored token, in the same order in every run.
         losses: Vec<f64>,
+        /// Scored tokens of each document, in order (to split `losses` by document).
+        doc_tokens: Vec<usize>,
     }
 
     impl std::fmt::Display for Outcome {
@@ -1613,8 +1617,10 @@ PROTOTYPING = [
         let (mut nll, mut n) = (0.0, 0usize);
         let mut stats = RoutingStats::default();
         let mut losses: Vec<f64> = Vec::new();
+        let mut doc_tokens: Vec<usize> = Vec::new();
         for doc in docs {
             let ids = model.encode(doc)?;
+            let before = losses.len();
             for window in ids.chunks(256).filter(|w| w.len() >= 2) {
                 check_interrupt()?; // the notebook's stop button ends the run here
                 let t = model.trace_with(window, &Capture::routing_only(), interventions)?;
@@ -1624,11 +1630,13 @@ PROTOTYPING = [
                 losses.extend(Vec::<f64>::try_from(loss.flatten(0, -1).to_kind(Kind::Double))?);
                 stats.add(&t)?;
             }
+            doc_tokens.push(losses.len() - before);
         }
-        Ok(Outcome { name: name.to_string(), perplexity: (nll / n as f64).exp(), stats, losses })
+        Ok(Outcome { name: name.to_string(), perplexity: (nll / n as f64).exp(), stats, losses, doc_tokens })
     }
 
     let held: Vec<(Domain, String)> = heldout_docs();
+    let doc_domains: Vec<Domain> = Domain::ALL.iter().flat_map(|&d| sample(&held, d, 2000).into_iter().map(move |_| d)).collect();
     let docs: Vec<String> = Domain::ALL.iter().flat_map(|&d| sample(&held, d, 2000)).collect();
     let mut results: Vec<Outcome> = vec![run(&model, &docs, "baseline", &Interventions::new())?];
     println!("{} documents, {} tokens", docs.len(), results[0].stats.tokens);
@@ -1643,6 +1651,10 @@ PROTOTYPING = [
     idlest one. Each cell prints the corpus run (the measurement: its interval is in section 5), then
     `compare` on one sentence for a token-level view. The sentence is some 25 tokens: its loss change can
     even have the opposite sign to the corpus's, and it is an illustration, not a result.
+
+    **Hypotheses.** Banning the two busiest experts raises perplexity, because the tokens they took go to
+    worse matches. Forcing the idlest expert on every token changes little, because a forced expert keeps
+    its own (small) routing weight. Section 5 measures both.
     '''),
     chart(r'''
     const TEXT: &str = "The LORD is my shepherd; I shall not want. He maketh me to lie down in green pastures.";
@@ -1703,6 +1715,10 @@ PROTOTYPING = [
     trained with 4). `ParamCounts::of` a config with another `num_experts_per_tok` gives the parameters
     active per token. With 2 of 4 groups of 4 experts eligible, at most 8 experts can be chosen, so
     $k$ runs from 1 to 8.
+
+    **Hypothesis.** Fewer experts than trained with costs quality; more costs compute and buys little,
+    because the router's weights were trained for 4. This is the compute-against-quality axis of the study:
+    the active parameters per token are in the table beside each perplexity.
     '''),
     chart(r'''
     let mut sweep: Table = Table::new(["top-k", "active parameters / token", "perplexity", "max/mean load, last layer"])
@@ -1746,6 +1762,9 @@ PROTOTYPING = [
     - **tripled**: the trained bias times 3: is more of the same bias more balance?
 
     The trained bias is read from the baseline trace, which records the bias each router used.
+
+    **Hypotheses.** The trained bias evens the load at little cost in perplexity, so zeroing it unbalances
+    the load; a bias replayed on other text does what the trained one does; tripling it overshoots.
     '''),
     code(r'''
     let mut trained_bias: Vec<(usize, Vec<f32>)> = Vec::new();
@@ -1847,6 +1866,9 @@ PROTOTYPING = [
 
     First DeepSeek-V3's router, re-implemented in a dozen tensor operations; it must reproduce the
     model exactly. Then one change: no group limit (every expert eligible).
+
+    **Hypothesis.** The group limit exists for communication between nodes (section 8), not for quality,
+    so lifting it changes perplexity by less than the noise.
     '''),
     code(r'''
     #[derive(Clone)]
@@ -1940,6 +1962,55 @@ PROTOTYPING = [
     }
     println!("within the noise of this sample: {}", if within_noise.is_empty() { "none".to_string() } else { within_noise.join(", ") });
     runs
+    '''),
+    md(r'''
+    **Per domain.** The same runs, each domain's tokens scored on their own: the perplexity change and its
+    paired-bootstrap interval. A change can cost one kind of text and not another; a domain has a third of
+    the tokens, so its intervals are wider.
+    '''),
+    code(r'''
+    /// The losses of `o` on the documents of domain `d`, in order.
+    fn domain_losses(o: &Outcome, doc_domains: &[Domain], d: Domain) -> Vec<f64> {
+        let mut out = Vec::new();
+        let mut at = 0;
+        for (n, dd) in o.doc_tokens.iter().zip(doc_domains) {
+            if *dd == d {
+                out.extend_from_slice(&o.losses[at..at + n]);
+            }
+            at += n;
+        }
+        out
+    }
+    let mut headers: Vec<String> = vec!["run".into()];
+    headers.extend(Domain::ALL.iter().map(|d| format!("{}: change (95% interval)", d.name())));
+    let mut per_domain: Table = Table::new(headers).caption("Perplexity change per held-out domain");
+    let mut hidden: Vec<String> = Vec::new(); // within the noise overall, beyond it in some domain
+    for o in results.iter().skip(1) {
+        let mut row: Vec<Cell> = vec![o.name.as_str().into()];
+        for d in Domain::ALL {
+            let (b, v) = (domain_losses(&results[0], &doc_domains, d), domain_losses(o, &doc_domains, d));
+            let mean = |x: &[f64]| x.iter().sum::<f64>() / x.len().max(1) as f64;
+            let change = (mean(&v) - mean(&b)).exp() - 1.0;
+            let (lo, hi) = change_interval(&b, &v, 2000);
+            let mark = if lo > 0.0 || hi < 0.0 { " *" } else { "" };
+            if !mark.is_empty() && within_noise.contains(&o.name) && !hidden.contains(&o.name) {
+                hidden.push(o.name.clone());
+            }
+            row.push(Cell::text(format!("{:+.1}% ({:+.1}% to {:+.1}%){mark}", 100.0 * change, 100.0 * lo, 100.0 * hi)));
+        }
+        per_domain.add_row(row)?;
+    }
+    // each document's losses are counted once: the domains add up to the whole
+    assert_eq!(results[0].doc_tokens.iter().sum::<usize>(), results[0].losses.len());
+    println!("within the noise overall, beyond it in some domain: {}", if hidden.is_empty() { "none".to_string() } else { hidden.join(", ") });
+    per_domain
+    '''),
+    md(r'''
+    A `*` marks a domain whose interval excludes 0. Read each section's hypothesis against its rows here
+    and in the table above: a hypothesis is supported only where its change is beyond the noise. The cell
+    also lists the runs that are within the noise overall but beyond it in some domain. For those, the
+    average over the three domains hides changes of opposite sign, or one domain's change is diluted by
+    the other two, so "no effect overall" is not "no effect".
     '''),
     md(r'''
     ## 6. Steering a generation
