@@ -123,7 +123,7 @@ TOUR = [
     how little the attention cache holds, what the activations look like, and what changes when you
     change the routing. Every cell of this notebook is Rust; results draw themselves as charts and tables.
 
-    In ten cells (about a minute of computing) you will:
+    In eleven cells (about a minute of computing) you will:
 
     1. load the shipped model and read its shape;
     2. generate text;
@@ -190,6 +190,30 @@ TOUR = [
     let trace: Trace = model.trace(TEXT)?;
     trace
     '''),
+    code(r'''
+    {
+        let r = trace.routing_of(last)?;
+        let k = model.config.num_experts_per_tok as i64;
+        let sums = r.topk_weights.sum_dim_intlist(-1, false, Kind::Float);
+        let load: Vec<i64> = r.load()?;
+        let used = load.iter().filter(|&&n| n > 0).count();
+        let busiest = (0..load.len()).max_by_key(|&e| load[e]).unwrap_or(0);
+        println!("layer {last}: {} tokens x {} experts each; weights per token sum to {:.4} to {:.4}",
+            r.topk_indices.size()[0], r.topk_indices.size()[1], sums.min().double_value(&[]), sums.max().double_value(&[]));
+        println!("layer {last}: {used} of {} experts used by this text; the busiest, e{busiest}, takes {} of {} tokens",
+            load.len(), load[busiest], r.topk_indices.size()[0]);
+        // the text below says every token has exactly k experts whose weights sum to one
+        assert_eq!(r.topk_indices.size()[1], k);
+        assert!((sums - 1.0).abs().max().double_value(&[]) < 1e-4, "revise the text");
+    }
+    '''),
+    md(r'''
+    **What to notice.** Every row of a heatmap (one token) has exactly four coloured cells: the router
+    always picks `num_experts_per_tok` experts. Their weights sum to one, because this model normalises the
+    chosen experts' scores (`norm_topk_prob`). The cell checks both. Down a column you read one expert's
+    share of the text. The cell prints how many of the 16 experts this one sentence reaches in the last
+    layer, and how many tokens its busiest expert takes.
+    '''),
     md(r'''
     ## 4. One routing decision, step by step
 
@@ -235,7 +259,19 @@ TOUR = [
     busiest.truncate(2);
     let banned: Trace = model.trace_with(TEXT, &Capture::default(), &Interventions::new().ban_experts(last, &busiest))?;
     println!("banned experts {busiest:?} of layer {last}");
+    for &l in &moe_layers {
+        let same = trace.routing_of(l)?.topk_indices.equal(&banned.routing_of(l)?.topk_indices);
+        println!("layer {l}: routing {}", if same { "unchanged" } else { "changed" });
+        // the text below says a ban changes nothing upstream of its layer
+        assert!(l >= last || same, "layer {l}: revise the text");
+    }
     compare(&trace, &banned)?
+    '''),
+    md(r'''
+    **What to notice.** The routing of the layers before the banned one is unchanged (the cell checks it):
+    an intervention acts where it is placed, and only what comes after it can move. In the banned layer
+    itself, the tokens that had a banned expert took their next choice. The comparison then says how much
+    that moved the predictions.
     '''),
     md(r'''
     ## 6. The MLA cache
@@ -251,7 +287,16 @@ TOUR = [
     println!("{}", model.cache_footprint(2));
     println!("measured: {} bytes for {} cached positions = {} bytes per position (f32)",
         generation.cache_bytes, generation.cache_len, generation.cache_bytes as i64 / generation.cache_len);
-    println!("{}", model.attention_path_check(TEXT)?);
+    let path_check = model.attention_path_check(TEXT)?;
+    println!("{path_check}");
+    // the text below says the measured cache is the arithmetic, and the two paths agree
+    assert_eq!(generation.cache_bytes as u64, model.cache_footprint(4).bytes_per_token().0 * generation.cache_len as u64);
+    assert!(path_check.equal(), "revise the text");
+    '''),
+    md(r'''
+    **What to notice.** The bytes generation held are exactly the arithmetic: $c_{kv}$ and $k_{pe}$ per
+    position and layer, at 4 bytes a number (the cell checks it). Nothing per head is cached. The naive
+    and absorbed paths agree to rounding: absorption is algebra, not an approximation.
     '''),
     md(r'''
     ## 7. Activations at a glance
