@@ -1417,6 +1417,34 @@ ACTIVATIONS = [
     let dims_chart: Figure = dims.render()?;
     dims_chart
     '''),
+    code(r'''
+    {
+        let last_resid = resid.tensor(HookPoint::ResidPost(n_layers - 1))?.flatten(0, -1).to_kind(Kind::Double);
+        let z = (&last_resid - last_resid.mean(Kind::Double)) / last_resid.std(true);
+        let kurtosis = z.pow_tensor_scalar(4).mean(Kind::Double).double_value(&[]) - 3.0;
+        let beyond4 = z.abs().gt(4.0).to_kind(Kind::Double).mean(Kind::Double).double_value(&[]);
+        println!("last layer's residual: excess kurtosis {kurtosis:.1} (a Gaussian: 0); beyond 4 standard deviations {:.3}% (a Gaussian: 0.006%)", 100.0 * beyond4);
+        let mut tops: Vec<i64> = Vec::new();
+        for l in 0..n_layers {
+            let peak = resid.tensor(HookPoint::ResidPost(l))?.abs().flatten(0, 1).amax(0, false); // [D]
+            let (v, d) = (peak.max().double_value(&[]), peak.argmax(0, false).int64_value(&[]));
+            println!("after layer {l}: dimension {d} peaks highest, at {v:.2}, {:.1}x the median dimension's peak", v / peak.median().double_value(&[]));
+            tops.push(d);
+        }
+        let repeats = tops.windows(2).filter(|w| w[0] == w[1]).count();
+        println!("the same dimension peaks highest after consecutive layers {repeats} of {} times", tops.len() - 1);
+        // the text below reads heavy tails and one outlier dimension: keep it true
+        assert!(kurtosis > 0.0 && beyond4 > 6.3e-5 && repeats == tops.len() - 1, "revise the text");
+    }
+    '''),
+    md(r'''
+    **What to notice.** The histogram's count axis is logarithmic, so its tails are rare values. The cell
+    measures them against a Gaussian: excess kurtosis (0 for a Gaussian) and the share of values beyond 4
+    standard deviations (0.006% for a Gaussian). This model's residual stream is above both, so its tails
+    are heavier than a Gaussian's. The same hidden dimension peaks highest after every layer. The cell
+    checks all three. That is an outlier dimension, the pattern that large models show at far greater
+    ratios (next cell).
+    '''),
     md(r'''
     The report lists every residual entry above `factor` (here 20) times its layer's median magnitude,
     largest first. That is a low bar, set for this small model. Sun et al. (2024) call an activation
