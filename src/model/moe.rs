@@ -469,6 +469,9 @@ impl Moe {
     /// weighted results are scattered back with `index_add`.
     pub fn dispatch(&self, x: &Tensor, indices: &Tensor, weights: &Tensor) -> Result<Tensor> {
         let (n, k) = (indices.size()[0], indices.size()[1]);
+        if n == 1 {
+            return self.dispatch_one(x, indices, weights);
+        }
         let e = self.experts.len() as i64;
         let flat_idx = indices.f_reshape([n * k])?;
         let order = flat_idx.f_argsort_stable(true, 0, false)?; // slots grouped by expert
@@ -491,5 +494,33 @@ impl Moe {
         })?;
         let ys = Tensor::f_cat(&parts, 0)?; // [N*k, D]
         Ok(x.f_zeros_like()?.f_index_add(0, &token_of, &ys)?)
+    }
+
+    /// [`dispatch`](Self::dispatch) for one token (a decode step): its k
+    /// experts in turn, each output weighted and summed, without the sort,
+    /// counts and scatter that many tokens need.
+    fn dispatch_one(&self, x: &Tensor, indices: &Tensor, weights: &Tensor) -> Result<Tensor> {
+        let k = indices.size()[1];
+        let chosen = Vec::<i64>::try_from(indices.f_reshape([k])?.f_to_device(Device::Cpu)?)?;
+        let w = weights.f_reshape([k, 1])?;
+        let n_experts = self.experts.len() as i64;
+        let experts = chosen
+            .iter()
+            .map(|&e| usize::try_from(e).ok().and_then(|i| self.experts.get(i)).ok_or_else(|| Error::out_of_range(IndexKind::Expert, e, n_experts)))
+            .collect::<Result<Vec<&Mlp>>>()?;
+        let jobs: Vec<Vec<Option<FetchJob>>> = experts.iter().map(|m| m.weights().iter().map(|w| w.fetch_job()).collect()).collect();
+        let mut out: Option<Tensor> = None;
+        read_ahead(&jobs, |i, fetched| {
+            let y = experts[i].forward_fetched(x, fetched)?.f_mul(&w.f_narrow(0, i as i64, 1)?)?;
+            out = Some(match out.take() {
+                None => y,
+                Some(o) => o.f_add(&y)?,
+            });
+            Ok(())
+        })?;
+        match out {
+            Some(o) => Ok(o.f_to_kind(x.kind())?),
+            None => Ok(x.f_zeros_like()?),
+        }
     }
 }
