@@ -210,4 +210,9 @@ fn a_fixed_latent_basis_fitted_on_the_same_text_equals_in_sample_truncation_and_
     assert!(err.contains("8 calibration tokens") && err.contains("use more text"), "{err}");
     let err = deepscope::inspect::Interventions::new().project_latent(deepscope::inspect::Layers::All, &basis, full + 1).unwrap_err();
     assert!(err.to_string().contains("exceeds"), "{err}");
+    // a basis with fewer layers than the model is another model's, even for one layer
+    let short = deepscope::inspect::LatentBasis { directions: vec![basis.directions[0].shallow_clone()], singular_values: vec![], tokens: 1 };
+    let iv = Interventions::new().project_latent(0, &short, 4).unwrap();
+    let err = m.trace_with(text.clone(), &Capture::none(), &iv).unwrap_err().to_string();
+    assert!(err.contains("another model's"), "{err}");
 }

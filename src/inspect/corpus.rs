@@ -521,33 +521,38 @@ impl Model {
             for w in windows {
                 queue.push((d, w));
                 if queue.len() == batch {
-                    if run.cancel.is_some_and(|c| c()) {
-                        return Err(Error::Interrupted);
-                    }
-                    interrupt.check()?;
-                    self.routing_pass(&queue, &compiled, &mut flight, base)?;
-                    queue.clear();
+                    self.routing_pass(&mut queue, &compiled, &mut flight, base, run.cancel, &interrupt)?;
                 }
             }
             finish(&mut flight, &mut base, &mut run)?;
         }
         if !queue.is_empty() {
-            if run.cancel.is_some_and(|c| c()) {
-                return Err(Error::Interrupted);
-            }
-            interrupt.check()?;
-            self.routing_pass(&queue, &compiled, &mut flight, base)?;
+            self.routing_pass(&mut queue, &compiled, &mut flight, base, run.cancel, &interrupt)?;
             finish(&mut flight, &mut base, &mut run)?;
         }
         Ok(())
     }
 
-    /// One pass over `windows` (document index, tokens), each a row,
-    /// right-padded to the longest (causal attention: the padding comes after
-    /// every real token, so it changes none of them; it is not counted). Each
-    /// window's routing goes to its document's part in `flight`, whose first
-    /// entry is document `base`.
-    fn routing_pass(&self, windows: &[(usize, &[i64])], compiled: &Compiled, flight: &mut VecDeque<(RoutingStats, usize)>, base: usize) -> Result<()> {
+    /// One pass over the queued `windows` (document index, tokens), each a
+    /// row, right-padded to the longest (causal attention: the padding comes
+    /// after every real token, so it changes none of them; it is not
+    /// counted), after polling `cancel` and the interrupt. Each window's
+    /// routing goes to its document's part in `flight`, whose first entry is
+    /// document `base`; the queue is emptied.
+    fn routing_pass(
+        &self,
+        queue: &mut Vec<(usize, &[i64])>,
+        compiled: &Compiled,
+        flight: &mut VecDeque<(RoutingStats, usize)>,
+        base: usize,
+        cancel: Option<&dyn Fn() -> bool>,
+        interrupt: &crate::interrupt::Interrupt,
+    ) -> Result<()> {
+        if cancel.is_some_and(|c| c()) {
+            return Err(Error::Interrupted);
+        }
+        interrupt.check()?;
+        let windows = std::mem::take(queue);
         let len = windows.iter().map(|(_, w)| w.len()).max().unwrap_or(0);
         let rows = windows.len();
         let mut flat = vec![0i64; rows * len];

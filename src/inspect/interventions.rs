@@ -131,9 +131,10 @@ pub enum Intervention {
     /// Project `c_kv` onto its top-`rank` right singular directions (over the
     /// tokens of this forward pass) before attention and the cache.
     TruncateLatent { layers: Layers, rank: usize },
-    /// Project `c_kv` onto fixed directions: per layer a `[kv_lora, kv_lora]`
-    /// projection (from [`LatentBasis::projection`](super::mla::LatentBasis::projection)).
-    ProjectLatent { layers: Vec<usize>, rank: usize, projections: Vec<Tensor> },
+    /// Project `c_kv` of `layers` onto fixed directions: `projections` holds
+    /// one `[kv_lora, kv_lora]` projection per layer of the basis's model
+    /// (from [`LatentBasis::projection`](super::mla::LatentBasis::projection)).
+    ProjectLatent { layers: Layers, rank: usize, projections: Vec<Tensor> },
     /// Add `vector` (as long as the value's last dimension) at the chosen
     /// points, at positions `from_position` and later: a steering vector.
     AddVector { points: Points, vector: Tensor, from_position: i64 },
@@ -194,7 +195,7 @@ impl fmt::Display for Intervention {
             AblateHeads { layer, heads } => write!(f, "ablate heads {heads:?} in layer {layer}"),
             Patch { point, .. } => write!(f, "patch {point}"),
             TruncateLatent { layers, rank } => write!(f, "truncate c_kv to rank {rank} in {}", l(layers)),
-            ProjectLatent { layers, rank, .. } => write!(f, "project c_kv onto {rank} fixed directions in layers {layers:?}"),
+            ProjectLatent { layers, rank, .. } => write!(f, "project c_kv onto {rank} fixed directions in {}", l(layers)),
             AddVector { points, from_position: 0, .. } => write!(f, "add a vector at {points}"),
             AddVector { points, from_position, .. } => write!(f, "add a vector at {points} from position {from_position}"),
             Hook { points, .. } => write!(f, "hook at {points}"),
@@ -273,13 +274,8 @@ impl Interventions {
     /// `basis` fitted on calibration text ([`Model::latent_basis`]): the same
     /// directions for every input, unlike [`truncate_latent`](Self::truncate_latent).
     pub fn project_latent(self, layers: impl Into<Layers>, basis: &super::mla::LatentBasis, rank: usize) -> Result<Interventions> {
-        let ls: Vec<usize> = match layers.into() {
-            Layers::All => (0..basis.directions.len()).collect(),
-            Layers::One(l) => vec![l],
-            Layers::Some(v) => v,
-        };
-        let projections = ls.iter().map(|&l| basis.projection(l, rank)).collect::<Result<Vec<_>>>()?;
-        Ok(self.push(Intervention::ProjectLatent { layers: ls, rank, projections }))
+        let projections = (0..basis.directions.len()).map(|l| basis.projection(l, rank)).collect::<Result<Vec<_>>>()?;
+        Ok(self.push(Intervention::ProjectLatent { layers: layers.into(), rank, projections }))
     }
 
     /// Runs `f` at `points` (a [`HookPoint`], a name, a glob such as
@@ -355,8 +351,16 @@ impl Interventions {
                 }
                 ProjectLatent { layers, projections, .. } => {
                     let d = cfg.kv_lora_rank as i64;
-                    for (&l, p) in layers.iter().zip(projections) {
+                    if projections.len() != n_layers {
+                        return Err(Error::Input(format!("{iv}: the latent basis has {} layers, this model {n_layers}: it is another model's", projections.len())));
+                    }
+                    let ls = match layers {
+                        Layers::All => (0..n_layers).collect(),
+                        other => other.resolve(model),
+                    };
+                    for l in ls {
                         check_layer(l, iv)?;
+                        let p = &projections[l];
                         if p.size() != [d, d] {
                             return Err(Error::Input(format!("{iv}: layer {l}'s projection is {:?}, this model's latent wants [{d}, {d}]", p.size())));
                         }

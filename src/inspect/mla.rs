@@ -229,7 +229,6 @@ impl Model {
     /// other text with [`latent_basis`](Self::latent_basis)): what a cache of
     /// r numbers per token would keep on text it was not fitted to.
     pub fn rank_truncation_in(&self, input: impl Into<Input>, ranks: &[usize], basis: &LatentBasis) -> Result<RankSweep> {
-        self.check_basis(basis)?;
         self.rank_sweep(input.into(), ranks, Some(basis.tokens), |r| Ok(Interventions::new().project_latent(Layers::All, basis, r)?))
     }
 
@@ -267,14 +266,6 @@ impl Model {
             )));
         }
         Ok(LatentBasis { directions, singular_values, tokens })
-    }
-
-    fn check_basis(&self, basis: &LatentBasis) -> Result<()> {
-        let (l, d) = (self.config.num_hidden_layers, self.config.kv_lora_rank as i64);
-        if basis.directions.len() != l || basis.directions.iter().any(|v| v.size() != [d, d]) {
-            return Err(Error::Input(format!("the latent basis is not this model's: want {l} layers of [{d}, {d}]")));
-        }
-        Ok(())
     }
 
     fn rank_sweep(&self, input: Input, ranks: &[usize], basis_tokens: Option<i64>, variant: impl Fn(usize) -> Result<Interventions>) -> Result<RankSweep> {

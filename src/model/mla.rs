@@ -356,35 +356,34 @@ impl Mla {
         while start < t {
             let n = block.min(t - start);
             let qb = if n == t { q.shallow_clone() } else { q.f_narrow(2, start, n)? };
-            let scores = qb.f_matmul(&kt)?.f_mul_scalar(self.softmax_scale)?.f_to_kind(Kind::Float)?;
-            let scores = if t > 1 {
-                // query start+i (absolute past+start+i) sees keys j <= past+start+i
-                let mask = Tensor::f_ones([n, s], (Kind::Bool, q.device()))?.f_triu(past + start + 1)?;
-                scores.f_masked_fill(&mask, f64::NEG_INFINITY)?
-            } else {
-                scores
-            };
-            outs.push(scores.f_softmax(-1, Kind::Float)?.f_to_kind(q.kind())?.f_matmul(v)?);
+            outs.push(self.causal_probs(&qb, &kt, past + start)?.f_to_kind(q.kind())?.f_matmul(v)?);
             start += n;
         }
         Ok(if outs.len() == 1 { outs.remove(0) } else { Tensor::f_cat(&outs, 2)? })
     }
 
-    /// Attention with the probabilities computed explicitly and passed
-    /// through `hooks` (which may replace them) before they weight the values.
-    fn explicit_attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, past: i64, hooks: &mut dyn Hooks, layer: usize) -> Result<Tensor> {
-        let t = q.size()[2];
-        // content and position parts in one matmul
-        let scores = q.f_matmul(&k.f_transpose(-1, -2)?)?; // [B, H, T, S]
-        let scores = scores.f_mul_scalar(self.softmax_scale)?.f_to_kind(Kind::Float)?;
-        let scores = if t > 1 {
-            // query i (absolute past+i) sees keys j <= past+i
-            let mask = Tensor::f_ones([t, past + t], (Kind::Bool, q.device()))?.f_triu(past + 1)?;
+    /// Attention probabilities (f32) of queries `q` [B, H, n, d], the first
+    /// at absolute position `first`, over keys `kt` [B, H or 1, d, S]
+    /// (transposed): scaled scores, the causal mask (query `first + i` sees
+    /// keys `j <= first + i`), softmax. A single query over its whole past
+    /// needs no mask.
+    fn causal_probs(&self, q: &Tensor, kt: &Tensor, first: i64) -> Result<Tensor> {
+        let (n, s) = (q.size()[2], kt.size()[3]);
+        // content and RoPE parts in one matmul
+        let scores = q.f_matmul(kt)?.f_mul_scalar(self.softmax_scale)?.f_to_kind(Kind::Float)?;
+        let scores = if n > 1 || first + 1 < s {
+            let mask = Tensor::f_ones([n, s], (Kind::Bool, q.device()))?.f_triu(first + 1)?;
             scores.f_masked_fill(&mask, f64::NEG_INFINITY)?
         } else {
             scores
         };
-        let probs = hooks.visit(HookPoint::Pattern(layer), scores.f_softmax(-1, Kind::Float)?)?;
+        Ok(scores.f_softmax(-1, Kind::Float)?)
+    }
+
+    /// Attention with the probabilities computed explicitly and passed
+    /// through `hooks` (which may replace them) before they weight the values.
+    fn explicit_attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, past: i64, hooks: &mut dyn Hooks, layer: usize) -> Result<Tensor> {
+        let probs = hooks.visit(HookPoint::Pattern(layer), self.causal_probs(q, &k.f_transpose(-1, -2)?, past)?)?;
         Ok(probs.f_to_kind(q.kind())?.f_matmul(v)?)
     }
 }

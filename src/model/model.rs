@@ -505,23 +505,19 @@ impl Model {
             }
         }
         routing.resize_with(self.layers.len(), || None); // layers after a stop route nothing
-        if opts.until != Until::Logits {
-            if let Some(s) = &self.streamer {
-                s.end_pass();
+        let logits = if opts.until == Until::Logits {
+            let norm_device = self.norm.weight.device();
+            if h.device() != norm_device {
+                h = h.f_to_device(norm_device)?;
             }
-            let logits = Tensor::f_empty([ids.size()[0], t, 0], (self.kind, h.device()))?;
-            let cost = self.cost_since(started, &before, ids.numel() as u64);
-            return Ok(ForwardOutput { logits, routing, cost });
-        }
-        let norm_device = self.norm.weight.device();
-        if h.device() != norm_device {
-            h = h.f_to_device(norm_device)?;
-        }
-        let mut h = hooks.visit(HookPoint::FinalNorm, self.norm.forward(&h)?)?;
-        if h.device() != self.lm_head.device {
-            h = h.f_to_device(self.lm_head.device)?;
-        }
-        let logits = hooks.visit(HookPoint::Logits, self.lm_head.linear(&h)?)?;
+            let mut h = hooks.visit(HookPoint::FinalNorm, self.norm.forward(&h)?)?;
+            if h.device() != self.lm_head.device {
+                h = h.f_to_device(self.lm_head.device)?;
+            }
+            hooks.visit(HookPoint::Logits, self.lm_head.linear(&h)?)?
+        } else {
+            Tensor::f_empty([ids.size()[0], t, 0], (self.kind, h.device()))?
+        };
         if let Some(s) = &self.streamer {
             s.end_pass();
         }

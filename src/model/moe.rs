@@ -61,6 +61,12 @@ impl Mlp {
         [&self.gate_up.weight, &self.down_proj.weight]
     }
 
+    /// A read job per weight still on disk (`None` for a resident one), in
+    /// the order [`forward_fetched`](Self::forward_fetched) takes them.
+    pub fn fetch_jobs(&self) -> Vec<Option<FetchJob>> {
+        self.weights().iter().map(|w| w.fetch_job()).collect()
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.forward_fetched(x, Vec::new())
     }
@@ -481,7 +487,7 @@ impl Moe {
         let xs = x.f_index_select(0, &token_of)?; // [N*k, D]
         let chosen: Vec<usize> = counts.iter().enumerate().filter(|(_, &c)| c > 0).map(|(e, _)| e).collect();
         // experts on disk are read by reader threads while the ones already read compute
-        let jobs: Vec<Vec<Option<FetchJob>>> = chosen.iter().map(|&e| self.experts[e].weights().iter().map(|w| w.fetch_job()).collect()).collect();
+        let jobs: Vec<Vec<Option<FetchJob>>> = chosen.iter().map(|&e| self.experts[e].fetch_jobs()).collect();
         let mut parts = Vec::with_capacity(chosen.len());
         let mut offset = 0;
         read_ahead(&jobs, |i, fetched| {
@@ -508,7 +514,7 @@ impl Moe {
             .iter()
             .map(|&e| usize::try_from(e).ok().and_then(|i| self.experts.get(i)).ok_or_else(|| Error::out_of_range(IndexKind::Expert, e, n_experts)))
             .collect::<Result<Vec<&Mlp>>>()?;
-        let jobs: Vec<Vec<Option<FetchJob>>> = experts.iter().map(|m| m.weights().iter().map(|w| w.fetch_job()).collect()).collect();
+        let jobs: Vec<Vec<Option<FetchJob>>> = experts.iter().map(|m| m.fetch_jobs()).collect();
         let mut out: Option<Tensor> = None;
         read_ahead(&jobs, |i, fetched| {
             let y = experts[i].forward_fetched(x, fetched)?.f_mul(&w.f_narrow(0, i as i64, 1)?)?;
