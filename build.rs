@@ -2,9 +2,9 @@
 //! - the interrupt counters exported from the `deepscope` executable;
 //! - an rpath to the libtorch that torch-sys linked against, so
 //!   `target/release/deepscope` runs with no LD_LIBRARY_PATH set;
-//! - `libtorch_cuda` kept as a dependency even though no symbol of it is used
-//!   directly (the linker's --as-needed would drop it and CUDA would then
-//!   never be seen at run time).
+//! - `libtorch_cuda` kept as a dependency of `deepscope`, the tests and the
+//!   examples even though no symbol of it is used directly (the linker's
+//!   --as-needed would drop it and CUDA would then never be seen at run time).
 use std::path::Path;
 
 fn main() {
@@ -33,7 +33,13 @@ fn main() {
         println!("cargo:rustc-link-arg=-Wl,-rpath,{dir}");
         println!("cargo:rustc-env=DEEPSCOPE_LIBTORCH_LIB={dir}");
         if Path::new(&dir).join("libtorch_cuda.so").exists() {
-            println!("cargo:rustc-link-arg=-Wl,--no-as-needed,-ltorch_cuda,--as-needed");
+            // not for `deepscope-rustc`, which uses no libtorch at all and
+            // is started once per compiler call (src/bin/deepscope-rustc.rs)
+            let arg = "-Wl,--no-as-needed,-ltorch_cuda,--as-needed";
+            println!("cargo:rustc-link-arg-bin=deepscope={arg}");
+            for kind in ["tests", "examples"] {
+                println!("cargo:rustc-link-arg-{kind}={arg}");
+            }
         }
     }
 }

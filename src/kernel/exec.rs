@@ -268,7 +268,20 @@ pub(crate) fn prepare_environment() -> Toolchain {
     std::env::set_var(STDERR_END_MARKER_ENV, STDERR_END_MARKER);
     // the runner dies with this process (src/bin/deepscope.rs, die_with_the_kernel)
     std::env::set_var("DEEPSCOPE_KERNEL_PID", std::process::id().to_string());
+    // patched evcxr: cargo's rustc wrapper is the small program built beside
+    // this one (src/bin/deepscope-rustc.rs) instead of this executable, which
+    // takes ~0.4 s to start because it links libtorch (without it: evcxr's default)
+    if let Some(wrapper) = rustc_wrapper() {
+        std::env::set_var(evcxr::RUSTC_WRAPPER_PATH_ENV, wrapper);
+    }
     toolchain
+}
+
+/// `deepscope-rustc` next to the running executable, if it is there.
+fn rustc_wrapper() -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    let wrapper = exe.parent()?.join(format!("deepscope-rustc{}", std::env::consts::EXE_SUFFIX));
+    wrapper.is_file().then_some(wrapper)
 }
 
 /// The Rust toolchain that compiles the cells, asked once at start-up.

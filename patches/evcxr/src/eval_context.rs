@@ -107,8 +107,15 @@ pub(crate) struct Config {
     pub(crate) target: String,
     pub(crate) allow_static_linking: bool,
     pub(crate) build_envs: HashMap<String, String>,
-    pub(crate) subprocess_path: PathBuf,
+    /// DeepScope patch: the program cargo runs as `RUSTC_WRAPPER` (stock:
+    /// the subprocess, kept in a field `subprocess_path` that had no other use).
+    pub(crate) rustc_wrapper: PathBuf,
 }
+
+/// DeepScope patch: names a program to run as the rustc wrapper instead of
+/// the subprocess (this executable). It must call `runtime_hook()` first
+/// thing, like the subprocess. A program that links less starts faster.
+pub const RUSTC_WRAPPER_PATH_ENV: &str = "EVCXR_RUSTC_WRAPPER_PATH";
 
 fn create_initial_config(tmpdir: PathBuf, subprocess_path: PathBuf) -> Result<Config> {
     let mut config = Config::new(tmpdir, subprocess_path)?;
@@ -153,7 +160,9 @@ impl Config {
             // Forcing dynamic linking causes hard-to-diagnose problems in some cases, so it's off
             // by default.
             allow_static_linking: true,
-            subprocess_path,
+            rustc_wrapper: std::env::var_os(RUSTC_WRAPPER_PATH_ENV)
+                .filter(|p| !p.is_empty())
+                .map_or(subprocess_path, PathBuf::from),
             codegen_backend: None,
             build_envs: Default::default(),
         })
@@ -238,7 +247,7 @@ impl Config {
                 command.env("RUSTC_WRAPPER", sccache);
             }
         } else {
-            command.env("RUSTC_WRAPPER", &self.subprocess_path);
+            command.env("RUSTC_WRAPPER", &self.rustc_wrapper);
             command.env(runtime::WRAP_RUSTC_ENV, "1");
             if !self.allow_static_linking {
                 command.env(runtime::FORCE_DYLIB_ENV, "1");

@@ -357,7 +357,7 @@ impl Module {
         if key.is_some() {
             if command.get_envs().all(|(k, _)| k != "RUSTC_WRAPPER") {
                 command
-                    .env("RUSTC_WRAPPER", &config.subprocess_path)
+                    .env("RUSTC_WRAPPER", &config.rustc_wrapper)
                     .env(crate::runtime::WRAP_RUSTC_ENV, "1");
             }
             command.env(RECORD_RUSTC_ENV, &record_file);
