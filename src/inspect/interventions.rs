@@ -96,9 +96,18 @@ impl From<usize> for Layers {
 }
 
 impl Layers {
+    /// For routing changes: `All` is the MoE layers.
     fn resolve(&self, model: &Model) -> Vec<usize> {
         match self {
             Layers::All => model.config.moe_layers(),
+            other => other.resolve_attention(model),
+        }
+    }
+
+    /// For attention (latent) changes: `All` is every layer.
+    fn resolve_attention(&self, model: &Model) -> Vec<usize> {
+        match self {
+            Layers::All => (0..model.config.num_hidden_layers).collect(),
             Layers::One(l) => vec![*l],
             Layers::Some(v) => v.clone(),
         }
@@ -338,12 +347,8 @@ impl Interventions {
                     if *rank > cfg.kv_lora_rank {
                         return Err(Error::Input(format!("{iv}: rank {rank} exceeds kv_lora_rank ({})", cfg.kv_lora_rank)));
                     }
-                    let ls = match layers {
-                        Layers::All => (0..n_layers).collect(),
-                        other => other.resolve(model),
-                    };
                     let mut points = BTreeSet::new();
-                    for l in ls {
+                    for l in layers.resolve_attention(model) {
                         check_layer(l, iv)?;
                         points.insert(HookPoint::CKv(l));
                     }
@@ -354,11 +359,7 @@ impl Interventions {
                     if projections.len() != n_layers {
                         return Err(Error::Input(format!("{iv}: the latent basis has {} layers, this model {n_layers}: it is another model's", projections.len())));
                     }
-                    let ls = match layers {
-                        Layers::All => (0..n_layers).collect(),
-                        other => other.resolve(model),
-                    };
-                    for l in ls {
+                    for l in layers.resolve_attention(model) {
                         check_layer(l, iv)?;
                         let p = &projections[l];
                         if p.size() != [d, d] {
