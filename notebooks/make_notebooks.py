@@ -49,6 +49,22 @@ def chart(*parts):
 # Shared Rust snippets
 # ---------------------------------------------------------------------------
 
+# A paired bootstrap of a mean per-token difference (03's fixed basis, 05's
+# perplexity changes): one resampling, seeded, in both notebooks.
+PAIRED_BOOTSTRAP = r'''
+/// 95% paired-bootstrap interval of the mean of `variant - base` (same tokens,
+/// `resamples` resamples, seeded).
+fn mean_difference_interval(base: &[f64], variant: &[f64], resamples: i64) -> (f64, f64) {
+    let n = base.len().min(variant.len()) as i64;
+    let diffs = Tensor::from_slice(&variant[..n as usize]) - Tensor::from_slice(&base[..n as usize]);
+    deepscope::tch::manual_seed(0);
+    let idx = Tensor::randint(n, [resamples * n], (Kind::Int64, Device::Cpu));
+    let means = diffs.index_select(0, &idx).view([resamples, n]).mean_dim(1, false, Kind::Double);
+    let q = |p: f64| means.quantile_scalar(p, None::<i64>, false, "linear").double_value(&[]);
+    (q(0.025), q(0.975))
+}
+'''
+
 # Held-out text of each domain through the library's corpus reader (the split
 # the default model was trained with), with a few built-in lines standing in
 # when the Debian corpus packages are not installed.
@@ -1454,7 +1470,7 @@ MLA = [
     per-token loss differences (fixed basis minus full latent, the same tokens, 2,000 resamples) says
     whether the difference is larger than the noise of this sample.
     '''),
-    code(r'''
+    code(PAIRED_BOOTSTRAP, r'''
     let best_rank: usize = fixed.rows.iter().filter(|r| r.rank > 0 && r.rank < model.config.kv_lora_rank)
         .min_by(|a, b| a.mean_loss.total_cmp(&b.mean_loss)).map_or(16, |r| r.rank);
     let (full_losses, cut_losses): (Vec<f64>, Vec<f64>) = {
@@ -1478,16 +1494,9 @@ MLA = [
         }
         (a, b)
     };
-    let n = full_losses.len() as i64;
-    let diffs = Tensor::from_slice(&cut_losses) - Tensor::from_slice(&full_losses);
-    let mean_diff = diffs.mean(Kind::Double).double_value(&[]);
-    let (lo, hi) = {
-        deepscope::tch::manual_seed(0);
-        let idx = Tensor::randint(n, [2000 * n], (Kind::Int64, Device::Cpu));
-        let means = diffs.index_select(0, &idx).view([2000, n]).mean_dim(1, false, Kind::Double);
-        let q = |p: f64| means.quantile_scalar(p, None::<i64>, false, "linear").double_value(&[]);
-        (q(0.025), q(0.975))
-    };
+    let n = full_losses.len();
+    let mean_diff = cut_losses.iter().zip(&full_losses).map(|(c, f)| c - f).sum::<f64>() / n as f64;
+    let (lo, hi) = mean_difference_interval(&full_losses, &cut_losses, 2000);
     println!("{n} fresh tokens; rank {best_rank} of the fixed basis minus the full latent: {mean_diff:+.4} nats per token (95% interval {lo:+.4} to {hi:+.4})");
     println!("verdict: {}", if lo > 0.0 { "worse than the full latent, beyond the noise" } else if hi < 0.0 { "better than the full latent, beyond the noise" } else { "within the noise" });
     // the text below: on fresh text the best rank is neither better nor worse than the full latent
@@ -2365,16 +2374,11 @@ PROTOTYPING = [
     A change whose interval contains 0 is within the noise of this sample and is not a result. Tokens of
     one document are not independent, so these intervals are, if anything, too narrow.
     '''),
-    code(r'''
+    code(PAIRED_BOOTSTRAP, r'''
     /// 95% paired-bootstrap interval of the perplexity change of `variant` over `base` (same tokens).
     fn change_interval(base: &[f64], variant: &[f64], resamples: i64) -> (f64, f64) {
-        let n = base.len().min(variant.len()) as i64;
-        let diffs = Tensor::from_slice(&variant[..n as usize]) - Tensor::from_slice(&base[..n as usize]);
-        deepscope::tch::manual_seed(0);
-        let idx = Tensor::randint(n, [resamples * n], (Kind::Int64, Device::Cpu));
-        let means = diffs.index_select(0, &idx).view([resamples, n]).mean_dim(1, false, Kind::Double);
-        let q = |p: f64| means.quantile_scalar(p, None::<i64>, false, "linear").double_value(&[]).exp() - 1.0;
-        (q(0.025), q(0.975))
+        let (lo, hi) = mean_difference_interval(base, variant, resamples);
+        (lo.exp() - 1.0, hi.exp() - 1.0)
     }
     let mut headers: Vec<String> = vec!["run".into(), "perplexity".into(), "change".into(), "95% interval".into(), "beyond noise".into()];
     headers.extend(layers.iter().map(|l| format!("max/mean load, layer {l}")));
