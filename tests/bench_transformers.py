@@ -306,6 +306,70 @@ def worker(kind: str, model_dir: str, threads: int) -> dict:
         return {"floor_steps_per_s": 1.0 / s, "floor_step_bytes": sum(m.numel() * m.element_size() for m in mats),
                 "floor_matrices": len(mats)}
 
+    if kind == "prefill_floor":
+        # The matrix products a 4 x 256 prefill cannot avoid, timed back to
+        # back in torch with nothing between them: every 2-D weight but the
+        # embedding table (attention projections, dense MLP, routers, shared
+        # experts, LM head) times all the tokens; each routed expert times the
+        # tokens the model's own router sent it on this prompt (counts from a
+        # hooked forward of the same ids as the prefill); and per layer the
+        # attention core, queries in blocks of 128 scored against the keys up
+        # to each block's end (scores, then probabilities times values; the
+        # blocking DeepScope uses, three quarters of the full T x T square).
+        # No norms, softmax, RoPE, routing or copies.
+        import re
+        ids = torch.randint(0, vocab, (BATCH, SEQ), generator=gen)  # the prefill's ids
+        counts: dict[int, list[int]] = {}
+
+        def on_gate(name):
+            layer = int(re.search(r"layers\.(\d+)\.", name).group(1))
+            n_exp = model.config.n_routed_experts
+
+            def hook(_mod, _inp, out):
+                counts[layer] = torch.bincount(out[2].reshape(-1), minlength=n_exp).tolist()
+            return hook
+
+        handles = [m.register_forward_hook(on_gate(n)) for n, m in model.named_modules() if n.endswith("mlp.gate")]
+        with torch.inference_mode():
+            model(input_ids=ids, use_cache=False)
+        for h in handles:
+            h.remove()
+        rows = BATCH * SEQ
+        products = []  # (weight [out, in], rows)
+        for name, p in model.named_parameters():
+            if "embed_tokens" in name:
+                continue
+            if p.dim() == 2:
+                products.append((p.detach(), rows))
+            elif p.dim() == 3:  # fused experts in memory: [E, out, in]
+                layer = int(re.search(r"layers\.(\d+)\.", name).group(1))
+                products.extend((p.detach()[e], c) for e, c in enumerate(counts[layer]) if c > 0)
+        xs = [torch.randn(r, m.shape[1]) for m, r in products]
+        cfg = model.config
+        heads, dq, dv = cfg.num_attention_heads, cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.v_head_dim
+        q = torch.randn(BATCH * heads, SEQ, dq)
+        k = torch.randn(BATCH * heads, SEQ, dq)
+        v = torch.randn(BATCH * heads, SEQ, dv)
+        block = 128
+        flops = sum(2 * r * m.shape[0] * m.shape[1] for m, r in products)
+        for start in range(0, SEQ, block):
+            n = min(block, SEQ - start)
+            flops += cfg.num_hidden_layers * 2 * BATCH * heads * n * (start + n) * (dq + dv)
+
+        def prefill_products():
+            with torch.inference_mode():
+                for m, x in zip(products, xs):
+                    torch.nn.functional.linear(x, m[0])
+                for _ in range(cfg.num_hidden_layers):
+                    for start in range(0, SEQ, block):
+                        n = min(block, SEQ - start)
+                        s = torch.bmm(q[:, start:start + n], k[:, :start + n].transpose(1, 2))
+                        torch.bmm(s, v[:, :start + n])
+
+        t, times = median_time(prefill_products, repeats=9)
+        return {"prefill_floor_s": t, "prefill_floor_runs_s": times, "prefill_floor_products": len(products)
+                + cfg.num_hidden_layers * 2 * ((SEQ + block - 1) // block), "prefill_floor_gflop": flops / 1e9}
+
     raise ValueError(kind)
 
 
@@ -323,7 +387,7 @@ def run_worker(kind: str, model_dir: str, threads: int) -> dict:
 
 def measure_transformers(model_dir: str, threads: int) -> dict:
     result = {}
-    for kind in ("load", "prefill", "decode", "floor"):
+    for kind in ("load", "prefill", "decode", "floor", "prefill_floor"):
         print(f"[bench] transformers {kind} ...", file=sys.stderr, flush=True)
         result.update(run_worker(kind, model_dir, threads))
     # Pick the decode figure that favours transformers (see DECODE_METHODS).
@@ -385,6 +449,11 @@ def render_section(hf: dict, ds: dict, threads: int, command: str, ds_command: s
         ("---", "---:", "---:", "---:", "---", "---"),
         (f"prefill tokens/s ({BATCH} x {SEQ})", f"{hf['prefill_tokens_per_s']:.1f}",
          f"{ds['prefill_tokens_per_s']:.1f}", f"{prefill_ratio:.2f}x", ">= 1.5x", met(prefill_ratio >= 1.5)),
+        (f"prefill floor: the prefill's matrix products alone ({hf['prefill_floor_products']} products, "
+         f"{hf['prefill_floor_gflop']:.2f} GFLOP, torch back to back), tokens/s", f"{BATCH * SEQ / hf['prefill_floor_s']:.1f}", "",
+         f"DeepScope prefill at {100 * ds['prefill_tokens_per_s'] * hf['prefill_floor_s'] / (BATCH * SEQ):.0f}% of it; "
+         f"transformers at {100 * hf['prefill_tokens_per_s'] * hf['prefill_floor_s'] / (BATCH * SEQ):.0f}%; "
+         f"1.5x transformers = {1.5 * hf['prefill_tokens_per_s'] * hf['prefill_floor_s'] / (BATCH * SEQ):.2f}x the floor", "", ""),
         (f"corpus routing statistics tokens/s (DeepScope: `routing_stats`, {BATCH} documents of {SEQ}, windows "
          f"of 256; transformers: its prefill above)", f"{hf['prefill_tokens_per_s']:.1f}",
          f"{ds['routing_stats_tokens_per_s']:.1f}", f"{corpus_ratio:.2f}x", ">= 1.3x", met(corpus_ratio >= 1.3)),
@@ -491,7 +560,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--model-dir", default="target/bench/model")
     ap.add_argument("--hf-only", action="store_true", help="measure transformers only and print")
-    ap.add_argument("--worker", choices=("load", "prefill", "decode", "floor"), help=argparse.SUPPRESS)
+    ap.add_argument("--worker", choices=("load", "prefill", "decode", "floor", "prefill_floor"), help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     if args.worker:
