@@ -329,6 +329,27 @@ def test_panic_keeps_earlier_variables(kernel):
     assert execute_ok(kc, "keep + 1").result() == "42"
 
 
+def test_cells_run_again_keep_their_variables_with_the_right_types(kernel):
+    """A cell that redefines variables with types the session has compiled
+    compiles while rust-analyzer types them (patched evcxr item 12); the values
+    persist with the right types, and a type that cannot be stored is still
+    refused before the cell runs, keeping the old value."""
+    km, kc = kernel
+    execute_ok(kc, "let model_rt = Model::load_default()?;")
+    for text in ("Attention is all", "Routing"):
+        execute_ok(kc, f'let t_rt = model_rt.trace("{text}")?; let n_rt = t_rt.logits.size()[1];')
+        sizes = execute_ok(kc, "(t_rt.logits.size()[1], n_rt)").result()
+        first, second = sizes.strip("()").split(", ")
+        assert first == second and int(first) > 0, sizes
+    # the same name now holds another type: stored with that type
+    execute_ok(kc, 'let t_rt = "now a string";')
+    assert execute_ok(kc, "t_rt.len()").result() == "12"
+    execute_ok(kc, "let it_rt = 5u32;")
+    run = execute(kc, "let it_rt = (0..3).map(|i| i * 2);")
+    assert run.content["status"] == "error" and "cannot be persisted" in run.content["evalue"], run.describe()
+    assert execute_ok(kc, "it_rt + 1").result() == "6"
+
+
 def error_of(run):
     """The cell's error reply content, checked against its one `error` iopub message."""
     assert run.content["status"] == "error", run.describe()
