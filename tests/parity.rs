@@ -185,6 +185,55 @@ fn attention_in_query_blocks_equals_one_block_and_the_fused_kernel() {
     assert!(err.to_string().contains("6 keys for 4 queries"), "{err}");
 }
 
+/// A decode step's norms, rotations and SwiGLU run in one loop each on the
+/// CPU (f32, a few rows, no gradient); a tensor that requires a gradient
+/// takes libtorch's operations. Both must give the same numbers, for
+/// contiguous and strided inputs, on every case (interleaved RoPE or not).
+#[test]
+fn decode_step_loops_equal_libtorch_operations() {
+    use deepscope::model::decoder::FeedForward;
+    let cpu = (Kind::Float, tch::Device::Cpu);
+    for case in cases() {
+        let model = load_cpu(&case.dir);
+        let layer = &model.layers[0];
+        let d = model.config.hidden_size as i64;
+        tch::manual_seed(11);
+        let with_grad = |x: &Tensor| x.copy().set_requires_grad(true);
+        // RMSNorm: 6 rows, then a strided slice of wider rows
+        let norm = &layer.input_layernorm;
+        let x = Tensor::randn([2, 3, d], cpu);
+        let wide = Tensor::randn([2, 3, d + 5], cpu);
+        for x in [x, wide.narrow(-1, 2, d)] {
+            let (fast, slow) = (norm.forward(&x).unwrap(), norm.forward(&with_grad(&x)).unwrap());
+            assert!(slow.requires_grad() && !fast.requires_grad(), "{}: the gradient path was not taken", case.name);
+            let diff = max_abs_diff(&fast, &slow.detach());
+            assert!(diff <= 1e-6, "{}: RMSNorm differs by {diff:e}", case.name);
+        }
+        // RoPE on a decode step's queries [1, H, 1, rope] (a strided view) and two positions
+        let (h, r) = (model.config.num_attention_heads as i64, model.config.qk_rope_head_dim as i64);
+        for t in [1, 2] {
+            let angles = model.rope.angles(7, t, Kind::Float).unwrap();
+            let q = Tensor::randn([1, t, h, r + 3], cpu).transpose(1, 2).narrow(-1, 3, r);
+            let (fast, slow) = (model.rope.apply(&q, &angles).unwrap(), model.rope.apply(&with_grad(&q), &angles).unwrap());
+            assert!(slow.requires_grad() && !fast.requires_grad());
+            assert_eq!(fast.size(), [1, h, t, r]);
+            let diff = max_abs_diff(&fast, &slow.detach());
+            assert!(diff <= 1e-6, "{}: RoPE differs by {diff:e} at {t} positions", case.name);
+        }
+        // SwiGLU of the dense MLP on one token, against silu(gate) * up in libtorch
+        if let FeedForward::Dense(mlp) = &layer.mlp {
+            let x = Tensor::randn([1, 1, d], cpu);
+            let gu = mlp.gate_up.forward(&x).unwrap();
+            let i = mlp.intermediate;
+            let hidden = gu.narrow(-1, 0, i).silu() * gu.narrow(-1, i, i);
+            let slow = mlp.down_proj.forward(&hidden).unwrap();
+            let fast = mlp.forward(&x).unwrap();
+            let diff = max_abs_diff(&fast, &slow);
+            assert!(diff <= 1e-5 * (1.0 + slow.abs().max().double_value(&[])), "{}: MLP differs by {diff:e}", case.name);
+        }
+    }
+}
+
 #[test]
 fn a_pass_that_stops_early_routes_every_layer_as_a_whole_pass_does() {
     use deepscope::model::Until;

@@ -78,9 +78,15 @@ impl Mlp {
         let mut fetched = fetched.into_iter();
         let (gu_w, down_w) = (fetched.next().flatten(), fetched.next().flatten());
         let gu = self.gate_up.weight.linear_fetched(x, gu_w, self.gate_up.bias.as_ref())?;
-        let gate = gu.f_narrow(-1, 0, self.intermediate)?;
-        let up = gu.f_narrow(-1, self.intermediate, self.intermediate)?;
-        self.down_proj.weight.linear_fetched(&gate.f_silu()?.f_mul(&up)?, down_w, self.down_proj.bias.as_ref())
+        let hidden = match swiglu_few_f32(&gu, self.intermediate)? {
+            Some(h) => h,
+            None => {
+                let gate = gu.f_narrow(-1, 0, self.intermediate)?;
+                let up = gu.f_narrow(-1, self.intermediate, self.intermediate)?;
+                gate.f_silu()?.f_mul(&up)?
+            }
+        };
+        self.down_proj.weight.linear_fetched(&hidden, down_w, self.down_proj.bias.as_ref())
     }
 
     /// `gate_proj.weight` [I, D] (a view into the stacked matrix when it is resident).
@@ -309,7 +315,7 @@ impl Router {
             masked = masked.f_index_fill(1, &Tensor::f_from_slice(forced)?.f_to_device(device)?, f64::INFINITY)?;
         }
         let (best, indices) = masked.f_topk(st.top_k, -1, true, true)?; // [N, k]
-        if best.f_isneginf()?.f_any()?.f_int64_value(&[])? != 0 {
+        if any_neg_inf(&best)? {
             let per_group = self.num_experts() / st.n_group.max(1);
             return Err(Error::Input(format!(
                 "layer {layer}: fewer than {} experts are left to choose ({} banned; group-limited routing allows {} groups x {} experts)",
@@ -369,11 +375,71 @@ pub fn score(logits: &Tensor, scoring: ScoringFunc) -> Result<Tensor> {
     })
 }
 
+/// Elements of `[gate | up]` up to which [`swiglu_few_f32`] computes in one loop.
+const SWIGLU_FEW: usize = 16384;
+
+/// `silu(gate) * up` from `gu` = `[..., gate | up]` (each `inter` wide) for
+/// a few f32 rows on the CPU with nothing requiring a gradient (a decode
+/// step), in one loop instead of four libtorch operations. `None` otherwise.
+fn swiglu_few_f32(gu: &Tensor, inter: i64) -> Result<Option<Tensor>> {
+    let size = gu.size();
+    if size.last().copied() != Some(2 * inter) || inter < 1 || gu.numel() > SWIGLU_FEW {
+        return Ok(None);
+    }
+    if gu.device() != Device::Cpu || gu.kind() != Kind::Float || gu.requires_grad() {
+        return Ok(None);
+    }
+    let gu = gu.f_contiguous()?;
+    let mut out_size = size.clone();
+    if let Some(last) = out_size.last_mut() {
+        *last = inter;
+    }
+    let out = Tensor::f_empty(out_size.as_slice(), (Kind::Float, Device::Cpu))?;
+    let (n, inter) = (gu.numel(), inter as usize);
+    if n == 0 {
+        return Ok(Some(out));
+    }
+    // SAFETY: `gu` is a contiguous f32 CPU tensor of n elements and `out` a
+    // new one of n / 2, both alive for the whole function; `out` is written
+    // only here.
+    let (src, dst) = unsafe {
+        (
+            std::slice::from_raw_parts(gu.data_ptr() as *const f32, n),
+            std::slice::from_raw_parts_mut(out.data_ptr() as *mut f32, n / 2),
+        )
+    };
+    for (row, y) in src.chunks_exact(2 * inter).zip(dst.chunks_exact_mut(inter)) {
+        let (gate, up) = row.split_at(inter);
+        for ((y, g), u) in y.iter_mut().zip(gate).zip(up) {
+            *y = g / (1.0 + (-g).exp()) * u;
+        }
+    }
+    Ok(Some(out))
+}
+
+/// Elements up to which a check reads a tensor back whole (one copy) rather
+/// than reducing it in libtorch (several operations, each costing more than
+/// the copy at a decode step).
+const READ_BACK: usize = 256;
+
+/// Whether any of the top-k scores is `-inf` (fewer experts were left than k).
+fn any_neg_inf(best: &Tensor) -> Result<bool> {
+    if best.numel() <= READ_BACK && best.kind() == Kind::Float {
+        return Ok(Vec::<f32>::try_from(best.f_reshape([-1])?)?.iter().any(|v| *v == f32::NEG_INFINITY));
+    }
+    Ok(best.f_isneginf()?.f_any()?.f_int64_value(&[])? != 0)
+}
+
 fn check_expert_ids(idx: &Tensor, e: i64, layer: usize) -> Result<()> {
     if idx.numel() == 0 {
         return Ok(());
     }
-    let (lo, hi) = (idx.f_min()?.f_int64_value(&[])?, idx.f_max()?.f_int64_value(&[])?);
+    let (lo, hi) = if idx.numel() <= READ_BACK && idx.kind() == Kind::Int64 {
+        let ids = Vec::<i64>::try_from(idx.f_reshape([-1])?)?;
+        (ids.iter().copied().min().unwrap_or(0), ids.iter().copied().max().unwrap_or(0))
+    } else {
+        (idx.f_min()?.f_int64_value(&[])?, idx.f_max()?.f_int64_value(&[])?)
+    };
     if lo < 0 || hi >= e {
         return Err(Error::out_of_range(IndexKind::Expert, if lo < 0 { lo } else { hi }, e).in_context(format!("layer {layer}")));
     }

@@ -14,6 +14,9 @@ use tch::{Device, Kind, Tensor};
 use super::config::{yarn_get_mscale, Config, RopeScaling};
 use crate::error::Result;
 
+/// Elements up to which [`Rope::apply`] rotates f32 on the CPU in one loop.
+pub const FEW_ELEMENTS: usize = 8192;
+
 #[derive(Debug)]
 pub struct Rope {
     /// [rope/2] f32.
@@ -113,6 +116,9 @@ impl Rope {
 
     /// Rotates `x` [..., T, rope] by `angles` ([T, rope/2]).
     pub fn apply(&self, x: &Tensor, angles: &RopeAngles) -> Result<Tensor> {
+        if let Some(y) = self.apply_few_f32(x, angles)? {
+            return Ok(y);
+        }
         let d = *x.size().last().unwrap_or(&0);
         let (x1, x2) = if self.interleave {
             (x.f_slice(-1, 0, d, 2)?, x.f_slice(-1, 1, d, 2)?)
@@ -123,5 +129,50 @@ impl Rope {
         let first = x1.f_mul(c)?.f_sub(&x2.f_mul(s)?)?;
         let second = x2.f_mul(c)?.f_add(&x1.f_mul(s)?)?;
         Ok(Tensor::f_cat(&[first, second], -1)?)
+    }
+
+    /// [`apply`](Self::apply) for at most [`FEW_ELEMENTS`] f32 elements on
+    /// the CPU with nothing requiring a gradient (a decode step's queries and
+    /// key), in one loop instead of nine libtorch operations: the same
+    /// products and sums in the same order. `None` otherwise.
+    fn apply_few_f32(&self, x: &Tensor, angles: &RopeAngles) -> Result<Option<Tensor>> {
+        let size = x.size();
+        let (t, d) = match size.as_slice() {
+            [.., t, d] if *d % 2 == 0 && *d > 0 => (*t, *d),
+            _ => return Ok(None),
+        };
+        let (c, s) = (&angles.cos, &angles.sin);
+        let cpu_f32 = |v: &Tensor| v.device() == Device::Cpu && v.kind() == Kind::Float && !v.requires_grad();
+        let half = d / 2;
+        if x.numel() > FEW_ELEMENTS || !cpu_f32(x) || !cpu_f32(c) || !cpu_f32(s) || c.size() != [t, half] || s.size() != [t, half] || !c.is_contiguous() || !s.is_contiguous() {
+            return Ok(None);
+        }
+        let x = x.f_contiguous()?;
+        let out = x.f_empty_like()?;
+        let (n, t, d, half) = (x.numel(), t as usize, d as usize, half as usize);
+        if n == 0 {
+            return Ok(Some(out));
+        }
+        // SAFETY: contiguous f32 CPU tensors of n (x, out) and t * half
+        // (cos, sin) elements, checked or made above and alive for the whole
+        // function; `out` is new and written only here.
+        let (xs, cs, ss, ys) = unsafe {
+            (
+                std::slice::from_raw_parts(x.data_ptr() as *const f32, n),
+                std::slice::from_raw_parts(c.data_ptr() as *const f32, t * half),
+                std::slice::from_raw_parts(s.data_ptr() as *const f32, t * half),
+                std::slice::from_raw_parts_mut(out.data_ptr() as *mut f32, n),
+            )
+        };
+        for (r, (row, dst)) in xs.chunks_exact(d).zip(ys.chunks_exact_mut(d)).enumerate() {
+            let pos = (r % t) * half;
+            for i in 0..half {
+                let (x1, x2) = if self.interleave { (row[2 * i], row[2 * i + 1]) } else { (row[i], row[i + half]) };
+                let (cv, sv) = (cs[pos + i], ss[pos + i]);
+                dst[i] = x1 * cv - x2 * sv;
+                dst[i + half] = x2 * cv + x1 * sv;
+            }
+        }
+        Ok(Some(out))
     }
 }
