@@ -33,6 +33,12 @@ pub const MESSAGE_PREFIX: &str = "\u{1b}[deepscope-msg]";
 /// Set by the kernel in its own environment, so every runner sees it.
 pub const KERNEL_ENV: &str = "DEEPSCOPE_KERNEL";
 
+/// The variable (patched evcxr, `runtime::STDERR_END_MARKER_ENV`) holding the
+/// line the runner writes on stderr to end a cell's stderr, and a widget
+/// event's (`widgets`): the kernel reads stdout and stderr on two threads and
+/// waits for this line before it reports either done.
+pub const STDERR_END_MARKER_ENV: &str = "EVCXR_STDERR_END_MARKER";
+
 /// Anything that can show itself as a MIME bundle in a notebook.
 pub trait RichDisplay {
     fn mime_bundle(&self) -> MimeBundle;

@@ -399,13 +399,13 @@ fn write_cells_crate(slot: &std::path::Path, src: &std::path::Path) -> Result<Pa
     Ok(dir)
 }
 
-/// The variable (patched evcxr, `runtime::STDERR_END_MARKER_ENV`) that makes
-/// the runner write `STDERR_END_MARKER` on stderr after each cell, before it
-/// reports the cell complete on stdout. Stdout and stderr are two pipes read
-/// by two threads, so without it a cell's last stderr lines could arrive
-/// after the reply: `make soak` found 3 of ~200 `eprintln!` cells whose line
-/// was missing (it went to the next cell or nowhere), once cells were fast.
-const STDERR_END_MARKER_ENV: &str = "EVCXR_STDERR_END_MARKER";
+// The variable (patched evcxr, `runtime::STDERR_END_MARKER_ENV`) that makes
+// the runner write `STDERR_END_MARKER` on stderr after each cell, before it
+// reports the cell complete on stdout. Stdout and stderr are two pipes read
+// by two threads, so without it a cell's last stderr lines could arrive
+// after the reply: `make soak` found 3 of ~200 `eprintln!` cells whose line
+// was missing (it went to the next cell or nowhere), once cells were fast.
+use super::cell::STDERR_END_MARKER_ENV;
 const STDERR_END_MARKER: &str = "\u{1}deepscope: end of the cell's stderr\u{1}";
 
 /// How long a cell's reply waits for the end of its stderr.
@@ -806,11 +806,14 @@ impl Worker {
     /// work as for a cell.
     pub fn comm_event(&mut self, parent: &Message, kind: &str, comm_id: &str, data: &Value) {
         let serial = self.start_job(parent, false);
+        let ends_before = self.shared.stderr_ends.load(Ordering::SeqCst);
         let outcome = self.shared.comms.send(kind, comm_id, data).and_then(|marker| {
             self.ctx.forward_stdout_until(&marker).map_err(|e| Error::Kernel(format!("the runner stopped while handling a widget event: {e}")))
         });
         self.shared.running.store(false, Ordering::SeqCst);
-        self.flush(None);
+        // a handled event ended its stderr with the marker (widgets.rs), so
+        // an error it printed is published before the event's idle status
+        self.flush(outcome.is_ok().then_some(ends_before));
         if let Err(e) = outcome {
             self.shared.publisher.publish_current(&Stream { name: StreamName::Stderr, text: format!("deepscope widgets: {e}\n") });
             if !self.shared.runner_alive() {

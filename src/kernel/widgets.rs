@@ -181,6 +181,12 @@ fn handle_event(line: &str) {
     if let Err(e) = outcome {
         eprintln!("deepscope widgets: {e}");
     }
+    // stderr and stdout reach the kernel through two pipes: the end of this
+    // event's stderr first, so that the kernel publishes an error above
+    // before it reports the event handled (as it does for a cell)
+    if let Some(end) = std::env::var_os(super::cell::STDERR_END_MARKER_ENV) {
+        eprintln!("{}", end.to_string_lossy());
+    }
     println!("{}", event_done_marker(event["seq"].as_u64().unwrap_or_default()));
 }
 
