@@ -18,7 +18,7 @@ use super::config::{Config, ScoringFunc, TopkMethod};
 use super::routing::{BiasEdit, RouterEdits, RouterInput, RouterSettings};
 use super::loader::LoadPath;
 use super::hooks::{HookPoint, Hooks, NoHooks};
-use super::nn::Linear;
+use super::nn::{cpu_f32_no_grad, Linear};
 use super::stream::read_ahead;
 use super::weight::{FetchJob, Packed, Weight};
 use crate::error::{Error, IndexKind, Result};
@@ -386,7 +386,7 @@ fn swiglu_few_f32(gu: &Tensor, inter: i64) -> Result<Option<Tensor>> {
     if size.last().copied() != Some(2 * inter) || inter < 1 || gu.numel() > SWIGLU_FEW {
         return Ok(None);
     }
-    if gu.device() != Device::Cpu || gu.kind() != Kind::Float || gu.requires_grad() {
+    if !cpu_f32_no_grad(gu) {
         return Ok(None);
     }
     let gu = gu.f_contiguous()?;

@@ -33,6 +33,13 @@ impl Linear {
     }
 }
 
+/// Whether `t` is f32 on the CPU with no gradient to record: what the
+/// one-loop decode-step paths (here, in `rope` and in `moe`) need before
+/// they read its data directly.
+pub(crate) fn cpu_f32_no_grad(t: &Tensor) -> bool {
+    t.device() == Device::Cpu && t.kind() == Kind::Float && !t.requires_grad()
+}
+
 /// Rows up to which [`RmsNorm`] computes an f32 norm on the CPU in one loop.
 pub const FEW_ROWS: usize = 8;
 
@@ -67,8 +74,7 @@ impl RmsNorm {
     fn few_rows_f32(&self, x: &Tensor) -> Result<Option<Tensor>> {
         let w = &self.weight;
         let d = w.numel();
-        let cpu_f32 = |t: &Tensor| t.device() == Device::Cpu && t.kind() == Kind::Float && !t.requires_grad();
-        if d == 0 || x.size().last().copied() != Some(d as i64) || x.numel() > FEW_ROWS * d || !cpu_f32(x) || !cpu_f32(w) || !w.is_contiguous() {
+        if d == 0 || x.size().last().copied() != Some(d as i64) || x.numel() > FEW_ROWS * d || !cpu_f32_no_grad(x) || !cpu_f32_no_grad(w) || !w.is_contiguous() {
             return Ok(None);
         }
         // a slice of a wider row (the latent part of kv_a_proj's output)

@@ -12,6 +12,7 @@ use std::f64::consts::PI;
 use tch::{Device, Kind, Tensor};
 
 use super::config::{yarn_get_mscale, Config, RopeScaling};
+use super::nn::cpu_f32_no_grad;
 use crate::error::Result;
 
 /// Elements up to which [`Rope::apply`] rotates f32 on the CPU in one loop.
@@ -142,9 +143,8 @@ impl Rope {
             _ => return Ok(None),
         };
         let (c, s) = (&angles.cos, &angles.sin);
-        let cpu_f32 = |v: &Tensor| v.device() == Device::Cpu && v.kind() == Kind::Float && !v.requires_grad();
         let half = d / 2;
-        if x.numel() > FEW_ELEMENTS || !cpu_f32(x) || !cpu_f32(c) || !cpu_f32(s) || c.size() != [t, half] || s.size() != [t, half] || !c.is_contiguous() || !s.is_contiguous() {
+        if x.numel() > FEW_ELEMENTS || !cpu_f32_no_grad(x) || !cpu_f32_no_grad(c) || !cpu_f32_no_grad(s) || c.size() != [t, half] || s.size() != [t, half] || !c.is_contiguous() || !s.is_contiguous() {
             return Ok(None);
         }
         let x = x.f_contiguous()?;
