@@ -234,6 +234,45 @@ fn decode_step_loops_equal_libtorch_operations() {
     }
 }
 
+/// A few tokens' routing on the CPU (f32, no gradient) is chosen in one loop
+/// over the scores read back; scores that require a gradient take
+/// libtorch's operations. Both must choose the same experts in the same
+/// order, with the same choice values, group scores and kept groups, for
+/// every router kind (V3's biased groups, V2's greedy and group-limited),
+/// including rows where equal values leave the order to libtorch.
+#[test]
+fn few_token_routing_equals_libtorch_operations() {
+    use deepscope::model::decoder::FeedForward;
+    let cpu = (Kind::Float, tch::Device::Cpu);
+    for case in cases() {
+        let model = load_cpu(&case.dir);
+        let d = model.config.hidden_size as i64;
+        tch::manual_seed(13);
+        for (l, layer) in model.layers.iter().enumerate() {
+            let FeedForward::Moe(moe) = &layer.mlp else { continue };
+            let gate = &moe.gate;
+            // one token, three tokens, and a token whose scores are all equal
+            for x in [Tensor::randn([1, d], cpu), Tensor::randn([3, d], cpu), Tensor::cat(&[Tensor::randn([1, d], cpu), Tensor::zeros([1, d], cpu)], 0)] {
+                let fast = gate.route(&x).unwrap();
+                let slow = gate.route(&x.copy().set_requires_grad(true)).unwrap();
+                assert!(slow.topk_weights.requires_grad() && !fast.topk_weights.requires_grad(), "{} layer {l}: the gradient path was not taken", case.name);
+                let what = format!("{} layer {l}, {} tokens", case.name, x.size()[0]);
+                assert!(fast.topk_indices.equal(&slow.topk_indices), "{what}: other experts {} vs {}", fast.topk_indices, slow.topk_indices);
+                assert!(fast.choice.equal(&slow.choice.detach()), "{what}: choice values differ");
+                for (f, s) in [(&fast.group_scores, &slow.group_scores), (&fast.chosen_groups, &slow.chosen_groups)] {
+                    match (f, s) {
+                        (Some(f), Some(s)) => assert!(f.equal(&s.detach()), "{what}: groups differ: {f} vs {s}"),
+                        (None, None) => {}
+                        _ => panic!("{what}: group scores in one path only"),
+                    }
+                }
+                let diff = max_abs_diff(&fast.topk_weights, &slow.topk_weights.detach());
+                assert!(diff <= 1e-6, "{what}: weights differ by {diff:e}");
+            }
+        }
+    }
+}
+
 #[test]
 fn a_pass_that_stops_early_routes_every_layer_as_a_whole_pass_does() {
     use deepscope::model::Until;

@@ -34,7 +34,7 @@
 //! the whole-model figures). CUDA keeps the fused kernel.
 //! Reference: `transformers/models/deepseek_v3/modeling_deepseek_v3.py`.
 
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 use super::config::Config;
 use super::hooks::{HookPoint, Hooks};
@@ -279,8 +279,14 @@ impl Mla {
             AttnImpl::Absorbed => Some(self.absorbed_weights()?),
             _ => None,
         };
+        let wants_pattern = hooks.wants(HookPoint::Pattern(layer));
+        if let (Some((w_uk, w_uv)), 1, false, Device::Cpu) = (&absorbed, t, wants_pattern, x.device()) {
+            let heads = self.absorbed_step(&q_nope, &q_pe, &c_kv, &k_pe, w_uk, w_uv)?;
+            let heads = hooks.visit(HookPoint::HeadOut(layer), heads.f_transpose(1, 2)?)?;
+            return self.o_proj.forward(&heads.f_reshape([b, t, self.num_heads * self.v])?);
+        }
         let (q, k, v) = self.operands(&q_nope, &q_pe, &c_kv, &k_pe, absorbed.as_ref().map(|w| &w.0))?;
-        let o = if hooks.wants(HookPoint::Pattern(layer)) {
+        let o = if wants_pattern {
             self.explicit_attention(&q, &k, &v, past, hooks, layer)?
         } else if q.device().is_cuda() {
             // Absorbed: one shared latent "head" of keys and values.
@@ -296,6 +302,24 @@ impl Mla {
         // [B, H, T, v] -> [B, T, H, v] -> concat heads -> o_proj
         let heads = hooks.visit(HookPoint::HeadOut(layer), heads.f_transpose(1, 2)?)?;
         self.o_proj.forward(&heads.f_reshape([b, t, self.num_heads * self.v])?)
+    }
+
+    /// The absorbed path for one new query per sequence (a decode step) on
+    /// the CPU: with a single query the heads are the rows of one product
+    /// per sequence, so the scores are `q_pe k_pe^T` and `q_lat c_kv^T` as
+    /// two batched products over the cache as it is stored (no per-head
+    /// operands, no concatenated keys: the general path copies the whole
+    /// cache into them at every step), then the softmax in f32 and one
+    /// product with `c_kv`. `q_nope` [B,H,1,nope], `q_pe` [B,H,1,rope],
+    /// `c_kv` [B,S,kv_lora], `k_pe` [B,S,rope]; returns [B,H,1,v]. No mask:
+    /// the query is the last position and sees every key.
+    fn absorbed_step(&self, q_nope: &Tensor, q_pe: &Tensor, c_kv: &Tensor, k_pe: &Tensor, w_uk: &Tensor, w_uv: &Tensor) -> Result<Tensor> {
+        let q_lat = q_nope.f_matmul(&w_uk.f_unsqueeze(0)?)?.f_squeeze_dim(2)?; // [B, H, kv_lora]
+        let position = q_pe.f_squeeze_dim(2)?.f_bmm(&k_pe.f_transpose(1, 2)?)?; // [B, H, S]
+        let scores = position.f_baddbmm(&q_lat, &c_kv.f_transpose(1, 2)?, self.softmax_scale, self.softmax_scale)?;
+        let probs = scores.f_softmax(-1, Kind::Float)?.f_to_kind(c_kv.kind())?;
+        let o_lat = probs.f_bmm(c_kv)?.f_unsqueeze(2)?; // [B, H, 1, kv_lora]
+        Ok(o_lat.f_matmul(&w_uv.f_transpose(-1, -2)?.f_unsqueeze(0)?)?)
     }
 
     /// Per-head keys [B, H, S, nope] and values [B, H, S, v] expanded from the latent.

@@ -251,11 +251,16 @@ impl Router {
         };
         let (banned, forced) = edits.map_or((&[][..], &[][..]), |e| (&e.banned[..], &e.forced[..]));
         let sel = self.select(&scores, bias.as_ref(), st, banned, forced, layer)?;
-        let mut w = scores.f_gather(1, &sel.indices, false)?;
-        if st.norm_topk_prob {
-            w = w.f_div(&w.f_sum_dim_intlist(-1, true, Kind::Float)?.f_add_scalar(1e-20)?)?;
-        }
-        let topk_weights = w.f_mul_scalar(st.routed_scaling_factor)?;
+        let topk_weights = match topk_weights_few_f32(&scores, &sel.indices, st)? {
+            Some(w) => w,
+            None => {
+                let mut w = scores.f_gather(1, &sel.indices, false)?;
+                if st.norm_topk_prob {
+                    w = w.f_div(&w.f_sum_dim_intlist(-1, true, Kind::Float)?.f_add_scalar(1e-20)?)?;
+                }
+                w.f_mul_scalar(st.routed_scaling_factor)?
+            }
+        };
         Ok(RouterOutput {
             logits,
             scores,
@@ -298,6 +303,12 @@ impl Router {
         if st.top_k < 1 || st.top_k > e {
             return Err(Error::Input(format!("layer {layer}: top-k must be in 1..={e}, got {}", st.top_k)));
         }
+        let grouped = self.check_groups(st, layer)?;
+        if banned.is_empty() && forced.is_empty() {
+            if let Some(sel) = select_few_f32(scores, bias, st, e, grouped)? {
+                return Ok(sel);
+            }
+        }
         let mut choice = match bias {
             Some(b) => scores.f_add(b)?,
             None => scores.shallow_clone(),
@@ -333,12 +344,12 @@ impl Router {
         })
     }
 
-    /// Ranks groups and hides the experts of all but the `topk_group` best
-    /// (`-inf`, so they can never be chosen). Greedy routing passes through.
-    /// Returns (masked scores, group scores, chosen groups).
-    pub fn mask_groups(&self, choice: &Tensor, st: &RouterSettings, layer: usize) -> Result<(Tensor, Option<Tensor>, Option<Tensor>)> {
+    /// Whether `st` routes by groups, checked against the layer's experts:
+    /// `false` for greedy routing or a single group, an error when the
+    /// experts cannot form `n_group` groups with `topk_group` kept.
+    fn check_groups(&self, st: &RouterSettings, layer: usize) -> Result<bool> {
         if st.method == TopkMethod::Greedy || st.n_group <= 1 {
-            return Ok((choice.shallow_clone(), None, None));
+            return Ok(false);
         }
         let e = self.num_experts();
         if st.n_group > e || e % st.n_group != 0 || st.topk_group < 1 || st.topk_group > st.n_group {
@@ -347,6 +358,17 @@ impl Router {
                 st.n_group, st.topk_group
             )));
         }
+        Ok(true)
+    }
+
+    /// Ranks groups and hides the experts of all but the `topk_group` best
+    /// (`-inf`, so they can never be chosen). Greedy routing passes through.
+    /// Returns (masked scores, group scores, chosen groups).
+    pub fn mask_groups(&self, choice: &Tensor, st: &RouterSettings, layer: usize) -> Result<(Tensor, Option<Tensor>, Option<Tensor>)> {
+        if !self.check_groups(st, layer)? {
+            return Ok((choice.shallow_clone(), None, None));
+        }
+        let e = self.num_experts();
         let n = choice.size()[0];
         let per = e / st.n_group;
         let grouped = choice.f_view([n, st.n_group, per])?;
@@ -373,6 +395,153 @@ pub fn score(logits: &Tensor, scoring: ScoringFunc) -> Result<Tensor> {
         ScoringFunc::Sigmoid => logits.f_sigmoid()?,
         ScoringFunc::Softmax => logits.f_softmax(-1, Kind::Float)?,
     })
+}
+
+/// Router scores (tokens x experts) up to which [`select_few_f32`] chooses
+/// in one loop over values read back, instead of the ten or so libtorch
+/// operations of [`Router::select`] (a decode step routes one token).
+const ROUTER_FEW: usize = 4096;
+
+/// [`Router::select`] without bans or forced experts, for a few tokens'
+/// f32 scores on the CPU with nothing requiring a gradient: the same
+/// choice, group scores, kept groups and top-k, computed on the values read
+/// back. `None` (libtorch's operations decide) for any other input, and
+/// wherever the outcome would depend on how libtorch orders equal values:
+/// two equal values among the groups or experts kept and the first left
+/// out, a NaN, or fewer than k experts left (libtorch's path reports it).
+fn select_few_f32(scores: &Tensor, bias: Option<&Tensor>, st: &RouterSettings, e: i64, grouped: bool) -> Result<Option<Selection>> {
+    let size = scores.size();
+    let n = match size.as_slice() {
+        [n, cols] if *cols == e => *n,
+        _ => return Ok(None),
+    };
+    if scores.numel() > ROUTER_FEW || !cpu_f32_no_grad(scores) || bias.is_some_and(|b| !cpu_f32_no_grad(b) || b.size() != [e]) {
+        return Ok(None);
+    }
+    let (eu, k) = (e as usize, st.top_k as usize);
+    let mut choice = Vec::<f32>::try_from(scores.f_reshape([-1])?)?;
+    if let Some(b) = bias {
+        let b = Vec::<f32>::try_from(b)?;
+        for row in choice.chunks_exact_mut(eu) {
+            for (c, b) in row.iter_mut().zip(&b) {
+                *c += b;
+            }
+        }
+    }
+    if choice.iter().any(|v| v.is_nan()) {
+        return Ok(None);
+    }
+    let (g, tg) = if grouped { (st.n_group as usize, st.topk_group as usize) } else { (1, 1) };
+    let per = eu / g;
+    let (mut group_scores, mut kept_groups, mut indices) = (Vec::with_capacity(n as usize * g), Vec::new(), Vec::with_capacity(n as usize * k));
+    let mut masked = vec![f32::NEG_INFINITY; eu];
+    for row in choice.chunks_exact(eu) {
+        if grouped {
+            let first = group_scores.len();
+            for group in row.chunks_exact(per) {
+                group_scores.push(match st.method {
+                    // the sum of the group's two best (its best alone when it has one expert)
+                    TopkMethod::NoauxTc => best_two_sum(group),
+                    _ => group.iter().copied().fold(f32::NEG_INFINITY, f32::max),
+                });
+            }
+            let Some(keep) = top_sorted(&group_scores[first..], tg) else {
+                return Ok(None);
+            };
+            masked.fill(f32::NEG_INFINITY);
+            for &grp in &keep {
+                masked[grp * per..(grp + 1) * per].copy_from_slice(&row[grp * per..(grp + 1) * per]);
+            }
+            kept_groups.extend(keep.iter().map(|&i| i as i64));
+        } else {
+            masked.copy_from_slice(row);
+        }
+        match top_sorted(&masked, k) {
+            Some(best) if masked[best[k - 1]] > f32::NEG_INFINITY => indices.extend(best.iter().map(|&i| i as i64)),
+            _ => return Ok(None),
+        }
+    }
+    let as_tensor = |v: &[f32], cols: usize| -> Result<Tensor> { Ok(Tensor::f_from_slice(v)?.f_view([n, cols as i64])?) };
+    let (group_scores, chosen_groups) = if grouped {
+        (Some(as_tensor(&group_scores, g)?), Some(Tensor::f_from_slice(&kept_groups)?.f_view([n, tg as i64])?))
+    } else {
+        (None, None)
+    };
+    Ok(Some(Selection {
+        choice: as_tensor(&choice, eu)?,
+        group_scores,
+        chosen_groups,
+        indices: Tensor::f_from_slice(&indices)?.f_view([n, k as i64])?,
+    }))
+}
+
+/// A V3 group's score: the sum of its two best values (its only value for a
+/// group of one), largest first as libtorch adds them.
+fn best_two_sum(group: &[f32]) -> f32 {
+    let (mut a, mut b) = (f32::NEG_INFINITY, f32::NEG_INFINITY);
+    for &v in group {
+        if v > a {
+            (a, b) = (v, a);
+        } else if v > b {
+            b = v;
+        }
+    }
+    if group.len() < 2 {
+        a
+    } else {
+        a + b
+    }
+}
+
+/// The positions of the `k` largest of `v` (no NaN), largest first, when no
+/// two of them are equal and none equals the largest left out: then they are
+/// what libtorch's `topk` returns, whatever order it gives equal values.
+/// `None` otherwise.
+fn top_sorted(v: &[f32], k: usize) -> Option<Vec<usize>> {
+    if k == 0 || k > v.len() {
+        return None;
+    }
+    let mut order: Vec<usize> = (0..v.len()).collect();
+    order.sort_unstable_by(|&a, &b| v[b].total_cmp(&v[a]));
+    if order[..(k + 1).min(v.len())].windows(2).any(|w| v[w[0]] == v[w[1]]) {
+        return None;
+    }
+    order.truncate(k);
+    Some(order)
+}
+
+/// The top-k weights (the chosen experts' scores, normalised when the
+/// router says so, then scaled) of a few tokens' f32 scores on the CPU with
+/// nothing requiring a gradient, computed on the values read back; `None`
+/// for any other input (libtorch's operations compute them).
+fn topk_weights_few_f32(scores: &Tensor, indices: &Tensor, st: &RouterSettings) -> Result<Option<Tensor>> {
+    let (ss, is) = (scores.size(), indices.size());
+    let (e, k) = match (ss.as_slice(), is.as_slice()) {
+        ([n, e], [m, k]) if n == m && *k >= 1 => (*e as usize, *k as usize),
+        _ => return Ok(None),
+    };
+    if scores.numel() > ROUTER_FEW || !cpu_f32_no_grad(scores) || indices.device() != Device::Cpu || indices.kind() != Kind::Int64 {
+        return Ok(None);
+    }
+    let s = Vec::<f32>::try_from(scores.f_reshape([-1])?)?;
+    let ids = Vec::<i64>::try_from(indices.f_reshape([-1])?)?;
+    let scale = st.routed_scaling_factor as f32;
+    let mut w = Vec::with_capacity(ids.len());
+    for (row, ids) in s.chunks_exact(e).zip(ids.chunks_exact(k)) {
+        let first = w.len();
+        for &i in ids {
+            match usize::try_from(i).ok().and_then(|i| row.get(i)) {
+                Some(&v) => w.push(v),
+                None => return Ok(None), // out of range: libtorch's gather reports it
+            }
+        }
+        if st.norm_topk_prob {
+            let sum = w[first..].iter().sum::<f32>() + 1e-20;
+            w[first..].iter_mut().for_each(|v| *v /= sum);
+        }
+        w[first..].iter_mut().for_each(|v| *v *= scale);
+    }
+    Ok(Some(Tensor::f_from_slice(&w)?.f_view([is[0], is[1]])?))
 }
 
 /// Elements of `[gate | up]` up to which [`swiglu_few_f32`] computes in one loop.
