@@ -239,7 +239,9 @@ fn decode_step_loops_equal_libtorch_operations() {
 /// libtorch's operations. Both must choose the same experts in the same
 /// order, with the same choice values, group scores and kept groups, for
 /// every router kind (V3's biased groups, V2's greedy and group-limited),
-/// including rows where equal values leave the order to libtorch.
+/// including rows where equal values leave the order to libtorch; and one
+/// token's expert outputs, weighted and added in one loop, equal libtorch's
+/// products and sums exactly.
 #[test]
 fn few_token_routing_equals_libtorch_operations() {
     use deepscope::model::decoder::FeedForward;
@@ -268,6 +270,14 @@ fn few_token_routing_equals_libtorch_operations() {
                 }
                 let diff = max_abs_diff(&fast.topk_weights, &slow.topk_weights.detach());
                 assert!(diff <= 1e-6, "{what}: weights differ by {diff:e}");
+                if x.size()[0] == 1 {
+                    // one token's experts weighted and added in one loop: the same numbers
+                    let (idx, w) = (&fast.topk_indices, &fast.topk_weights);
+                    let fast = moe.dispatch(&x, idx, w).unwrap();
+                    let slow = moe.dispatch(&x, idx, &w.copy().set_requires_grad(true)).unwrap();
+                    assert!(slow.requires_grad() && !fast.requires_grad());
+                    assert!(fast.equal(&slow.detach()), "{what}: expert outputs added differently");
+                }
             }
         }
     }

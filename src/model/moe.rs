@@ -615,6 +615,51 @@ fn check_expert_ids(idx: &Tensor, e: i64, layer: usize) -> Result<()> {
     Ok(())
 }
 
+/// Elements of one expert output up to which [`weighted_sum`] adds the
+/// outputs in one loop.
+const WEIGHTED_FEW: usize = 16384;
+
+/// `sum_i w[i] ys[i]` for one token's expert outputs `ys` (each [1, D]) and
+/// their weights `w` [k, 1], added in order. For f32 CPU tensors with
+/// nothing requiring a gradient, one loop (the same products and sums in
+/// the same order as libtorch's operations, so the same numbers) instead of
+/// three operations per expert.
+fn weighted_sum(ys: &[Tensor], w: &Tensor) -> Result<Tensor> {
+    let d = ys.first().map_or(0, |y| y.numel());
+    let few = d <= WEIGHTED_FEW
+        && w.numel() == ys.len()
+        && cpu_f32_no_grad(w)
+        && ys.iter().all(|y| cpu_f32_no_grad(y) && y.numel() == d && y.size() == ys[0].size());
+    if !few {
+        let mut out: Option<Tensor> = None;
+        for (i, y) in ys.iter().enumerate() {
+            let y = y.f_mul(&w.f_narrow(0, i as i64, 1)?)?;
+            out = Some(match out.take() {
+                None => y,
+                Some(o) => o.f_add(&y)?,
+            });
+        }
+        return out.ok_or_else(|| Error::Input("no expert outputs to add".into()));
+    }
+    let w = Vec::<f32>::try_from(w.f_reshape([-1])?)?;
+    let ys = ys.iter().map(|y| y.f_contiguous()).collect::<std::result::Result<Vec<_>, _>>()?;
+    let out = ys[0].f_empty_like()?;
+    // SAFETY: every tensor of `ys` is a contiguous f32 CPU tensor of d
+    // elements (checked above), as is `out` (made like the first), all alive
+    // for the whole function; `out` is new and written only here.
+    let acc = unsafe { std::slice::from_raw_parts_mut(out.data_ptr() as *mut f32, d) };
+    for (i, (y, wi)) in ys.iter().zip(&w).enumerate() {
+        // SAFETY: as above, `y` holds d f32 values and is only read.
+        let y = unsafe { std::slice::from_raw_parts(y.data_ptr() as *const f32, d) };
+        if i == 0 {
+            acc.iter_mut().zip(y).for_each(|(a, y)| *a = y * wi);
+        } else {
+            acc.iter_mut().zip(y).for_each(|(a, y)| *a += y * wi);
+        }
+    }
+    Ok(out)
+}
+
 /// Routed experts + shared experts.
 #[derive(Debug)]
 pub struct Moe {
@@ -750,18 +795,14 @@ impl Moe {
             .map(|&e| usize::try_from(e).ok().and_then(|i| self.experts.get(i)).ok_or_else(|| Error::out_of_range(IndexKind::Expert, e, n_experts)))
             .collect::<Result<Vec<&Mlp>>>()?;
         let jobs: Vec<Vec<Option<FetchJob>>> = experts.iter().map(|m| m.fetch_jobs()).collect();
-        let mut out: Option<Tensor> = None;
+        let mut ys = Vec::with_capacity(experts.len());
         read_ahead(&jobs, |i, fetched| {
-            let y = experts[i].forward_fetched(x, fetched)?.f_mul(&w.f_narrow(0, i as i64, 1)?)?;
-            out = Some(match out.take() {
-                None => y,
-                Some(o) => o.f_add(&y)?,
-            });
+            ys.push(experts[i].forward_fetched(x, fetched)?);
             Ok(())
         })?;
-        match out {
-            Some(o) => Ok(o.f_to_kind(x.kind())?),
-            None => Ok(x.f_zeros_like()?),
+        if ys.is_empty() {
+            return Ok(x.f_zeros_like()?);
         }
+        Ok(weighted_sum(&ys, &w)?.f_to_kind(x.kind())?)
     }
 }
