@@ -16,6 +16,9 @@ Steps
        decode  : 1 x 16 prompt, then 64 greedy tokens with a KV cache, timed
                  both ways in DECODE_METHODS; the faster one is reported.
   3. Run `<deepscope> bench ...`, which prints one line of JSON.
+  Steps 2 and 3 are repeated --rounds times (default 3), alternating, so a
+  slow spell of the machine falls on both sides; every figure is the median
+  over the rounds and each ratio's min-max over the rounds is its spread.
   4. Replace the "Model core" section of docs/benchmarks.md (between the
      bench:model-core markers), keeping everything else in the file.
 With --hf-only, steps 3 and 4 are skipped and the transformers figures are printed.
@@ -453,6 +456,27 @@ def measure_transformers(model_dir: str, threads: int) -> dict:
 # Step 3: DeepScope
 # ----------------------------------------------------------------------------
 
+# (name, DeepScope key, transformers key) of each ratio whose spread over rounds is reported
+RATIOS = (("prefill", "prefill_tokens_per_s", "prefill_tokens_per_s"),
+          ("corpus", "routing_stats_tokens_per_s", "prefill_tokens_per_s"),
+          ("decode", "decode_tokens_per_s", "decode_tokens_per_s"))
+
+
+def median_of(results: list[dict]) -> dict:
+    """One result from several rounds: each number the median over the rounds,
+    anything else (text, lists of single runs) as the first round had it."""
+    out = dict(results[0])
+    for key, value in results[0].items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            values = [r[key] for r in results if isinstance(r.get(key), (int, float))]
+            out[key] = statistics.median(values)
+    if len(results) > 1 and "loop_decode_tokens_per_s" in out:
+        loop, gen = out["loop_decode_tokens_per_s"], out["generate_decode_tokens_per_s"]
+        out["decode_method"] = "manual loop" if loop >= gen else "generate()"
+        out["decode_tokens_per_s"] = max(loop, gen)
+    return out
+
+
 def deepscope_cmd(binary: str, model_dir: str, threads: int) -> list[str]:
     return [binary, "bench", "--model", model_dir, "--threads", str(threads),
             "--batch", str(BATCH), "--seq", str(SEQ), "--new", str(NEW_TOKENS),
@@ -480,7 +504,7 @@ def measure_deepscope(cmd: list[str]) -> dict:
 # Step 4: docs/benchmarks.md
 # ----------------------------------------------------------------------------
 
-def render_section(hf: dict, ds: dict, threads: int, command: str, ds_command: str) -> str:
+def render_section(hf: dict, ds: dict, threads: int, command: str, ds_command: str, spread: dict) -> str:
     import torch
     import transformers
 
@@ -493,11 +517,18 @@ def render_section(hf: dict, ds: dict, threads: int, command: str, ds_command: s
     def met(ok: bool) -> str:
         return "yes" if ok else "**no**"
 
+    rounds = len(spread["decode"])
+
+    def ratio(name: str, value: float) -> str:
+        if rounds < 2:
+            return f"{value:.2f}x"
+        return f"{value:.2f}x ({min(spread[name]):.2f}-{max(spread[name]):.2f}x over {rounds} rounds)"
+
     rows = [
         ("metric", "transformers", "DeepScope", "ratio (DeepScope / transformers)", "target", "met"),
         ("---", "---:", "---:", "---:", "---", "---"),
         (f"prefill tokens/s ({BATCH} x {SEQ})", f"{hf['prefill_tokens_per_s']:.1f}",
-         f"{ds['prefill_tokens_per_s']:.1f}", f"{prefill_ratio:.2f}x", ">= 1.5x", met(prefill_ratio >= 1.5)),
+         f"{ds['prefill_tokens_per_s']:.1f}", ratio("prefill", prefill_ratio), ">= 1.5x", met(prefill_ratio >= 1.5)),
         (f"prefill floor: the prefill's matrix products alone ({hf['prefill_floor_products']} products, "
          f"{hf['prefill_floor_gflop']:.2f} GFLOP, torch back to back), tokens/s", f"{BATCH * SEQ / hf['prefill_floor_s']:.1f}", "",
          f"DeepScope prefill at {100 * ds['prefill_tokens_per_s'] * hf['prefill_floor_s'] / (BATCH * SEQ):.0f}% of it; "
@@ -505,9 +536,9 @@ def render_section(hf: dict, ds: dict, threads: int, command: str, ds_command: s
          f"1.5x transformers = {1.5 * hf['prefill_tokens_per_s'] * hf['prefill_floor_s'] / (BATCH * SEQ):.2f}x the floor", "", ""),
         (f"corpus routing statistics tokens/s (DeepScope: `routing_stats`, {BATCH} documents of {SEQ}, windows "
          f"of 256; transformers: its prefill above)", f"{hf['prefill_tokens_per_s']:.1f}",
-         f"{ds['routing_stats_tokens_per_s']:.1f}", f"{corpus_ratio:.2f}x", ">= 1.3x", met(corpus_ratio >= 1.3)),
+         f"{ds['routing_stats_tokens_per_s']:.1f}", ratio("corpus", corpus_ratio), ">= 1.3x", met(corpus_ratio >= 1.3)),
         (f"decode tokens/s (1 x {PROMPT_LEN} prompt, {NEW_TOKENS} new)", f"{hf['decode_tokens_per_s']:.1f}",
-         f"{ds['decode_tokens_per_s']:.1f}", f"{decode_ratio:.2f}x", ">= 5x", met(decode_ratio >= 5.0)),
+         f"{ds['decode_tokens_per_s']:.1f}", ratio("decode", decode_ratio), ">= 5x", met(decode_ratio >= 5.0)),
         (f"decode floor: the step's matrix-vector products alone ({hf['floor_matrices']} products, "
          f"{fmt_mib(hf['floor_step_bytes'])}, torch back to back), steps/s", f"{hf['floor_steps_per_s']:.1f}", "",
          f"DeepScope decode at {100 * ds['decode_tokens_per_s'] / hf['floor_steps_per_s']:.0f}% of it; "
@@ -541,10 +572,13 @@ _Generated by `tests/bench_transformers.py`; do not edit by hand (re-run `make b
 - Command: `{command}`
 - DeepScope command: `{ds_command}` (attention: {attn})
 - Model: random DeepSeek-V3 architecture, float32, {fmt_mib(hf['weight_bytes'])} of weights ({cfg})
+- Rounds: {rounds}, each measuring transformers then DeepScope, so a slow spell of the machine
+  falls on both; every figure is the median over the rounds (ratios of the medians), and the
+  parentheses give each ratio's min-max over the rounds.
 - transformers: `attn_implementation="eager"`, each measurement in a fresh process; one warm-up
   then the median of {REPEATS} runs. Prefill is a full forward with `use_cache=False`.
-  Decode is timed two ways and the faster (more favourable to transformers) is used; this run
-  used **{hf['decode_method']}**.
+  Decode is timed two ways and the faster (more favourable to transformers) is used; here
+  that was **{hf['decode_method']}**.
   - manual loop ({hf['loop_decode_tokens_per_s']:.1f} tokens/s): {DECODE_METHODS['manual loop']}.
   - generate() ({hf['generate_decode_tokens_per_s']:.1f} tokens/s): {DECODE_METHODS['generate()']}.
 - Load RSS delta = peak RSS (VmHWM, reset through /proc/self/clear_refs) during the load minus
@@ -568,7 +602,7 @@ def render_capture_section(ds: dict, ds_command: str) -> str:
     return f"""{CAPTURE_START}
 ## Capture overhead: `Model::trace` vs a plain forward (CPU)
 
-_Generated by `tests/bench_transformers.py` from the DeepScope run above; do not edit by hand._
+_Generated by `tests/bench_transformers.py` from the DeepScope runs above (medians over the rounds); do not edit by hand._
 
 - Command: `{ds_command}` (same model; one 1 x {ds['capture_seq']} sequence, one warm-up, then the median of
   interleaved runs).
@@ -615,6 +649,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--model-dir", default="target/bench/model")
     ap.add_argument("--hf-only", action="store_true", help="measure transformers only and print")
+    ap.add_argument("--rounds", type=int, default=int(os.environ.get("BENCH_ROUNDS", "3")),
+                    help="rounds of transformers then DeepScope; figures are medians over them (env BENCH_ROUNDS)")
     ap.add_argument("--worker", choices=("load", "prefill", "decode", "floor", "prefill_floor"), help=argparse.SUPPRESS)
     args = ap.parse_args()
 
@@ -643,11 +679,16 @@ def main() -> int:
         return 0
 
     ds_cmd = deepscope_cmd(args.deepscope, args.model_dir, args.threads)
-    ds = measure_deepscope(ds_cmd)
+    rounds = [(hf, measure_deepscope(ds_cmd))]
+    for r in range(1, args.rounds):
+        print(f"[bench] round {r + 1} of {args.rounds}", file=sys.stderr, flush=True)
+        rounds.append((measure_transformers(args.model_dir, args.threads), measure_deepscope(ds_cmd)))
+    hf, ds = median_of([h for h, _ in rounds]), median_of([d for _, d in rounds])
+    spread = {name: [d[dk] / h[hk] for h, d in rounds] for name, dk, hk in RATIOS}
     command = shlex.join(["python", "tests/bench_transformers.py", "--deepscope", args.deepscope,
-                          "--out", args.out, "--threads", str(args.threads)]
+                          "--out", args.out, "--threads", str(args.threads), "--rounds", str(args.rounds)]
                          + (["--model-dir", args.model_dir] if args.model_dir != "target/bench/model" else []))
-    section = render_section(hf, ds, args.threads, command, shlex.join(ds_cmd))
+    section = render_section(hf, ds, args.threads, command, shlex.join(ds_cmd), spread)
     write_section(args.out, section)
     print(section)
     capture = render_capture_section(ds, shlex.join(ds_cmd))

@@ -31,7 +31,9 @@
 //! slower at MLA's head widths: at V2-Lite's shapes (4 x 256 tokens, 16
 //! heads), 107 ms against 33 ms in bf16 for the absorbed form (head width
 //! 576) and 29 ms against 11 ms for the naive one (`make bench-real` keeps
-//! the whole-model figures). CUDA keeps the fused kernel.
+//! the whole-model figures). CUDA keeps the fused kernel. A decode step on the
+//! absorbed path (one query per sequence) takes [`Mla::absorbed_step`]'s
+//! batched products over the cache as stored, heads as rows.
 //! Reference: `transformers/models/deepseek_v3/modeling_deepseek_v3.py`.
 
 use tch::{Device, Kind, Tensor};
@@ -313,7 +315,7 @@ impl Mla {
     /// product with `c_kv`. `q_nope` [B,H,1,nope], `q_pe` [B,H,1,rope],
     /// `c_kv` [B,S,kv_lora], `k_pe` [B,S,rope]; returns [B,H,1,v]. No mask:
     /// the query is the last position and sees every key.
-    fn absorbed_step(&self, q_nope: &Tensor, q_pe: &Tensor, c_kv: &Tensor, k_pe: &Tensor, w_uk: &Tensor, w_uv: &Tensor) -> Result<Tensor> {
+    pub fn absorbed_step(&self, q_nope: &Tensor, q_pe: &Tensor, c_kv: &Tensor, k_pe: &Tensor, w_uk: &Tensor, w_uv: &Tensor) -> Result<Tensor> {
         let q_lat = q_nope.f_matmul(&w_uk.f_unsqueeze(0)?)?.f_squeeze_dim(2)?; // [B, H, kv_lora]
         let position = q_pe.f_squeeze_dim(2)?.f_bmm(&k_pe.f_transpose(1, 2)?)?; // [B, H, S]
         let scores = position.f_baddbmm(&q_lat, &c_kv.f_transpose(1, 2)?, self.softmax_scale, self.softmax_scale)?;
