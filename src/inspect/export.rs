@@ -97,7 +97,7 @@ impl ToTensors for ScoreSplit {
 }
 
 impl ScoreSplit {
-    /// Layer and both parts as nested lists (batch row 0: [H][T][T]).
+    /// Layer and both parts as nested lists (batch row 0: `[H][T][T]`).
     pub fn to_json(&self) -> Result<serde_json::Value> {
         let part = |t: &Tensor| -> Result<Vec<Vec<Vec<f32>>>> {
             Ok(Vec::<Vec<Vec<f32>>>::try_from(t.f_select(0, 0)?.f_to_kind(Kind::Float)?.f_to_device(tch::Device::Cpu)?)?)

@@ -312,8 +312,8 @@ impl Mla {
     /// two batched products over the cache as it is stored (no per-head
     /// operands, no concatenated keys: the general path copies the whole
     /// cache into them at every step), then the softmax in f32 and one
-    /// product with `c_kv`. `q_nope` [B,H,1,nope], `q_pe` [B,H,1,rope],
-    /// `c_kv` [B,S,kv_lora], `k_pe` [B,S,rope]; returns [B,H,1,v]. No mask:
+    /// product with `c_kv`. `q_nope` `[B, H, 1, nope]`, `q_pe` `[B, H, 1, rope]`,
+    /// `c_kv` `[B, S, kv_lora]`, `k_pe` `[B, S, rope]`; returns `[B, H, 1, v]`. No mask:
     /// the query is the last position and sees every key.
     pub fn absorbed_step(&self, q_nope: &Tensor, q_pe: &Tensor, c_kv: &Tensor, k_pe: &Tensor, w_uk: &Tensor, w_uv: &Tensor) -> Result<Tensor> {
         let q_lat = q_nope.f_matmul(&w_uk.f_unsqueeze(0)?)?.f_squeeze_dim(2)?; // [B, H, kv_lora]

@@ -38,7 +38,7 @@ pub const CHUNK_BYTES: usize = 16 << 20;
 /// One row segment of a weight in its checkpoint form.
 #[derive(Debug)]
 pub enum Part {
-    /// Stored values (bf16, f16 or f32) [rows, cols] or [n].
+    /// Stored values (bf16, f16 or f32) `[rows, cols]` or `[n]`.
     Plain(Tensor),
     /// Block-scaled FP8: `w` [rows, cols] `float8_e4m3fn`, `scale_inv`
     /// [ceil(rows/br), ceil(cols/bc)] f32.
