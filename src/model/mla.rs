@@ -446,7 +446,8 @@ impl Mla {
     /// Attention with the probabilities computed explicitly and passed
     /// through `hooks` (which may replace them) before they weight the values.
     fn explicit_attention(&self, q: &Tensor, k: &Tensor, v: &Tensor, past: i64, hooks: &mut dyn Hooks, layer: usize) -> Result<Tensor> {
-        let probs = hooks.visit(HookPoint::Pattern(layer), self.causal_probs(q, &k.f_transpose(-1, -2)?, past)?)?;
+        // all queries as one block: the scale and causal mask ride on the score product
+        let probs = hooks.visit(HookPoint::Pattern(layer), self.block_probs(q, k, past)?)?;
         Ok(probs.f_to_kind(q.kind())?.f_matmul(v)?)
     }
 }
