@@ -101,6 +101,28 @@ fn bf16_compute_stays_close_to_f32() {
     assert!(d <= 0.05 * scale.max(1.0), "bf16 logits off by {d} (scale {scale})");
 }
 
+/// bf16 decode steps (the absorbed single-query path in bf16) stay as close
+/// to the f32 reference as a bf16 full forward does.
+#[test]
+fn bf16_cached_decoding_stays_close_to_f32() {
+    let case = case("v3_base");
+    let r = reference(&case);
+    let model = deepscope::model::Model::load(&case.dir, deepscope::model::LoadOptions::new(tch::Device::Cpu, Kind::BFloat16)).expect("load bf16");
+    let ids = r["input_ids"].shallow_clone();
+    let t = ids.size()[1];
+    let opts = ForwardOptions { attn: AttnImpl::Absorbed, ..Default::default() };
+    let mut cache = model.new_cache();
+    let mut parts = vec![model.forward_with(&ids.narrow(1, 0, 1), Some(&mut cache), opts).expect("first").logits];
+    for i in 1..t {
+        parts.push(model.forward_with(&ids.narrow(1, i, 1), Some(&mut cache), opts).expect("step").logits);
+    }
+    let stepped = Tensor::cat(&parts, 1);
+    assert_eq!(stepped.kind(), Kind::BFloat16);
+    let d = max_abs_diff(&stepped, &r["logits"]);
+    let scale = r["logits"].abs().max().double_value(&[]);
+    assert!(d <= 0.05 * scale.max(1.0), "bf16 decode steps off by {d} (scale {scale})");
+}
+
 /// Collects attention patterns (which switches attention to the explicit path).
 struct Patterns(Vec<Tensor>);
 
