@@ -36,7 +36,10 @@ pub const KERNEL_ENV: &str = "DEEPSCOPE_KERNEL";
 /// The variable (patched evcxr, `runtime::STDERR_END_MARKER_ENV`) holding the
 /// line the runner writes on stderr to end a cell's stderr, and a widget
 /// event's (`widgets`): the kernel reads stdout and stderr on two threads and
-/// waits for this line before it reports either done.
+/// waits for this line before it reports either done. Without it a cell's
+/// last stderr lines could arrive after the reply: `make soak` found 3 of
+/// ~200 `eprintln!` cells whose line was missing (it went to the next cell or
+/// nowhere), once cells were fast.
 pub const STDERR_END_MARKER_ENV: &str = "EVCXR_STDERR_END_MARKER";
 
 /// Anything that can show itself as a MIME bundle in a notebook.

@@ -399,12 +399,6 @@ fn write_cells_crate(slot: &std::path::Path, src: &std::path::Path) -> Result<Pa
     Ok(dir)
 }
 
-// The variable (patched evcxr, `runtime::STDERR_END_MARKER_ENV`) that makes
-// the runner write `STDERR_END_MARKER` on stderr after each cell, before it
-// reports the cell complete on stdout. Stdout and stderr are two pipes read
-// by two threads, so without it a cell's last stderr lines could arrive
-// after the reply: `make soak` found 3 of ~200 `eprintln!` cells whose line
-// was missing (it went to the next cell or nowhere), once cells were fast.
 use super::cell::STDERR_END_MARKER_ENV;
 const STDERR_END_MARKER: &str = "\u{1}deepscope: end of the cell's stderr\u{1}";
 

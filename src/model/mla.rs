@@ -282,19 +282,19 @@ impl Mla {
             _ => None,
         };
         let wants_pattern = hooks.wants(HookPoint::Pattern(layer));
-        if let (Some((w_uk, w_uv)), 1, false, Device::Cpu) = (&absorbed, t, wants_pattern, x.device()) {
-            let heads = self.absorbed_step(&q_nope, &q_pe, &c_kv, &k_pe, w_uk, w_uv)?;
-            let heads = hooks.visit(HookPoint::HeadOut(layer), heads.f_transpose(1, 2)?)?;
-            return self.o_proj.forward(&heads.f_reshape([b, t, self.num_heads * self.v])?);
-        }
-        let (q, k, v) = self.operands(&q_nope, &q_pe, &c_kv, &k_pe, absorbed.as_ref().map(|w| &w.0))?;
-        let o = if wants_pattern {
-            self.explicit_attention(&q, &k, &v, past, hooks, layer)?
-        } else if q.device().is_cuda() {
-            // Absorbed: one shared latent "head" of keys and values.
-            self.fused_attention(&q, &k, &v, past, attn == AttnImpl::Absorbed)?
-        } else {
-            self.blocked_attention(&q, &k, &v, past, CPU_SCORE_BLOCK)?
+        let o = match &absorbed {
+            Some((w_uk, _)) if t == 1 && !wants_pattern && x.device() == Device::Cpu => self.absorbed_step(&q_nope, &q_pe, &c_kv, &k_pe, w_uk)?,
+            _ => {
+                let (q, k, v) = self.operands(&q_nope, &q_pe, &c_kv, &k_pe, absorbed.as_ref().map(|w| &w.0))?;
+                if wants_pattern {
+                    self.explicit_attention(&q, &k, &v, past, hooks, layer)?
+                } else if q.device().is_cuda() {
+                    // Absorbed: one shared latent "head" of keys and values.
+                    self.fused_attention(&q, &k, &v, past, attn == AttnImpl::Absorbed)?
+                } else {
+                    self.blocked_attention(&q, &k, &v, past, CPU_SCORE_BLOCK)?
+                }
+            }
         };
         let heads = match &absorbed {
             None => o, // [B, H, T, v]
@@ -313,15 +313,15 @@ impl Mla {
     /// operands, no concatenated keys: the general path copies the whole
     /// cache into them at every step), then the softmax in f32 and one
     /// product with `c_kv`. `q_nope` `[B, H, 1, nope]`, `q_pe` `[B, H, 1, rope]`,
-    /// `c_kv` `[B, S, kv_lora]`, `k_pe` `[B, S, rope]`; returns `[B, H, 1, v]`. No mask:
-    /// the query is the last position and sees every key.
-    pub fn absorbed_step(&self, q_nope: &Tensor, q_pe: &Tensor, c_kv: &Tensor, k_pe: &Tensor, w_uk: &Tensor, w_uv: &Tensor) -> Result<Tensor> {
+    /// `c_kv` `[B, S, kv_lora]`, `k_pe` `[B, S, rope]`; returns the latent
+    /// output `[B, H, 1, kv_lora]` (before `W_UV`). No mask: the query is the
+    /// last position and sees every key.
+    pub fn absorbed_step(&self, q_nope: &Tensor, q_pe: &Tensor, c_kv: &Tensor, k_pe: &Tensor, w_uk: &Tensor) -> Result<Tensor> {
         let q_lat = q_nope.f_matmul(&w_uk.f_unsqueeze(0)?)?.f_squeeze_dim(2)?; // [B, H, kv_lora]
         let position = q_pe.f_squeeze_dim(2)?.f_bmm(&k_pe.f_transpose(1, 2)?)?; // [B, H, S]
         let scores = position.f_baddbmm(&q_lat, &c_kv.f_transpose(1, 2)?, self.softmax_scale, self.softmax_scale)?;
         let probs = scores.f_softmax(-1, Kind::Float)?.f_to_kind(c_kv.kind())?;
-        let o_lat = probs.f_bmm(c_kv)?.f_unsqueeze(2)?; // [B, H, 1, kv_lora]
-        Ok(o_lat.f_matmul(&w_uv.f_transpose(-1, -2)?.f_unsqueeze(0)?)?)
+        Ok(probs.f_bmm(c_kv)?.f_unsqueeze(2)?)
     }
 
     /// Per-head keys [B, H, S, nope] and values [B, H, S, v] expanded from the latent.

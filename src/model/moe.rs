@@ -629,7 +629,7 @@ fn weighted_sum(ys: &[Tensor], w: &Tensor) -> Result<Tensor> {
     let few = d <= WEIGHTED_FEW
         && w.numel() == ys.len()
         && cpu_f32_no_grad(w)
-        && ys.iter().all(|y| cpu_f32_no_grad(y) && y.numel() == d && y.size() == ys[0].size());
+        && ys.iter().all(|y| cpu_f32_no_grad(y) && y.size() == ys[0].size());
     if !few {
         let mut out: Option<Tensor> = None;
         for (i, y) in ys.iter().enumerate() {
