@@ -354,7 +354,18 @@ def worker(kind: str, model_dir: str, threads: int) -> dict:
 
         replay_s, replay_runs = median_time(replay, repeats=5)
         touched = {(l, e) for l in experts for step in chosen[l] for e in step}
-        return {"floor_steps_per_s": 1.0 / s, "floor_step_bytes": sum(m.numel() * m.element_size() for m in mats),
+
+        # The machine's limit for any f32 decode: a step must read every one
+        # of these weight bytes once, and this reads them once, as one
+        # contiguous buffer, in one reduction on all threads (no products, no
+        # per-matrix overhead). Whatever caches hold the step's weights hold
+        # this buffer too.
+        buf = torch.cat([m.reshape(-1) for m in mats])
+        for _ in range(10):
+            buf.sum()
+        read_s, _ = median_time(lambda: buf.sum(), repeats=200)
+        return {"read_limit_steps_per_s": 1.0 / read_s, "read_limit_gb_per_s": buf.numel() * buf.element_size() / read_s / 1e9,
+                "floor_steps_per_s": 1.0 / s, "floor_step_bytes": sum(m.numel() * m.element_size() for m in mats),
                 "floor_matrices": len(mats), "replay_steps_per_s": NEW_TOKENS / replay_s,
                 "replay_runs_s": replay_runs, "replay_experts_touched": len(touched)}
 
@@ -419,7 +430,14 @@ def worker(kind: str, model_dir: str, threads: int) -> dict:
                         torch.bmm(s, v[:, :start + n])
 
         t, times = median_time(prefill_products, repeats=9)
-        return {"prefill_floor_s": t, "prefill_floor_runs_s": times, "prefill_floor_products": len(products)
+
+        # The machine's f32 compute limit: the best rate of one large square
+        # product (the shape BLAS runs fastest), which no mix of the
+        # prefill's smaller products can beat.
+        n = 2048
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        peak_s = min(median_time(lambda: torch.mm(a, b), repeats=5)[1])
+        return {"peak_gflop_per_s": 2 * n ** 3 / peak_s / 1e9, "prefill_floor_s": t, "prefill_floor_runs_s": times, "prefill_floor_products": len(products)
                 + cfg.num_hidden_layers * 2 * ((SEQ + block - 1) // block), "prefill_floor_gflop": flops / 1e9}
 
     raise ValueError(kind)
@@ -511,6 +529,7 @@ def render_section(hf: dict, ds: dict, threads: int, command: str, ds_command: s
     prefill_ratio = ds["prefill_tokens_per_s"] / hf["prefill_tokens_per_s"]
     corpus_ratio = ds["routing_stats_tokens_per_s"] / hf["prefill_tokens_per_s"]
     decode_ratio = ds["decode_tokens_per_s"] / hf["decode_tokens_per_s"]
+    prefill_limit = BATCH * SEQ / (hf["prefill_floor_gflop"] / hf["peak_gflop_per_s"])
     hf_rss_per_w = hf["load_rss_delta_bytes"] / hf["weight_bytes"]
     ds_rss_per_w = ds["load_rss_delta_bytes"] / ds["weight_bytes"]
 
@@ -534,6 +553,11 @@ def render_section(hf: dict, ds: dict, threads: int, command: str, ds_command: s
          f"DeepScope prefill at {100 * ds['prefill_tokens_per_s'] * hf['prefill_floor_s'] / (BATCH * SEQ):.0f}% of it; "
          f"transformers at {100 * hf['prefill_tokens_per_s'] * hf['prefill_floor_s'] / (BATCH * SEQ):.0f}%; "
          f"1.5x transformers = {1.5 * hf['prefill_tokens_per_s'] * hf['prefill_floor_s'] / (BATCH * SEQ):.2f}x the floor", "", ""),
+        (f"prefill compute limit: the same {hf['prefill_floor_gflop']:.2f} GFLOP at the machine's best f32 rate "
+         f"(one 2048 x 2048 x 2048 product: {hf['peak_gflop_per_s']:.0f} GFLOP/s), tokens/s", f"{prefill_limit:.1f}", "",
+         f"DeepScope prefill at {100 * ds['prefill_tokens_per_s'] / prefill_limit:.0f}% of it; "
+         f"transformers at {100 * hf['prefill_tokens_per_s'] / prefill_limit:.0f}%; "
+         f"1.5x transformers = {1.5 * hf['prefill_tokens_per_s'] / prefill_limit:.2f}x the limit", "", ""),
         (f"corpus routing statistics tokens/s (DeepScope: `routing_stats`, {BATCH} documents of {SEQ}, windows "
          f"of 256; transformers: its prefill above)", f"{hf['prefill_tokens_per_s']:.1f}",
          f"{ds['routing_stats_tokens_per_s']:.1f}", ratio("corpus", corpus_ratio), ">= 1.3x", met(corpus_ratio >= 1.3)),
@@ -550,6 +574,11 @@ def render_section(hf: dict, ds: dict, threads: int, command: str, ds_command: s
          f"DeepScope decode at {100 * ds['decode_tokens_per_s'] / hf['replay_steps_per_s']:.0f}% of it; "
          f"transformers at {100 * hf['decode_tokens_per_s'] / hf['replay_steps_per_s']:.0f}%; "
          f"5x transformers = {5 * hf['decode_tokens_per_s'] / hf['replay_steps_per_s']:.2f}x the floor", "", ""),
+        (f"decode memory limit: the step's {fmt_mib(hf['floor_step_bytes'])} of weights read once, as one buffer in one "
+         f"reduction ({hf['read_limit_gb_per_s']:.1f} GB/s), steps/s", f"{hf['read_limit_steps_per_s']:.1f}", "",
+         f"DeepScope decode at {100 * ds['decode_tokens_per_s'] / hf['read_limit_steps_per_s']:.0f}% of it; "
+         f"transformers at {100 * hf['decode_tokens_per_s'] / hf['read_limit_steps_per_s']:.0f}%; "
+         f"5x transformers = {5 * hf['decode_tokens_per_s'] / hf['read_limit_steps_per_s']:.2f}x the limit", "", ""),
         ("weight bytes", fmt_mib(hf["weight_bytes"]), fmt_mib(ds["weight_bytes"]),
          f"{ds['weight_bytes'] / hf['weight_bytes']:.2f}x", "", ""),
         ("load RSS delta", fmt_mib(hf["load_rss_delta_bytes"]), fmt_mib(ds["load_rss_delta_bytes"]),

@@ -4,6 +4,7 @@ pub mod budget;
 pub mod config;
 pub mod decoder;
 pub mod dtype;
+pub mod gemv;
 pub mod generate;
 pub mod hooks;
 pub mod layout;

@@ -389,7 +389,12 @@ impl Weight {
     /// weight), else from the streamer.
     pub fn linear_fetched(&self, x: &Tensor, fetched: Option<Packed>, bias: Option<&Tensor>) -> Result<Tensor> {
         let y = match (&self.store, fetched) {
-            (Store::Ready(w), _) => return Ok(x.f_linear(w, bias)?),
+            (Store::Ready(w), _) => {
+                if let Some(y) = super::gemv::linear_few_f32(x, w, bias)? {
+                    return Ok(y);
+                }
+                return Ok(x.f_linear(w, bias)?);
+            }
             (Store::Packed(p), _) => p.linear(x, self.kind, self.device)?,
             (Store::Mapped(m), Some(p)) => m.streamer.adopt(self, m, p).linear(x, self.kind, self.device)?,
             (Store::Mapped(m), None) => m.streamer.fetch(self, m)?.linear(x, self.kind, self.device)?,
