@@ -256,6 +256,77 @@ fn decode_step_loops_equal_libtorch_operations() {
     }
 }
 
+/// One token's MoE layer (routed experts weighted, then the shared experts)
+/// and a dense MLP run in one pass of loops on the CPU (f32, no gradient):
+/// the same output as libtorch's operations, which a token that requires a
+/// gradient takes, on every case and layer.
+#[test]
+fn one_token_feed_forward_in_one_pass_equals_libtorch_operations() {
+    use deepscope::model::decoder::FeedForward;
+    let cpu = (Kind::Float, tch::Device::Cpu);
+    for case in cases() {
+        let model = load_cpu(&case.dir);
+        let d = model.config.hidden_size as i64;
+        tch::manual_seed(19);
+        for (l, layer) in model.layers.iter().enumerate() {
+            for x in [Tensor::randn([1, 1, d], cpu), Tensor::randn([1, d], cpu) * 40.0] {
+                let slow_x = x.copy().set_requires_grad(true);
+                let (fast, slow) = match &layer.mlp {
+                    FeedForward::Moe(m) => {
+                        let (f, s) = (m.forward(&x).unwrap(), m.forward(&slow_x).unwrap());
+                        assert!(f.routing.topk_indices.equal(&s.routing.topk_indices), "{} layer {l}: other experts", case.name);
+                        (f.output, s.output)
+                    }
+                    FeedForward::Dense(m) => (m.forward(&x).unwrap(), m.forward(&slow_x).unwrap()),
+                };
+                // packed (FP8) weights take neither the loops nor autograd
+                let ready = layer.weights().iter().all(|w| w.as_ready().is_some());
+                assert!(!fast.requires_grad() && (slow.requires_grad() || !ready), "{} layer {l}: the gradient path was not taken", case.name);
+                assert_eq!(fast.size(), x.size());
+                let diff = max_abs_diff(&fast, &slow.detach());
+                let scale = slow.abs().max().double_value(&[]);
+                assert!(diff <= 1e-5 * (1.0 + scale), "{} layer {l}: off by {diff:e} (scale {scale})", case.name);
+            }
+        }
+    }
+}
+
+/// A small model's decode-step attention on the absorbed path runs in one
+/// pass of loops on the CPU (f32, no gradient): the same per-head outputs as
+/// libtorch's products (`absorbed_step`, then `W_UV`), for two sequences,
+/// a strided `q_nope` (as the query projection leaves it), caches of one and
+/// of many positions, on every case. A gradient to record takes libtorch.
+#[test]
+fn absorbed_decode_step_loops_equal_libtorch_products() {
+    let cpu = (Kind::Float, tch::Device::Cpu);
+    for case in cases() {
+        let model = load_cpu(&case.dir);
+        let mla = &model.layers[0].self_attn;
+        let (h, nope, rope, l) = (mla.num_heads, mla.nope, mla.rope, mla.kv_lora);
+        let (w_uk, w_uv) = mla.absorbed_weights().unwrap();
+        tch::manual_seed(17);
+        for s in [1, 9, 40] {
+            let q = Tensor::randn([2, 1, h, nope + rope], cpu).transpose(1, 2); // [2, H, 1, nope + rope]
+            let (q_nope, q_pe) = (q.narrow(-1, 0, nope), q.narrow(-1, nope, rope).contiguous());
+            let (c_kv, k_pe) = (Tensor::randn([2, s, l], cpu), Tensor::randn([2, s, rope], cpu));
+            let slow = mla.absorbed_step(&q_nope, &q_pe, &c_kv, &k_pe, &w_uk).unwrap().matmul(&w_uv.transpose(-1, -2).unsqueeze(0));
+            let what = format!("{}, {s} cached positions", case.name);
+            let fast = mla.absorbed_step_few_f32(&q_nope, &q_pe, &c_kv, &k_pe, &w_uk, &w_uv).unwrap();
+            let Some(fast) = fast else {
+                // only a CPU without AVX2 and FMA leaves it to libtorch
+                #[cfg(target_arch = "x86_64")]
+                assert!(!std::arch::is_x86_feature_detected!("avx2") || !std::arch::is_x86_feature_detected!("fma"), "{what}: not taken");
+                continue;
+            };
+            assert_eq!(fast.size(), slow.size(), "{what}");
+            let diff = max_abs_diff(&fast, &slow);
+            assert!(diff <= 1e-5 * (1.0 + slow.abs().max().double_value(&[])), "{what}: off by {diff:e}");
+            let grad = q_pe.copy().set_requires_grad(true);
+            assert!(mla.absorbed_step_few_f32(&q_nope, &grad, &c_kv, &k_pe, &w_uk, &w_uv).unwrap().is_none(), "{what}: a gradient was dropped");
+        }
+    }
+}
+
 /// A few tokens' routing on the CPU (f32, no gradient) is chosen in one loop
 /// over the scores read back; scores that require a gradient take
 /// libtorch's operations. Both must choose the same experts in the same

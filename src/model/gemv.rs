@@ -9,9 +9,14 @@
 //! row once for all of `x`'s rows, with four independent multiply-add
 //! chains per row so that the loads, not the adds, bound it. One row of `x`
 //! over a weight of 64Ki elements or more is shared with libtorch's own
-//! OpenMP threads (see [`Omp`]); smaller ones run on the calling thread.
+//! OpenMP threads (see `Omp`); smaller ones run on the calling thread.
 //! CPUs without AVX2 and FMA, and every other case (more
 //! rows, another dtype, a gradient to record), take libtorch's `linear`.
+//!
+//! `swiglu_sum_one_row` runs a decode step's whole feed-forward block
+//! (the chosen experts, weighted, and the shared experts; or a dense MLP)
+//! on these loops in two team regions instead of one per product, and
+//! `Simd` hands the loops to the attention step in `mla.rs`.
 //!
 //! The sums run in another order than a BLAS GEMM's, so results agree with
 //! libtorch to f32 rounding (relative 1e-6), not bit for bit.
@@ -74,43 +79,161 @@ fn omp() -> Option<Omp> {
     })
 }
 
-/// One product shared by an OpenMP team: each member takes its share of
-/// the weight's rows.
-struct TeamJob<'a> {
-    out: *mut f32,
-    x: &'a [f32],
-    w: &'a [f32],
-    k: usize,
+impl Omp {
+    /// Runs `job(member, team_size)` on every member of a team of up to
+    /// `threads` threads (the calling thread among them) and returns when
+    /// all have finished.
+    fn team(self, threads: usize, job: &(dyn Fn(usize, usize) + Sync)) {
+        let call = TeamCall { job, omp: self };
+        // SAFETY: `call` outlives the region (GOMP_parallel returns when the
+        // whole team has finished) and is only read by the members
+        unsafe { (self.parallel)(team_member, &call as *const TeamCall as *mut c_void, threads as c_uint, 0) };
+    }
+}
+
+/// What [`Omp::team`] hands each member of the team.
+struct TeamCall<'a> {
+    job: &'a (dyn Fn(usize, usize) + Sync),
     omp: Omp,
 }
 
-impl Omp {
-    /// `out = w x` for one row `x` on up to `threads` threads.
-    fn run(self, out: &mut [f32], x: &[f32], w: &[f32], k: usize, threads: usize) {
-        let job = TeamJob { out: out.as_mut_ptr(), x, w, k, omp: self };
-        // SAFETY: `job` outlives the call (GOMP_parallel returns when the
-        // whole team has finished); each member writes its own rows of `out`
-        unsafe { (self.parallel)(team_member, &job as *const TeamJob as *mut c_void, threads as c_uint, 0) };
+/// What each thread of the team runs: the job, told which member it is of a
+/// team of the size the runtime actually gave.
+extern "C" fn team_member(data: *mut c_void) {
+    // SAFETY: `data` is the `TeamCall` that `Omp::team` passed, alive until
+    // the region ends
+    let call = unsafe { &*(data as *const TeamCall) };
+    // SAFETY: called inside the parallel region the runtime started
+    let (size, me) = unsafe { ((call.omp.team)().max(1) as usize, (call.omp.me)().max(0) as usize) };
+    (call.job)(me.min(size - 1), size);
+}
+
+/// Member `me`'s share `[r0, r1)` of `rows` rows split over `size` members.
+fn share(rows: usize, me: usize, size: usize) -> (usize, usize) {
+    let per = rows.div_ceil(size);
+    ((me * per).min(rows), ((me + 1) * per).min(rows))
+}
+
+/// An output that the members of a team write at disjoint places.
+#[derive(Clone, Copy)]
+struct Shared(*mut f32);
+// SAFETY: members write disjoint ranges of the memory (each user says why)
+unsafe impl Sync for Shared {}
+unsafe impl Send for Shared {}
+
+impl Shared {
+    /// Values `[at, at + n)`.
+    ///
+    /// # Safety
+    /// The range lies inside the memory, and no other member touches it
+    /// while the slice lives.
+    unsafe fn part<'a>(self, at: usize, n: usize) -> &'a mut [f32] {
+        // SAFETY: as the caller promises
+        unsafe { std::slice::from_raw_parts_mut(self.0.add(at), n) }
+    }
+
+    /// The first `n` values, read only.
+    ///
+    /// # Safety
+    /// They lie inside the memory, and no member writes them while the
+    /// slice lives.
+    unsafe fn read<'a>(self, n: usize) -> &'a [f32] {
+        // SAFETY: as the caller promises
+        unsafe { std::slice::from_raw_parts(self.0, n) }
     }
 }
 
-/// What each thread of the team runs: rows `[t * per, (t + 1) * per)` for
-/// member `t` of a team of the size the runtime actually gave.
-extern "C" fn team_member(data: *mut c_void) {
-    // SAFETY: `data` is the `TeamJob` that `Omp::run` passed, alive until
-    // the region ends
-    let job = unsafe { &*(data as *const TeamJob) };
-    // SAFETY: called inside the parallel region the runtime started
-    let (size, me) = unsafe { ((job.omp.team)().max(1) as usize, (job.omp.me)().max(0) as usize) };
-    let rows = job.w.len() / job.k;
-    let per = rows.div_ceil(size);
-    let (r0, r1) = ((me * per).min(rows), ((me + 1) * per).min(rows));
-    if r0 < r1 {
-        // SAFETY: rows r0..r1 of `out` (one value each) belong to this
-        // member alone and lie inside it (`out` has `rows` values)
-        let out = unsafe { std::slice::from_raw_parts_mut(job.out.add(r0), r1 - r0) };
-        products(out, job.x, &job.w[r0 * job.k..r1 * job.k], 1, job.k);
+/// One SwiGLU MLP for [`swiglu_sum_one_row`]: the stacked `[gate; up]`
+/// weight `[2I, D]` and `down` `[D, I]`, row-major f32, and the factor on
+/// its output in the sum (`None`: added as it is, as a shared expert's).
+pub(crate) struct SwigluWeights<'a> {
+    pub gate_up: &'a [f32],
+    pub down: &'a [f32],
+    pub inter: usize,
+    pub factor: Option<f32>,
+}
+
+/// `out = sum_e f_e down_e(silu(gate_e x) * up_e x)` for one f32 row `x`
+/// `[D]`, the terms added in the order given (a decode step's routed
+/// experts in the router's order, then the shared experts; or a dense MLP
+/// alone), each product as [`linear_few_f32`] computes it and the sum as the
+/// MoE layer's weighted sum does. `false` (nothing written) where it does
+/// not apply: shapes that do not fit, or weights large enough to want more
+/// threads than the calling one when no OpenMP runtime was found.
+///
+/// Why one pass for all of them: taken one linear at a time, a decode
+/// step's MoE layer is ten products, five activations, the weighted sum
+/// and the shared expert's addition, each allocating its output, and ten
+/// parallel regions for the larger products. Here the team runs two
+/// regions: every member computes its share of all the hidden
+/// activations, then its share of the output rows over every MLP.
+pub(crate) fn swiglu_sum_one_row(simd: Simd, x: &[f32], mlps: &[SwigluWeights], out: &mut [f32]) -> bool {
+    let d = x.len();
+    let fits = |m: &SwigluWeights| m.inter > 0 && m.gate_up.len() == 2 * m.inter * d && m.down.len() == d * m.inter;
+    if d == 0 || out.len() != d || mlps.is_empty() || !mlps.iter().all(fits) {
+        return false;
     }
+    let elements: usize = mlps.iter().map(|m| 3 * m.inter * d).sum();
+    let threads = tch::get_num_threads().max(1) as usize;
+    let team = omp().filter(|_| threads > 1 && elements >= PER_TEAM);
+    if team.is_none() && threads > 1 && elements > PER_THREAD {
+        return false;
+    }
+    // where each MLP's hidden activations start in one buffer
+    let starts: Vec<usize> = mlps.iter().scan(0, |at, m| Some(std::mem::replace(at, *at + m.inter))).collect();
+    let total: usize = mlps.iter().map(|m| m.inter).sum();
+    let mut hidden = vec![0f32; total];
+    let (hid, dst) = (Shared(hidden.as_mut_ptr()), Shared(out.as_mut_ptr()));
+    // member `me` of `size`: its share of all the hidden rows, across MLPs
+    let activations = |me: usize, size: usize| {
+        let (r0, r1) = share(total, me, size);
+        let mut up = Vec::new();
+        for (m, &start) in mlps.iter().zip(&starts) {
+            let (i0, i1) = (r0.max(start) - start, r1.min(start + m.inter).saturating_sub(start));
+            if i0 >= i1 {
+                continue;
+            }
+            // SAFETY: hidden rows start+i0 .. start+i1 lie in [r0, r1), this
+            // member's share of the `total` values
+            let gate = unsafe { hid.part(start + i0, i1 - i0) };
+            simd.products(gate, x, &m.gate_up[i0 * d..i1 * d], 1, d);
+            up.resize(i1 - i0, 0.0);
+            simd.products(&mut up, x, &m.gate_up[(m.inter + i0) * d..(m.inter + i1) * d], 1, d);
+            for (g, u) in gate.iter_mut().zip(&up) {
+                *g = *g / (1.0 + (-*g).exp()) * u;
+            }
+        }
+    };
+    // member `me` of `size`: its share of the output rows, over every MLP
+    let outputs = |me: usize, size: usize| {
+        let (j0, j1) = share(d, me, size);
+        if j0 >= j1 {
+            return;
+        }
+        // SAFETY: output rows j0..j1 (inside its d) are this member's alone;
+        // the hidden activations were all written before this phase began
+        // and are only read in it
+        let (acc, hidden) = unsafe { (dst.part(j0, j1 - j0), hid.read(total)) };
+        let mut y = vec![0f32; j1 - j0];
+        for (e, (m, &start)) in mlps.iter().zip(&starts).enumerate() {
+            simd.products(&mut y, &hidden[start..start + m.inter], &m.down[j0 * m.inter..j1 * m.inter], 1, m.inter);
+            for (a, y) in acc.iter_mut().zip(&y) {
+                let term = m.factor.map_or(*y, |f| y * f);
+                *a = if e == 0 { term } else { *a + term };
+            }
+        }
+    };
+    match team {
+        Some(omp) => {
+            omp.team(threads, &activations);
+            omp.team(threads, &outputs);
+        }
+        None => {
+            activations(0, 1);
+            outputs(0, 1);
+        }
+    }
+    true
 }
 
 /// `x W^T (+ b)` for f32 `x` [.., k] with at most [`GEMV_MAX_ROWS`] rows and
@@ -118,9 +241,9 @@ extern "C" fn team_member(data: *mut c_void) {
 /// gradient, on a CPU with AVX2 and FMA; `None` otherwise (the caller takes
 /// libtorch's `linear`).
 pub(crate) fn linear_few_f32(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Option<Tensor>> {
-    if !has_avx2_fma() {
+    let Some(simd) = Simd::detect() else {
         return Ok(None);
-    }
+    };
     let xs = x.size();
     let (n, k) = match w.size().as_slice() {
         [n, k] => (*n, *k),
@@ -159,16 +282,27 @@ pub(crate) fn linear_few_f32(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> R
     let shared = m == 1 && threads > 1 && nu * ku >= PER_TEAM;
     match omp().filter(|_| shared) {
         // [1, n] is the layout `products` writes: straight into the output
-        Some(omp) => omp.run(dst, xv, wv, ku, threads),
+        Some(omp) => {
+            let out = Shared(dst.as_mut_ptr());
+            omp.team(threads, &|me, size| {
+                let (r0, r1) = share(nu, me, size);
+                if r0 < r1 {
+                    // SAFETY: rows r0..r1 of the output (one value each, inside
+                    // its nu) are this member's alone
+                    let out = unsafe { out.part(r0, r1 - r0) };
+                    simd.products(out, xv, &wv[r0 * ku..r1 * ku], 1, ku);
+                }
+            });
+        }
         None if m == 1 => {
             let threads = threads.min((nu * ku).div_ceil(PER_THREAD)).min(nu);
             let per = nu.div_ceil(threads);
             if threads <= 1 {
-                products(dst, xv, wv, 1, ku);
+                simd.products(dst, xv, wv, 1, ku);
             } else {
                 std::thread::scope(|scope| {
                     for (d, w) in dst.chunks_mut(per).zip(wv.chunks(per * ku)) {
-                        scope.spawn(move || products(d, xv, w, 1, ku));
+                        scope.spawn(move || simd.products(d, xv, w, 1, ku));
                     }
                 });
             }
@@ -176,7 +310,7 @@ pub(crate) fn linear_few_f32(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> R
         None => {
             // [n, m] per weight row, then transposed into [m, n]
             let mut rows = vec![0f32; nu * m];
-            products(&mut rows, xv, wv, m, ku);
+            simd.products(&mut rows, xv, wv, m, ku);
             for (r, dots) in rows.chunks_exact(m).enumerate() {
                 for (i, d) in dots.iter().enumerate() {
                     dst[i * nu + r] = *d;
@@ -192,23 +326,36 @@ pub(crate) fn linear_few_f32(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> R
     Ok(Some(out))
 }
 
-fn has_avx2_fma() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
+/// Proof that the CPU has AVX2 and FMA: what the hand-written loops of
+/// this module need. Only [`Simd::detect`] makes one.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Simd(SimdToken);
 
-/// `out[r * m + i] = x_i . w_r` for every row `w_r` of `w` [r, k] and `x_i`
-/// of `x` [m, k]. Only called after [`has_avx2_fma`].
-fn products(out: &mut [f32], x: &[f32], w: &[f32], m: usize, k: usize) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        // SAFETY: the caller checked that the CPU has AVX2 and FMA
+/// What a [`Simd`] holds: nothing where one can exist, an uninhabited type
+/// where none can (so that no code path needs a run-time "unreachable").
+#[cfg(target_arch = "x86_64")]
+type SimdToken = ();
+#[cfg(not(target_arch = "x86_64"))]
+type SimdToken = std::convert::Infallible;
+
+impl Simd {
+    /// `Some` on a CPU with AVX2 and FMA.
+    pub(crate) fn detect() -> Option<Simd> {
+        #[cfg(target_arch = "x86_64")]
+        {
+            (is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")).then_some(Simd(()))
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            None
+        }
+    }
+
+    /// `out[r * m + i] = x_i . w_r` for every row `w_r` of `w` [r, k] and
+    /// `x_i` of `x` [m, k], `m` from 1 to [`GEMV_MAX_ROWS`].
+    pub(crate) fn products(self, out: &mut [f32], x: &[f32], w: &[f32], m: usize, k: usize) {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: a `Simd` exists only where the CPU has AVX2 and FMA
         unsafe {
             match m {
                 1 => avx2::rows::<1>(out, x, w, k),
@@ -217,13 +364,10 @@ fn products(out: &mut [f32], x: &[f32], w: &[f32], m: usize, k: usize) {
                 _ => avx2::rows::<4>(out, x, w, k),
             }
         }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        for (r, wr) in w.chunks_exact(k).enumerate() {
-            for i in 0..m {
-                out[r * m + i] = x[i * k..(i + 1) * k].iter().zip(wr).map(|(a, b)| a * b).sum();
-            }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = (out, x, w, m, k);
+            match self.0 {}
         }
     }
 }
@@ -242,7 +386,7 @@ mod avx2 {
         _mm_cvtss_f32(s)
     }
 
-    /// [`super::products`] for `T` rows of `x`: per weight row, four
+    /// [`super::Simd::products`] for `T` rows of `x`: per weight row, four
     /// accumulators of eight lanes per row of `x`, 32 columns a step, then
     /// eight at a time, then one.
     ///
@@ -306,7 +450,7 @@ mod tests {
     /// same values as libtorch's `linear` to f32 rounding.
     #[test]
     fn few_row_products_equal_libtorch_linear() {
-        if !has_avx2_fma() {
+        if Simd::detect().is_none() {
             assert!(linear_few_f32(&Tensor::ones([1, 8], (Kind::Float, Device::Cpu)), &Tensor::ones([2, 8], (Kind::Float, Device::Cpu)), None).unwrap().is_none());
             return;
         }
@@ -328,6 +472,49 @@ mod tests {
                     assert!(got3.squeeze_dim(0).equal(&got));
                 }
             }
+        }
+    }
+
+    /// Several SwiGLU MLPs on one row, weighted or not, small and large
+    /// enough for the team: the same sum as libtorch's products, activation
+    /// and weighted additions, to f32 rounding; shapes that do not fit are
+    /// refused without writing.
+    #[test]
+    fn one_row_swiglu_sums_equal_libtorch_operations() {
+        let Some(simd) = Simd::detect() else { return };
+        tch::manual_seed(5);
+        let cpu = (Kind::Float, Device::Cpu);
+        let d = 96i64;
+        for inters in [vec![8i64], vec![40, 40, 24], vec![700, 64, 300, 1000]] {
+            let x = Tensor::randn([d], cpu);
+            let blocks: Vec<(Tensor, Tensor, Option<f32>)> = inters
+                .iter()
+                .enumerate()
+                .map(|(e, &i)| (Tensor::randn([2 * i, d], cpu), Tensor::randn([d, i], cpu), (e + 1 < inters.len()).then_some(0.25 * (e + 1) as f32)))
+                .collect();
+            let mut want: Option<Tensor> = None;
+            for ((gu, down, f), &i) in blocks.iter().zip(&inters) {
+                let g = x.unsqueeze(0).linear::<Tensor>(gu, None);
+                let h = g.narrow(-1, 0, i).silu() * g.narrow(-1, i, i);
+                let y = h.linear::<Tensor>(down, None).squeeze_dim(0);
+                let y = f.map_or(y.shallow_clone(), |f| &y * f as f64);
+                want = Some(want.map_or(y.shallow_clone(), |w| w + &y));
+            }
+            let want = want.unwrap();
+            // SAFETY: contiguous f32 CPU tensors made above, alive to the end
+            let slice = |t: &Tensor| unsafe { std::slice::from_raw_parts(t.data_ptr() as *const f32, t.numel()) };
+            let weights: Vec<SwigluWeights> =
+                blocks.iter().zip(&inters).map(|((gu, down, f), &i)| SwigluWeights { gate_up: slice(gu), down: slice(down), inter: i as usize, factor: *f }).collect();
+            let mut out = vec![0f32; d as usize];
+            assert!(swiglu_sum_one_row(simd, slice(&x), &weights, &mut out), "{inters:?}: refused");
+            let got = Tensor::from_slice(&out);
+            let d_rel = max_rel_diff(&got, &want);
+            assert!(d_rel <= 1e-5, "{inters:?}: off by {d_rel:e}");
+            // a row of the wrong width, and no output room: refused, untouched
+            let mut short = vec![7f32; d as usize - 1];
+            assert!(!swiglu_sum_one_row(simd, slice(&x), &weights, &mut short));
+            assert!(short.iter().all(|v| *v == 7.0));
+            assert!(!swiglu_sum_one_row(simd, &slice(&x)[1..], &weights, &mut out));
         }
     }
 

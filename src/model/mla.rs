@@ -33,7 +33,8 @@
 //! 576) and 29 ms against 11 ms for the naive one (`make bench-real` keeps
 //! the whole-model figures). CUDA keeps the fused kernel. A decode step on the
 //! absorbed path (one query per sequence) takes [`Mla::absorbed_step`]'s
-//! batched products over the cache as stored, heads as rows.
+//! batched products over the cache as stored, heads as rows, or, for a
+//! small model in f32, [`Mla::absorbed_step_few_f32`]'s loops.
 //! Reference: `transformers/models/deepseek_v3/modeling_deepseek_v3.py`.
 
 use tch::{Device, Kind, Tensor};
@@ -41,7 +42,8 @@ use tch::{Device, Kind, Tensor};
 use super::config::Config;
 use super::hooks::{HookPoint, Hooks};
 use super::loader::LoadPath;
-use super::nn::{Linear, RmsNorm};
+use super::gemv::Simd;
+use super::nn::{cpu_f32_no_grad, Linear, RmsNorm};
 use super::rope::{Rope, RopeAngles};
 use crate::error::{Error, Result};
 
@@ -68,6 +70,11 @@ pub const CPU_SCORE_BLOCK: i64 = 1 << 25;
 /// prefill on 2 threads the attention took 10.9 ms with blocks of 64, 11.3 ms
 /// with 128 and 12.0 ms with one block of 256 (median of three runs each).
 pub const CPU_QUERY_BLOCK: i64 = 64;
+
+/// Multiply-adds up to which an f32 decode step's attention on the CPU runs
+/// in [`Mla::absorbed_step_few_f32`]'s loops (on one thread) rather than in
+/// libtorch's products.
+pub const FEW_STEP_MACS: i64 = 1 << 18;
 
 impl std::str::FromStr for AttnImpl {
     type Err = Error;
@@ -282,24 +289,28 @@ impl Mla {
             _ => None,
         };
         let wants_pattern = hooks.wants(HookPoint::Pattern(layer));
-        let o = match &absorbed {
-            Some((w_uk, _)) if t == 1 && !wants_pattern && x.device() == Device::Cpu => self.absorbed_step(&q_nope, &q_pe, &c_kv, &k_pe, w_uk)?,
+        let heads = match &absorbed {
+            Some((w_uk, w_uv)) if t == 1 && !wants_pattern && x.device() == Device::Cpu => {
+                match self.absorbed_step_few_f32(&q_nope, &q_pe, &c_kv, &k_pe, w_uk, w_uv)? {
+                    Some(heads) => heads,
+                    None => per_head_outputs(&self.absorbed_step(&q_nope, &q_pe, &c_kv, &k_pe, w_uk)?, w_uv)?,
+                }
+            }
             _ => {
                 let (q, k, v) = self.operands(&q_nope, &q_pe, &c_kv, &k_pe, absorbed.as_ref().map(|w| &w.0))?;
-                if wants_pattern {
+                let o = if wants_pattern {
                     self.explicit_attention(&q, &k, &v, past, hooks, layer)?
                 } else if q.device().is_cuda() {
                     // Absorbed: one shared latent "head" of keys and values.
                     self.fused_attention(&q, &k, &v, past, attn == AttnImpl::Absorbed)?
                 } else {
                     self.blocked_attention(&q, &k, &v, past, CPU_SCORE_BLOCK)?
+                };
+                match &absorbed {
+                    None => o, // [B, H, T, v]
+                    Some((_, w_uv)) => per_head_outputs(&o, w_uv)?,
                 }
             }
-        };
-        let heads = match &absorbed {
-            None => o, // [B, H, T, v]
-            // o_lat [B, H, T, kv_lora] -> per-head output through W_UV
-            Some((_, w_uv)) => o.f_matmul(&w_uv.f_transpose(-1, -2)?.f_unsqueeze(0)?)?,
         };
         // [B, H, T, v] -> [B, T, H, v] -> concat heads -> o_proj
         let heads = hooks.visit(HookPoint::HeadOut(layer), heads.f_transpose(1, 2)?)?;
@@ -322,6 +333,105 @@ impl Mla {
         let scores = position.f_baddbmm(&q_lat, &c_kv.f_transpose(1, 2)?, self.softmax_scale, self.softmax_scale)?;
         let probs = scores.f_softmax(-1, Kind::Float)?.f_to_kind(c_kv.kind())?;
         Ok(probs.f_bmm(c_kv)?.f_unsqueeze(2)?)
+    }
+
+    /// [`absorbed_step`](Self::absorbed_step) and the `W_UV` product after
+    /// it, for f32 on the CPU when the whole step is at most
+    /// [`FEW_STEP_MACS`] multiply-adds (a small model's decode step): per
+    /// sequence and head, `q_lat = q_nope W_UK`, the scores over the cache as
+    /// stored, the softmax, `o_lat = p c_kv` and `o_lat W_UV^T`, in plain
+    /// loops over the tensors' memory. Returns the per-head outputs
+    /// `[B, H, 1, v]`, or `None` where it does not apply (the caller takes
+    /// the libtorch path).
+    ///
+    /// Why loops rather than libtorch: the libtorch path is about fifteen
+    /// operations (products, transposes, softmax, output allocations), each
+    /// costing a few microseconds of dispatch, for a step of tens of
+    /// thousands of multiply-adds at the bench model's shapes. The sums run
+    /// in another order than libtorch's, so results agree to f32 rounding.
+    #[allow(clippy::too_many_arguments)]
+    pub fn absorbed_step_few_f32(&self, q_nope: &Tensor, q_pe: &Tensor, c_kv: &Tensor, k_pe: &Tensor, w_uk: &Tensor, w_uv: &Tensor) -> Result<Option<Tensor>> {
+        let Some(simd) = Simd::detect() else {
+            return Ok(None);
+        };
+        if ![q_nope, q_pe, c_kv, k_pe, w_uk, w_uv].iter().all(|t| cpu_f32_no_grad(t)) {
+            return Ok(None);
+        }
+        let (h, nope, rope, v, l) = (self.num_heads, self.nope, self.rope, self.v, self.kv_lora);
+        let (b, s) = match c_kv.size().as_slice() {
+            [b, s, c] if *c == l => (*b, *s),
+            _ => return Ok(None),
+        };
+        let shapes_fit = q_nope.size() == [b, h, 1, nope]
+            && q_pe.size() == [b, h, 1, rope]
+            && k_pe.size() == [b, s, rope]
+            && w_uk.size() == [h, nope, l]
+            && w_uv.size() == [h, v, l];
+        // per-head weight rows are whole rows of kv_b_proj's weight
+        let rows_whole = |w: &Tensor| w.stride()[1..] == [l, 1];
+        let macs = b * h * (nope * l + s * (2 * l + rope) + v * l);
+        if !shapes_fit || !rows_whole(w_uk) || !rows_whole(w_uv) || q_nope.stride()[3] != 1 || [b, s, nope, rope, v, l].contains(&0) || macs > FEW_STEP_MACS {
+            return Ok(None);
+        }
+        let (q_pe, c_kv, k_pe) = (q_pe.f_contiguous()?, c_kv.f_contiguous()?, k_pe.f_contiguous()?);
+        let out = Tensor::f_empty([b, h, 1, v], (Kind::Float, Device::Cpu))?;
+        let [b, h, nope, rope, v, l, s] = [b, h, nope, rope, v, l, s].map(|d| d as usize);
+        let (qs, uks, uvs) = (q_nope.stride(), w_uk.stride()[0] as usize, w_uv.stride()[0] as usize);
+        let (qb, qh) = (qs[0] as usize, qs[1] as usize);
+        // the elements a strided view reaches: from its first to its last
+        let span = |dims: &[(usize, usize)], row: usize| dims.iter().map(|(n, st)| (n - 1) * st).sum::<usize>() + row;
+        // SAFETY: q_nope, w_uk and w_uv are f32 CPU views (checked above)
+        // whose elements all lie within `span` values of their first one
+        // (sizes and strides as checked); q_pe, c_kv, k_pe are contiguous
+        // f32 CPU tensors of these sizes, and `out` is new, contiguous and
+        // written only here. All stay alive for the whole function.
+        let (qn, wk, wv, qp, ckv, kpe, dst) = unsafe {
+            (
+                std::slice::from_raw_parts(q_nope.data_ptr() as *const f32, span(&[(b, qb), (h, qh)], nope)),
+                std::slice::from_raw_parts(w_uk.data_ptr() as *const f32, span(&[(h, uks)], nope * l)),
+                std::slice::from_raw_parts(w_uv.data_ptr() as *const f32, span(&[(h, uvs)], v * l)),
+                std::slice::from_raw_parts(q_pe.data_ptr() as *const f32, b * h * rope),
+                std::slice::from_raw_parts(c_kv.data_ptr() as *const f32, b * s * l),
+                std::slice::from_raw_parts(k_pe.data_ptr() as *const f32, b * s * rope),
+                std::slice::from_raw_parts_mut(out.data_ptr() as *mut f32, b * h * v),
+            )
+        };
+        let scale = self.softmax_scale as f32;
+        let (mut q_lat, mut o_lat) = (vec![0f32; l], vec![0f32; l]);
+        let (mut content, mut position) = (vec![0f32; s], vec![0f32; s]);
+        for bi in 0..b {
+            let (ckv_b, kpe_b) = (&ckv[bi * s * l..(bi + 1) * s * l], &kpe[bi * s * rope..(bi + 1) * s * rope]);
+            for hi in 0..h {
+                // q_lat = q_nope W_UK: the query's weighted sum of W_UK's rows
+                let q = &qn[bi * qb + hi * qh..][..nope];
+                let w = &wk[hi * uks..][..nope * l];
+                q_lat.fill(0.0);
+                for (a, row) in q.iter().zip(w.chunks_exact(l)) {
+                    q_lat.iter_mut().zip(row).for_each(|(o, w)| *o += a * w);
+                }
+                simd.products(&mut content, &q_lat, ckv_b, 1, l);
+                simd.products(&mut position, &qp[(bi * h + hi) * rope..][..rope], kpe_b, 1, rope);
+                // scores as baddbmm forms them, then a softmax
+                let mut top = f32::NEG_INFINITY;
+                for (c, p) in content.iter_mut().zip(&position) {
+                    *c = scale * p + scale * *c;
+                    top = top.max(*c);
+                }
+                let mut total = 0.0f32;
+                for c in content.iter_mut() {
+                    *c = (*c - top).exp();
+                    total += *c;
+                }
+                // o_lat = p c_kv
+                o_lat.fill(0.0);
+                for (p, row) in content.iter().zip(ckv_b.chunks_exact(l)) {
+                    let p = p / total;
+                    o_lat.iter_mut().zip(row).for_each(|(o, c)| *o += p * c);
+                }
+                simd.products(&mut dst[(bi * h + hi) * v..][..v], &o_lat, &wv[hi * uvs..][..v * l], 1, l);
+            }
+        }
+        Ok(Some(out))
     }
 
     /// Per-head keys [B, H, S, nope] and values [B, H, S, v] expanded from the latent.
@@ -450,4 +560,10 @@ impl Mla {
         let probs = hooks.visit(HookPoint::Pattern(layer), self.block_probs(q, k, past)?)?;
         Ok(probs.f_to_kind(q.kind())?.f_matmul(v)?)
     }
+}
+
+/// The per-head outputs `[B, H, T, v]` from the absorbed path's latent
+/// outputs `o_lat` `[B, H, T, kv_lora]` through `W_UV` `[H, v, kv_lora]`.
+fn per_head_outputs(o_lat: &Tensor, w_uv: &Tensor) -> Result<Tensor> {
+    Ok(o_lat.f_matmul(&w_uv.f_transpose(-1, -2)?.f_unsqueeze(0)?)?)
 }

@@ -18,6 +18,7 @@ use super::config::{Config, ScoringFunc, TopkMethod};
 use super::routing::{BiasEdit, RouterEdits, RouterInput, RouterSettings};
 use super::loader::LoadPath;
 use super::hooks::{HookPoint, Hooks, NoHooks};
+use super::gemv::{swiglu_sum_one_row, Simd, SwigluWeights};
 use super::nn::{cpu_f32_no_grad, Linear};
 use super::stream::read_ahead;
 use super::weight::{FetchJob, Packed, Weight};
@@ -68,7 +69,39 @@ impl Mlp {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(y) = one_row_swiglu_sum(x, &[(self, None)])? {
+            return Ok(y);
+        }
         self.forward_fetched(x, Vec::new())
+    }
+
+    /// The block's weights as [`swiglu_sum_one_row`] reads them, with
+    /// `factor` on its output: both resident, f32 on the CPU, contiguous,
+    /// without biases and nothing requiring a gradient; `None` otherwise.
+    fn swiglu_weights(&self, factor: Option<f32>) -> Option<SwigluWeights<'_>> {
+        if self.gate_up.bias.is_some() || self.down_proj.bias.is_some() {
+            return None;
+        }
+        let (gu, down) = (self.gate_up.weight.as_ready()?, self.down_proj.weight.as_ready()?);
+        let i = self.intermediate;
+        let d = down.size().first().copied()?;
+        let fits = |w: &Tensor, shape: [i64; 2]| cpu_f32_no_grad(w) && w.is_contiguous() && w.size() == shape;
+        if !fits(gu, [2 * i, d]) || !fits(down, [d, i]) {
+            return None;
+        }
+        let (i, d) = (i as usize, d as usize);
+        // SAFETY: both are contiguous f32 CPU tensors of exactly these
+        // element counts (checked above), owned by `self`'s weights, which
+        // outlive the returned borrow and are not written while it lives
+        // (nothing here takes `self` mutably)
+        unsafe {
+            Some(SwigluWeights {
+                gate_up: std::slice::from_raw_parts(gu.data_ptr() as *const f32, 2 * i * d),
+                down: std::slice::from_raw_parts(down.data_ptr() as *const f32, d * i),
+                inter: i,
+                factor,
+            })
+        }
     }
 
     /// The forward pass with weights already read on another thread
@@ -547,6 +580,36 @@ fn topk_weights_few_f32(scores: &Tensor, indices: &Tensor, st: &RouterSettings) 
 /// Elements of `[gate | up]` up to which [`swiglu_few_f32`] computes in one loop.
 const SWIGLU_FEW: usize = 16384;
 
+/// `sum f_m mlp(x)` over `mlps` for one f32 row `x` on the CPU in one
+/// pass ([`swiglu_sum_one_row`]), when every block's weights are resident
+/// f32 ([`Mlp::swiglu_weights`]) and the CPU has AVX2 and FMA; `None`
+/// otherwise. The output has `x`'s shape.
+fn one_row_swiglu_sum(x: &Tensor, mlps: &[(&Mlp, Option<f32>)]) -> Result<Option<Tensor>> {
+    let Some(simd) = Simd::detect() else {
+        return Ok(None);
+    };
+    let d = x.size().last().copied().unwrap_or(0);
+    if d == 0 || x.numel() != d as usize || !cpu_f32_no_grad(x) {
+        return Ok(None);
+    }
+    let Some(weights) = mlps.iter().map(|(m, f)| m.swiglu_weights(*f)).collect::<Option<Vec<_>>>() else {
+        return Ok(None);
+    };
+    let x = x.f_contiguous()?;
+    let out = x.f_empty_like()?;
+    let d = d as usize;
+    // SAFETY: `x` is a contiguous f32 CPU tensor of d elements (checked
+    // above) and `out` a new one like it, written only here; both are alive
+    // for the whole function
+    let (xs, ys) = unsafe {
+        (
+            std::slice::from_raw_parts(x.data_ptr() as *const f32, d),
+            std::slice::from_raw_parts_mut(out.data_ptr() as *mut f32, d),
+        )
+    };
+    Ok(swiglu_sum_one_row(simd, xs, &weights, ys).then_some(out))
+}
+
 /// `silu(gate) * up` from `gu` = `[..., gate | up]` (each `inter` wide) for
 /// a few f32 rows on the CPU with nothing requiring a gradient (a decode
 /// step), in one loop instead of four libtorch operations. `None` otherwise.
@@ -707,6 +770,15 @@ impl Moe {
         let d = *shape.last().unwrap_or(&0);
         let flat = x.f_reshape([-1, d])?; // [N, D]
         let routing = self.choose(&flat, hooks, layer)?;
+        let watched = hooks.wants(HookPoint::SharedOut(layer)) || (0..self.experts.len()).any(|e| hooks.wants(HookPoint::ExpertOut(layer, e)));
+        if !watched {
+            if let Some(out) = self.one_token(&flat, &routing)? {
+                return Ok(MoeOutput {
+                    output: out.f_view(shape.as_slice())?,
+                    routing,
+                });
+            }
+        }
         let mut out = self.dispatch(&flat, &routing.topk_indices, &routing.topk_weights)?;
         for (e, expert) in self.experts.iter().enumerate() {
             if hooks.wants(HookPoint::ExpertOut(layer, e)) {
@@ -748,6 +820,28 @@ impl Moe {
         }
         check_expert_ids(&routing.topk_indices, self.experts.len() as i64, layer)?;
         Ok(routing)
+    }
+
+    /// One token's routed experts, weighted, plus the shared experts, in
+    /// one pass of [`swiglu_sum_one_row`] (a decode step on the CPU in f32
+    /// with every chosen expert resident); `None` where that does not apply.
+    fn one_token(&self, flat: &Tensor, routing: &RouterOutput) -> Result<Option<Tensor>> {
+        let (idx, w) = (&routing.topk_indices, &routing.topk_weights);
+        if flat.size().first() != Some(&1) || !cpu_f32_no_grad(w) || idx.device() != Device::Cpu || w.numel() > READ_BACK {
+            return Ok(None);
+        }
+        let chosen = Vec::<i64>::try_from(idx.f_reshape([-1])?)?;
+        let factors = Vec::<f32>::try_from(w.f_reshape([-1])?)?;
+        let mut mlps: Vec<(&Mlp, Option<f32>)> = Vec::with_capacity(chosen.len() + 1);
+        for (e, f) in chosen.iter().zip(&factors) {
+            // ids were checked by `choose`
+            let Some(m) = usize::try_from(*e).ok().and_then(|e| self.experts.get(e)) else {
+                return Ok(None);
+            };
+            mlps.push((m, Some(*f)));
+        }
+        mlps.extend(self.shared_experts.as_ref().map(|m| (m, None)));
+        one_row_swiglu_sum(flat, &mlps)
     }
 
     /// Runs each expert once on all the tokens routed to it: token slots are
