@@ -26,7 +26,7 @@ use std::sync::OnceLock;
 
 use tch::{Device, Kind, Tensor};
 
-use super::nn::cpu_f32_no_grad;
+use super::nn::{cpu_f32_no_grad, silu_times};
 use crate::error::Result;
 
 /// Rows of `x` up to which [`linear_few_f32`] computes the product.
@@ -108,6 +108,14 @@ extern "C" fn team_member(data: *mut c_void) {
     (call.job)(me.min(size - 1), size);
 }
 
+/// libtorch's intra-op thread count, and its OpenMP team for a product
+/// over `elements` weight elements when there is more than one thread and
+/// the weight is large enough to share ([`PER_TEAM`]).
+fn threads_for(elements: usize) -> (usize, Option<Omp>) {
+    let threads = tch::get_num_threads().max(1) as usize;
+    (threads, omp().filter(|_| threads > 1 && elements >= PER_TEAM))
+}
+
 /// Member `me`'s share `[r0, r1)` of `rows` rows split over `size` members.
 fn share(rows: usize, me: usize, size: usize) -> (usize, usize) {
     let per = rows.div_ceil(size);
@@ -174,8 +182,7 @@ pub(crate) fn swiglu_sum_one_row(simd: Simd, x: &[f32], mlps: &[SwigluWeights], 
         return false;
     }
     let elements: usize = mlps.iter().map(|m| 3 * m.inter * d).sum();
-    let threads = tch::get_num_threads().max(1) as usize;
-    let team = omp().filter(|_| threads > 1 && elements >= PER_TEAM);
+    let (threads, team) = threads_for(elements);
     if team.is_none() && threads > 1 && elements > PER_THREAD {
         return false;
     }
@@ -200,7 +207,7 @@ pub(crate) fn swiglu_sum_one_row(simd: Simd, x: &[f32], mlps: &[SwigluWeights], 
             up.resize(i1 - i0, 0.0);
             simd.products(&mut up, x, &m.gate_up[(m.inter + i0) * d..(m.inter + i1) * d], 1, d);
             for (g, u) in gate.iter_mut().zip(&up) {
-                *g = *g / (1.0 + (-*g).exp()) * u;
+                *g = silu_times(*g, *u);
             }
         }
     };
@@ -278,9 +285,8 @@ pub(crate) fn linear_few_f32(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> R
             std::slice::from_raw_parts_mut(out.data_ptr() as *mut f32, m * nu),
         )
     };
-    let threads = tch::get_num_threads().max(1) as usize;
-    let shared = m == 1 && threads > 1 && nu * ku >= PER_TEAM;
-    match omp().filter(|_| shared) {
+    let (threads, team) = threads_for(nu * ku);
+    match team.filter(|_| m == 1) {
         // [1, n] is the layout `products` writes: straight into the output
         Some(omp) => {
             let out = Shared(dst.as_mut_ptr());

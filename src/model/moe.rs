@@ -19,7 +19,7 @@ use super::routing::{BiasEdit, RouterEdits, RouterInput, RouterSettings};
 use super::loader::LoadPath;
 use super::hooks::{HookPoint, Hooks, NoHooks};
 use super::gemv::{swiglu_sum_one_row, Simd, SwigluWeights};
-use super::nn::{cpu_f32_no_grad, Linear};
+use super::nn::{cpu_f32_no_grad, silu_times, Linear};
 use super::stream::read_ahead;
 use super::weight::{FetchJob, Packed, Weight};
 use crate::error::{Error, IndexKind, Result};
@@ -643,7 +643,7 @@ fn swiglu_few_f32(gu: &Tensor, inter: i64) -> Result<Option<Tensor>> {
     for (row, y) in src.chunks_exact(2 * inter).zip(dst.chunks_exact_mut(inter)) {
         let (gate, up) = row.split_at(inter);
         for ((y, g), u) in y.iter_mut().zip(gate).zip(up) {
-            *y = g / (1.0 + (-g).exp()) * u;
+            *y = silu_times(*g, *u);
         }
     }
     Ok(Some(out))
@@ -770,8 +770,9 @@ impl Moe {
         let d = *shape.last().unwrap_or(&0);
         let flat = x.f_reshape([-1, d])?; // [N, D]
         let routing = self.choose(&flat, hooks, layer)?;
-        let watched = hooks.wants(HookPoint::SharedOut(layer)) || (0..self.experts.len()).any(|e| hooks.wants(HookPoint::ExpertOut(layer, e)));
-        if !watched {
+        // one token, and no hook that wants the experts' own outputs
+        let watched = || hooks.wants(HookPoint::SharedOut(layer)) || (0..self.experts.len()).any(|e| hooks.wants(HookPoint::ExpertOut(layer, e)));
+        if flat.size().first() == Some(&1) && !watched() {
             if let Some(out) = self.one_token(&flat, &routing)? {
                 return Ok(MoeOutput {
                     output: out.f_view(shape.as_slice())?,

@@ -40,6 +40,13 @@ pub(crate) fn cpu_f32_no_grad(t: &Tensor) -> bool {
     t.device() == Device::Cpu && t.kind() == Kind::Float && !t.requires_grad()
 }
 
+/// SwiGLU's `silu(g) * u` for one pair of values, as the one-loop decode
+/// paths (`moe`'s activation, `gemv`'s whole feed-forward block) compute it.
+#[inline]
+pub(crate) fn silu_times(g: f32, u: f32) -> f32 {
+    g / (1.0 + (-g).exp()) * u
+}
+
 /// Rows up to which [`RmsNorm`] computes an f32 norm on the CPU in one loop.
 pub const FEW_ROWS: usize = 8;
 
