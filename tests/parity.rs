@@ -291,6 +291,40 @@ fn one_token_feed_forward_in_one_pass_equals_libtorch_operations() {
     }
 }
 
+/// A prompt's routed experts run side by side on libtorch's threads, whole
+/// experts per thread (`Moe::dispatch`, two threads, nothing requiring a
+/// gradient): the same output as one expert at a time (the path a gradient
+/// takes), on every case and MoE layer, for a batch of prompts and for two
+/// tokens (the fewest that are not a decode step).
+#[test]
+fn experts_side_by_side_equal_one_expert_at_a_time() {
+    use deepscope::model::decoder::FeedForward;
+    let cpu = (Kind::Float, tch::Device::Cpu);
+    let threads = tch::get_num_threads();
+    tch::set_num_threads(2);
+    for case in cases() {
+        let model = load_cpu(&case.dir);
+        let d = model.config.hidden_size as i64;
+        tch::manual_seed(23);
+        for (l, layer) in model.layers.iter().enumerate() {
+            let FeedForward::Moe(m) = &layer.mlp else { continue };
+            for x in [Tensor::randn([3, 40, d], cpu), Tensor::randn([1, 2, d], cpu) * 10.0] {
+                let slow_x = x.copy().set_requires_grad(true);
+                let (fast, slow) = (m.forward(&x).unwrap(), m.forward(&slow_x).unwrap());
+                let what = format!("{} layer {l}, {:?}", case.name, x.size());
+                assert!(fast.routing.topk_indices.equal(&slow.routing.topk_indices), "{what}: other experts");
+                let ready = layer.weights().iter().all(|w| w.as_ready().is_some());
+                assert!(!fast.output.requires_grad() && (slow.output.requires_grad() || !ready), "{what}: the gradient path was not taken");
+                assert_eq!(fast.output.size(), x.size(), "{what}");
+                let diff = max_abs_diff(&fast.output, &slow.output.detach());
+                let scale = slow.output.abs().max().double_value(&[]);
+                assert!(diff <= 1e-5 * (1.0 + scale), "{what}: off by {diff:e} (scale {scale})");
+            }
+        }
+    }
+    tch::set_num_threads(threads);
+}
+
 /// A small model's decode-step attention on the absorbed path runs in one
 /// pass of loops on the CPU (f32, no gradient): the same per-head outputs as
 /// libtorch's products (`absorbed_step`, then `W_UV`), for two sequences,

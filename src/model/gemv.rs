@@ -116,6 +116,49 @@ fn threads_for(elements: usize) -> (usize, Option<Omp>) {
     (threads, omp().filter(|_| threads > 1 && elements >= PER_TEAM))
 }
 
+/// Runs `job(member, task)` once for every task `0..costs.len()` on
+/// libtorch's OpenMP team, each member taking whole tasks in turn; `false`
+/// (nothing run) where there is no team to share them: one intra-op thread,
+/// fewer than two tasks, or no OpenMP runtime found.
+///
+/// Tasks go to members by [`assign_tasks`] for the team size the runtime
+/// actually gave (a call from inside another parallel region gets a team
+/// of one, which then runs them all). A member runs its tasks on its own
+/// thread, so the libtorch operations a job calls see that they are inside
+/// a parallel region and run on that thread alone, their BLAS products
+/// included: the work is shared by tasks, not inside each operation.
+pub(crate) fn tasks_on_team(costs: &[usize], job: &(dyn Fn(usize, usize) + Sync)) -> bool {
+    let threads = tch::get_num_threads().max(1) as usize;
+    let Some(omp) = omp().filter(|_| threads > 1 && costs.len() > 1) else {
+        return false;
+    };
+    omp.team(threads.min(costs.len()), &|me, size| {
+        for (task, member) in assign_tasks(costs, size).into_iter().enumerate() {
+            if member == me {
+                job(me, task);
+            }
+        }
+    });
+    true
+}
+
+/// The member of `size` that runs each task: the costliest task first,
+/// each to the member with the least cost so far (the lowest-numbered on a
+/// tie), so that the members finish close together.
+pub(crate) fn assign_tasks(costs: &[usize], size: usize) -> Vec<usize> {
+    let size = size.max(1);
+    let mut order: Vec<usize> = (0..costs.len()).collect();
+    order.sort_by_key(|&t| std::cmp::Reverse(costs[t]));
+    let mut load = vec![0usize; size];
+    let mut member = vec![0usize; costs.len()];
+    for t in order {
+        let m = (0..size).min_by_key(|&m| (load[m], m)).unwrap_or(0);
+        load[m] += costs[t];
+        member[t] = m;
+    }
+    member
+}
+
 /// Member `me`'s share `[r0, r1)` of `rows` rows split over `size` members.
 fn share(rows: usize, me: usize, size: usize) -> (usize, usize) {
     let per = rows.div_ceil(size);
@@ -444,6 +487,48 @@ mod avx2 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every task goes to exactly one member, the costliest first, each to
+    /// the least loaded; a team of one (or of none) takes everything.
+    #[test]
+    fn tasks_go_to_the_least_loaded_member() {
+        let costs = [256, 300, 10, 180, 250, 255, 40, 900];
+        let members = assign_tasks(&costs, 2);
+        assert_eq!(members.len(), costs.len());
+        let load = |m: usize| costs.iter().zip(&members).filter(|(_, &k)| k == m).map(|(c, _)| c).sum::<usize>();
+        assert_eq!(load(0) + load(1), costs.iter().sum::<usize>());
+        assert_eq!(members[7], 0, "the costliest task goes first, to member 0");
+        assert!(load(0).abs_diff(load(1)) < 20, "loads {} and {}: not balanced", load(0), load(1));
+        assert_eq!(assign_tasks(&[5, 4, 3, 3, 3, 2], 2), vec![0, 1, 1, 0, 1, 0], "an even split of 20");
+        assert!(assign_tasks(&costs, 1).iter().all(|&m| m == 0));
+        assert!(assign_tasks(&costs, 0).iter().all(|&m| m == 0));
+        assert_eq!(assign_tasks(&[5, 5, 5], 3), vec![0, 1, 2], "ties keep task order");
+        assert!(assign_tasks(&[], 2).is_empty());
+    }
+
+    /// Run on the team, every task runs once, on the member it was assigned
+    /// to; with fewer than two tasks nothing runs and the caller is told so.
+    #[test]
+    fn tasks_on_team_run_each_task_once() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let costs = [7usize, 3, 9, 1, 4];
+        let runs: Vec<AtomicUsize> = costs.iter().map(|_| AtomicUsize::new(0)).collect();
+        let ran_by: Vec<AtomicUsize> = costs.iter().map(|_| AtomicUsize::new(usize::MAX)).collect();
+        let ran = tasks_on_team(&costs, &|me, t| {
+            runs[t].fetch_add(1, Ordering::SeqCst);
+            ran_by[t].store(me, Ordering::SeqCst);
+        });
+        if ran {
+            assert!(runs.iter().all(|r| r.load(Ordering::SeqCst) == 1));
+            let size = ran_by.iter().map(|m| m.load(Ordering::SeqCst)).max().unwrap_or(0) + 1;
+            let expected = assign_tasks(&costs, size);
+            assert!(ran_by.iter().zip(&expected).all(|(m, &e)| m.load(Ordering::SeqCst) == e));
+        } else {
+            assert!(tch::get_num_threads() < 2 || omp().is_none(), "no team with {} threads", tch::get_num_threads());
+            assert!(runs.iter().all(|r| r.load(Ordering::SeqCst) == 0));
+        }
+        assert!(!tasks_on_team(&[1], &|_, _| panic!("a single task is left to the caller")));
+    }
 
     fn max_rel_diff(a: &Tensor, b: &Tensor) -> f64 {
         let scale = b.abs().max().double_value(&[]).max(1.0);
