@@ -256,13 +256,36 @@ fn decode_step_loops_equal_libtorch_operations() {
     }
 }
 
+/// A feed-forward block's fast path on `x` (nothing requiring a gradient)
+/// against the same input with a gradient to record, which takes libtorch's
+/// operations one at a time: the same experts, the same output to 1e-5
+/// relative, and the gradient path really taken (packed FP8 weights take
+/// neither fast path nor autograd).
+fn feed_forward_equals_the_gradient_path(layer: &deepscope::model::decoder::DecoderLayer, x: &Tensor, what: &str) {
+    use deepscope::model::decoder::FeedForward;
+    let slow_x = x.copy().set_requires_grad(true);
+    let (fast, slow) = match &layer.mlp {
+        FeedForward::Moe(m) => {
+            let (f, s) = (m.forward(x).unwrap(), m.forward(&slow_x).unwrap());
+            assert!(f.routing.topk_indices.equal(&s.routing.topk_indices), "{what}: other experts");
+            (f.output, s.output)
+        }
+        FeedForward::Dense(m) => (m.forward(x).unwrap(), m.forward(&slow_x).unwrap()),
+    };
+    let ready = layer.weights().iter().all(|w| w.as_ready().is_some());
+    assert!(!fast.requires_grad() && (slow.requires_grad() || !ready), "{what}: the gradient path was not taken");
+    assert_eq!(fast.size(), x.size(), "{what}");
+    let diff = max_abs_diff(&fast, &slow.detach());
+    let scale = slow.abs().max().double_value(&[]);
+    assert!(diff <= 1e-5 * (1.0 + scale), "{what}: off by {diff:e} (scale {scale})");
+}
+
 /// One token's MoE layer (routed experts weighted, then the shared experts)
 /// and a dense MLP run in one pass of loops on the CPU (f32, no gradient):
 /// the same output as libtorch's operations, which a token that requires a
 /// gradient takes, on every case and layer.
 #[test]
 fn one_token_feed_forward_in_one_pass_equals_libtorch_operations() {
-    use deepscope::model::decoder::FeedForward;
     let cpu = (Kind::Float, tch::Device::Cpu);
     for case in cases() {
         let model = load_cpu(&case.dir);
@@ -270,22 +293,7 @@ fn one_token_feed_forward_in_one_pass_equals_libtorch_operations() {
         tch::manual_seed(19);
         for (l, layer) in model.layers.iter().enumerate() {
             for x in [Tensor::randn([1, 1, d], cpu), Tensor::randn([1, d], cpu) * 40.0] {
-                let slow_x = x.copy().set_requires_grad(true);
-                let (fast, slow) = match &layer.mlp {
-                    FeedForward::Moe(m) => {
-                        let (f, s) = (m.forward(&x).unwrap(), m.forward(&slow_x).unwrap());
-                        assert!(f.routing.topk_indices.equal(&s.routing.topk_indices), "{} layer {l}: other experts", case.name);
-                        (f.output, s.output)
-                    }
-                    FeedForward::Dense(m) => (m.forward(&x).unwrap(), m.forward(&slow_x).unwrap()),
-                };
-                // packed (FP8) weights take neither the loops nor autograd
-                let ready = layer.weights().iter().all(|w| w.as_ready().is_some());
-                assert!(!fast.requires_grad() && (slow.requires_grad() || !ready), "{} layer {l}: the gradient path was not taken", case.name);
-                assert_eq!(fast.size(), x.size());
-                let diff = max_abs_diff(&fast, &slow.detach());
-                let scale = slow.abs().max().double_value(&[]);
-                assert!(diff <= 1e-5 * (1.0 + scale), "{} layer {l}: off by {diff:e} (scale {scale})", case.name);
+                feed_forward_equals_the_gradient_path(layer, &x, &format!("{} layer {l}", case.name));
             }
         }
     }
@@ -307,18 +315,11 @@ fn experts_side_by_side_equal_one_expert_at_a_time() {
         let d = model.config.hidden_size as i64;
         tch::manual_seed(23);
         for (l, layer) in model.layers.iter().enumerate() {
-            let FeedForward::Moe(m) = &layer.mlp else { continue };
+            if !matches!(layer.mlp, FeedForward::Moe(_)) {
+                continue;
+            }
             for x in [Tensor::randn([3, 40, d], cpu), Tensor::randn([1, 2, d], cpu) * 10.0] {
-                let slow_x = x.copy().set_requires_grad(true);
-                let (fast, slow) = (m.forward(&x).unwrap(), m.forward(&slow_x).unwrap());
-                let what = format!("{} layer {l}, {:?}", case.name, x.size());
-                assert!(fast.routing.topk_indices.equal(&slow.routing.topk_indices), "{what}: other experts");
-                let ready = layer.weights().iter().all(|w| w.as_ready().is_some());
-                assert!(!fast.output.requires_grad() && (slow.output.requires_grad() || !ready), "{what}: the gradient path was not taken");
-                assert_eq!(fast.output.size(), x.size(), "{what}");
-                let diff = max_abs_diff(&fast.output, &slow.output.detach());
-                let scale = slow.output.abs().max().double_value(&[]);
-                assert!(diff <= 1e-5 * (1.0 + scale), "{what}: off by {diff:e} (scale {scale})");
+                feed_forward_equals_the_gradient_path(layer, &x, &format!("{} layer {l}, {:?}", case.name, x.size()));
             }
         }
     }

@@ -891,7 +891,8 @@ impl Moe {
     /// that does not apply: not on the CPU, a gradient to record (a
     /// member's thread would not share the caller's grad mode), a chosen
     /// expert not resident as a plain tensor (a packed or streamed one
-    /// reads through shared buffers), fewer than two experts, or no team.
+    /// reads through shared buffers), or no team for the tasks (fewer than
+    /// two experts, one thread).
     ///
     /// Why: the bench model's experts see about 256 tokens each in a 4 x 256
     /// prefill, products small enough that splitting each over two threads
@@ -907,7 +908,7 @@ impl Moe {
             let biases = [&m.gate_up.bias, &m.down_proj.bias];
             m.weights().iter().all(|w| w.as_ready().is_some_and(|t| !t.requires_grad())) && biases.iter().all(|b| b.as_ref().is_none_or(|b| !b.requires_grad()))
         };
-        if s.x.device() != Device::Cpu || chosen.len() < 2 || [s.x, s.xs, s.weights].iter().any(|t| t.requires_grad()) || !chosen.iter().all(|&e| resident(&self.experts[e])) {
+        if s.x.device() != Device::Cpu || [s.x, s.xs, s.weights].iter().any(|t| t.requires_grad()) || !chosen.iter().all(|&e| resident(&self.experts[e])) {
             return Ok(None);
         }
         // (expert, first slot, slots) per task, slots in expert order as sorted
